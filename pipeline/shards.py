@@ -1,0 +1,195 @@
+"""Embedding shards, error rows and the manifest of a run directory: building, committing, reading back."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import logging
+from dataclasses import dataclass, field
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from . import storage
+from .schema import ERROR_DIR, ERROR_SCHEMA, MANIFEST, MANIFEST_SCHEMA, SHARD_DIR, part_name, shard_schema
+
+log = logging.getLogger(__name__)
+
+
+class RunStateError(RuntimeError):
+    """The run directory is inconsistent or belongs to a different configuration."""
+
+
+@dataclass
+class ShardRows:
+    """Rows of one output shard, accumulated batch by batch in input order."""
+
+    source: str
+    keys: list[str] = field(default_factory=list)
+    captions: list[str | None] = field(default_factory=list)
+    urls: list[str | None] = field(default_factory=list)
+    widths: list[int] = field(default_factory=list)
+    heights: list[int] = field(default_factory=list)
+    complexity: list[np.ndarray] = field(default_factory=list)
+    exit_layer: list[np.ndarray] = field(default_factory=list)
+    gflops: list[np.ndarray] = field(default_factory=list)
+    embeddings: list[np.ndarray] = field(default_factory=list)
+    error_keys: list[str | None] = field(default_factory=list)
+    error_stages: list[str] = field(default_factory=list)
+    error_messages: list[str] = field(default_factory=list)
+
+    def add_error(self, key: str | None, stage: str, message: str) -> None:
+        """Record one failed sample (or, with key None, a failure of the whole shard)."""
+        self.error_keys.append(key)
+        self.error_stages.append(stage)
+        self.error_messages.append(message)
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+    def table(self, dim: int) -> pa.Table:
+        """Return the embedding rows as a table with the contract schema."""
+        emb = np.concatenate(self.embeddings) if self.embeddings else np.zeros((0, dim), np.float16)
+        emb = np.ascontiguousarray(emb, dtype=np.float16)
+        if emb.shape[1:] != (dim,):
+            raise ValueError(f"embedding dimension {emb.shape[1:]} does not match the model's {dim}")
+        cat = (lambda parts, dtype: np.concatenate(parts).astype(dtype) if parts else np.zeros(0, dtype))
+        complexity = cat(self.complexity, np.float32)
+        schema = shard_schema(dim)
+        arrays = [
+            pa.array(self.keys, pa.string()),
+            pa.array([self.source] * len(self.keys), pa.string()),
+            pa.array(self.captions, pa.string()),
+            pa.array(self.urls, pa.string()),
+            pa.array(self.widths, pa.int32()),
+            pa.array(self.heights, pa.int32()),
+            pa.array(complexity, pa.float32(), mask=np.isnan(complexity)),
+            pa.array(cat(self.exit_layer, np.int16), pa.int16()),
+            pa.array(cat(self.gflops, np.float32), pa.float32()),
+            pa.FixedSizeListArray.from_arrays(pa.array(emb.reshape(-1), pa.float16()), dim),
+        ]
+        return pa.Table.from_arrays(arrays, schema=schema)
+
+    def error_table(self) -> pa.Table:
+        """Return the failed samples as a table with the error schema."""
+        return pa.Table.from_arrays(
+            [
+                pa.array(self.error_keys, pa.string()),
+                pa.array([self.source] * len(self.error_keys), pa.string()),
+                pa.array(self.error_stages, pa.string()),
+                pa.array(self.error_messages, pa.string()),
+            ],
+            schema=ERROR_SCHEMA,
+        )
+
+
+def shard_url(run: str, part: int) -> str:
+    """Return the URL of output shard ``part`` of ``run``."""
+    return storage.join(run, SHARD_DIR, part_name(part))
+
+
+def error_url(run: str, part: int) -> str:
+    """Return the URL of the error rows of output shard ``part`` of ``run``."""
+    return storage.join(run, ERROR_DIR, part_name(part))
+
+
+def commit_shard(run: str, part: int, rows: ShardRows, dim: int, storage_options: dict | None = None) -> None:
+    """Write the errors, then the shard, each atomically; the caller records the manifest row after this.
+
+    Errors go first so that a shard visible under its final name always has its error rows beside it.
+    A shard with no failed samples leaves no error file (and a stale one from an earlier attempt is removed).
+    """
+    eurl = error_url(run, part)
+    if rows.error_keys:
+        storage.write_parquet(rows.error_table(), eurl, storage_options)
+    elif storage.exists(eurl, storage_options):
+        fs, path = storage.filesystem(eurl, storage_options)
+        fs.rm(path)
+    storage.write_parquet(rows.table(dim), shard_url(run, part), storage_options)
+
+
+def write_shard_failure(run: str, part: int, source: str, message: str, storage_options: dict | None = None) -> None:
+    """Record that input shard ``source`` failed as a whole (stage "shard"); it stays out of the manifest."""
+    rows = ShardRows(source=source)
+    rows.add_error(None, "shard", message)
+    storage.write_parquet(rows.error_table(), error_url(run, part), storage_options)
+
+
+def manifest_row(source: str, part: int, rows: ShardRows, seconds: float, model_seconds: float,
+                 scorer_gflops_per_image: float, fingerprint: dict) -> dict:
+    """Return the manifest row describing committed shard ``part``."""
+    exits = np.concatenate(rows.exit_layer) if rows.exit_layer else np.zeros(0, np.int16)
+    gflops = np.concatenate(rows.gflops).astype(np.float64) if rows.gflops else np.zeros(0)
+    cx = np.concatenate(rows.complexity).astype(np.float64) if rows.complexity else np.zeros(0)
+    cx = cx[~np.isnan(cx)]
+    depths, counts = np.unique(exits, return_counts=True)
+    quant = (lambda q: float(np.quantile(cx, q)) if cx.size else None)
+    return {
+        "source": source,
+        "output": f"{SHARD_DIR}/{part_name(part)}",
+        "part": part,
+        "rows": len(rows),
+        "errors": len(rows.error_keys),
+        "gflops": float(gflops.sum()),
+        "scorer_gflops": float(scorer_gflops_per_image * len(rows)),
+        "seconds": float(seconds),
+        "model_seconds": float(model_seconds),
+        "source_size": fingerprint.get("size"),
+        "source_mtime": fingerprint.get("mtime"),
+        "source_etag": fingerprint.get("etag"),
+        "exit_counts": json.dumps({str(int(d)): int(c) for d, c in zip(depths, counts)}),
+        "complexity_mean": float(cx.mean()) if cx.size else None,
+        "complexity_p10": quant(0.1),
+        "complexity_p50": quant(0.5),
+        "complexity_p90": quant(0.9),
+        "committed_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+    }
+
+
+class Manifest:
+    """The committed shards of a run: loaded once, appended to, rewritten atomically after each commit."""
+
+    def __init__(self, run: str, storage_options: dict | None = None):
+        self.run = run
+        self.url = storage.join(run, MANIFEST)
+        self.storage_options = storage_options
+        self.rows: list[dict] = []
+        if storage.exists(self.url, storage_options):
+            table = storage.read_parquet(self.url, storage_options)
+            self.rows = table.to_pylist()
+
+    @property
+    def committed(self) -> dict[str, dict]:
+        """Return the manifest rows by input shard URI."""
+        return {r["source"]: r for r in self.rows}
+
+    def next_part(self) -> int:
+        """Return the first part number no committed shard uses."""
+        return max((r["part"] for r in self.rows), default=-1) + 1
+
+    def add(self, row: dict) -> None:
+        """Record a committed shard (replacing an earlier row of the same source) and rewrite the manifest."""
+        self.rows = [r for r in self.rows if r["source"] != row["source"]] + [row]
+        self.rows.sort(key=lambda r: r["part"])
+        self.write()
+
+    def write(self) -> None:
+        """Rewrite manifest.parquet atomically from the rows held."""
+        table = pa.Table.from_pylist(self.rows, schema=MANIFEST_SCHEMA)
+        storage.write_parquet(table, self.url, self.storage_options)
+
+
+def read_run_table(run: str, columns: list[str] | None = None, storage_options: dict | None = None) -> pa.Table:
+    """Return all committed rows of ``run`` (shards listed in its manifest, in part order)."""
+    manifest = Manifest(run, storage_options)
+    if not manifest.rows:
+        raise RunStateError(f"{run} has no committed shards (no {MANIFEST} or it is empty): run `icar embed` first")
+    tables = [storage.read_parquet(storage.join(run, r["output"]), storage_options, columns) for r in manifest.rows]
+    return pa.concat_tables(tables)
+
+
+def exit_mix(table: pa.Table) -> dict[int, int]:
+    """Return image counts per exit depth of a shard table."""
+    vc = pc.value_counts(table.column("exit_layer")).to_pylist()
+    return {int(v["values"]): int(v["counts"]) for v in sorted(vc, key=lambda v: v["values"])}
