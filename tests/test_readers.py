@@ -1,0 +1,323 @@
+"""Readers over real files (tar, Parquet, folders) on local disk and on a real S3 endpoint (moto on loopback)."""
+
+from __future__ import annotations
+
+import gzip
+import io
+import os
+import tarfile
+import tracemalloc
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from pipeline.readers import InputError, InputShard, Sample, ShardReadError, expand_inputs, iter_samples
+from zoo import (NON_UTF8_CAPTION, NON_UTF8_CAPTION_DECODED, ShardSample, make_corpus, parquet_without_image_column,
+                 tar_bytes, truncated_tar, write_image_folder, write_parquet_shard, write_tar_shard)
+
+
+@pytest.fixture(scope="module")
+def corpus() -> list[ShardSample]:
+    return make_corpus(np.random.default_rng(0), 6, min_side=32, max_side=64)
+
+
+def _read(shard: InputShard, **kw) -> list[Sample]:
+    return list(iter_samples(shard, **kw))
+
+
+def _only(urls, **kw) -> InputShard:
+    shards = expand_inputs(urls, **kw)
+    assert len(shards) == 1, shards
+    return shards[0]
+
+
+# ----------------------------------------------------------------------------------------------- formats
+
+
+def test_tar_shard_roundtrip(tmp_path, corpus):
+    path = write_tar_shard(tmp_path / "00000.tar", corpus)
+    shard = _only([path])
+    assert (shard.format, shard.uri, shard.size) == ("tar", str(path), os.path.getsize(path))
+    assert shard.mtime and shard.mtime.endswith("+00:00") and shard.etag is None
+    samples = _read(shard)
+    assert [s.key for s in samples] == [c.key for c in corpus]
+    for s, c in zip(samples, corpus):
+        assert (s.data, s.caption, s.url, s.error, s.source) == (c.image, c.caption, c.url, None, str(path))
+
+
+def test_parquet_shard_roundtrip_and_column_choices(tmp_path, corpus):
+    plain = write_parquet_shard(tmp_path / "a.parquet", corpus)
+    hf = write_parquet_shard(tmp_path / "b.parquet", corpus, image_column="image", hf_struct=True)
+    custom = write_parquet_shard(tmp_path / "c.parquet", corpus, image_column="pixels_encoded")
+    for path, kw in ((plain, {}), (hf, {}), (custom, {"image_column": "pixels_encoded"})):
+        samples = _read(_only([path]), **kw)
+        assert [(s.key, s.data, s.caption, s.url, s.error) for s in samples] == \
+            [(c.key, c.image, c.caption, c.url, None) for c in corpus], path
+
+
+def test_parquet_without_key_column_uses_stem_and_row(tmp_path, corpus):
+    table = pa.table({"jpg": [c.image for c in corpus[:3]], "text": ["x", "y", "z"]})
+    pq.write_table(table, tmp_path / "part-7.parquet", row_group_size=2)
+    samples = _read(_only([str(tmp_path / "part-7.parquet")]))
+    assert [s.key for s in samples] == ["part-7/0", "part-7/1", "part-7/2"]
+    assert [s.caption for s in samples] == ["x", "y", "z"]  # caption from the "text" column
+
+
+def test_parquet_null_image_is_an_error_sample_with_img2dataset_status(tmp_path, corpus):
+    table = pa.table({
+        "key": ["a", "b"], "jpg": pa.array([corpus[0].image, None], pa.binary()),
+        "status": ["success", "failed_to_download"], "error_message": [None, "HTTP 404"],
+    })
+    pq.write_table(table, tmp_path / "s.parquet")
+    good, bad = _read(_only([str(tmp_path / "s.parquet")]))
+    assert good.error is None and good.data == corpus[0].image
+    assert bad.data is None and "no image bytes" in bad.error and "failed_to_download" in bad.error
+    assert "HTTP 404" in bad.error
+
+
+def test_parquet_missing_image_column_names_columns_and_fix(tmp_path):
+    path = parquet_without_image_column(tmp_path / "meta.parquet")
+    with pytest.raises(ShardReadError) as e:
+        _read(_only([path]))
+    msg = str(e.value)
+    assert "meta.parquet" in msg and "similarity" in msg and "caption" in msg and "--image-column" in msg
+    with pytest.raises(ShardReadError, match="no column 'photo'"):
+        _read(_only([path]), image_column="photo")
+    with pytest.raises(ShardReadError, match="not image bytes"):
+        _read(_only([path]), image_column="caption")
+
+
+def test_corrupt_parquet_is_a_shard_error(tmp_path, corpus):
+    path = write_parquet_shard(tmp_path / "x.parquet", corpus)
+    data = open(path, "rb").read()
+    with open(path, "wb") as f:
+        f.write(data[: len(data) // 2])
+    with pytest.raises(ShardReadError, match="not a readable Parquet file"):
+        _read(_only([path]))
+
+
+def test_folder_shard_keys_captions_and_junk(tmp_path, corpus):
+    root = tmp_path / "photos"
+    nested = [ShardSample(key=f"{'sub/deeper/' if i % 2 else ''}{c.key}", image=c.image, ext=c.ext, caption=c.caption)
+              for i, c in enumerate(corpus)]
+    expected = write_image_folder(root, nested)
+    (root / "notes.md").write_text("not an image")
+    (root / "._000000000.jpg").write_bytes(b"\x00\x05\x16\x07AppleDouble")  # macOS debris: skipped
+    shard = _only([str(root)])
+    assert shard.format == "folder" and shard.uri == str(root) and shard.etag.startswith("listing-")
+    assert shard.size == sum(len(c.image) + len(c.caption) for c in corpus)
+    samples = _read(shard)
+    assert [s.key for s in samples] == expected
+    assert "sub/deeper/000000001.png" in expected  # key = relative posix path with its extension
+    by_key = {s.key: s for s in samples}
+    for n, c in zip(nested, corpus):
+        s = by_key[f"{n.key}.{n.ext}"]
+        assert (s.data, s.caption, s.error) == (c.image, c.caption, None)
+
+
+def test_folder_fingerprint_changes_when_a_file_changes(tmp_path, corpus):
+    root = tmp_path / "f"
+    write_image_folder(root, corpus[:2])
+    before = _only([str(root)])
+    (root / "000000001.png").write_bytes(corpus[3].image)
+    after = _only([str(root)])
+    assert before.etag != after.etag and before.uri == after.uri
+
+
+# ----------------------------------------------------------------------------------------------- expansion
+
+
+def test_expand_directory_glob_dedup_and_order(tmp_path, corpus):
+    data = tmp_path / "data"
+    (data / "sub").mkdir(parents=True)
+    write_tar_shard(data / "b.tar", corpus[:2])
+    write_tar_shard(data / "sub" / "a.tar", corpus[2:4])
+    write_parquet_shard(data / "c.parquet", corpus[4:])
+    (data / "README.md").write_text("shards")
+    want = sorted([str(data / "b.tar"), str(data / "sub" / "a.tar"), str(data / "c.parquet")])
+    assert [s.uri for s in expand_inputs([str(data)])] == want
+    # the same shards named three ways come back once, sorted
+    got = expand_inputs([str(data / "*.tar"), str(data / "b.tar"), str(data), str(data) + "/"])
+    assert [s.uri for s in got] == want
+    recursive = expand_inputs([str(data / "**" / "*.tar")])
+    assert [s.uri for s in recursive] == [str(data / "b.tar"), str(data / "sub" / "a.tar")]
+    assert [s.format for s in expand_inputs([str(data / "*.parquet")])] == ["parquet"]
+
+
+def test_expand_subfolders_glob_gives_one_folder_shard_each(tmp_path, corpus):
+    write_image_folder(tmp_path / "imgs" / "2020", corpus[:2])
+    write_image_folder(tmp_path / "imgs" / "2021", corpus[2:4])
+    assert [s.format for s in expand_inputs([str(tmp_path / "imgs")])] == ["folder"]
+    per_year = expand_inputs([str(tmp_path / "imgs" / "*")])
+    assert [s.uri for s in per_year] == [str(tmp_path / "imgs" / "2020"), str(tmp_path / "imgs" / "2021")]
+    assert [len(_read(s)) for s in per_year] == [2, 2]
+
+
+def test_expand_errors_name_the_url(tmp_path, corpus):
+    with pytest.raises(InputError, match="nope.*does not exist"):
+        expand_inputs([str(tmp_path / "nope")])
+    with pytest.raises(InputError, match=r"\*\.tar matched nothing"):
+        expand_inputs([str(tmp_path / "*.tar")])
+    (tmp_path / "a.csv").write_text("x")
+    with pytest.raises(InputError, match="unknown input format.*a.csv"):
+        expand_inputs([str(tmp_path / "a.csv")])
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "x.md").write_text("x")
+    with pytest.raises(InputError, match="holds no .tar, .parquet or image files"):
+        expand_inputs([str(tmp_path / "empty")])
+    with pytest.raises(InputError, match="no input given"):
+        expand_inputs([])
+
+
+# ----------------------------------------------------------------------------------------------- tar details
+
+
+def _tar_of(members: list[tuple[str, bytes]]) -> bytes:
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tf:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tf.addfile(info, io.BytesIO(data))
+    return buf.getvalue()
+
+
+def test_tar_keys_captions_and_per_sample_errors(tmp_path, corpus):
+    jpg, png = corpus[0].image, corpus[1].image
+    data = _tar_of([
+        ("./a.b/000001.jpg", jpg), ("./a.b/000001.txt", b"dotted dir"),  # key keeps the dotted directory
+        ("000002.jpg", jpg), ("000002.txt", NON_UTF8_CAPTION), ("000002.json", b'{"url": "http://x/2"}'),
+        ("000003.json", b'{"url": "http://x/3", "caption": "from json"}'),  # no image member
+        ("000004.seg.png", png), ("000004.jpg", jpg), ("000004.cls", b"3"),  # mask beside the image
+        ("000005.webp", png), ("000005.json", b"{not json"),  # bad metadata: image still used
+        ("000002.jpg", jpg),  # key seen again, not adjacent
+    ])
+    (tmp_path / "t.tar").write_bytes(data)
+    samples = _read(_only([str(tmp_path / "t.tar")]))
+    assert [s.key for s in samples] == ["a.b/000001", "000002", "000003", "000004", "000005", "000002"]
+    s1, s2, s3, s4, s5, dup = samples
+    assert (s1.data, s1.caption, s1.error) == (jpg, "dotted dir", None)
+    assert (s2.caption, s2.url) == (NON_UTF8_CAPTION_DECODED, "http://x/2") and "\ufffd" in s2.caption
+    assert s3.data is None and "no image member" in s3.error and "json" in s3.error
+    assert (s3.url, s3.caption) == ("http://x/3", "from json")
+    assert s4.data == jpg and s4.error is None
+    assert s5.data == png and s5.url is None and s5.error is None
+    assert dup.data is None and "appears again" in dup.error
+
+
+def test_truncated_tar_yields_good_samples_then_raises(tmp_path):
+    good_keys = truncated_tar(tmp_path / "cut.tar")
+    it = iter_samples(_only([str(tmp_path / "cut.tar")]))
+    got = []
+    with pytest.raises(ShardReadError) as e:
+        for s in it:
+            got.append(s.key)
+    assert got == good_keys and len(good_keys) == 4
+    assert "cut.tar" in str(e.value) and "truncated" in str(e.value) and "after 4 complete samples" in str(e.value)
+
+
+@pytest.mark.parametrize("damage", ["at_member_boundary", "inside_header", "garbage_header", "empty", "not_a_tar"])
+def test_damaged_tars_are_shard_errors(tmp_path, corpus, damage):
+    full = tar_bytes(corpus[:3])
+    with tarfile.open(fileobj=io.BytesIO(full)) as tf:
+        second = tf.getmembers()[3]  # first member of the second sample
+    data = {
+        "at_member_boundary": full[: second.offset],  # no end-of-archive block: tarfile alone would not notice
+        "inside_header": full[: second.offset + 100],
+        "garbage_header": full[: second.offset] + b"x" * 512 + full[second.offset + 512:],
+        "empty": b"",
+        "not_a_tar": b"<html>" * 300,
+    }[damage]
+    (tmp_path / "d.tar").write_bytes(data)
+    with pytest.raises(ShardReadError, match="d.tar"):
+        _read(_only([str(tmp_path / "d.tar")]))
+
+
+def test_gzipped_tar_and_its_truncation(tmp_path, corpus):
+    gz = gzip.compress(tar_bytes(corpus))
+    (tmp_path / "a.tar.gz").write_bytes(gz)
+    (tmp_path / "b.tgz").write_bytes(gz[: len(gz) // 2])
+    a, b = expand_inputs([str(tmp_path)])
+    assert [s.key for s in _read(a)] == [c.key for c in corpus]
+    with pytest.raises(ShardReadError, match="b.tgz"):
+        _read(b)
+
+
+# ----------------------------------------------------------------------------------------------- streaming
+
+
+def test_tar_is_streamed_lazily_with_bounded_memory(tmp_path):
+    rng = np.random.default_rng(1)
+    n, member = 120, 128 * 1024
+    write_tar_shard(tmp_path / "big.tar", [ShardSample(f"{i:06d}", rng.bytes(member), caption="c") for i in range(n)])
+    shard = _only([str(tmp_path / "big.tar")])
+    tracemalloc.start()
+    try:
+        count = sum(1 for _ in iter_samples(shard))
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert count == n
+    assert peak < 8 * member, f"peak {peak} bytes for a {n * member}-byte shard: not streaming"
+
+    # Lazy: after the first sample, cut the file on disk; the reader only notices when it gets there.
+    it = iter_samples(shard)
+    first = next(it)
+    assert first.key == "000000"
+    os.truncate(tmp_path / "big.tar", 40 * member)
+    with pytest.raises(ShardReadError):
+        for _ in it:
+            pass
+
+
+def test_parquet_memory_is_bounded_by_row_group_not_file(tmp_path):
+    rng = np.random.default_rng(2)
+    n, image = 200, 32 * 1024
+    samples = [ShardSample(f"{i:06d}", rng.bytes(image)) for i in range(n)]
+    write_parquet_shard(tmp_path / "big.parquet", samples, row_group_size=10)
+    base, high, count = pa.total_allocated_bytes(), 0, 0
+    for s in iter_samples(_only([str(tmp_path / "big.parquet")])):
+        count += 1
+        high = max(high, pa.total_allocated_bytes() - base)
+    assert count == n
+    assert high < 0.25 * n * image, f"{high} bytes of Arrow memory held for a {n * image}-byte file"
+
+
+# ----------------------------------------------------------------------------------------------- S3
+
+
+def test_s3_glob_tar_parquet_and_folder(s3_bucket, corpus):
+    import s3fs
+
+    fs = s3fs.S3FileSystem()
+    fs.pipe({
+        f"{s3_bucket}/shards/00000.tar": tar_bytes(corpus[:3]),
+        f"{s3_bucket}/shards/00001.tar": tar_bytes(corpus[3:]),
+        f"{s3_bucket}/shards/notes.txt": b"ignored by the glob",
+    })
+    buf = io.BytesIO()
+    pq.write_table(pa.table({"key": ["p0"], "jpg": [corpus[0].image]}), buf)
+    fs.pipe(f"{s3_bucket}/pq/part.parquet", buf.getvalue())
+    fs.pipe({f"{s3_bucket}/imgs/a/{c.key}.{c.ext}": c.image for c in corpus[:2]})
+
+    shards = expand_inputs([f"s3://{s3_bucket}/shards/*.tar"])
+    assert [s.uri for s in shards] == [f"s3://{s3_bucket}/shards/00000.tar", f"s3://{s3_bucket}/shards/00001.tar"]
+    for s in shards:
+        info = fs.info(s.uri)
+        assert s.format == "tar" and s.size == info["size"] and s.etag == info["ETag"].strip('"') and s.mtime
+    samples = [x for s in shards for x in iter_samples(s)]
+    assert [(x.key, x.data, x.caption) for x in samples] == [(c.key, c.image, c.caption) for c in corpus]
+    assert samples[0].source == f"s3://{s3_bucket}/shards/00000.tar"
+
+    (p,) = expand_inputs([f"s3://{s3_bucket}/pq"])
+    assert p.format == "parquet" and [x.key for x in iter_samples(p)] == ["p0"]
+    (folder,) = expand_inputs([f"s3://{s3_bucket}/imgs"])
+    assert folder.format == "folder" and folder.uri == f"s3://{s3_bucket}/imgs"
+    assert [x.key for x in iter_samples(folder)] == [f"a/{c.key}.{c.ext}" for c in corpus[:2]]
+
+    with pytest.raises(InputError, match=f"s3://{s3_bucket}/nothing/\\*.tar matched nothing"):
+        expand_inputs([f"s3://{s3_bucket}/nothing/*.tar"])
+    with pytest.raises(InputError, match="does not exist"):
+        expand_inputs([f"s3://{s3_bucket}/missing.tar"])
