@@ -19,13 +19,15 @@ def build_parser() -> argparse.ArgumentParser:
             "Generate seeded synthetic scenes (coloured shapes, counts, positions, backgrounds, clutter) with "
             "true captions and a known complexity, written as img2dataset WebDataset shards in train/, val/ and "
             "test/, plus IC9600-layout complexity labels in complexity/. The same seed gives byte-identical "
-            "shards. Example: icar make-demo-corpus --n 2000 --val 200 --test 200 --output /tmp/demo-corpus"),
+            "shards. Example: icar make-demo-corpus --n 22000 --val 1000 --test 1000 --output /tmp/demo-corpus"),
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     p.add_argument("--output", required=True, help="corpus directory (local path or fsspec URL)")
     p.add_argument("--n", type=int, default=_D.n, help="images in all splits together (train gets n - val - test)")
-    p.add_argument("--val", type=int, default=_D.val, help="held-out images for exit training and calibration")
-    p.add_argument("--test", type=int, default=_D.test, help="held-out images for the quality benchmark")
+    p.add_argument("--val", type=int, default=_D.val,
+                   help="held-out images for exit training and calibration; None: 5%% of --n")
+    p.add_argument("--test", type=int, default=_D.test,
+                   help="held-out images for the quality benchmark; None: 5%% of --n")
     p.add_argument("--seed", type=int, default=_D.seed, help="random seed; same seed -> identical shards")
     p.add_argument("--shard-size", type=int, default=_D.shard_size, help="images per WebDataset shard")
     p.add_argument("--image-size", type=int, default=_D.image_size, help="side of the square JPEGs in pixels")

@@ -46,6 +46,7 @@ log = logging.getLogger(__name__)
 
 CORPUS_VERSION = 1  # bump when a change to the generator changes the images for the same seed
 SPLITS = ("train", "val", "test")
+HELD_OUT_FRACTION = 0.05  # default share of --n in each of val and test
 _SPLIT_STREAM = {"train": 0, "val": 1, "test": 2}  # per-split random streams: val/test do not move with --n
 OOM_SHARD_COUNT = 5  # img2dataset's default: shard names are 5 digits ("00000.tar")
 TAR_MTIME = 1_704_067_200  # fixed member time (2024-01-01) so shards are byte-identical across runs
@@ -111,8 +112,8 @@ class DemoCorpusConfig:
 
     output: str  # corpus directory (local path or fsspec URL)
     n: int = 20_000  # images in all splits together; train gets n - val - test
-    val: int = 1_000  # held-out images for exit-head training and router calibration
-    test: int = 1_000  # held-out images for the quality benchmark (and the complexity test labels)
+    val: int | None = None  # held-out images for exit-head training and router calibration; None: 5% of n
+    test: int | None = None  # held-out images for the quality benchmark and complexity test labels; None: 5% of n
     seed: int = 0  # same seed -> byte-identical shards
     shard_size: int = 1_000  # images per WebDataset shard (img2dataset's number_sample_per_shard)
     image_size: int = 128  # side of the square JPEGs, in pixels
@@ -122,14 +123,16 @@ class DemoCorpusConfig:
 
     def split_sizes(self) -> dict[str, int]:
         """Return the number of images per split, checking that the request makes sense."""
-        if self.n <= 0 or self.val < 0 or self.test < 0:
-            raise ValueError(f"--n {self.n}, --val {self.val}, --test {self.test}: counts must be positive "
+        val = round(HELD_OUT_FRACTION * self.n) if self.val is None else self.val
+        test = round(HELD_OUT_FRACTION * self.n) if self.test is None else self.test
+        if self.n <= 0 or val < 0 or test < 0:
+            raise ValueError(f"--n {self.n}, --val {val}, --test {test}: counts must be positive "
                              "(n > 0, val >= 0, test >= 0)")
-        train = self.n - self.val - self.test
+        train = self.n - val - test
         if train <= 0:
-            raise ValueError(f"--n {self.n} leaves no training images after --val {self.val} and --test "
-                             f"{self.test}: raise --n or lower --val/--test")
-        return {"train": train, "val": self.val, "test": self.test}
+            raise ValueError(f"--n {self.n} leaves no training images after --val {val} and --test "
+                             f"{test}: raise --n or lower --val/--test")
+        return {"train": train, "val": val, "test": test}
 
 
 @dataclass
@@ -591,7 +594,7 @@ def _corpus_document(cfg: DemoCorpusConfig, sizes: dict[str, int], shards: dict[
     return {
         "generator": "icar make-demo-corpus",
         "corpus_version": CORPUS_VERSION,
-        "command": (f"icar make-demo-corpus --n {cfg.n} --val {cfg.val} --test {cfg.test} --seed {cfg.seed} "
+        "command": (f"icar make-demo-corpus --n {cfg.n} --val {sizes['val']} --test {sizes['test']} --seed {cfg.seed} "
                     f"--shard-size {cfg.shard_size} --image-size {cfg.image_size} "
                     f"--jpeg-quality {cfg.jpeg_quality} --complexity-train {cfg.complexity_train} "
                     f"--output {cfg.output}"),

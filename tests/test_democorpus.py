@@ -150,6 +150,10 @@ def test_rendered_image_shows_the_caption_in_its_place():
         assert (pixels[100, 100] == dc.COLORS["blue"]).all()
 
 
+def test_held_out_splits_default_to_five_percent_each(tmp_path):
+    assert dc.DemoCorpusConfig(output="x", n=2000).split_sizes() == {"train": 1800, "val": 100, "test": 100}
+
+
 def test_bad_split_sizes_are_refused_with_the_fix(tmp_path):
     with pytest.raises(ValueError, match="no training images"):
         dc.DemoCorpusConfig(output=str(tmp_path), n=100, val=60, test=40).split_sizes()
