@@ -17,14 +17,11 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 def ray_session():
     """A real local Ray instance shared by every test that needs one (ray.init costs ~5 s)."""
     ray = pytest.importorskip("ray")
-    from ray.data import DataContext
-
     if not ray.is_initialized():
         # One CPU more than the machine has, so a model actor and read/decode tasks always fit
         # beside each other on a 2-core box.
         ray.init(num_cpus=(os.cpu_count() or 2) + 1, include_dashboard=False, log_to_driver=True,
                  logging_level=logging.WARNING)
-    DataContext.get_current().enable_progress_bars = False
     yield ray
 
 

@@ -1,0 +1,107 @@
+"""`icar embed INPUT... --output RUN`: score, route and embed image shards into a run directory on Ray."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from pipeline.config import EmbedConfig, ModelSpec
+
+from .common import HelpFormatter, float_list, int_list, json_object
+
+log = logging.getLogger("icar.embed")
+
+EXAMPLES = """
+inputs: WebDataset .tar shards (img2dataset layout), Parquet files with an image-bytes column, or folders of
+images; local paths, globs or s3:// URLs (credentials and endpoint from the standard AWS environment or
+--storage-options). One output shard per input shard; re-running the same command resumes.
+
+examples:
+  icar embed demo-corpus/test/*.tar --output runs/demo                     # shipped demo model + router
+  icar embed 's3://bucket/laion/{00000..00099}.tar' --output s3://bucket/runs/l14 \\
+      --model ViT-L-14 --pretrained laion2b_s32b_b82k --router router.json --address auto
+  icar embed imgs/ --output runs/b32 --model ViT-B-32 --pretrained none --full-depth   # seeded random weights
+"""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    d, m = EmbedConfig(inputs=[], output=""), ModelSpec()
+    p = argparse.ArgumentParser(prog="icar embed", description=__doc__, epilog=EXAMPLES, formatter_class=HelpFormatter)
+    p.add_argument("inputs", nargs="+", help="input shards: files, globs, directories or URLs")
+    p.add_argument("--output", "-o", required=True, help="run directory (local path or URL)")
+    g = p.add_argument_group("model")
+    g.add_argument("--model", default=m.model, help="open_clip model name, or 'demo' for the shipped demo model")
+    g.add_argument("--pretrained", default=m.pretrained,
+                   help="open_clip pretrained tag, local checkpoint (.safetensors/.pt), or 'none' for a seeded random init")
+    g.add_argument("--seed", type=int, default=m.seed, help="seed of the random init with --pretrained none")
+    g.add_argument("--exits", type=int_list, default=m.exits, help="exit depths in blocks, e.g. 12,18,24 (default: per model)")
+    g.add_argument("--heads", default=m.heads, help="exit heads (.safetensors from `icar train-exits`)")
+    g.add_argument("--device", default=m.device, choices=["auto", "cpu", "cuda"], help="model device")
+    g.add_argument("--precision", default=m.precision, choices=["fp32", "fp16", "bf16"], help="autocast precision on GPU")
+    g.add_argument("--torch-threads", type=int, default=m.torch_threads, help="intra-op threads of a CPU model actor")
+    r = p.add_argument_group("routing (choose one; default: the demo's calibrated router, else full depth)")
+    r.add_argument("--router", default=m.router, help="router JSON written by `icar calibrate`")
+    r.add_argument("--exit-at", type=int, default=m.exit_at, help="send every image to this exit depth")
+    r.add_argument("--full-depth", action="store_true", help="send every image through all blocks (baseline)")
+    r.add_argument("--route-fractions", type=float_list, default=m.route_fractions,
+                   help="fixed share of images per exit, e.g. 0.3,0.3,0.4 (by a hash of the key; benchmarks)")
+    s = p.add_argument_group("complexity scorer")
+    s.add_argument("--scorer", default=m.scorer, choices=["default", "heuristic", "convnext", "none"],
+                   help="default = the shipped scorer; none = no scorer (complexity is null, no scorer GFLOPs)")
+    s.add_argument("--checkpoint", dest="scorer_checkpoint", default=m.scorer_checkpoint,
+                   help="ConvNeXt-IC checkpoint for --scorer convnext")
+    x = p.add_argument_group("execution")
+    x.add_argument("--batch-size", type=int, default=d.batch_size, help="images per model call")
+    x.add_argument("--image-column", default=d.image_column, help="Parquet column with image bytes (default: auto)")
+    x.add_argument("--max-pixels", type=int, default=d.max_pixels, help="larger images are refused as decompression bombs")
+    x.add_argument("--address", default=d.address, help="Ray cluster to join (default: $RAY_ADDRESS, else embedded local Ray)")
+    x.add_argument("--num-actors", type=int, default=d.num_actors, help="model actors (default: one per GPU, 1 on CPU)")
+    x.add_argument("--gpus-per-actor", type=float, default=d.gpus_per_actor, help="GPU share per model actor")
+    x.add_argument("--cpus-per-actor", type=float, default=d.cpus_per_actor, help="CPUs reserved per model actor")
+    x.add_argument("--decode-tasks", type=int, default=d.decode_tasks, help="input shards read+decoded at once (default: free CPUs)")
+    x.add_argument("--shard-retries", type=int, default=d.shard_retries, help="retries of a failing input shard")
+    x.add_argument("--shard-timeout", type=float, default=d.shard_timeout_s, help="seconds before a shard task is cancelled")
+    x.add_argument("--storage-options", type=json_object, default={}, help="fsspec storage options as JSON (never logged)")
+    x.add_argument("--limit-shards", type=int, default=None, help="embed at most this many pending shards")
+    x.add_argument("--no-progress", action="store_true", help="no progress bar")
+    return p
+
+
+def config_from_args(a: argparse.Namespace) -> EmbedConfig:
+    """Return the EmbedConfig described by parsed arguments."""
+    spec = ModelSpec(model=a.model, pretrained=a.pretrained, seed=a.seed, exits=a.exits, heads=a.heads,
+                     router=a.router, exit_at=a.exit_at, full_depth=a.full_depth, route_fractions=a.route_fractions,
+                     scorer=a.scorer, scorer_checkpoint=a.scorer_checkpoint, device=a.device,
+                     precision=a.precision, torch_threads=a.torch_threads)
+    return EmbedConfig(inputs=a.inputs, output=a.output, spec=spec, batch_size=a.batch_size,
+                       image_column=a.image_column, max_pixels=a.max_pixels, address=a.address,
+                       num_actors=a.num_actors, gpus_per_actor=a.gpus_per_actor, cpus_per_actor=a.cpus_per_actor,
+                       decode_tasks=a.decode_tasks, shard_retries=a.shard_retries, shard_timeout_s=a.shard_timeout,
+                       storage_options=a.storage_options, progress=not a.no_progress, limit_shards=a.limit_shards)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the embed job; return 0 when every input shard was committed, 1 when any failed, 2 on bad input."""
+    from pipeline.execution import run_embed
+    from pipeline.readers import InputError
+    from pipeline.shards import RunStateError
+
+    args = build_parser().parse_args(argv)
+    cfg = config_from_args(args)
+    try:
+        summary = run_embed(cfg)
+    except (InputError, RunStateError, ValueError, FileNotFoundError) as e:
+        print(f"icar embed: error: {e}", file=sys.stderr)
+        return 2
+    for source, message in summary.shards_failed:
+        print(f"FAILED {source}: {message}", file=sys.stderr)
+    print(summary.line())
+    return summary.exit_code
+
+
+if __name__ == "__main__":
+    from pipeline.cli import setup_logging
+
+    setup_logging()
+    raise SystemExit(main())

@@ -1,0 +1,151 @@
+"""The model stage: scorer, router and adaptive-depth encoder kept resident, applied to decoded batches.
+
+Plain Python/torch, testable without Ray; `pipeline.execution` places one of these on each model actor.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .config import ModelSpec
+
+log = logging.getLogger(__name__)
+
+DEMO_ASSETS = Path(__file__).parent / "assets" / "demo"
+
+
+def resolve_device(device: str) -> str:
+    """Return the torch device to use for ``device`` ("auto" picks CUDA when present)."""
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise RuntimeError(f"--device {device} was asked for but torch sees no CUDA device here; use --device cpu")
+    return device
+
+
+def build_router(spec: ModelSpec, exits: list[int]):
+    """Return the router that ``spec`` asks for, and say which one in the log."""
+    from . import router as routers
+
+    chosen = [name for name, on in (("--full-depth", spec.full_depth), ("--exit-at", spec.exit_at is not None),
+                                    ("--route-fractions", spec.route_fractions is not None),
+                                    ("--router", spec.router is not None)) if on]
+    if len(chosen) > 1:
+        raise ValueError(f"choose one routing option, not {' and '.join(chosen)}")
+    if spec.full_depth:
+        return routers.FixedRouter(exits[-1])
+    if spec.exit_at is not None:
+        if spec.exit_at not in exits:
+            raise ValueError(f"--exit-at {spec.exit_at} is not one of the exits {exits}; add it to --exits")
+        return routers.FixedRouter(spec.exit_at)
+    if spec.route_fractions is not None:
+        return routers.FractionRouter(exits, spec.route_fractions)
+    router_path = spec.router
+    if router_path is None and spec.model == "demo" and (DEMO_ASSETS / "router.json").exists():
+        router_path = str(DEMO_ASSETS / "router.json")
+    if router_path is None:
+        log.info("no router given: every image runs at full depth (%d blocks)", exits[-1])
+        return routers.FixedRouter(exits[-1])
+    router = routers.load_router(router_path)
+    router_exits = getattr(router, "exits", None)
+    if router_exits is not None and list(router_exits) != list(exits):
+        raise ValueError(f"router {router_path} routes to exits {list(router_exits)} but the encoder has {exits}; "
+                         f"pass --exits {','.join(map(str, router_exits))} or recalibrate with `icar calibrate`")
+    return router
+
+
+class ModelWorker:
+    """Scores, routes and embeds batches of decoded images; holds the models for its whole life."""
+
+    def __init__(self, spec: ModelSpec):
+        from . import encoder as enc
+        from . import flops, models, scorer
+
+        t0 = time.perf_counter()
+        self.spec = spec
+        self.device = resolve_device(spec.device)
+        if self.device == "cpu":
+            torch.set_num_threads(max(1, spec.torch_threads or int(os.environ.get("ICAR_TORCH_THREADS", 0)) or 1))
+        self.bundle = models.load_clip(spec.model, spec.pretrained, seed=spec.seed, device=self.device)
+        exits = list(spec.exits) if spec.exits else enc.default_exits(self.bundle.num_blocks)
+        if spec.exit_at is not None and spec.exit_at not in exits:
+            exits = sorted(set(exits) | {spec.exit_at})
+        heads_path = spec.heads
+        if heads_path is None and spec.model == "demo" and (DEMO_ASSETS / "exit_heads.safetensors").exists():
+            heads_path = str(DEMO_ASSETS / "exit_heads.safetensors")
+        self.heads = enc.ExitHeads.load(heads_path, self.bundle) if heads_path else None
+        if self.heads is not None and spec.exits is None:
+            exits = list(self.heads.exits)
+        self.encoder = enc.AdaptiveEncoder(self.bundle.model.visual, exits, self.heads).to(self.device).eval()
+        self.exits = exits
+        self.scorer = None if spec.scorer == "none" else scorer.load_scorer(
+            spec.scorer, spec.scorer_checkpoint, device=self.device)
+        self.router = build_router(spec, exits)
+        if self.scorer is None and getattr(self.router, "needs_scores", False):
+            raise ValueError("the router routes by complexity score but --scorer none was given; choose a scorer")
+        self.gflops_per_exit = {int(k): float(v) for k, v in flops.exit_gflops(self.bundle, exits).items()}
+        self.scorer_gflops = float(self.scorer.gflops_per_image) if self.scorer is not None else 0.0
+        self._gflops_lookup = np.zeros(max(exits) + 1, np.float32)
+        for depth, g in self.gflops_per_exit.items():
+            self._gflops_lookup[depth] = g + self.scorer_gflops
+        self.autocast = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(spec.precision)
+        log.info("model worker ready in %.1fs on %s: %s exits %s", time.perf_counter() - t0, self.device,
+                 self.bundle.identity.get("name"), exits)
+
+    def describe(self) -> dict:
+        """Return the identity of everything this worker computes with (what run.json records)."""
+        from . import __version__
+
+        import open_clip
+        import ray
+        import timm
+
+        heads = self.heads.identity if self.heads is not None else None
+        return {
+            "model": self.bundle.identity,
+            "exits": self.exits,
+            "heads": heads,
+            "router": self.router.to_dict(),
+            "scorer": self.scorer.identity if self.scorer is not None else None,
+            "gflops_per_exit": {str(k): v for k, v in self.gflops_per_exit.items()},
+            "scorer_gflops": self.scorer_gflops,
+            "gflops_note": "per image: image tower up to the exit + scorer; counted with FlopCounterMode "
+                           "(grad on, SDPBackend.MATH), a multiply-add = 2 FLOPs; the text tower is spent per query",
+            "image_size": self.bundle.image_size,
+            "embed_dim": self.bundle.embed_dim,
+            "device": self.device,
+            "precision": self.spec.precision,
+            "spec": asdict(self.spec),
+            "versions": {"icar": __version__, "torch": torch.__version__, "open_clip": open_clip.__version__,
+                         "timm": timm.__version__, "ray": ray.__version__},
+        }
+
+    @torch.inference_mode()
+    def embed(self, pixels: np.ndarray, keys: list[str]) -> dict:
+        """Return embeddings (float16, L2-normalised), complexity, exit layer and GFLOPs for one decoded batch."""
+        from .models import pixels_to_tensor
+
+        t0 = time.perf_counter()
+        if self.scorer is not None:
+            scores = np.asarray(self.scorer.score(pixels), np.float32)
+        else:
+            scores = np.full(len(keys), np.nan, np.float32)
+        exit_layer = np.asarray(self.router.route(scores, keys), np.int16)
+        x = pixels_to_tensor(self.bundle, pixels).to(self.device, non_blocking=True)
+        with torch.autocast(self.device.split(":")[0], dtype=self.autocast, enabled=self.autocast is not None):
+            emb = self.encoder(x, torch.as_tensor(exit_layer, dtype=torch.long, device=self.device))
+        emb = torch.nn.functional.normalize(emb.float(), dim=-1).to(torch.float16).cpu().numpy()
+        return {
+            "embedding": emb,
+            "complexity": scores,
+            "exit_layer": exit_layer,
+            "gflops": self._gflops_lookup[exit_layer],
+            "seconds": time.perf_counter() - t0,
+        }
