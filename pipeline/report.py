@@ -918,7 +918,8 @@ def _section_text(s: dict, indent: str = "  ") -> list[str]:
     if c["saved_hours"] is not None:
         lines.append(f"{indent}         saved {_sig(c['saved_hours'])} h = {_money(c['saved_cost'], cur)} "
                      f"({_saved_phrase(c['saved_pct'])})"
-                     + (f"; realised {c['realised_efficiency']:.2f} of the GFLOP saving"
+                     + (f"; realised efficiency {c['realised_efficiency']:.2f} (measured speedup / GFLOP-ratio "
+                        f"speedup)"
                         if c["realised_efficiency"] is not None else ""))
     if fd["note"]:
         lines.append(f"{indent}         {fd['note']}")
