@@ -93,6 +93,8 @@ class ExitHead(nn.Module):
         self.pool_type = visual.pool_type
         self.final_ln_after_pool = bool(getattr(visual, "final_ln_after_pool", False))
         self.ln = copy.deepcopy(visual.ln_post)  # keeps open_clip's LayerNorm/LayerNormFp32 class and eps
+        for p in self.ln.parameters():  # the tower may be frozen; its copy is what trains
+            p.requires_grad_(True)
         proj = getattr(visual, "proj", None)
         self.proj = nn.Parameter(proj.detach().clone()) if proj is not None else None
 
@@ -230,8 +232,8 @@ class ExitHeads(nn.Module):
             heads.heads.load_state_dict(state, strict=True)
         except RuntimeError as e:
             raise ValueError(f"exit heads {path} do not fit {want}'s tower: {e}") from e
-        heads.to(device=bundle.model.visual.proj.device if bundle.model.visual.proj is not None else "cpu",
-                 dtype=next(bundle.model.visual.parameters()).dtype)
+        like = next(bundle.model.visual.parameters())
+        heads.to(device=like.device, dtype=like.dtype)
         heads.path = path
         return heads
 

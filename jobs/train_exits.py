@@ -1,0 +1,115 @@
+"""`icar train-exits INPUT... --output DIR`: train early-exit heads so early embeddings answer the same text queries.
+
+Dual-path training (pipeline/exit_training.py). By default the backbone and the text tower stay frozen and only
+the exit heads (LayerNorm + projection per early exit) and their temperatures train, on features computed once
+per image: loss per exit = contrastive loss against the frozen caption embeddings + distillation toward the
+full-depth embedding of the same image. Full-depth embeddings stay identical to the model's, so existing
+full-depth runs and indexes stay valid. --finetune-backbone is the paper's recipe instead (see below).
+
+Writes DIR/exit_heads.safetensors (pass it to `icar embed --heads`), DIR/metrics.json (per-exit recall@1/5/10
+text->image and image->text, and mean cosine to full depth, before and after training), DIR/checkpoint.pt
+(every epoch; --resume continues) and DIR/features-{train,val}.safetensors (the cache of frozen features).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from pipeline.exit_training import ExitTrainConfig, TrainExitsError, train_exits
+
+from .common import HelpFormatter, int_list, json_object
+
+EXAMPLES = """
+inputs: image–caption shards in any layout `icar embed` reads (WebDataset .tar with KEY.txt captions, Parquet
+with an image column and a caption/text column, folders of images with NAME.txt captions); paths, globs or
+s3:// URLs. Samples without a caption, or that fail to decode, are skipped and counted in metrics.json.
+
+examples:
+  icar train-exits demo-corpus/train/*.tar --val demo-corpus/val/*.tar --output heads/demo
+  icar train-exits 's3://bucket/coco/train-{0000..0099}.tar' --val 's3://bucket/coco/val-*.tar' \\
+      --model ViT-L-14 --pretrained laion2b_s32b_b82k --exits 12,18,24 --output s3://bucket/heads/l14
+  icar train-exits shards/*.tar --output heads/l14 --resume       # continue after an interruption
+
+--finetune-backbone (the ICAR paper's recipe): the vision backbone trains too (--backbone-lr 1e-6, heads
+--lr 1e-4), contrastive loss on both paths weighted 0.5 early / 0.5 full. Early exits may gain recall, but the
+result is a NEW model: its weights go to DIR/backbone/ (use --model DIR/backbone with `icar embed`), and
+everything embedded with the original model must be re-embedded before sharing an index with it. It runs the
+backbone forward and backward for every image every epoch: use a GPU.
+
+execution: one process, CUDA when present. Multi-GPU: not wired in (plain torch DDP under torchrun would be
+the route); in the default recipe the one-time feature extraction is the only heavy step.
+"""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    d = ExitTrainConfig(inputs=[], output="")
+    p = argparse.ArgumentParser(prog="icar train-exits", description=__doc__, epilog=EXAMPLES,
+                                formatter_class=HelpFormatter)
+    p.add_argument("inputs", nargs="+", help="training image–caption shards: files, globs, directories or URLs")
+    p.add_argument("--output", "-o", required=True, help="output directory (local path or URL)")
+    m = p.add_argument_group("model")
+    m.add_argument("--model", default=d.model, help="open_clip model name, 'demo', or a model directory")
+    m.add_argument("--pretrained", default=d.pretrained,
+                   help="open_clip pretrained tag, checkpoint (.safetensors/.pt), or 'none' for a seeded random init")
+    m.add_argument("--seed", type=int, default=d.seed, help="seed of the random init and of shuffling")
+    m.add_argument("--exits", type=int_list, default=d.exits,
+                   help="exit depths in blocks, the last = full depth, e.g. 12,18,24 (default: per model)")
+    m.add_argument("--device", default=d.device, choices=["auto", "cpu", "cuda"], help="training device")
+    v = p.add_argument_group("validation")
+    v.add_argument("--val", dest="val_inputs", nargs="+", default=d.val_inputs,
+                   help="validation shards (default: hold out --val-fraction of the inputs by key hash)")
+    v.add_argument("--val-fraction", type=float, default=d.val_fraction, help="held-out share without --val")
+    v.add_argument("--max-val", type=int, default=d.max_val, help="validation pairs used at most")
+    v.add_argument("--max-train", type=int, default=d.max_train, help="training pairs used at most (smoke runs)")
+    t = p.add_argument_group("training")
+    t.add_argument("--epochs", type=int, default=d.epochs, help="passes over the training pairs")
+    t.add_argument("--batch-size", type=int, default=d.batch_size, help="pairs per step (in-batch negatives)")
+    t.add_argument("--lr", type=float, default=d.lr, help="learning rate of the heads and temperatures")
+    t.add_argument("--weight-decay", type=float, default=d.weight_decay, help="AdamW weight decay")
+    t.add_argument("--contrastive-weight", type=float, default=d.contrastive_weight,
+                   help="weight of each exit's contrastive loss against the caption embeddings")
+    t.add_argument("--distill-weight", type=float, default=d.distill_weight,
+                   help="weight of 1 - cos(exit, full depth) (default: 1.0; 0.0 with --finetune-backbone)")
+    t.add_argument("--fixed-temperature", dest="learn_temperature", action="store_false",
+                   help="keep each exit's temperature at the model's instead of learning it")
+    t.add_argument("--extract-batch-size", type=int, default=d.extract_batch_size,
+                   help="images per forward pass while extracting features")
+    t.add_argument("--resume", action="store_true", help="continue from OUTPUT/checkpoint.pt")
+    f = p.add_argument_group("paper recipe (changes the model; see below)")
+    f.add_argument("--finetune-backbone", action="store_true", help="train the vision backbone too")
+    f.add_argument("--backbone-lr", type=float, default=d.backbone_lr, help="backbone learning rate")
+    f.add_argument("--full-path-weight", type=float, default=d.full_path_weight,
+                   help="weight of the full-depth contrastive loss (the early exits share the rest)")
+    f.add_argument("--shuffle-buffer", type=int, default=d.shuffle_buffer, help="streaming shuffle buffer (pairs)")
+    x = p.add_argument_group("inputs")
+    x.add_argument("--image-column", default=d.image_column, help="Parquet column with image bytes (default: auto)")
+    x.add_argument("--storage-options", type=json_object, default=d.storage_options,
+                   help="fsspec options as JSON, e.g. '{\"anon\": true}'")
+    return p
+
+
+def config_from_args(args: argparse.Namespace) -> ExitTrainConfig:
+    """Return the ExitTrainConfig the parsed arguments describe."""
+    return ExitTrainConfig(**{k: v for k, v in vars(args).items()})
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run `icar train-exits`; return 0 on success, 2 on a configuration, model or data problem."""
+    from pipeline.models import ModelLoadError
+    from pipeline.readers import InputError
+
+    args = build_parser().parse_args(argv)
+    try:
+        train_exits(config_from_args(args))
+    except (TrainExitsError, ModelLoadError, InputError, ValueError, FileNotFoundError) as e:
+        print(f"icar train-exits: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    from pipeline.cli import setup_logging
+
+    setup_logging()
+    raise SystemExit(main())
