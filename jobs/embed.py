@@ -64,6 +64,8 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--shard-timeout", type=float, default=d.shard_timeout_s, help="seconds before a shard task is cancelled")
     x.add_argument("--storage-options", type=json_object, default={}, help="fsspec storage options as JSON (never logged)")
     x.add_argument("--limit-shards", type=int, default=None, help="embed at most this many pending shards")
+    x.add_argument("--reembed-changed", action="store_true",
+                   help="embed again committed inputs whose size, mtime or ETag changed since they were embedded")
     x.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p
 
@@ -78,7 +80,8 @@ def config_from_args(a: argparse.Namespace) -> EmbedConfig:
                        image_column=a.image_column, max_pixels=a.max_pixels, address=a.address,
                        num_actors=a.num_actors, gpus_per_actor=a.gpus_per_actor, cpus_per_actor=a.cpus_per_actor,
                        decode_tasks=a.decode_tasks, shard_retries=a.shard_retries, shard_timeout_s=a.shard_timeout,
-                       storage_options=a.storage_options, progress=not a.no_progress, limit_shards=a.limit_shards)
+                       storage_options=a.storage_options, progress=not a.no_progress, limit_shards=a.limit_shards,
+                       reembed_changed=a.reembed_changed)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -97,7 +100,24 @@ def main(argv: list[str] | None = None) -> int:
     for source, message in summary.shards_failed:
         print(f"FAILED {source}: {message}", file=sys.stderr)
     print(summary.line())
-    return summary.exit_code
+    return max(summary.exit_code, print_report_summary(cfg))
+
+
+def print_report_summary(cfg: EmbedConfig) -> int:
+    """Print the cost report's one-line summary of the whole run directory; return 3 if the audit refuses it."""
+    from pipeline.report import AuditError, ReportConfig, build_report, summary_line
+    from pipeline.shards import RunStateError
+
+    try:
+        report = build_report([cfg.output], ReportConfig(storage_options=cfg.storage_options))
+    except AuditError as e:
+        print(f"icar embed: the cost report refuses this run directory: {e}", file=sys.stderr)
+        return 3
+    except RunStateError as e:  # nothing committed yet: there is nothing to report
+        print(f"report: {e}")
+        return 0
+    print(f"report: {summary_line(report)}")
+    return 0
 
 
 if __name__ == "__main__":

@@ -48,6 +48,7 @@ class EmbedConfig:
     storage_options: dict = field(default_factory=dict)  # fsspec options (e.g. {"anon": true}); never logged
     progress: bool = True  # progress bar on stderr
     limit_shards: int | None = None  # embed at most this many pending shards (smoke runs)
+    reembed_changed: bool = False  # embed again committed inputs whose size/mtime/ETag changed (scheduled reindex)
 
     def resolved_address(self) -> str | None:
         """Return the Ray address to join, or None for an embedded local instance."""

@@ -179,7 +179,9 @@ def init_ray(address: str | None):
         # a slot on a 2-core machine (Ray would otherwise wait forever; seen with Ray 2.60).
         cpus = (os.cpu_count() or 2) + 1
         log.info("starting an embedded local Ray (%d CPUs)", cpus)
-        ray.init(num_cpus=cpus, include_dashboard=False, logging_level=logging.WARNING, log_to_driver=True)
+        # address="local": never attach to some other Ray that happens to run on this machine.
+        ray.init(address="local", num_cpus=cpus, include_dashboard=False, logging_level=logging.WARNING,
+                 log_to_driver=True)
     return ray
 
 
@@ -232,18 +234,30 @@ def remove_orphans(run: str, manifest: Manifest, storage_options: dict) -> None:
             fs.rm(f)
 
 
-def assign_parts(shards: list, manifest: Manifest) -> list[tuple[object, int]]:
-    """Return (shard, part) for every input shard not yet committed, with stable part numbers.
+def changed_since_commit(shard, row: dict) -> bool:
+    """Return True when the input's fingerprint (ETag, else size + mtime) differs from when it was embedded."""
+    if shard.etag and row.get("source_etag"):
+        return shard.etag != row["source_etag"]
+    return (shard.size, shard.mtime) != (row.get("source_size"), row.get("source_mtime"))
+
+
+def assign_parts(shards: list, manifest: Manifest, reembed_changed: bool = False) -> list[tuple[object, int]]:
+    """Return (shard, part) for every input shard to embed, with stable part numbers.
 
     A shard keeps its position in the sorted input list as its part number, so a resumed run writes the same
     files as the run it resumes; where that number is taken by another committed input, it gets a fresh one.
+    With ``reembed_changed``, a committed input whose content changed is embedded again into its own part.
     """
     committed = manifest.committed
     used = {r["part"] for r in manifest.rows}
     fresh = max(manifest.next_part(), len(shards))
     plan = []
     for i, shard in enumerate(shards):
-        if shard.uri in committed:
+        row = committed.get(shard.uri)
+        if row is not None:
+            if reembed_changed and changed_since_commit(shard, row):
+                log.info("input %s changed since it was embedded: embedding it again", shard.uri)
+                plan.append((shard, row["part"]))
             continue
         part = i if i not in used else None
         if part is None:
@@ -263,10 +277,10 @@ def run_embed(cfg: EmbedConfig) -> EmbedSummary:
     shards = expand_inputs(cfg.inputs, cfg.storage_options)
     storage.makedirs(cfg.output, cfg.storage_options)
     manifest = Manifest(cfg.output, cfg.storage_options)
-    plan = assign_parts(shards, manifest)
+    plan = assign_parts(shards, manifest, cfg.reembed_changed)
+    summary = EmbedSummary(run=cfg.output, shards_skipped=len(shards) - len(plan))
     if cfg.limit_shards is not None:
         plan = plan[: cfg.limit_shards]
-    summary = EmbedSummary(run=cfg.output, shards_skipped=len(shards) - len(assign_parts(shards, manifest)))
     log.info("%d input shards: %d already committed, %d to embed", len(shards), summary.shards_skipped, len(plan))
 
     ray = init_ray(cfg.resolved_address())
