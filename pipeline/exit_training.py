@@ -39,6 +39,7 @@ import io
 import json
 import logging
 import math
+import os
 import time
 from dataclasses import dataclass, field
 from typing import Iterable, Iterator
@@ -668,23 +669,35 @@ class ExitTrainer:
         return doc
 
     def _write_backbone(self) -> dict:
-        """Write the fine-tuned CLIP as a model directory under OUTPUT; return its identity."""
+        """Write the fine-tuned CLIP as a model directory under OUTPUT; return its identity (a new model key)."""
         from safetensors.torch import save
 
         from .models import DEMO_CONFIG, DEMO_WEIGHTS, weights_sha256
 
-        model = self.bundle.model
+        model, bundle = self.bundle.model, self.bundle
         directory = storage.join(self.cfg.output, BACKBONE_DIR)
+        if "://" not in directory:
+            directory = os.path.abspath(directory)
         state = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in model.state_dict().items()}
-        cfg_doc = _model_cfg_of(self.bundle)
+        source = bundle.config_doc or {}
+        doc = {"model_name": f"{source.get('model_name') or bundle.identity['name']}-icar-finetuned",
+               "model_cfg": _model_cfg_of(bundle),
+               "preprocess_cfg": {**source.get("preprocess_cfg", {}), "mean": list(bundle.mean),
+                                  "std": list(bundle.std)},
+               "finetuned_from": self.key}
+        tokenizer = source.get("tokenizer")
+        if tokenizer:  # e.g. the demo's cut-down BPE file: copy it next to the new weights
+            doc["tokenizer"] = tokenizer
+            rel = tokenizer.get("bpe_path") or tokenizer.get("name")
+            if rel and not os.path.isabs(rel) and bundle.source_dir \
+                    and os.path.isfile(os.path.join(bundle.source_dir, rel)):
+                with open(os.path.join(bundle.source_dir, rel), "rb") as f:
+                    _write(storage.join(directory, rel), f.read(), self.cfg)
         _write(storage.join(directory, DEMO_WEIGHTS), save(state), self.cfg)
-        _write(storage.join(directory, DEMO_CONFIG),
-               json.dumps({"model_name": f"{self.bundle.identity['name']}-icar-finetuned", "model_cfg": cfg_doc,
-                           "preprocess_cfg": {"mean": list(self.bundle.mean), "std": list(self.bundle.std)}},
-                          indent=1).encode(), self.cfg)
-        identity = {k: v for k, v in self.bundle.identity.items() if k not in ("seed", "model_cfg", "config_name")}
-        identity.update(name=directory, pretrained=storage.join(directory, DEMO_WEIGHTS),
-                        weights_sha256=weights_sha256(model), finetuned_from=self.key)
+        _write(storage.join(directory, DEMO_CONFIG), json.dumps(doc, indent=1).encode(), self.cfg)
+        identity = {"name": doc["model_name"], "pretrained": directory, "weights_sha256": weights_sha256(model),
+                    "embed_dim": bundle.embed_dim, "image_size": bundle.image_size, "num_blocks": bundle.num_blocks,
+                    "finetuned_from": self.key}
         log.warning("fine-tuned backbone written to %s: it is a NEW model (%s…); embed with --model %s and "
                     "re-embed anything made with the original before indexing them together", directory,
                     identity["weights_sha256"][:16], directory)
@@ -695,15 +708,13 @@ def _model_cfg_of(bundle) -> dict:
     """Return the open_clip model cfg dict of ``bundle``'s architecture."""
     import open_clip
 
+    if bundle.config_doc:
+        return bundle.config_doc["model_cfg"]
     if "model_cfg" in bundle.identity:
         return bundle.identity["model_cfg"]
     cfg = open_clip.get_model_config(bundle.identity["name"])
     if cfg is None:
-        from .models import DEMO_CONFIG, DEMO_DIR
-        from pathlib import Path
-
-        directory = DEMO_DIR if bundle.identity["name"] == "demo" else Path(bundle.identity["name"])
-        cfg = json.loads((directory / DEMO_CONFIG).read_text())["model_cfg"]
+        raise TrainExitsError(f"cannot find the open_clip config of {bundle.identity['name']} to save the backbone")
     return cfg
 
 

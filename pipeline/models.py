@@ -64,6 +64,8 @@ class ClipBundle:
     num_blocks: int  # transformer blocks in the vision tower (full depth)
     device: str = "cpu"  # where the model lives
     dtype: torch.dtype = field(default=torch.float32)  # parameter dtype (precision)
+    source_dir: str | None = None  # model directory it was loaded from (demo or clip_config.json folder), if any
+    config_doc: dict | None = None  # that directory's clip_config.json (tools writing derived models copy it)
 
 
 # ----------------------------------------------------------------------------------------------- identity
@@ -136,14 +138,45 @@ def _tokenizer_for_cfg(cfg: dict):
 
 
 @functools.lru_cache(maxsize=8)
-def _tokenizer(hf_name: str, context_length: int, mode: str | None, kwargs_json: str):
+def _tokenizer(hf_name: str, context_length: int, mode: str | None, kwargs_json: str, bpe_path: str = ""):
     """Return a tokenizer, built once per process (the BPE vocabulary takes a second or two to load)."""
     from open_clip.tokenizer import HFTokenizer, SimpleTokenizer
 
     kwargs = json.loads(kwargs_json)
     if hf_name:
         return HFTokenizer(hf_name, context_length=context_length, tokenizer_mode=mode, **kwargs)
+    if bpe_path:
+        kwargs["bpe_path"] = bpe_path
     return SimpleTokenizer(context_length=context_length, **kwargs)
+
+
+def _tokenizer_for_doc(doc: dict, directory: Path):
+    """Return the tokenizer a model directory's clip_config.json names ("tokenizer" entry), else the cfg's default.
+
+    ``{"tokenizer": {"class": "open_clip.tokenizer.SimpleTokenizer", "bpe_path": "vocab.txt.gz",
+    "context_length": 40}}``: paths are relative to the directory (the demo ships a cut-down BPE file).
+    ``"class": "...HFTokenizer"`` takes ``"name"`` (a hub id or a folder, relative to the directory if it exists).
+    """
+    spec = doc.get("tokenizer")
+    cfg = doc["model_cfg"]
+    if not spec:
+        return _tokenizer_for_cfg(cfg)
+    cls = str(spec.get("class", "SimpleTokenizer")).rsplit(".", 1)[-1]
+    context_length = int(spec.get("context_length") or cfg.get("text_cfg", {}).get("context_length", 77))
+    if cls == "SimpleTokenizer":
+        bpe = spec.get("bpe_path") or ""
+        if bpe and not os.path.isabs(bpe):
+            bpe = str(directory / bpe)
+        if bpe and not os.path.isfile(bpe):
+            raise ModelLoadError(f"{directory / DEMO_CONFIG} names tokenizer file {bpe}, which does not exist")
+        return _tokenizer("", context_length, None, "{}", bpe)
+    if cls == "HFTokenizer":
+        name = str(spec["name"])
+        if (directory / name).exists():
+            name = str(directory / name)
+        return _tokenizer(name, context_length, spec.get("tokenizer_mode"), "{}")
+    raise ModelLoadError(f"{directory / DEMO_CONFIG}: tokenizer class {spec.get('class')!r} is not supported "
+                         f"(SimpleTokenizer with bpe_path, or HFTokenizer with name)")
 
 
 def _read_bytes(url: str) -> bytes:
@@ -257,39 +290,60 @@ def bundle_from_config(cfg: dict, seed: int = 0, name: str = "custom", device: s
     return _finish(model, _tokenizer_for_cfg(cfg), base, device, precision, cfg.get("preprocess_cfg"))
 
 
-def _load_dir(directory: Path, name: str, device: str, precision: str) -> ClipBundle:
-    """Return the bundle stored in a model directory (clip_config.json + clip.safetensors), e.g. the demo."""
+def _is_model_dir(path: str | None) -> bool:
+    """Return True when ``path`` is a local directory holding a clip_config.json."""
+    return bool(path) and os.path.isdir(path) and (Path(path) / DEMO_CONFIG).is_file()
+
+
+def _load_dir(directory: Path, demo: bool, device: str, precision: str) -> ClipBundle:
+    """Return the bundle stored in a model directory (clip_config.json + clip.safetensors), e.g. the demo.
+
+    Identity: the demo is {"name": "demo", "pretrained": "shipped"}; any other directory is
+    {"name": its config's model_name, "pretrained": the directory's absolute path}, so the model key does not
+    depend on where the directory lies and ``load_clip(name, pretrained=directory)`` loads it again.
+    """
     config_path, weights_path = directory / DEMO_CONFIG, directory / DEMO_WEIGHTS
     if not config_path.is_file() or not weights_path.is_file():
         hint = ("build them with `icar train-demo` (it writes pipeline/assets/demo/), or pass an open_clip model "
-                "name such as --model ViT-B-32 --pretrained none") if name == "demo" else \
-            f"a model directory needs {DEMO_CONFIG} and {DEMO_WEIGHTS}"
-        raise FileNotFoundError(f"model '{name}': {config_path} / {weights_path} not found: {hint}")
+                "name such as --model ViT-B-32 --pretrained none") if demo else             f"a model directory needs {DEMO_CONFIG} and {DEMO_WEIGHTS}"
+        raise FileNotFoundError(f"model '{'demo' if demo else directory}': {config_path} / {weights_path} not "
+                                f"found: {hint}")
     doc = json.loads(config_path.read_text())
     if "model_cfg" not in doc:
         raise ModelLoadError(f"{config_path} lacks 'model_cfg' (an open_clip model config dict)")
     cfg = doc["model_cfg"]
     model = create_from_config(cfg, seed=0)
     _load_weights(model, str(weights_path))
-    base = {"name": name, "config_name": doc.get("model_name", name),
-            "pretrained": "shipped" if name == "demo" else str(weights_path)}
-    return _finish(model, _tokenizer_for_cfg(cfg), base, device, precision,
-                   doc.get("preprocess_cfg") or cfg.get("preprocess_cfg"))
+    if demo:
+        base = {"name": "demo", "config_name": doc.get("model_name", "demo"), "pretrained": "shipped"}
+    else:
+        base = {"name": str(doc.get("model_name") or directory.resolve().name),
+                "pretrained": str(directory.resolve())}
+    bundle = _finish(model, _tokenizer_for_doc(doc, directory), base, device, precision,
+                     doc.get("preprocess_cfg") or cfg.get("preprocess_cfg"))
+    bundle.source_dir, bundle.config_doc = str(directory.resolve()), doc
+    return bundle
 
 
 def load_clip(name: str = "demo", pretrained: str | None = None, seed: int = 0, device: str = "cpu",
               precision: str = "fp32") -> ClipBundle:
     """Return the CLIP ``name`` with weights from ``pretrained`` (tag, checkpoint, or none = seeded random init).
 
-    ``name``: an open_clip model name (ViT-B-32, ViT-L-14, ...), "demo" (the shipped model), or a directory
-    holding clip_config.json + clip.safetensors. ``precision`` casts the parameters after hashing them.
+    ``name``: an open_clip model name (ViT-B-32, ViT-L-14, ...), "demo" (the shipped model), or a model
+    directory holding clip_config.json + clip.safetensors (``pretrained`` may name that directory instead, as
+    identities of directory models do). ``precision`` casts the parameters after hashing them.
     """
     import open_clip
 
-    if name == "demo" or (os.path.isdir(name) and (Path(name) / DEMO_CONFIG).exists()):
+    if name == "demo":
         if pretrained not in (None, "none", "shipped"):
-            raise ValueError(f"model '{name}' carries its own weights; do not pass pretrained={pretrained!r}")
-        return _load_dir(DEMO_DIR if name == "demo" else Path(name), name, device, precision)
+            raise ValueError(f"the demo model carries its own weights; do not pass pretrained={pretrained!r}")
+        return _load_dir(DEMO_DIR, True, device, precision)
+    if _is_model_dir(name) or _is_model_dir(pretrained):
+        directory = Path(name if _is_model_dir(name) else pretrained)
+        if _is_model_dir(name) and pretrained not in (None, "none") and not _is_model_dir(pretrained):
+            raise ValueError(f"model directory {name} carries its own weights; do not pass pretrained={pretrained!r}")
+        return _load_dir(directory, False, device, precision)
 
     cfg = open_clip.get_model_config(name)
     if cfg is None:

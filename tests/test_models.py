@@ -99,7 +99,8 @@ def test_model_directory_and_missing_demo(tmp_path, monkeypatch):
     save_file({k: v.contiguous() for k, v in src.model.state_dict().items()}, str(tmp_path / "clip.safetensors"))
     b = models.load_clip(str(tmp_path))
     assert b.identity["weights_sha256"] == src.identity["weights_sha256"]
-    assert b.identity["config_name"] == "icar-tiny"
+    assert b.identity["name"] == "icar-tiny" and b.identity["pretrained"] == str(tmp_path.resolve())
+    assert models.load_clip_from_identity(b.identity).identity == b.identity
 
     monkeypatch.setattr(models, "DEMO_DIR", tmp_path / "nothing-here")
     with pytest.raises(FileNotFoundError, match="icar train-demo"):
@@ -163,3 +164,24 @@ def test_pixels_to_tensor_matches_open_clip_preprocess():
         models.pixels_to_tensor(b, np.zeros((1, 64, 64, 3), np.uint8))
     with pytest.raises(ValueError, match="uint8"):
         models.pixels_to_tensor(b, pixels.astype(np.float32))
+
+
+def test_model_directory_with_its_own_bpe_tokenizer(tmp_path):
+    """The demo ships a cut-down BPE file named in clip_config.json; its token table has a few hundred rows."""
+    import gzip
+
+    from safetensors.torch import save_file
+
+    (tmp_path / "vocab.txt.gz").write_bytes(gzip.compress(b"#version: 0.2\nr e\nc i"))  # 2 merges, no trailing newline
+    cfg = json.loads(json.dumps(TINY))
+    cfg["text_cfg"]["vocab_size"] = 512 + 2 + 2  # bytes, bytes</w>, 2 merges, start/end tokens
+    src = models.bundle_from_config(cfg, seed=0)
+    save_file({k: v.contiguous() for k, v in src.model.state_dict().items()}, str(tmp_path / "clip.safetensors"))
+    (tmp_path / "clip_config.json").write_text(json.dumps({
+        "model_name": "icar-bpe", "model_cfg": cfg, "preprocess_cfg": {"mean": [0.5] * 3, "std": [0.25] * 3},
+        "tokenizer": {"class": "open_clip.tokenizer.SimpleTokenizer", "bpe_path": "vocab.txt.gz", "context_length": 16}}))
+    b = models.load_clip(str(tmp_path))
+    tokens = b.tokenizer(["a red circle, sir"])
+    assert tokens.shape == (1, 16) and int(tokens.max()) < cfg["text_cfg"]["vocab_size"]
+    assert models.encode_text(b, ["a red circle"]).shape == (1, 32)  # the full 49k BPE would index past the table
+    assert (b.mean, b.std) == ((0.5,) * 3, (0.25,) * 3)
