@@ -1,0 +1,87 @@
+"""`icar search IDX "a red bicycle" -k 10`: query an index with text (or --image) using the index's own model."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+
+from .common import HelpFormatter, json_object
+
+EXAMPLES = """
+The text is encoded by the text tower of the model named in IDX/index.json (its weights hash is checked),
+so results are only as good as that model. --image encodes a picture with the full-depth image tower.
+
+examples:
+  icar search idx/demo "a red bicycle" -k 5
+  icar search idx/demo "a red bicycle" "a bowl of apples" --json        # one JSON document per query
+  icar search idx/demo --image photo.jpg --nprobe 64
+"""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="icar search", description=__doc__, epilog=EXAMPLES, formatter_class=HelpFormatter)
+    p.add_argument("index", help="index directory written by `icar index` (local path or URL)")
+    p.add_argument("texts", nargs="*", help="text queries")
+    p.add_argument("--image", action="append", default=[], help="image query (path or URL); repeatable")
+    p.add_argument("-k", type=int, default=10, help="results per query")
+    p.add_argument("--nprobe", type=int, default=None, help="inverted lists to visit (default: the tuned value in index.json)")
+    p.add_argument("--device", default="cpu", help="device of the query encoder")
+    p.add_argument("--json", action="store_true", help="JSON for machines instead of a table")
+    p.add_argument("--storage-options", type=json_object, default={}, help="fsspec storage options as JSON")
+    return p
+
+
+def _clip(text: str | None, width: int) -> str:
+    text = (text or "").replace("\n", " ")
+    return text if len(text) <= width else text[: max(0, width - 1)] + "…"
+
+
+def format_table(query: str, hits: list) -> str:
+    """Return a readable table of ``hits`` for one query."""
+    width = shutil.get_terminal_size((120, 20)).columns
+    key_w = min(32, max([3] + [len(h.key) for h in hits]))
+    cap_w = max(20, (width - key_w - 18) // 2)
+    lines = [f"query: {query}", f"{'#':>3}  {'score':>6}  {'key':<{key_w}}  {'caption':<{cap_w}}  url"]
+    for rank, h in enumerate(hits, 1):
+        lines.append(f"{rank:>3}  {h.score:6.3f}  {_clip(h.key, key_w):<{key_w}}  {_clip(h.caption, cap_w):<{cap_w}}  "
+                     f"{h.url or ''}")
+    if not hits:
+        lines.append("  (no results)")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the search job; return 0 on success, 2 on bad input."""
+    from pipeline.models import ModelLoadError
+    from pipeline.search import Searcher
+
+    args = build_parser().parse_args(argv)
+    if not args.texts and not args.image:
+        print("icar search: error: give a text query or --image PATH", file=sys.stderr)
+        return 2
+    try:
+        with Searcher(args.index, device=args.device, nprobe=args.nprobe,
+                      storage_options=args.storage_options) as searcher:
+            results = []
+            if args.texts:
+                results += list(zip(args.texts, searcher.search_text(args.texts, args.k)))
+            if args.image:
+                results += list(zip(args.image, searcher.search_image(args.image, args.k)))
+    except (FileNotFoundError, ValueError, ModelLoadError) as e:  # bad paths, images, mismatched models
+        print(f"icar search: error: {e}", file=sys.stderr)
+        return 2
+    if args.json:
+        for query, hits in results:
+            print(json.dumps({"query": query, "hits": [h.to_dict() for h in hits]}))
+    else:
+        print("\n\n".join(format_table(q, hits) for q, hits in results))
+    return 0
+
+
+if __name__ == "__main__":
+    from pipeline.cli import setup_logging
+
+    setup_logging()
+    raise SystemExit(main())
