@@ -441,15 +441,18 @@ class ExitTrainer:
             data = _read_or_none(url, cfg)
             if data is not None:
                 fs, cached_meta = _features_from_bytes(data)
+                cached_stats = cached_meta.pop("stats", None)
                 if cached_meta == meta:
                     log.info("%s features: %d pairs from the cache %s", split, len(fs), url)
+                    if cached_stats:
+                        self.stats[split] = PairStats(**cached_stats)
                     return fs
                 log.info("feature cache %s was made for other inputs/model/exits; extracting again", url)
         t0 = time.perf_counter()
         fs = extract_features(self.encoder, self.bundle, self._source(split), cfg.extract_batch_size, self.device)
         log.info("%s features: %d pairs in %.1fs", split, len(fs), time.perf_counter() - t0)
         if given is None:
-            _write(url, _features_to_bytes(fs, meta), cfg)
+            _write(url, _features_to_bytes(fs, {**meta, "stats": dataclasses.asdict(self.stats[split])}), cfg)
         return fs
 
     # --- checkpoints

@@ -55,7 +55,7 @@ def test_full_depth_equals_encode_image_vit_b32(vit_b32):
 
 
 @pytest.mark.parametrize("vision", [{}, {"pool_type": "avg"}, {"pool_type": "avg", "final_ln_after_pool": True},
-                                    {"ls_init_value": 0.1}])
+                                    {"ls_init_value": 0.1}, {"patch_dropout": 0.5}])  # patch dropout: off in eval
 def test_full_depth_equals_encode_image_custom(vision):
     b = tiny(**vision)
     x = _images(4, 32)

@@ -140,6 +140,7 @@ def test_feature_cache_is_reused_on_resume(corpus, model_dir, tmp_path, monkeypa
                                 epochs=2, resume=True))
     assert [h["epoch"] for h in again["history"]] == [0, 1]
     assert again["pairs"] == first["pairs"]
+    assert again["samples"] == first["samples"] and first["samples"]["train"]["used"] == first["pairs"]["train"]
 
 
 def test_finetune_backbone_makes_a_new_model(model_dir, tmp_path):
