@@ -50,8 +50,8 @@ def to_float_batch(pixels, input_size: int, device: str | torch.device = "cpu",
     here, so a trained scorer sees at inference exactly the pixels it was trained on.
     """
     x = torch.as_tensor(pixels)
-    if x.ndim != 4 or x.shape[-1] != 3:
-        raise ValueError(f"expected a uint8 batch (N, H, W, 3), got shape {tuple(x.shape)}")
+    if x.ndim != 4 or x.shape[-1] != 3 or x.dtype != torch.uint8:
+        raise ValueError(f"expected a uint8 batch (N, H, W, 3), got {x.dtype} of shape {tuple(x.shape)}")
     x = x.to(device, non_blocking=True).permute(0, 3, 1, 2).float().div_(255.0)
     if x.shape[-2:] != (input_size, input_size):
         x = F.interpolate(x, size=(input_size, input_size), mode="bilinear", antialias=True, align_corners=False)
@@ -133,7 +133,7 @@ def _timm_backbone(arch: str) -> nn.Module:
     """Return a timm model without its classifier (random init: pretrained weights come from a local file)."""
     import timm
 
-    if arch not in timm.list_models():
+    if not timm.is_model(arch.split(".")[0]):  # a ".tag" suffix names pretrained weights, not the architecture
         close = timm.list_models(f"*{arch.split('_')[0]}*")[:12]
         raise ValueError(f"timm has no model {arch!r}; similar names: {close}")
     return timm.create_model(arch, pretrained=False, num_classes=0)
