@@ -269,7 +269,8 @@ def test_calibrate_job_from_captioned_inputs(tmp_path, monkeypatch):
     router = R.load_router(str(out))
     c = router.calibration
     assert router.exits == [2, 4] and c["sample_size"] == 30 and c["achieved_cost_fraction"] <= 0.8
-    assert c["model"]["config_name"] == "tiny" and router.scorer_identity["kind"] == "heuristic"
+    assert "tiny" in (c["model"]["name"], c["model"].get("config_name")) and c["model"]["weights_sha256"]
+    assert router.scorer_identity["kind"] == "heuristic"
     out = tmp_path / "recall.json"
     assert calibrate.main(common + ["--min-recall", "0.9", "--output", str(out)]) == 0
     c = R.load_router(str(out)).calibration
