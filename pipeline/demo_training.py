@@ -305,7 +305,30 @@ def evaluate(model, tokenizer, data: SplitData, mean, std, batch_size: int = 250
     return {"images": len(data.keys), "full": by_depth[str(depths[-1])], "by_depth": by_depth}
 
 
+@torch.no_grad()
+def _quick_recall(model, tokenizer, data: SplitData, mean, std, batch_size: int = 250) -> dict:
+    """Return full-depth recall@k on ``data`` (the learning curve in the card), leaving the model in train mode."""
+    model.eval()
+    img, txt = [], []
+    for s in range(0, len(data.keys), batch_size):
+        img.append(model.encode_image(to_model_input(data.pixels[s:s + batch_size], mean, std), normalize=True))
+        txt.append(model.encode_text(tokenizer(data.captions[s:s + batch_size]), normalize=True))
+    model.train()
+    return recall_at_k(torch.cat(txt) @ torch.cat(img).T)
+
+
 # ------------------------------------------------------------------------------------------------ training
+
+
+def per_image_gflops(model, tokenizer, m: DemoModelConfig) -> dict:
+    """Return counted GFLOPs of one image through the image tower and one caption through the text tower."""
+    from pipeline.flops import count_gflops
+
+    model.eval()
+    x = torch.zeros(1, 3, m.image_size, m.image_size)
+    text = tokenizer(["two red circles and a blue square on a striped green background"])
+    return {"image_tower": round(count_gflops(model.visual, x), 5),
+            "text_tower": round(count_gflops(lambda t: model.encode_text(t), text), 5)}
 
 
 def _versions() -> dict:
@@ -392,13 +415,16 @@ def train_demo(cfg: DemoTrainConfig) -> dict:
             running = loss.item() if b == 0 else 0.9 * running + 0.1 * loss.item()
             bar.set_postfix(loss=f"{running:.3f}", lr=f"{lr_at(step - 1, total, cfg):.2e}")
         bar.close()
-        history.append({"epoch": epoch + 1, "loss": round(running, 4),
-                        "seconds": round(time.time() - train_started, 1)})
-        log.info("epoch %d/%d: loss %.3f (%.0f s)", epoch + 1, cfg.epochs, running, time.time() - train_started)
+        entry = {"epoch": epoch + 1, "loss": round(running, 4), "seconds": round(time.time() - train_started, 1)}
+        if epoch + 1 < cfg.epochs:  # the last epoch gets the full evaluation below
+            entry["val_full_depth"] = _quick_recall(model, tokenizer, val, mean, std)
+        history.append(entry)
+        log.info("epoch %d/%d: %s", epoch + 1, cfg.epochs, entry)
     train_s = time.time() - train_started
 
     metrics = evaluate(model, tokenizer, val, mean, std)
     log.info("val recall (%d images, full depth): %s", metrics["images"], metrics["full"])
+    gflops = per_image_gflops(model, tokenizer, m)
     state = {k: v.contiguous() for k, v in model.state_dict().items()}
     weights = safetensors_save(state)
     config_doc = {
@@ -428,6 +454,7 @@ def train_demo(cfg: DemoTrainConfig) -> dict:
                                                    "shard_size")} | {
             "splits": {k: v["count"] for k, v in corpus_doc.get("splits", {}).items()}},
         "metrics": {"val": metrics},
+        "gflops_per_image": gflops,
         "wall_seconds": {"total": round(time.time() - started, 1), "decode": round(decoded_s, 1),
                          "train": round(train_s, 1)},
         "threads": torch.get_num_threads(),

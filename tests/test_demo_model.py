@@ -36,7 +36,7 @@ def corpus(tmp_path_factory):
 
 
 def _train(corpus, out, **kw):
-    args = dict(corpus=str(corpus), output=str(out), model=dt.DemoModelConfig(**TINY), epochs=1, batch_size=32,
+    args = dict(corpus=str(corpus), output=str(out), model=dt.DemoModelConfig(**TINY), epochs=2, batch_size=32,
                 warmup_steps=1, eval_images=20, threads=1, progress=False)
     args.update(kw)
     return dt.train_demo(dt.DemoTrainConfig(**args))
@@ -116,7 +116,9 @@ def test_training_writes_a_model_that_loads_back_with_open_clip(trained, corpus)
     again = dt.evaluate(model, tok, val, open_clip.OPENAI_DATASET_MEAN, open_clip.OPENAI_DATASET_STD)
     assert again["full"] == card["metrics"]["val"]["full"]
     assert set(card["metrics"]["val"]["by_depth"]) == {"1", "2"}
-    assert card["train"]["steps"] == 2 and card["train"]["train_images"] == 64
+    assert card["train"]["steps"] == 4 and card["train"]["train_images"] == 64
+    assert set(card["train"]["history"][0]["val_full_depth"]) == {f"{d}_r{k}" for d in ("t2i", "i2t") for k in (1, 5, 10)}
+    assert card["gflops_per_image"]["image_tower"] > 0 and card["gflops_per_image"]["text_tower"] > 0
     assert card["reproduce"].startswith("icar make-demo-corpus") and "icar train-demo" in card["reproduce"]
     assert card["files"][dt.WEIGHTS_FILE]["bytes"] == (out / dt.WEIGHTS_FILE).stat().st_size
     for key in ("torch", "open_clip", "python"):
@@ -145,3 +147,18 @@ def test_shift_augmentation_moves_pixels_but_keeps_shape():
     y = dt.random_shift(x, 2, gen)
     assert y.shape == x.shape
     assert not torch.equal(x, y) and np.isin(y.numpy(), x.numpy()).all()
+
+
+def test_the_project_loader_reads_the_written_directory(trained):
+    from pipeline.models import load_clip
+
+    out, card = trained
+    bundle = load_clip(str(out))
+    model, tok, _ = dt.load_trained(out)
+    assert bundle.image_size == 64 and bundle.num_blocks == 2 and bundle.embed_dim == 16
+    assert bundle.tokenizer.vocab_size == tok.vocab_size == card["vocab_size"]
+    captions = ["two red circles on a plain blue background", "a small green star in the top left"]
+    assert torch.equal(bundle.tokenizer(captions), tok(captions))
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        assert torch.allclose(bundle.model.encode_image(x), model.encode_image(x))
