@@ -27,7 +27,7 @@ s3:// URLs. Samples without a caption, or that fail to decode, are skipped and c
 
 examples:
   icar train-exits demo-corpus/train/*.tar --val demo-corpus/val/*.tar --output heads/demo
-  icar train-exits 's3://bucket/coco/train-{0000..0099}.tar' --val 's3://bucket/coco/val-*.tar' \\
+  icar train-exits 's3://bucket/coco/train-*.tar' --val 's3://bucket/coco/val-*.tar' \\
       --model ViT-L-14 --pretrained laion2b_s32b_b82k --exits 12,18,24 --output s3://bucket/heads/l14
   icar train-exits shards/*.tar --output heads/l14 --resume       # continue after an interruption
 
