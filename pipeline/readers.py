@@ -106,7 +106,19 @@ def expand_inputs(urls: list[str], storage_options: dict | None = None) -> list[
     for url in urls:
         for shard in _expand_one(url, storage_options):
             shards.setdefault(shard.uri, shard)
-    return sorted(shards.values(), key=lambda s: s.uri)
+    return sorted(_drop_img2dataset_metadata(shards).values(), key=lambda s: s.uri)
+
+
+def _drop_img2dataset_metadata(shards: dict[str, InputShard]) -> dict[str, InputShard]:
+    """Drop NNNNN.parquet files that sit beside NNNNN.tar: img2dataset writes them as per-shard metadata.
+
+    They hold no image bytes, so treating them as shards would report every one of them as failed.
+    """
+    tar_stems = {s.uri[: -len(".tar")] for s in shards.values() if s.format == "tar" and s.uri.endswith(".tar")}
+    dropped = [u for u, s in shards.items() if s.format == "parquet" and u[: -len(".parquet")] in tar_stems]
+    if dropped:
+        log.info("skipping %d img2dataset metadata file(s) beside their tar shards, e.g. %s", len(dropped), dropped[0])
+    return {u: s for u, s in shards.items() if u not in dropped}
 
 
 def _expand_one(url: str, storage_options: dict | None) -> list[InputShard]:

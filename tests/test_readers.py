@@ -321,3 +321,18 @@ def test_s3_glob_tar_parquet_and_folder(s3_bucket, corpus):
         expand_inputs([f"s3://{s3_bucket}/nothing/*.tar"])
     with pytest.raises(InputError, match="does not exist"):
         expand_inputs([f"s3://{s3_bucket}/missing.tar"])
+
+
+def test_img2dataset_metadata_parquet_beside_tar_is_not_a_shard(tmp_path):
+    """img2dataset writes 00000.parquet (metadata, no image bytes) beside 00000.tar: only the tar is a shard."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from pipeline.readers import expand_inputs
+
+    rng = np.random.default_rng(0)
+    write_tar_shard(tmp_path / "00000.tar", make_corpus(rng, 2))
+    pq.write_table(pa.table({"key": ["a"], "status": ["success"]}), tmp_path / "00000.parquet")
+    pq.write_table(pa.table({"key": ["b"], "jpg": [b"x"]}), tmp_path / "other.parquet")
+    uris = [s.uri for s in expand_inputs([str(tmp_path)])]
+    assert uris == [str(tmp_path / "00000.tar"), str(tmp_path / "other.parquet")]
