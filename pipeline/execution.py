@@ -294,20 +294,27 @@ def run_embed(cfg: EmbedConfig) -> EmbedSummary:
         for _ in range(resources["actors"])
     ]
     try:
-        descriptions = ray.get([a.describe.remote() for a in actors], timeout=cfg.actor_start_timeout_s)
-    except ray.exceptions.GetTimeoutError:
-        raise RuntimeError(
-            f"model actors did not start within {cfg.actor_start_timeout_s:.0f}s; each asks for "
-            f"{resources['cpus_per_actor']:g} CPU and {resources['gpus_per_actor']:g} GPU and the cluster has "
-            f"{resources['cluster_cpus']:g} CPUs, {resources['cluster_gpus']:g} GPUs "
-            f"(see `ray status`; raise --actor-start-timeout for slow model downloads)") from None
-    description = descriptions[0]
-    check_run_identity(cfg.output, description, cfg.storage_options)
-    run_json = dict(description, inputs=list(cfg.inputs), resources=resources)
-    run_json["spec"] = asdict(cfg.spec)
-    if not storage.exists(storage.join(cfg.output, RUN_JSON), cfg.storage_options):
-        storage.write_json(run_json, storage.join(cfg.output, RUN_JSON), cfg.storage_options)
-    remove_orphans(cfg.output, manifest, cfg.storage_options)
+        try:
+            descriptions = ray.get([a.describe.remote() for a in actors], timeout=cfg.actor_start_timeout_s)
+        except ray.exceptions.GetTimeoutError:
+            raise RuntimeError(
+                f"model actors did not start within {cfg.actor_start_timeout_s:.0f}s; each asks for "
+                f"{resources['cpus_per_actor']:g} CPU and {resources['gpus_per_actor']:g} GPU and the cluster has "
+                f"{resources['cluster_cpus']:g} CPUs, {resources['cluster_gpus']:g} GPUs "
+                f"(see `ray status`; raise --actor-start-timeout for slow model downloads)") from None
+        description = descriptions[0]
+        check_run_identity(cfg.output, description, cfg.storage_options)
+        run_json = dict(description, inputs=list(cfg.inputs), resources=resources)
+        run_json["spec"] = asdict(cfg.spec)
+        if not storage.exists(storage.join(cfg.output, RUN_JSON), cfg.storage_options):
+            storage.write_json(run_json, storage.join(cfg.output, RUN_JSON), cfg.storage_options)
+        remove_orphans(cfg.output, manifest, cfg.storage_options)
+    except BaseException:
+        # A refused run (another model's run directory, actors that never started) must not leave its model
+        # actors holding CPUs/GPUs in a Ray that lives on (a cluster, a test session, a retry in the same driver).
+        for a in actors:
+            ray.kill(a)
+        raise
 
     facts = ModelFacts.from_description(description)
     full_gflops = float(description["gflops_per_exit"][str(description["exits"][-1])])
