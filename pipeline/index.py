@@ -41,6 +41,7 @@ import pyarrow.parquet as pq
 
 from . import storage
 from .index_params import (
+    ADD_BATCH_ROWS,
     BudgetError,
     IndexParams,
     choose_index_params,
@@ -155,14 +156,30 @@ class IndexSummary:
 # ----------------------------------------------------------------------------------------------- helpers
 
 def model_key(identity: dict) -> str:
-    """Return the key that must match between runs indexed together and an index and its query encoder."""
-    from .models import model_key as key_of
+    """Return "name:weights_sha256", the key that must match between runs indexed together and a query encoder.
 
-    return key_of(identity)
+    The same definition as pipeline.models.model_key (a test holds them equal), kept here because importing
+    pipeline.models imports torch: ~10 s and ~700 MB of RSS that an index build or a vector search never needs.
+    """
+    missing = [k for k in ("name", "weights_sha256") if not identity.get(k)]
+    if missing:
+        raise ValueError(f"model identity lacks {missing}: {identity!r}; it must come from pipeline.models.load_clip")
+    return f"{identity['name']}:{identity['weights_sha256']}"
 
 
 def peak_rss_bytes() -> int:
-    """Return this process's peak resident set size in bytes."""
+    """Return this process's peak resident set size in bytes.
+
+    Linux: VmHWM, which starts afresh at exec (ru_maxrss keeps the parent's peak across fork+exec, so a
+    job started by a big process would report the parent's memory).
+    """
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
     kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return int(kb * (1 if sys.platform == "darwin" else 1024))
 
@@ -294,6 +311,12 @@ def sample_rows(n: int, train: int, queries: int, seed: int) -> tuple[np.ndarray
     return t, q, False
 
 
+def split_by_shard(row_ids: np.ndarray, starts: np.ndarray) -> list[np.ndarray]:
+    """Return, per shard, the sorted global ``row_ids`` inside it as local row numbers (starts: first ids + N)."""
+    bounds = np.searchsorted(row_ids, starts)
+    return [row_ids[bounds[i]: bounds[i + 1]] - starts[i] for i in range(len(starts) - 1)]
+
+
 def read_rows(shard: ShardRef, local_rows: np.ndarray, dim: int, captions: bool,
               storage_options: dict | None) -> tuple[np.ndarray, list]:
     """Return (float32 embeddings, captions or []) of the given rows of one shard, reading only their row groups."""
@@ -328,12 +351,12 @@ def read_sample_group(shards: list[ShardRef], train_rows: list[np.ndarray], quer
         back = np.empty_like(order)
         back[order] = np.arange(len(order))
         emb = emb[back]
-        xt.append(emb[: len(tr)])
+        xt.append(emb[: len(tr)].astype(np.float16))  # exact: the shards hold float16; half the transfer
         xq.append(emb[len(tr):])
         if len(qr):
             caps.extend(cap[i] for i in back[len(tr):])
-    cat = (lambda parts: np.concatenate(parts) if parts else np.zeros((0, dim), np.float32))
-    return {"train": cat(xt), "queries": cat(xq), "captions": caps}
+    cat = (lambda parts, dtype: np.concatenate(parts) if parts else np.zeros((0, dim), dtype))
+    return {"train": cat(xt, np.float16), "queries": cat(xq, np.float32), "captions": caps}
 
 
 # ----------------------------------------------------------------------------------------------- exact
@@ -369,7 +392,7 @@ class TopK:
         self.ids = np.take_along_axis(i, order, axis=1)
 
 
-def exact_topk(queries: np.ndarray, vectors: np.ndarray, first_id: int, k: int, chunk: int = 8192) -> TopK:
+def exact_topk(queries: np.ndarray, vectors: np.ndarray, first_id: int, k: int, chunk: int = 4096) -> TopK:
     """Return the exact top-k of ``queries`` over ``vectors`` (ids from ``first_id``), chunk by chunk."""
     top = TopK(len(queries), k)
     for s in range(0, len(vectors), chunk):
@@ -454,7 +477,7 @@ def fetch_local(url: str, directory: str, storage_options: dict | None = None) -
 
 def add_group(trained: bytes | np.ndarray, shards: list[ShardRef], dim: int, partial_url: str, ids_url: str,
               queries: np.ndarray | None, k: int, storage_options: dict | None = None, threads: int = 1,
-              batch_rows: int = 16384) -> dict:
+              batch_rows: int = ADD_BATCH_ROWS) -> dict:
     """Add ``shards`` to a copy of the trained index; write the partial index and its ids; return a summary.
 
     Row ids are ``shards[0].first_id`` onwards, in shard order. Also returns the exact top-k of ``queries``
@@ -707,7 +730,10 @@ class _Runner:
             else:
                 cpus = os.cpu_count() or 1
                 log.info("starting an embedded local Ray (%d CPUs)", cpus)
-                ray.init(num_cpus=cpus, include_dashboard=False, logging_level=logging.WARNING, log_to_driver=True)
+                os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+                # address="local": never attach to some other Ray that happens to run on this machine.
+                ray.init(address="local", num_cpus=cpus, include_dashboard=False, logging_level=logging.WARNING,
+                         log_to_driver=True)
             self.started_ray = True
         cluster_cpus = int(ray.cluster_resources().get("CPU", 1))
         if not cfg.resolved_address():
@@ -819,174 +845,31 @@ def build_index(cfg: IndexConfig) -> IndexSummary:
 
 def _build(cfg: IndexConfig, plan: RunPlan, params: IndexParams, runner: _Runner, timer: PhaseTimer,
            max_index: int, max_build: int, reasons: list[str]) -> IndexSummary:
-    import faiss
-
+    """Run the phases after planning; partials and scratch files are removed whatever happens."""
     so = cfg.storage_options or None
     out = cfg.output.rstrip("/")
-    n, dim, k = plan.ntotal, plan.dim, cfg.k
-    shards = plan.shards
-    shard_rows = [s.rows for s in shards]
-    starts = np.array([s.first_id for s in shards] + [n], np.int64)
     work = (cfg.work_dir.rstrip("/") if cfg.work_dir else storage.join(out, "_build")) + f"/{uuid.uuid4().hex[:12]}"
     scratch = tempfile.mkdtemp(prefix="icar-index-")
     storage.makedirs(out, so)
-    text_info: dict = {}
+    b = _Build(cfg, plan, params, runner, out, work, scratch, so, reasons, max_index, max_build)
     try:
-        # ------------------------------------------------------------------ sample
         with timer.phase("sample"):
-            n_queries = min(cfg.queries, max(1, n // 2))
-            train_ids, query_ids, held_out = sample_rows(n, params.train_size, n_queries, cfg.seed)
-            where_t = np.searchsorted(starts, train_ids, side="right") - 1
-            where_q = np.searchsorted(starts, query_ids, side="right") - 1
-            per_train = [train_ids[where_t == i] - starts[i] for i in range(len(shards))]
-            per_query = [query_ids[where_q == i] - starts[i] for i in range(len(shards))]
-            groups = group_shards(shard_rows, runner.workers)
-            calls = [([shards[i] for i in g], [per_train[i] for i in g], [per_query[i] for i in g], dim, so)
-                     for g in groups]
-            parts = runner.map(read_sample_group, calls, "sample", [sum(shard_rows[i] for i in g) for g in groups])
-            xt = np.concatenate([p["train"] for p in parts])
-            xq = np.concatenate([p["queries"] for p in parts])
-            captions = [c for p in parts for c in p["captions"]]
-            del parts
-            log.info("sampled %s training and %d query vectors (%s)", f"{len(xt):,}", len(xq),
-                     "held out of training" if held_out else "drawn from the training set: small corpus")
-
-        # ------------------------------------------------------------------ train
+            b.sample()
         with timer.phase("train"):
-            index = new_index(dim, params.factory, cfg.seed)
-            if not index.is_trained:
-                index.train(xt)
-            trained = faiss.serialize_index(index)
-            del index, xt
-            log.info("trained %s: %s serialised", params.factory, format_size(trained.nbytes))
-
-        # ------------------------------------------------------------------ text queries
-        query_sets_vectors = [("image", xq, query_ids)]
+            b.train()
         with timer.phase("encode_text_queries"):
-            text_vectors, text_info = _text_queries(cfg, plan, captions)
-            if text_vectors is not None:
-                query_sets_vectors.append(("text", text_vectors, None))
-        all_queries = np.concatenate([v for _, v, _ in query_sets_vectors]).astype(np.float32)
-
-        # ------------------------------------------------------------------ add
+            b.encode_text_queries()
         with timer.phase("add"):
-            cap = max_group_vectors(params, dim, max_build, runner.concurrency,
-                                    min(max(shard_rows), 16384))
-            groups = group_shards(shard_rows, runner.workers, cap)
-            trained_ref = runner.put(trained)
-            queries_ref = runner.put(all_queries)
-            calls = [(trained_ref, [shards[i] for i in g], dim, f"{work}/part-{j:05d}.faiss",
-                      f"{work}/ids-{j:05d}.parquet", queries_ref, k + 1, so, 1) for j, g in enumerate(groups)]
-            results = runner.map(add_group, calls, "add", [sum(shard_rows[i] for i in g) for g in groups])
-            total = sum(r["ntotal"] for r in results)
-            if total != n:
-                raise RuntimeError(f"added {total} vectors but the manifests list {n}: a shard changed during the build")
-            top = TopK(len(all_queries), k + 1)
-            for r in results:
-                if r["topk_ids"] is not None:
-                    top.merge(_topk_from(r, k + 1))
-            task_peak = max(r["peak_rss"] for r in results)
-            log.info("added %s vectors in %d group(s), %d at a time", f"{n:,}", len(groups),
-                     runner.concurrency)
-
-        # ------------------------------------------------------------------ merge
-        ivfdata = None
+            b.add()
         with timer.phase("merge"):
-            partials = [r["partial"] for r in results]
-            if params.merge == "disk":
-                ivfdata = IVFDATA_FILE
-                index = _merge_to_disk(trained, partials, out, scratch, so)
-            else:
-                index = merge_in_memory(trained, partials, scratch, so)
-            del trained
-            if index.ntotal != n:
-                raise RuntimeError(f"merged index holds {index.ntotal} vectors, expected {n}")
-
+            b.merge()
         with timer.phase("ids"):
-            _concat_ids([r["ids"] for r in results], storage.join(out, IDS_FILE), scratch, so)
-
-        # ------------------------------------------------------------------ tune
+            _concat_ids([r["ids"] for r in b.results], storage.join(out, IDS_FILE), scratch, so)
         with timer.phase("tune"):
-            sets, offset = [], 0
-            for kind, vectors, self_ids in query_sets_vectors:
-                exact = top.ids[offset: offset + len(vectors)]
-                sets.append(QuerySet(kind, vectors, exact, self_ids))
-                offset += len(vectors)
-            nprobe, table = tune_nprobe(index, sets, k, cfg.target_recall, cfg.max_nprobe, reasons)
-            for row in table:
-                log.info("nprobe %s: %s", row["nprobe"], ", ".join(f"{s.kind} recall@{k} {row[s.kind]:.3f}"
-                                                                     for s in sets))
-
-        # ------------------------------------------------------------------ write
+            b.tune()
         with timer.phase("write"):
-            index_url = storage.join(out, INDEX_FILE)
-            if ivfdata:
-                _point_ivfdata(index, out, so)
-            file_bytes = write_index_file(index, index_url, so)
-            if ivfdata:
-                file_bytes += _ivfdata_size(out, scratch, so)
-
-        efsearch = None
-        if is_ivf(index):
-            q = faiss.downcast_index(faiss.extract_index_ivf(index).quantizer)
-            efsearch = int(q.hnsw.efSearch) if hasattr(q, "hnsw") else None
-        recall = {}
-        chosen = next(r for r in table if r["nprobe"] == nprobe)
-        for s in sets:
-            recall[s.kind] = {"queries": len(s.vectors), "at_nprobe": chosen[s.kind],
-                              "by_nprobe": {str(r["nprobe"]): r[s.kind] for r in table}}
-        if "text" not in recall:
-            recall["text"] = text_info
-        info = {
-            "format": INDEX_FORMAT,
-            "factory": params.factory,
-            "metric": "inner_product",
-            "dim": dim,
-            "ntotal": int(index.ntotal),
-            "kind": params.kind,
-            "nlist": params.nlist,
-            "coarse_quantizer": params.coarse or None,
-            "pq_m": params.m,
-            "pq_nbits": params.nbits if params.m else None,
-            "opq": params.opq,
-            "opq_dim": params.opq_dim or None,
-            "nprobe": nprobe,
-            "quantizer_efsearch": efsearch,
-            "k": k,
-            "target_recall": cfg.target_recall,
-            "recall": recall,
-            "tuning": table,
-            "queries": {"image": len(xq), "text": 0 if text_vectors is None else len(text_vectors),
-                        "held_out_of_training": held_out, "self_match_excluded": True},
-            "train_size": params.train_size,
-            "merge": params.merge,
-            "ivfdata": ivfdata,
-            "open_with": ("faiss.read_index(path, faiss.IO_FLAG_ONDISK_SAME_DIR)" if ivfdata
-                          else "faiss.read_index(path)"),
-            "bytes_per_vector": round(file_bytes / max(1, index.ntotal), 3),
-            "code_bytes_per_vector": params.code_bytes,
-            "memory": {
-                "max_index_bytes": max_index,
-                "max_build_bytes": max_build,
-                "estimated_index_bytes": params.estimated_bytes,
-                "estimated_build_bytes": params.estimated_build_bytes,
-                "estimated_task_bytes": params.estimated_task_bytes,
-                "estimated_phase_bytes": params.build_phases,
-                "index_file_bytes": file_bytes,
-                "peak_rss_driver_bytes": peak_rss_bytes(),
-                "peak_rss_task_bytes": task_peak,
-            },
-            "model": plan.model,
-            "model_key": plan.model_key,
-            "runs": plan.run_infos,
-            "shards": len(shards),
-            "add_groups": len(groups),
-            "workers": runner.concurrency,
-            "seed": cfg.seed,
-            "reasons": reasons,
-            "versions": _versions(),
-            "created_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-        }
+            b.write_index()
+        info = b.index_json()
         info["build_seconds"] = dict(timer.seconds)
         info["build_seconds"]["total"] = timer.total()
         storage.write_json(info, storage.join(out, INDEX_JSON), so)  # last: marks the index complete
@@ -994,6 +877,189 @@ def _build(cfg: IndexConfig, plan: RunPlan, params: IndexParams, runner: _Runner
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
         _remove_tree(work, so)
+
+
+class _Build:
+    """The state one build carries from phase to phase (see the module docstring for the phases)."""
+
+    def __init__(self, cfg: IndexConfig, plan: RunPlan, params: IndexParams, runner: _Runner, out: str,
+                 work: str, scratch: str, so: dict | None, reasons: list[str], max_index: int, max_build: int):
+        self.cfg, self.plan, self.params, self.runner = cfg, plan, params, runner
+        self.max_index, self.max_build = max_index, max_build  # bytes
+        self.out, self.work, self.scratch, self.so, self.reasons = out, work, scratch, so, reasons
+        self.n, self.dim, self.k = plan.ntotal, plan.dim, cfg.k
+        self.shard_rows = [s.rows for s in plan.shards]
+        self.starts = np.array([s.first_id for s in plan.shards] + [self.n], np.int64)
+        self.text_info: dict = {}
+        self.text_vectors: np.ndarray | None = None
+        self.ivfdata: str | None = None
+
+    def _groups(self, max_vectors: int | None = None) -> list[list[int]]:
+        return group_shards(self.shard_rows, self.runner.workers, max_vectors)
+
+    def sample(self) -> None:
+        """Read the training sample and the held-out query vectors (with captions) from the shards."""
+        n = self.n
+        n_queries = min(self.cfg.queries, max(1, n // 2))
+        train_ids, self.query_ids, self.held_out = sample_rows(n, self.params.train_size, n_queries, self.cfg.seed)
+        per_train = split_by_shard(train_ids, self.starts)
+        per_query = split_by_shard(self.query_ids, self.starts)
+        shards = self.plan.shards
+        groups = self._groups()
+        calls = [([shards[i] for i in g], [per_train[i] for i in g], [per_query[i] for i in g], self.dim, self.so)
+                 for g in groups]
+        parts = self.runner.map(read_sample_group, calls, "sample", [sum(self.shard_rows[i] for i in g) for g in groups])
+        self.xt = np.empty((sum(len(p["train"]) for p in parts), self.dim), np.float32)
+        filled = 0
+        for p in parts:  # widened straight into one float32 array: no float16 concatenation copy
+            self.xt[filled: filled + len(p["train"])] = p["train"]
+            filled += len(p["train"])
+        self.xq = np.concatenate([p["queries"] for p in parts])
+        self.captions = [c for p in parts for c in p["captions"]]
+        log.info("sampled %s training and %d query vectors (%s)", f"{len(self.xt):,}", len(self.xq),
+                 "held out of training" if self.held_out else "drawn from the training set: small corpus")
+
+    def train(self) -> None:
+        """Train the empty index on the sample and serialise it for the add tasks."""
+        import faiss
+
+        index = new_index(self.dim, self.params.factory, self.cfg.seed)
+        if not index.is_trained:
+            index.train(self.xt)
+        self.trained = faiss.serialize_index(index)
+        del self.xt
+        log.info("trained %s: %s serialised", self.params.factory, format_size(self.trained.nbytes))
+
+    def encode_text_queries(self) -> None:
+        """Encode the sampled captions with the runs' text tower, where --text-queries allows."""
+        self.text_vectors, self.text_info = _text_queries(self.cfg, self.plan, self.captions)
+
+    def query_sets(self) -> list[tuple[str, np.ndarray, np.ndarray | None]]:
+        """Return (kind, vectors, own row ids or None) per query kind, in the order their exact top-k is kept."""
+        sets = [("image", self.xq, self.query_ids)]
+        if self.text_vectors is not None:
+            sets.append(("text", self.text_vectors, None))
+        return sets
+
+    def add(self) -> None:
+        """Add every shard, group by group, and keep the exact top-(k+1) of all queries over the corpus."""
+        runner, shards, k = self.runner, self.plan.shards, self.k
+        queries = np.concatenate([v for _, v, _ in self.query_sets()]).astype(np.float32)
+        cap = max_group_vectors(self.params, self.dim, self.max_build, runner.concurrency,
+                                min(max(self.shard_rows), 16384))
+        self.groups = self._groups(cap)
+        trained_ref, queries_ref = runner.put(self.trained), runner.put(queries)
+        calls = [(trained_ref, [shards[i] for i in g], self.dim, f"{self.work}/part-{j:05d}.faiss",
+                  f"{self.work}/ids-{j:05d}.parquet", queries_ref, k + 1, self.so, 1)
+                 for j, g in enumerate(self.groups)]
+        self.results = runner.map(add_group, calls, "add", [sum(self.shard_rows[i] for i in g) for g in self.groups])
+        total = sum(r["ntotal"] for r in self.results)
+        if total != self.n:
+            raise RuntimeError(f"added {total} vectors but the manifests list {self.n}: a shard changed during "
+                               f"the build; run it again")
+        self.top = TopK(len(queries), k + 1)
+        for r in self.results:
+            if r["topk_ids"] is not None:
+                self.top.merge(_topk_from(r, k + 1))
+        log.info("added %s vectors in %d group(s), %d at a time", f"{self.n:,}", len(self.groups),
+                 runner.concurrency)
+
+    def merge(self) -> None:
+        """Merge the partial indexes in order: in memory, or on disk into index.ivfdata."""
+        partials = [r["partial"] for r in self.results]
+        if self.params.merge == "disk":
+            self.ivfdata = IVFDATA_FILE
+            self.index = _merge_to_disk(self.trained, partials, self.out, self.scratch, self.so)
+        else:
+            self.index = merge_in_memory(self.trained, partials, self.scratch, self.so)
+        del self.trained
+        if self.index.ntotal != self.n:
+            raise RuntimeError(f"merged index holds {self.index.ntotal} vectors, expected {self.n}")
+
+    def tune(self) -> None:
+        """Pick nprobe against the exact top-k of the held-out queries (and caption queries)."""
+        sets, offset = [], 0
+        for kind, vectors, self_ids in self.query_sets():
+            sets.append(QuerySet(kind, vectors, self.top.ids[offset: offset + len(vectors)], self_ids))
+            offset += len(vectors)
+        self.sets = sets
+        self.nprobe, self.table = tune_nprobe(self.index, sets, self.k, self.cfg.target_recall, self.cfg.max_nprobe,
+                                              self.reasons)
+        for row in self.table:
+            log.info("nprobe %s: %s", row["nprobe"],
+                     ", ".join(f"{s.kind} recall@{self.k} {row[s.kind]:.3f}" for s in sets))
+
+    def write_index(self) -> None:
+        """Write index.faiss (and place index.ivfdata for an on-disk index)."""
+        if self.ivfdata:
+            _point_ivfdata(self.index, self.out, self.so)
+        self.file_bytes = write_index_file(self.index, storage.join(self.out, INDEX_FILE), self.so)
+        if self.ivfdata:
+            self.file_bytes += _ivfdata_size(self.out, self.so)
+
+    def index_json(self) -> dict:
+        """Return the index.json document (DESIGN.md: the index directory contract)."""
+        import faiss
+
+        p, index = self.params, self.index
+        efsearch = None
+        if is_ivf(index):
+            q = faiss.downcast_index(faiss.extract_index_ivf(index).quantizer)
+            efsearch = int(q.hnsw.efSearch) if hasattr(q, "hnsw") else None
+        chosen = next(r for r in self.table if r["nprobe"] == self.nprobe)
+        recall = {s.kind: {"queries": len(s.vectors), "at_nprobe": chosen[s.kind],
+                           "by_nprobe": {str(r["nprobe"]): r[s.kind] for r in self.table}} for s in self.sets}
+        recall.setdefault("text", self.text_info)
+        return {
+            "format": INDEX_FORMAT,
+            "factory": p.factory,
+            "metric": "inner_product",
+            "dim": self.dim,
+            "ntotal": int(index.ntotal),
+            "kind": p.kind,
+            "nlist": p.nlist,
+            "coarse_quantizer": p.coarse or None,
+            "pq_m": p.m,
+            "pq_nbits": p.nbits if p.m else None,
+            "opq": p.opq,
+            "opq_dim": p.opq_dim or None,
+            "nprobe": self.nprobe,
+            "quantizer_efsearch": efsearch,
+            "k": self.k,
+            "target_recall": self.cfg.target_recall,
+            "recall": recall,
+            "tuning": self.table,
+            "queries": {"image": len(self.xq), "text": 0 if self.text_vectors is None else len(self.text_vectors),
+                        "held_out_of_training": self.held_out, "self_match_excluded": True},
+            "train_size": p.train_size,
+            "merge": p.merge,
+            "ivfdata": self.ivfdata,
+            "open_with": ("faiss.read_index(path, faiss.IO_FLAG_ONDISK_SAME_DIR)" if self.ivfdata
+                          else "faiss.read_index(path)"),
+            "bytes_per_vector": round(self.file_bytes / max(1, index.ntotal), 3),
+            "code_bytes_per_vector": p.code_bytes,
+            "memory": {
+                "max_index_bytes": self.max_index,
+                "max_build_bytes": self.max_build,
+                "estimated_index_bytes": p.estimated_bytes,
+                "estimated_build_bytes": p.estimated_build_bytes,
+                "estimated_task_bytes": p.estimated_task_bytes,
+                "estimated_phase_bytes": p.build_phases,
+                "index_file_bytes": self.file_bytes,
+                "peak_rss_driver_bytes": peak_rss_bytes(),
+                "peak_rss_task_bytes": max(r["peak_rss"] for r in self.results),
+            },
+            "model": self.plan.model,
+            "model_key": self.plan.model_key,
+            "runs": self.plan.run_infos,
+            "shards": len(self.plan.shards),
+            "add_groups": len(self.groups),
+            "workers": self.runner.concurrency,
+            "seed": self.cfg.seed,
+            "reasons": self.reasons,
+            "versions": _versions(),
+            "created_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        }
 
 
 def _topk_from(result: dict, k: int) -> TopK:
@@ -1052,7 +1118,7 @@ def _point_ivfdata(index, out: str, so) -> None:
         ondisk.filename = IVFDATA_FILE
 
 
-def _ivfdata_size(out: str, scratch: str, so) -> int:
+def _ivfdata_size(out: str, so) -> int:
     fs, path = storage.filesystem(storage.join(out, IVFDATA_FILE), so)
     return int(fs.size(path))
 

@@ -28,6 +28,9 @@ ID_BYTES = 8  # every IVF entry stores its int64 row id beside its code
 LIST_OVERHEAD_BYTES = 64  # per inverted list: two std::vector headers plus allocator slack
 HNSW_BYTES_PER_CENTROID = 400  # HNSW32 graph links (2*32 int32 on level 0 plus upper levels) and levels
 GROWTH_SLACK = 1.5  # std::vector capacity doubling while lists grow during add/merge
+PROCESS_BASE_BYTES = 256 * KIB**2  # python + numpy + pyarrow + faiss + Ray in one process (measured ~200-250 MB)
+ADD_BATCH_ROWS = 4096  # vectors an add task converts, assigns and encodes at once (pipeline.index.add_group)
+GT_QUERIES = 2000  # tuning queries (image + text) whose exact top-k an add task keeps (scores per batch)
 PQ_TRAIN_POINTS = 65536  # FAISS trains each PQ sub-quantizer on at most 256 * 256 points
 PQ_MIN_TRAIN_POINTS = 39 * 256  # below this FAISS warns that the 256-centroid PQ k-means is under-trained
 
@@ -188,19 +191,22 @@ def _build_estimates(n: int, dim: int, p: IndexParams, workers: int, shard_rows:
     fixed = fixed_index_bytes(dim, p.nlist, p.coarse, p.m, p.nbits, p.opq_dim)
     phases: dict[str, int] = {}
     if p.train_size:
-        # The float32 sample and its rotated copy (OPQ), k-means' assignment buffers (id + distance per point),
-        # PQ's residuals (FAISS subsamples them to 65536) and the index under training.
-        copies = 1 + (1 if p.opq else 0)
-        phases["train"] = int(p.train_size * d * 4 * copies + p.train_size * 12
-                              + min(p.train_size, PQ_TRAIN_POINTS) * d * 4 + fixed)
-    # One add task: the trained index, one shard batch as float16 and float32 (plus its rotated copy),
-    # and its partial index growing with capacity doubling.
-    batch = shard_rows * dim * (2 + 4 + (4 if p.opq else 0))
-    task = int(fixed + batch + group_vectors * p.bytes_per_vector * GROWTH_SLACK)
+        # The float32 sample (plus the float16 copy it arrives as) and its rotated copy (OPQ), k-means'
+        # assignment buffers (id + distance per point), PQ's subsample and its residuals (FAISS trains PQ on
+        # at most 65536 points) and the index under training.
+        copies = 1.5 + (1 if p.opq else 0)
+        phases["train"] = int(PROCESS_BASE_BYTES + p.train_size * d * 4 * copies + p.train_size * 12
+                              + 2 * min(p.train_size, PQ_TRAIN_POINTS) * d * 4 + fixed)
+    # One add task: the trained index, one shard row group as float16, one batch as float32 with its residuals
+    # (and rotated copy), the exact scores of the tuning queries against it, and its partial index growing
+    # with capacity doubling.
+    batch = shard_rows * dim * 2 + ADD_BATCH_ROWS * (dim * 4 * (2 + (1 if p.opq else 0)) + GT_QUERIES * 4 * 3)
+    task = int(PROCESS_BASE_BYTES + 2 * fixed + batch + group_vectors * p.bytes_per_vector * GROWTH_SLACK)
     phases["add_task"] = task
-    phases["add_all_tasks"] = task * max(1, workers)
+    phases["add_all_tasks"] = task * max(1, workers) + PROCESS_BASE_BYTES  # tasks beside the driver
     # In-memory merge: the growing final index plus the one partial being moved into it.
-    phases["merge_memory"] = int(p.estimated_bytes * GROWTH_SLACK + group_vectors * p.bytes_per_vector)
+    phases["merge_memory"] = int(PROCESS_BASE_BYTES + p.estimated_bytes * GROWTH_SLACK
+                                 + group_vectors * p.bytes_per_vector)
     return phases
 
 
@@ -276,7 +282,7 @@ def _choose_auto(n, dim, max_index_bytes, max_build_bytes, per_list, max_train_p
     # Training points that fit the build budget as float32 (an OPQ-rotated copy is accounted for below).
     cap = max_train_points
     if max_build_bytes:
-        fit = int(max_build_bytes * 0.8 / (dim * 4 + 12))
+        fit = max(0, int((max_build_bytes - PROCESS_BASE_BYTES) * 0.8 / (dim * 6 + 12)))
         cap = min(cap, fit) if cap else fit
     trainable = min(n, cap) if cap else n
 
@@ -363,11 +369,19 @@ def _choose_auto(n, dim, max_index_bytes, max_build_bytes, per_list, max_train_p
         kind = "pq"
         reasons.append(f"no IVF: {trainable:,} trainable vectors are too few for >= 16 lists of >= 39 points "
                        f"beside a {PQ_MIN_TRAIN_POINTS:,}-point PQ training set")
+    if opq and max_build_bytes and nlist:
+        # OPQ rotates the whole sample: a second float32 copy, so fewer points fit the build budget.
+        cap = min(cap, max(0, int((max_build_bytes - PROCESS_BASE_BYTES) * 0.8 / ((dim * 1.5 + opq_dim) * 4 + 12))))
+        if 39 * nlist > cap:
+            lowered = _pow2_floor(cap / 39)
+            reasons.append(f"nlist lowered to {lowered}: with OPQ's rotated copy the build budget holds "
+                           f"{cap:,} training points, and k-means needs >= 39 per list")
+            nlist = lowered
+            coarse = "hnsw32" if nlist >= hnsw_from_nlist else "flat"
+            coarse_part = f"IVF{nlist}_HNSW32" if coarse == "hnsw32" else f"IVF{nlist}"
+            factory = f"{opq_part}{coarse_part},PQ{m}"
+            estimated = estimate_index_bytes(n, dim, nlist, coarse, m, 8, opq_dim)
     train = _train_size(n, nlist, m, per_list, cap)
-    if opq and max_build_bytes:
-        # OPQ rotates the whole sample: a second float32 copy, so fewer points fit (never below 39 per list).
-        fit_opq = int(max_build_bytes * 0.8 / ((dim + opq_dim) * 4 + 12))
-        train = max(min(train, fit_opq), min(n, 39 * nlist, train))
     p = IndexParams(factory=factory, kind=kind, dim=dim, nlist=nlist, coarse=coarse, m=m, nbits=8, opq=opq,
                     opq_dim=opq_dim if opq else 0, train_size=train, code_bytes=float(m),
                     bytes_per_vector=float(m + (ID_BYTES if nlist else 0)), estimated_bytes=estimated)

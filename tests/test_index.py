@@ -142,8 +142,8 @@ def test_parse_and_format_sizes():
         (200_000, 512, "14M", {"factory": "OPQ32,IVF2048,PQ32", "opq": True, "m": 32}),
         # 5M vectors: FAISS's IVF65536 with an HNSW coarse quantizer
         (5_000_000, 768, "1G", {"factory": "IVF65536_HNSW32,PQ128", "coarse": "hnsw32", "nlist": 65536}),
-        # ... and in half the memory, 48-byte codes for 768 dims with OPQ
-        (5_000_000, 768, "512M", {"factory": "OPQ48,IVF65536_HNSW32,PQ48", "opq": True}),
+        # ... and in half the memory, 48-byte codes with OPQ, whose rotated sample copy halves nlist in 16G
+        (5_000_000, 768, "512M", {"factory": "OPQ48,IVF32768_HNSW32,PQ48", "opq": True}),
         # 1M vectors: 65536 lists would need 2.5M training points; lowered to fit 39 per list
         (1_000_000, 768, "1G", {"nlist": 16384, "coarse": "hnsw32"}),
         # prime dimension: no divisor fits, OPQ pads to a multiple of m
@@ -177,8 +177,8 @@ def test_choose_refuses_a_factory_over_budget_and_a_build_over_budget():
 
 
 def test_choose_goes_on_disk_when_the_build_budget_cannot_merge_in_memory():
-    p = choose_index_params(4_000_000, 256, parse_size("1G"), max_build_bytes=parse_size("200M"),
-                            factory="IVF1024,PQ32", workers=2)
+    p = choose_index_params(8_000_000, 256, parse_size("1G"), max_build_bytes=parse_size("600M"),
+                            factory="IVF1024,PQ32", workers=1)
     assert p.merge == "disk"
     assert any("on-disk merge" in r for r in p.reasons)
 
@@ -394,3 +394,12 @@ def test_cli_builds_and_refuses(tmp_path, capsys):
     assert "icar index: error:" in err and "--max-index-memory 64.0K" in err
     assert index_job.main([run, "--output", str(out), "--workers", "1", "--no-progress"]) == 2
     assert "--overwrite" in capsys.readouterr().err
+
+
+def test_model_key_is_the_models_module_definition():
+    from pipeline import models
+    from pipeline.index import model_key
+
+    assert model_key(MODEL) == models.model_key(MODEL)
+    with pytest.raises(ValueError):
+        model_key({"name": "x"})
