@@ -53,7 +53,7 @@ from dataclasses import dataclass, field
 from . import storage
 from .jobconfig import ConfigError, JobConfig, config_summary
 from .lock import LockHeld, LockLost, RootLock
-from .schema import ERROR_DIR, MANIFEST, RUN_JSON, part_name
+from .schema import ERROR_DIR, RUN_JSON, part_name
 
 log = logging.getLogger(__name__)
 

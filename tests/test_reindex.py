@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import shutil
+import socket
 import subprocess
 import sys
 import threading
@@ -32,7 +32,7 @@ from pipeline.reindex import (
     VerificationError, complete_retirements, decide_index_build, list_versions, read_latest, resolve_latest,
     reindex_status, reuse_supported, run_dir, run_reindex, verify_index,
 )
-from pipeline.schema import MANIFEST_SCHEMA, part_name, shard_schema
+from pipeline.schema import part_name, shard_schema
 from zoo import make_corpus, write_tar_shard
 
 REPO = Path(__file__).resolve().parents[1]
@@ -140,7 +140,7 @@ def test_local_lock_refuses_a_second_holder_and_breaks_a_dead_ones(tmp_path):
 
     # A lock left by a process that is gone (same host) is taken over at once.
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
-    holder = {"job": "job", "run_id": "dead", "host": os.uname().nodename, "pid": int(dead.stdout), "started": "x"}
+    holder = {"job": "job", "run_id": "dead", "host": socket.gethostname(), "pid": int(dead.stdout), "started": "x"}
     Path(url).write_text(json.dumps(holder))
     second = RootLock(url, "job", stale_after_s=600)
     second.acquire()
