@@ -37,6 +37,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", "-o", required=True, help="index directory to write (local path or URL)")
     p.add_argument("--overwrite", action="store_true", help="replace an index already in --output")
     c = p.add_argument_group("index choice")
+    c.add_argument("--trained-index", default=d.trained_index,
+                   help="add into this trained, empty index (an earlier index's trained.faiss) instead of training; "
+                        "needs --factory with the factory it was built with (its index.json 'factory')")
     c.add_argument("--max-index-memory", default=d.max_index_memory,
                    help="memory the built index may take (what a search server holds), e.g. 4G; 1024-based K/M/G/T")
     c.add_argument("--max-build-memory", default=d.max_build_memory,
@@ -83,7 +86,8 @@ def config_from_args(a: argparse.Namespace) -> IndexConfig:
                        k=a.k, queries=a.queries, text_queries=a.text_queries, workers=a.workers, address=a.address,
                        work_dir=a.work_dir, seed=a.seed, overwrite=a.overwrite, flat_below=a.flat_below,
                        max_nprobe=a.max_nprobe, task_timeout_s=a.task_timeout, device=a.device, threads=a.threads,
-                       merge=a.merge, storage_options=a.storage_options, progress=not a.no_progress)
+                       merge=a.merge, storage_options=a.storage_options, progress=not a.no_progress,
+                       trained_index=a.trained_index)
 
 
 def main(argv: list[str] | None = None) -> int:

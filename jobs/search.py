@@ -17,6 +17,7 @@ examples:
   icar search idx/demo "a red bicycle" -k 5
   icar search idx/demo "a red bicycle" "a bowl of apples" --json        # one JSON document per query
   icar search idx/demo --image photo.jpg --nprobe 64
+  icar search s3://bucket/icar/laion-l14 "a red bicycle"                  # a reindex root: follows indexes/LATEST
 """
 
 
@@ -52,6 +53,17 @@ def format_table(query: str, hits: list) -> str:
     return "\n".join(lines)
 
 
+def resolve_index_dir(path: str, storage_options: dict) -> str:
+    """Return ``path``, or the index its ROOT/indexes/LATEST points to when ``path`` is an `icar reindex` root."""
+    from pipeline import storage
+    from pipeline.reindex import INDEXES, LATEST, resolve_latest
+
+    if not storage.exists(storage.join(path, "index.json"), storage_options) and \
+            storage.exists(storage.join(path, INDEXES, LATEST), storage_options):
+        return resolve_latest(path, storage_options)
+    return path
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the search job; return 0 on success, 2 on bad input."""
     from pipeline.models import ModelLoadError
@@ -62,7 +74,8 @@ def main(argv: list[str] | None = None) -> int:
         print("icar search: error: give a text query or --image PATH", file=sys.stderr)
         return 2
     try:
-        with Searcher(args.index, device=args.device, nprobe=args.nprobe,
+        index_dir = resolve_index_dir(args.index, args.storage_options)
+        with Searcher(index_dir, device=args.device, nprobe=args.nprobe,
                       storage_options=args.storage_options) as searcher:
             results = []
             if args.texts:

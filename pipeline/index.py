@@ -59,6 +59,7 @@ INDEX_FILE = "index.faiss"
 IDS_FILE = "ids.parquet"
 INDEX_JSON = "index.json"
 IVFDATA_FILE = "index.ivfdata"
+TRAINED_FILE = "trained.faiss"  # the trained, empty index: a later build can add into it instead of training
 INDEX_FORMAT = 1
 ID_COLUMNS = ["key", "source", "caption", "url"]
 IDS_SCHEMA = pa.schema(
@@ -94,6 +95,7 @@ class IndexConfig:
     work_dir: str | None = None  # partial indexes (shared storage on a multi-node cluster); None: OUTPUT/_build-*
     seed: int = 0  # sampling and k-means seed
     overwrite: bool = False  # replace an existing index in OUTPUT
+    trained_index: str | None = None  # trained empty index (an earlier build's trained.faiss) to add into; needs factory
     flat_below: int = 50_000  # exact search (Flat) below this many vectors when it fits the budget
     max_nprobe: int = 4096  # largest nprobe tried while tuning
     task_timeout_s: float = 6 * 3600.0  # an add task that takes longer fails the build with a message
@@ -825,26 +827,47 @@ def build_index(cfg: IndexConfig) -> IndexSummary:
                 raise ValueError(f"--factory {cfg.factory!r} is not a FAISS factory string for dim {dim}: {e}") from e
             code_bytes = probe.sa_code_size()
             del probe
+        trained_bytes = _read_trained(cfg, dim, so) if cfg.trained_index else None
         # Memory is estimated (and an impossible budget refused) before Ray starts or any data is read.
         largest = min(max(s.rows for s in plan.shards), 16384)
         workers = cfg.workers or os.cpu_count() or 1
         params = choose_index_params(n, dim, max_index, max_build, factory=cfg.factory, code_bytes=code_bytes,
                                      workers=workers, shard_rows=largest, flat_below=cfg.flat_below,
                                      merge=cfg.merge)
+        if trained_bytes is not None:
+            params.train_size = 0  # only queries are sampled: the given trained index is added into as it is
+            params.reasons.append(f"no training: vectors are added into the trained index {cfg.trained_index}")
         for r in params.reasons:
             log.info("index choice: %s", r)
         reasons.extend(params.reasons)
     with timer.phase("start_workers"):
         runner = _Runner(cfg)
     try:
-        summary = _build(cfg, plan, params, runner, timer, max_index, max_build, reasons)
+        summary = _build(cfg, plan, params, runner, timer, max_index, max_build, reasons, trained_bytes)
     finally:
         runner.close()
     return summary
 
 
+def _read_trained(cfg: IndexConfig, dim: int, so) -> bytes:
+    """Return the serialised trained index at ``cfg.trained_index`` after checking it fits this build."""
+    import faiss
+
+    if not cfg.factory:
+        raise ValueError(f"--trained-index {cfg.trained_index} needs --factory: the factory string it was built "
+                         f"with (its index.json 'factory')")
+    fs, path = storage.filesystem(cfg.trained_index, so)
+    with fs.open(path, "rb") as f:
+        data = f.read()
+    index = faiss.deserialize_index(np.frombuffer(data, dtype=np.uint8))
+    if index.d != dim or not index.is_trained or index.ntotal != 0:
+        raise ValueError(f"{cfg.trained_index} cannot be added into: dimension {index.d} (the runs have {dim}), "
+                         f"trained {index.is_trained}, {index.ntotal} vectors (it must be a trained, empty index)")
+    return data
+
+
 def _build(cfg: IndexConfig, plan: RunPlan, params: IndexParams, runner: _Runner, timer: PhaseTimer,
-           max_index: int, max_build: int, reasons: list[str]) -> IndexSummary:
+           max_index: int, max_build: int, reasons: list[str], trained_bytes: bytes | None = None) -> IndexSummary:
     """Run the phases after planning; partials and scratch files are removed whatever happens."""
     so = cfg.storage_options or None
     out = cfg.output.rstrip("/")
@@ -852,6 +875,7 @@ def _build(cfg: IndexConfig, plan: RunPlan, params: IndexParams, runner: _Runner
     scratch = tempfile.mkdtemp(prefix="icar-index-")
     storage.makedirs(out, so)
     b = _Build(cfg, plan, params, runner, out, work, scratch, so, reasons, max_index, max_build)
+    b.reused = trained_bytes
     try:
         with timer.phase("sample"):
             b.sample()
@@ -893,6 +917,7 @@ class _Build:
         self.text_info: dict = {}
         self.text_vectors: np.ndarray | None = None
         self.ivfdata: str | None = None
+        self.reused: bytes | None = None  # a trained empty index given by --trained-index: no training
 
     def _groups(self, max_vectors: int | None = None) -> list[list[int]]:
         return group_shards(self.shard_rows, self.runner.workers, max_vectors)
@@ -920,15 +945,24 @@ class _Build:
                  "held out of training" if self.held_out else "drawn from the training set: small corpus")
 
     def train(self) -> None:
-        """Train the empty index on the sample and serialise it for the add tasks."""
+        """Train the empty index on the sample (or take the given trained one) and serialise it for the add tasks."""
         import faiss
 
-        index = new_index(self.dim, self.params.factory, self.cfg.seed)
-        if not index.is_trained:
-            index.train(self.xt)
-        self.trained = faiss.serialize_index(index)
-        del self.xt
-        log.info("trained %s: %s serialised", self.params.factory, format_size(self.trained.nbytes))
+        if self.reused is not None:
+            self.trained = np.frombuffer(self.reused, dtype=np.uint8)
+            del self.xt
+            log.info("reusing the trained %s from %s", self.params.factory, self.cfg.trained_index)
+        else:
+            index = new_index(self.dim, self.params.factory, self.cfg.seed)
+            if not index.is_trained:
+                index.train(self.xt)
+            self.trained = faiss.serialize_index(index)
+            del self.xt
+            log.info("trained %s: %s serialised", self.params.factory, format_size(self.trained.nbytes))
+        # Kept beside the index (small: centroids and codebooks) so a build over a grown corpus can skip training.
+        self.trained_file = TRAINED_FILE if (self.params.train_size or self.reused is not None) else None
+        if self.trained_file:
+            storage.atomic_write_bytes(storage.join(self.out, TRAINED_FILE), self.trained.tobytes(), self.so)
 
     def encode_text_queries(self) -> None:
         """Encode the sampled captions with the runs' text tower, where --text-queries allows."""
@@ -1032,6 +1066,7 @@ class _Build:
             "queries": {"image": len(self.xq), "text": 0 if self.text_vectors is None else len(self.text_vectors),
                         "held_out_of_training": self.held_out, "self_match_excluded": True},
             "train_size": p.train_size,
+            "trained": {"file": self.trained_file, "reused_from": self.cfg.trained_index},
             "merge": p.merge,
             "ivfdata": self.ivfdata,
             "open_with": ("faiss.read_index(path, faiss.IO_FLAG_ONDISK_SAME_DIR)" if self.ivfdata

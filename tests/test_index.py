@@ -17,6 +17,7 @@ from pipeline.index import (  # noqa: E402
     IDS_FILE,
     INDEX_FILE,
     INDEX_JSON,
+    TRAINED_FILE,
     IndexConfig,
     RunMismatchError,
     TopK,
@@ -374,9 +375,27 @@ def test_s3_output(tmp_path, s3_bucket):
     fs, _ = storage.filesystem(out)
     fs.invalidate_cache()
     names = sorted(p.rsplit("/", 1)[-1] for p in fs.ls(f"{s3_bucket}/idx"))
-    assert names == [IDS_FILE, INDEX_FILE, INDEX_JSON]
+    assert names == [IDS_FILE, INDEX_FILE, INDEX_JSON, TRAINED_FILE]
     index = faiss.deserialize_index(np.frombuffer(fs.cat_file(f"{s3_bucket}/idx/{INDEX_FILE}"), np.uint8))
     assert index.ntotal == 2000
+
+
+def test_adding_into_a_given_trained_index_skips_training(tmp_path):
+    """A build into an earlier build's trained.faiss gives the same codes as that build, without training."""
+    run = make_run(str(tmp_path / "run"), clustered(2000, 32, seed=3), shards=2)
+    first = build_index(cfg_for([run], tmp_path / "a", factory="IVF16,PQ8x4")).info
+    assert first["trained"] == {"file": TRAINED_FILE, "reused_from": None}
+    trained = str(tmp_path / "a" / TRAINED_FILE)
+    assert faiss.read_index(trained).ntotal == 0
+    second = build_index(cfg_for([run], tmp_path / "b", factory="IVF16,PQ8x4", trained_index=trained)).info
+    assert second["train_size"] == 0 and second["trained"]["reused_from"] == trained
+    assert (tmp_path / "a" / INDEX_FILE).read_bytes() == (tmp_path / "b" / INDEX_FILE).read_bytes()
+    assert (tmp_path / "b" / TRAINED_FILE).read_bytes() == (tmp_path / "a" / TRAINED_FILE).read_bytes()
+    with pytest.raises(ValueError, match="needs --factory"):
+        build_index(cfg_for([run], tmp_path / "c", trained_index=trained))
+    other = make_run(str(tmp_path / "run16"), clustered(2000, 16, seed=3), shards=1)
+    with pytest.raises(ValueError, match="dimension 32 \\(the runs have 16\\)"):
+        build_index(cfg_for([other], tmp_path / "d", factory="IVF16,PQ8x4", trained_index=trained))
 
 
 def test_cli_builds_and_refuses(tmp_path, capsys):

@@ -193,3 +193,13 @@ def test_cli_json_stays_clean_for_an_on_disk_index(tmp_path, tiny, capfd):
     out, err = capfd.readouterr()
     assert [json.loads(line)["query"] for line in out.strip().splitlines()] == ["a red bicycle"]
     assert "IO_FLAG_ONDISK_SAME_DIR" in err
+
+
+def test_cli_follows_latest_of_a_reindex_root(index_dir, tmp_path, capsys):
+    import shutil
+
+    root = tmp_path / "root"
+    shutil.copytree(index_dir, root / "indexes" / "v0001")
+    (root / "indexes" / "LATEST").write_text(json.dumps({"version": "v0001"}))
+    assert search_job.main([str(root), "caption of img002", "-k", "1", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["hits"][0]["key"].startswith("img")
