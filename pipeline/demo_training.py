@@ -95,6 +95,12 @@ class DemoTrainConfig:
     weight_decay: float = 0.1  # AdamW weight decay on matrices only (not on biases, norms, embeddings, scale)
     grad_clip: float = 1.0  # max global gradient norm
     max_shift: int = 3  # augmentation: random translation of up to this many pixels (reflect-padded)
+    # Caption augmentation: otherwise a shorter caption that is also true (scenes.parquet "partial_captions":
+    # the objects alone, one group alone), so colour words bind to objects and short queries work.
+    full_caption_prob: float = 0.5
+    # Share of batches drawn from images with one background colour: the background then cannot tell the
+    # images apart, so the loss pushes on shapes, counts and places (hard negatives, same ClipLoss).
+    same_background_batches: float = 0.5
     seed: int = 0  # model init, batch order and augmentation
     eval_images: int = 1000  # val images for the recall evaluation (the first ones of the split)
     train_limit: int | None = None  # use only the first N train images (smoke runs); None: all
@@ -208,6 +214,66 @@ def load_split(corpus: str, split: str, image_size: int, limit: int | None = Non
     return SplitData(keys=keys, captions=captions, pixels=torch.from_numpy(pixels))
 
 
+@dataclass
+class CaptionPool:
+    """Every caption a train image may be shown with: its full caption first, then shorter true ones."""
+
+    tokens: torch.Tensor  # (T, context_length) token ids of every distinct text
+    options: list[list[int]]  # per train image: indices into ``tokens``, the full caption first
+    background: list[str]  # per train image: background colour name ("" when unknown)
+
+
+def caption_pool(train: SplitData, scenes: dict[str, dict], tokenizer) -> CaptionPool:
+    """Return the caption options of each train image (full caption only when scenes.parquet lacks partials)."""
+    texts: dict[str, int] = {}
+    options, background = [], []
+    for key, caption in zip(train.keys, train.captions):
+        row = scenes.get(key, {})
+        choices = [caption] + list(row.get("partial_captions") or [])
+        options.append([texts.setdefault(t, len(texts)) for t in choices])
+        background.append(row.get("background_color") or "")
+    return CaptionPool(tokens=tokenizer(list(texts)), options=options, background=background)
+
+
+def read_scenes(corpus: str) -> dict[str, dict]:
+    """Return scenes.parquet rows by key ({} when the corpus has no scenes table)."""
+    url = storage.join(corpus, "scenes.parquet")
+    if not storage.exists(url):
+        return {}
+    return {r["key"]: r for r in storage.read_parquet(url).to_pylist()}
+
+
+def epoch_batches(pool: CaptionPool, batch_size: int, same_background: float,
+                  gen: torch.Generator) -> list[torch.Tensor]:
+    """Return one epoch's batches of train indices: a share of them from a single background colour, in random order.
+
+    A random permutation is cut in two: the first part is stably sorted by background colour (so each colour's
+    images stay in random order) and cut into batches that each hold one colour (two at a boundary), the rest
+    is cut into ordinary random batches. The ragged tail is dropped, so every batch has ``batch_size`` images.
+    """
+    n = len(pool.options)
+    steps = n // batch_size
+    perm = torch.randperm(n, generator=gen)[:steps * batch_size]
+    n_hard = round(same_background * steps) if any(pool.background) else 0
+    hard = perm[:n_hard * batch_size].tolist()
+    hard.sort(key=lambda i: pool.background[i])  # stable: keeps the random order inside a colour
+    order = torch.cat([torch.tensor(hard, dtype=torch.long), perm[n_hard * batch_size:]])
+    batches = list(order.view(steps, batch_size))
+    shuffle = torch.randperm(steps, generator=gen).tolist()
+    return [batches[i] for i in shuffle]
+
+
+def pick_captions(pool: CaptionPool, idx: torch.Tensor, full_prob: float, gen: torch.Generator) -> torch.Tensor:
+    """Return the token ids shown with images ``idx``: the full caption with probability ``full_prob``, else a shorter one."""
+    coins = torch.rand(len(idx), generator=gen).tolist()
+    picks = torch.rand(len(idx), generator=gen).tolist()
+    rows = []
+    for i, coin, pick in zip(idx.tolist(), coins, picks):
+        opts = pool.options[i]
+        rows.append(opts[0] if coin < full_prob or len(opts) == 1 else opts[1 + int(pick * (len(opts) - 1))])
+    return pool.tokens[rows]
+
+
 def to_model_input(pixels_uint8: torch.Tensor, mean: tuple, std: tuple) -> torch.Tensor:
     """Return normalised float (N, 3, S, S) pixels from uint8 (N, S, S, 3), as the embedding actors do."""
     x = pixels_uint8.permute(0, 3, 1, 2).float().div_(255.0)
@@ -319,6 +385,65 @@ def _quick_recall(model, tokenizer, data: SplitData, mean, std, batch_size: int 
     return recall_at_k(torch.cat(txt) @ torch.cat(img).T)
 
 
+PROBE_ATTRIBUTES = ("shape", "color", "count", "size", "region", "background")
+
+
+@torch.no_grad()
+def attribute_probe(model, tokenizer, data: SplitData, corpus_seed: int, mean, std, split: str = "val",
+                    seed: int = 0) -> dict[str, float]:
+    """Return, per attribute, how often an image scores its true caption above the same caption with that attribute changed.
+
+    For each image, one attribute of its first object group (shape, colour, count, size, place) or the
+    background colour is swapped for another value; 0.5 is chance, 1.0 means the model always tells them apart.
+    Scenes are regenerated from the corpus seed; a caption that does not match the stored one raises.
+    """
+    import copy
+
+    from pipeline import democorpus as dc
+
+    model.eval()
+    rng = np.random.default_rng(seed)
+    img = torch.cat([model.encode_image(to_model_input(data.pixels[s:s + 250], mean, std), normalize=True)
+                     for s in range(0, len(data.keys), 250)])
+    values = {"shape": list(dc.SHAPES), "color": list(dc.COLORS), "count": [1, 2, 3, 4],
+              "size": ["small", "medium"], "region": list(dc.REGIONS)}
+    true_texts, false_texts, which, owner = [], [], [], []
+    for i, caption in enumerate(data.captions):
+        scene = dc.scene_of(corpus_seed, split, i)
+        if dc.scene_caption(scene) != caption:
+            raise ValueError(f"{split} image {i} ({data.keys[i]}): regenerated caption differs from the corpus; "
+                             "the corpus was made with another seed or generator version")
+        for attr in PROBE_ATTRIBUTES:
+            alt = copy.deepcopy(scene)
+            if attr == "background":
+                used = {g.color for g in alt.groups} | {alt.background_color}
+                options = [c for c in dc.COLORS if c not in used]
+                alt.background_color = options[int(rng.integers(len(options)))]
+            else:
+                g = alt.groups[0]
+                if attr == "region" and g.region is None or attr == "size" and g.size == "large":
+                    continue
+                options = [v for v in values[attr] if v != getattr(g, attr)]
+                setattr(g, attr, options[int(rng.integers(len(options)))])
+            text = dc.scene_caption(alt)
+            if text != caption:
+                true_texts.append(caption)
+                false_texts.append(text)
+                which.append(attr)
+                owner.append(i)
+    out = {}
+    t_true = torch.cat([model.encode_text(tokenizer(true_texts[s:s + 500]), normalize=True)
+                        for s in range(0, len(true_texts), 500)])
+    t_false = torch.cat([model.encode_text(tokenizer(false_texts[s:s + 500]), normalize=True)
+                         for s in range(0, len(false_texts), 500)])
+    images = img[torch.tensor(owner)]
+    wins = ((t_true * images).sum(1) > (t_false * images).sum(1)).numpy()
+    for attr in PROBE_ATTRIBUTES:
+        mask = np.array([w == attr for w in which])
+        out[attr] = round(float(wins[mask].mean()), 4) if mask.any() else None
+    return out
+
+
 # ------------------------------------------------------------------------------------------------ training
 
 
@@ -344,7 +469,8 @@ def _versions() -> dict:
 def _reproduce_command(cfg: DemoTrainConfig, corpus_doc: dict) -> str:
     d = DemoTrainConfig(corpus="")
     flags = [f"--corpus {cfg.corpus}", f"--output {cfg.output}", f"--epochs {cfg.epochs}", f"--seed {cfg.seed}"]
-    for name in ("batch_size", "lr", "warmup_steps", "weight_decay", "eval_images", "train_limit", "threads"):
+    for name in ("batch_size", "lr", "warmup_steps", "weight_decay", "eval_images", "train_limit", "threads",
+                 "full_caption_prob", "same_background_batches"):
         if getattr(cfg, name) != getattr(d, name):
             flags.append(f"--{name.replace('_', '-')} {getattr(cfg, name)}")
     if cfg.model != d.model:
@@ -385,7 +511,9 @@ def train_demo(cfg: DemoTrainConfig) -> dict:
     log.info("demo CLIP: %.2fM parameters, vocab %d, %d train / %d val images (decoded in %.0f s)",
              n_params / 1e6, tokenizer.vocab_size, len(train.keys), len(val.keys), decoded_s)
 
-    tokens = tokenizer(train.captions)
+    pool = caption_pool(train, read_scenes(cfg.corpus), tokenizer)
+    if not any(len(o) > 1 for o in pool.options):
+        log.info("no partial captions in %s/scenes.parquet: training on full captions only", cfg.corpus)
     truncated = sum(len(tokenizer.encode(c)) + 2 > m.context_length for c in train.captions)
     loss_fn = ClipLoss()
     opt = torch.optim.AdamW(_param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(0.9, 0.98), eps=1e-6)
@@ -397,15 +525,15 @@ def train_demo(cfg: DemoTrainConfig) -> dict:
     train_started = time.time()
     for epoch in range(cfg.epochs):
         model.train()
-        order = torch.randperm(len(train.keys), generator=gen)
-        bar = tqdm(range(steps_per_epoch), desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=not cfg.progress)
+        batches = epoch_batches(pool, cfg.batch_size, cfg.same_background_batches, gen)
+        bar = tqdm(batches, desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=not cfg.progress)
         running = 0.0
-        for b in bar:
-            idx = order[b * cfg.batch_size:(b + 1) * cfg.batch_size]
+        for b, idx in enumerate(bar):
             x = random_shift(to_model_input(train.pixels[idx], mean, std), cfg.max_shift, gen)
+            text = pick_captions(pool, idx, cfg.full_caption_prob, gen)
             for group in opt.param_groups:
                 group["lr"] = lr_at(step, total, cfg)
-            img_f, txt_f, scale = model(x, tokens[idx])
+            img_f, txt_f, scale = model(x, text)
             loss = loss_fn(img_f, txt_f, scale)
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -426,6 +554,9 @@ def train_demo(cfg: DemoTrainConfig) -> dict:
 
     metrics = evaluate(model, tokenizer, val, mean, std)
     log.info("val recall (%d images, full depth): %s", metrics["images"], metrics["full"])
+    metrics["attribute_probe"] = attribute_probe(model, tokenizer, val, int(corpus_doc["seed"]), mean, std)
+    log.info("attribute probe (true caption preferred over one attribute changed; 0.5 = chance): %s",
+             metrics["attribute_probe"])
     gflops = per_image_gflops(model, tokenizer, m)
     state = {k: v.contiguous() for k, v in model.state_dict().items()}
     weights = safetensors_save(state)

@@ -10,7 +10,8 @@ against it and the routing of an early-exit encoder can be audited.
 Layout written under the output directory (every split dir is an img2dataset WebDataset output folder):
 
     corpus.json                   parameters, splits and their shards, the complexity formula
-    scenes.parquet                one row per image: key, split, caption, complexity and generating parameters
+    scenes.parquet                one row per image: key, split, caption, shorter true captions, complexity and
+                                  the generating parameters
     train/ val/ test/             NNNNN.tar (KEY.jpg, KEY.txt, KEY.json), NNNNN.parquet, NNNNN_stats.json
     complexity/images/KEY.jpg     IC9600 layout: a subset of train plus the whole test split
     complexity/train.txt          "KEY.jpg  score" lines (IC9600 separates with two spaces), scores in [0, 1]
@@ -321,6 +322,21 @@ def scene_caption(scene: Scene) -> str:
     return text
 
 
+def scene_partial_captions(scene: Scene) -> list[str]:
+    """Return shorter captions that are also true of ``scene``: the objects alone, and each group alone.
+
+    A trainer that sometimes shows these instead of the full caption learns to bind a colour to the object it
+    names (not only to the background) and to answer short queries such as "two red circles".
+    """
+    background = _BACKGROUND_WORD[scene.background].format(c=scene.background_color)
+    phrases = [_group_phrase(g) for g in scene.groups]
+    out = [_join(phrases)]
+    for p in phrases:
+        out += [p, f"{p} on a {background} background"]
+    full = scene_caption(scene)
+    return [c for c in dict.fromkeys(out) if c != full]
+
+
 # -------------------------------------------------------------------------------------------- rendering
 
 
@@ -471,10 +487,19 @@ class DemoSample:
     scene: Scene
 
 
+def _stream(seed: int, split: str, index: int) -> np.random.Generator:
+    return np.random.default_rng([seed, _SPLIT_STREAM[split], index])
+
+
+def scene_of(seed: int, split: str, index: int) -> Scene:
+    """Return the scene of sample ``index`` of ``split`` for ``seed`` (without rendering it)."""
+    return sample_scene(_stream(seed, split, index))
+
+
 def make_sample(seed: int, split: str, index: int, image_size: int, jpeg_quality: int, key: str = "",
                 shard: int = 0) -> DemoSample:
     """Return sample ``index`` of ``split`` for ``seed``: a pure function of its arguments."""
-    rng = np.random.default_rng([seed, _SPLIT_STREAM[split], index])
+    rng = _stream(seed, split, index)
     scene = sample_scene(rng)
     img = render_scene(scene, rng, image_size)
     buf = io.BytesIO()
@@ -660,10 +685,11 @@ def make_demo_corpus(cfg: DemoCorpusConfig) -> dict:
             for i, s in enumerate(samples, start=first):
                 sc = s.scene
                 rows.append({"key": s.key, "split": split, "shard": f"{split}/{shard_name(shard_id)}.tar",
-                             "caption": s.caption, "complexity": s.complexity, "n_objects": sc.n_objects,
+                             "caption": s.caption, "partial_captions": scene_partial_captions(sc),
+                             "complexity": s.complexity, "n_objects": sc.n_objects,
                              "n_groups": len(sc.groups), "n_specks": sc.n_specks, "n_lines": sc.n_lines,
-                             "background": sc.background, "pattern_energy": sc.pattern_energy,
-                             "grain": sc.grain})
+                             "background": sc.background, "background_color": sc.background_color,
+                             "pattern_energy": sc.pattern_energy, "grain": sc.grain})
                 if (split == "train" and i < n_complexity_train) or split == "test":
                     _write_image_file(storage.join(out, "complexity", "images", f"{s.key}.jpg"), s.jpeg)
                     labels[split].append(f"{s.key}.jpg  {s.complexity:.4f}")

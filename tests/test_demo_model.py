@@ -162,3 +162,43 @@ def test_the_project_loader_reads_the_written_directory(trained):
     x = torch.randn(2, 3, 64, 64)
     with torch.no_grad():
         assert torch.allclose(bundle.model.encode_image(x), model.encode_image(x))
+
+
+def _pool(backgrounds, n_options=3):
+    options = [[3 * i + j for j in range(n_options)] for i in range(len(backgrounds))]
+    return dt.CaptionPool(tokens=torch.arange(3 * len(backgrounds)).view(-1, 1), options=options,
+                          background=list(backgrounds))
+
+
+def test_same_background_batches_hold_one_colour_and_the_rest_are_mixed():
+    colours = ["red", "blue", "green", "gray"] * 64  # 256 images
+    pool = _pool(colours)
+    batches = dt.epoch_batches(pool, 32, 0.5, torch.Generator().manual_seed(0))
+    assert len(batches) == 8 and all(len(b) == 32 for b in batches)
+    assert len(set(torch.cat(batches).tolist())) == 256  # every image once
+    kinds = [len({colours[i] for i in b.tolist()}) for b in batches]
+    assert sum(k <= 2 for k in kinds) >= 4 and sum(k == 4 for k in kinds) >= 3
+    again = dt.epoch_batches(pool, 32, 0.5, torch.Generator().manual_seed(0))
+    assert all(torch.equal(a, b) for a, b in zip(batches, again))
+
+
+def test_captions_are_full_or_a_shorter_true_one_at_the_asked_rate():
+    pool = _pool(["red"] * 2000)
+    idx = torch.arange(2000)
+    picked = dt.pick_captions(pool, idx, 0.5, torch.Generator().manual_seed(0)).view(-1)
+    offset = picked - 3 * idx  # 0: the full caption, 1-2: a partial one of the same image
+    assert offset.min() >= 0 and offset.max() <= 2
+    assert 0.45 < (offset == 0).float().mean() < 0.55
+    assert (dt.pick_captions(pool, idx, 1.0, torch.Generator()).view(-1) == 3 * idx).all()
+
+
+def test_attribute_probe_scores_every_attribute(trained, corpus):
+    out, _ = trained
+    model, tok, _ = dt.load_trained(out)
+    val = dt.load_split(str(corpus), "val", 64, limit=20, progress=False)
+    probe = dt.attribute_probe(model, tok, val, 0, open_clip.OPENAI_DATASET_MEAN, open_clip.OPENAI_DATASET_STD)
+    assert set(probe) == set(dt.PROBE_ATTRIBUTES)
+    assert all(v is None or 0.0 <= v <= 1.0 for v in probe.values())
+    val.captions[0] = "something else"
+    with pytest.raises(ValueError, match="regenerated caption differs"):
+        dt.attribute_probe(model, tok, val, 0, open_clip.OPENAI_DATASET_MEAN, open_clip.OPENAI_DATASET_STD)

@@ -94,6 +94,7 @@ def test_complexity_labels_are_ic9600_layout_and_match_the_scenes(corpus):
     scenes = pq.read_table(root / "scenes.parquet").to_pylist()
     by_key = {r["key"]: r for r in scenes}
     assert len(scenes) == cfg.n
+    assert all(r["partial_captions"] and r["background_color"] in dc.COLORS for r in scenes)
     for split, expected_split, count in (("train", "train", 15), ("test", "test", 10)):
         lines = (root / "complexity" / f"{split}.txt").read_text().splitlines()
         assert len(lines) == count == doc["complexity"][f"{split}_count"]
@@ -136,6 +137,17 @@ def test_captions_name_every_group_with_its_count_colour_and_shape():
             if g.region:
                 assert g.region in caption
         assert f"{scene.background_color} " in caption or caption.endswith(scene.background_color)
+
+
+def test_partial_captions_are_shorter_true_statements():
+    scene = dc.Scene(groups=[dc.ObjectGroup("circle", "red", 2, "medium", None),
+                             dc.ObjectGroup("star", "blue", 1, "small", "in the top left")],
+                     background="stripes", background_color="green", pattern_energy=0.5)
+    assert dc.scene_caption(scene) == "two red circles and a small blue star in the top left on a striped green background"
+    assert dc.scene_partial_captions(scene) == [
+        "two red circles and a small blue star in the top left", "two red circles",
+        "two red circles on a striped green background", "a small blue star in the top left",
+        "a small blue star in the top left on a striped green background"]
 
 
 def test_rendered_image_shows_the_caption_in_its_place():
