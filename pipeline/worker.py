@@ -5,6 +5,7 @@ Plain Python/torch, testable without Ray; `pipeline.execution` places one of the
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import time
@@ -85,8 +86,15 @@ class ModelWorker:
             exits = list(self.heads.exits)
         self.encoder = enc.AdaptiveEncoder(self.bundle.model.visual, exits, self.heads).to(self.device).eval()
         self.exits = exits
-        self.scorer = None if spec.scorer == "none" else scorer.load_scorer(
-            spec.scorer, spec.scorer_checkpoint, device=self.device)
+        scorer_kind, scorer_checkpoint = spec.scorer, spec.scorer_checkpoint
+        if spec.model == "demo" and scorer_kind == "default" and (DEMO_ASSETS / "scorer.json").exists():
+            # The demo model's own scorer choice: a 0.2-GFLOP model would dwarf a model this small.
+            choice = json.loads((DEMO_ASSETS / "scorer.json").read_text())
+            scorer_kind = choice["kind"]
+            if choice.get("checkpoint"):
+                scorer_checkpoint = str(DEMO_ASSETS / choice["checkpoint"])
+        self.scorer = None if scorer_kind == "none" else scorer.load_scorer(
+            scorer_kind, scorer_checkpoint, device=self.device)
         self.router = build_router(spec, exits)
         if self.scorer is None and getattr(self.router, "needs_scores", False):
             raise ValueError("the router routes by complexity score but --scorer none was given; choose a scorer")
