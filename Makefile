@@ -17,7 +17,7 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 install: $(VENV)/.installed
 
 demo: install
-	RAY_USAGE_STATS_ENABLED=0 $(PY) -m jobs.demo --output $(DEMO) --n $(DEMO_N)
+	RAY_USAGE_STATS_ENABLED=0 RAY_AUTH_MODE=disabled $(PY) -m jobs.demo --output $(DEMO) --n $(DEMO_N)
 
 test: install
 	RAY_USAGE_STATS_ENABLED=0 RAY_AUTH_MODE=disabled $(PY) -m pytest -q --durations=15

@@ -46,10 +46,14 @@ def setup_logging() -> None:
 
         handler = logging.StreamHandler()
         handler.setFormatter(JsonFormatter())
-        logging.basicConfig(level=level, handlers=[handler], force=True)
+        logging.basicConfig(level=logging.WARNING, handlers=[handler], force=True)
     else:
-        logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True)
-    for noisy in ("botocore", "s3fs", "aiobotocore", "urllib3", "fsspec", "werkzeug", "PIL"):
+        logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+                            force=True)
+    # Our own loggers at the asked level; libraries (open_clip logs to the root logger) only warn.
+    for ours in ("pipeline", "jobs", "icar"):
+        logging.getLogger(ours).setLevel(level)
+    for noisy in ("botocore", "s3fs", "aiobotocore", "urllib3", "fsspec", "werkzeug", "PIL", "faiss"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
