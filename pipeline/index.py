@@ -825,7 +825,8 @@ def build_index(cfg: IndexConfig) -> IndexSummary:
                 probe = faiss.index_factory(dim, cfg.factory, faiss.METRIC_INNER_PRODUCT)
             except RuntimeError as e:
                 raise ValueError(f"--factory {cfg.factory!r} is not a FAISS factory string for dim {dim}: {e}") from e
-            code_bytes = probe.sa_code_size()
+            # Bytes stored per vector: an IVF's list entries hold the code without the list number.
+            code_bytes = faiss.extract_index_ivf(probe).code_size if is_ivf(probe) else probe.sa_code_size()
             del probe
         trained_bytes = _read_trained(cfg, dim, so) if cfg.trained_index else None
         # Memory is estimated (and an impossible budget refused) before Ray starts or any data is read.

@@ -135,8 +135,12 @@ def test_parse_and_format_sizes():
     [
         # small corpus: exact search
         (20_000, 512, "4G", {"factory": "Flat", "kind": "flat"}),
-        # 200k CLIP-B vectors, roomy budget: 4*sqrt(n) ~ 1789 -> 2048 lists, code capped at dim/4
-        (200_000, 512, "4G", {"factory": "IVF2048,PQ128", "nlist": 2048, "m": 128, "opq": False}),
+        # 200k CLIP-B vectors, roomy budget: 4*sqrt(n) ~ 1789 -> 2048 lists, 8-bit scalar codes (no training)
+        (200_000, 512, "4G", {"factory": "IVF2048,SQ8", "nlist": 2048, "kind": "ivfsq", "m": 0}),
+        # between dim/2 and dim code bytes: 4-bit scalar codes
+        (200_000, 512, "66M", {"factory": "IVF2048,SQ4", "nbits": 4}),
+        # below dim/2: PQ, capped at dim/4 bytes
+        (200_000, 512, "40M", {"factory": "IVF2048,PQ128", "m": 128, "opq": False}),
         # same corpus in 20M: 96 code bytes fit, the largest divisor of 512 below is 64
         (200_000, 512, "20M", {"factory": "IVF2048,PQ64", "m": 64}),
         # tight: 32 bytes for 512 dims -> 16 dims per sub-quantizer -> OPQ
@@ -159,7 +163,7 @@ def test_choose_index_params_table(n, dim, budget, expect):
     assert p.reasons and all(isinstance(r, str) for r in p.reasons)
     if p.nlist:
         assert 39 * p.nlist <= p.train_size <= n
-        assert dim % p.m == 0 or p.opq_dim % p.m == 0
+        assert p.kind == "ivfsq" or dim % p.m == 0 or p.opq_dim % p.m == 0
 
 
 def test_choose_refuses_a_budget_that_cannot_hold_the_index():
@@ -178,7 +182,7 @@ def test_choose_refuses_a_factory_over_budget_and_a_build_over_budget():
 
 
 def test_choose_goes_on_disk_when_the_build_budget_cannot_merge_in_memory():
-    p = choose_index_params(8_000_000, 256, parse_size("1G"), max_build_bytes=parse_size("600M"),
+    p = choose_index_params(12_000_000, 256, parse_size("1G"), max_build_bytes=parse_size("800M"),
                             factory="IVF1024,PQ32", workers=1)
     assert p.merge == "disk"
     assert any("on-disk merge" in r for r in p.reasons)
@@ -222,8 +226,9 @@ def test_build_reaches_target_recall_and_writes_the_contract(tmp_path):
     x = clustered(12_000, 32, seed=0)
     run = make_run(str(tmp_path / "run"), x, shards=3, skip_manifest_parts=())
     out = tmp_path / "idx"
-    # Parameters chosen automatically (Flat disabled): 4*sqrt(N) lists lowered to 39 training points per list.
-    summary = build_index(cfg_for([run], out, target_recall=0.9, flat_below=1000))
+    # Parameters chosen automatically (Flat disabled): 4*sqrt(N) lists lowered to 39 training points per list;
+    # The budget holds 8-byte PQ codes but not 4-bit scalar ones.
+    summary = build_index(cfg_for([run], out, target_recall=0.9, flat_below=1000, max_index_memory="280K"))
     info = _read_json(out / INDEX_JSON)
     assert info["ntotal"] == 12_000 and info["dim"] == 32 and info["factory"] == "IVF256,PQ8"
     assert any("39 training points" in r for r in info["reasons"])
@@ -346,11 +351,16 @@ def test_runs_of_different_models_are_refused(tmp_path):
 def test_two_runs_of_one_model_are_indexed_together_in_order(tmp_path):
     r1 = make_run(str(tmp_path / "r1"), clustered(1500, 32, seed=7), keys=[f"a{i}" for i in range(1500)], shards=2)
     r2 = make_run(str(tmp_path / "r2"), clustered(1000, 32, seed=8), keys=[f"b{i}" for i in range(1000)], shards=1)
-    build_index(cfg_for([r1, r2], tmp_path / "idx"))
+    # A roomy budget and Flat disabled: IVF with 8-bit scalar codes (nothing but the lists to train).
+    build_index(cfg_for([r1, r2], tmp_path / "idx", flat_below=100, workers=1))
     keys = pq.read_table(tmp_path / "idx" / IDS_FILE).column("key").to_pylist()
     assert keys[:2] == ["a0", "a1"] and keys[1500] == "b0" and len(keys) == 2500
     info = _read_json(tmp_path / "idx" / INDEX_JSON)
     assert [r["rows"] for r in info["runs"]] == [1500, 1000]
+    assert info["factory"] == "IVF64,SQ8" and info["kind"] == "ivfsq"
+    assert info["recall"]["image"]["at_nprobe"] >= 0.9
+    assert isinstance(faiss.downcast_index(faiss.read_index(str(tmp_path / "idx" / INDEX_FILE))),
+                      faiss.IndexIVFScalarQuantizer)
 
 
 def test_existing_index_is_not_overwritten_silently(tmp_path):
