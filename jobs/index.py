@@ -16,9 +16,10 @@ log = logging.getLogger("icar.index")
 EXAMPLES = """
 The index is chosen from the vector count and the memory budgets (sizes are 1024-based: K, M, G, T):
 exact search (Flat) for small corpora; IVF with ~4*sqrt(N) lists (65536+ with an HNSW coarse quantizer
-beyond 1M vectors) and the largest PQ code the budget holds (OPQ when the code is small); trained on a
-uniform sample, nprobe tuned to --target-recall on held-out image queries and, where captions and the
-model's text tower exist, caption queries. index.json records every choice and why.
+beyond 1M vectors) and the largest code the budget holds: 8/4-bit scalar codes when it holds 4+ bits per
+dimension, else PQ (OPQ when the code is small); trained on a uniform sample, nprobe tuned to
+--target-recall on held-out image queries and, where captions and the model's text tower exist, caption
+queries. index.json records every choice and why.
 
 Runs indexed together must share one model (name + weights hash); others are refused.
 

@@ -8,8 +8,10 @@ index.json. The rules follow the FAISS wiki ("Guidelines to choose an index") an
   100M and 1048576 beyond, with an HNSW coarse quantizer once a flat scan over the centroids costs too much;
 - k-means needs 39..256 training points per centroid: nlist is lowered until the training sample holds 39
   per list, and the sample holds ``train_points_per_list`` (default 64) per list where the data allows;
-- product quantization (PQ) with the largest code that fits the memory budget (m bytes per vector at 8 bits,
-  m dividing the dimension), and an OPQ rotation when each sub-quantizer has to encode many dimensions;
+- scalar codes (8 or 4 bits per dimension) when the budget holds them: near-exact, and nothing to train
+  but the lists; below that, product quantization (PQ) with the largest code that fits the memory budget
+  (m bytes per vector at 8 bits, m dividing the dimension, at most dim/4), and an OPQ rotation when each
+  sub-quantizer has to encode many dimensions;
 - every phase's memory is estimated before any work starts; a budget that cannot hold the index is refused.
 
 Sizes are 1024-based: "4G" = 4 * 2**30 bytes.
