@@ -31,6 +31,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lr", type=float, default=_D.lr, help="peak learning rate")
     p.add_argument("--warmup-steps", type=int, default=_D.warmup_steps, help="linear warmup steps")
     p.add_argument("--weight-decay", type=float, default=_D.weight_decay, help="AdamW weight decay (matrices)")
+    p.add_argument("--full-caption-prob", type=float, default=_D.full_caption_prob,
+                   help="chance of the full caption; otherwise a shorter true one (objects alone, one group)")
+    p.add_argument("--same-background-batches", type=float, default=_D.same_background_batches,
+                   help="share of batches whose images share one background colour (hard negatives)")
+    p.add_argument("--plain-epochs", type=int, default=_D.plain_epochs,
+                   help="first epochs with full captions and random batches only")
     p.add_argument("--seed", type=int, default=_D.seed, help="init, batch order and augmentation seed")
     p.add_argument("--eval-images", type=int, default=_D.eval_images, help="val images for the recall evaluation")
     p.add_argument("--train-limit", type=int, default=_D.train_limit, help="use only the first N train images")
@@ -56,7 +62,10 @@ def main(argv: list[str] | None = None) -> int:
     cfg = DemoTrainConfig(corpus=args.corpus, output=args.output, model=model, epochs=args.epochs,
                           batch_size=args.batch_size, lr=args.lr, warmup_steps=args.warmup_steps,
                           weight_decay=args.weight_decay, seed=args.seed, eval_images=args.eval_images,
-                          train_limit=args.train_limit, threads=args.threads, progress=not args.no_progress)
+                          train_limit=args.train_limit, threads=args.threads,
+                          full_caption_prob=args.full_caption_prob,
+                          same_background_batches=args.same_background_batches, plain_epochs=args.plain_epochs,
+                          progress=not args.no_progress)
     card = train_demo(cfg)
     print(json.dumps({"output": args.output, "val_recall": card["metrics"]["val"]["full"],
                       "wall_seconds": card["wall_seconds"]}))
