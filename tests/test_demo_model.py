@@ -116,6 +116,7 @@ def test_training_writes_a_model_that_loads_back_with_open_clip(trained, corpus)
     again = dt.evaluate(model, tok, val, open_clip.OPENAI_DATASET_MEAN, open_clip.OPENAI_DATASET_STD)
     assert again["full"] == card["metrics"]["val"]["full"]
     assert set(card["metrics"]["val"]["by_depth"]) == {"1", "2"}
+    assert set(card["metrics"]["val"]["attribute_probe"]) == set(dt.PROBE_ATTRIBUTES)
     assert card["train"]["steps"] == 4 and card["train"]["train_images"] == 64
     assert set(card["train"]["history"][0]["val_full_depth"]) == {f"{d}_r{k}" for d in ("t2i", "i2t") for k in (1, 5, 10)}
     assert card["gflops_per_image"]["image_tower"] > 0 and card["gflops_per_image"]["text_tower"] > 0
