@@ -7,7 +7,9 @@ Two kinds:
   classifier can be plugged in, see ``create_backbone``) and a linear head that classifies into K ordered
   complexity bins; the score is the expected bin value, softmax(logits) · bin centres.
 
-``load_scorer`` picks one. Every scorer takes the uint8 batch (N, S, S, 3) the encoder gets, resizes it to
+The shipped default (pipeline/assets/scorer/default.safetensors) is a ``TrainedScorer``: ImageNet MobileNetV2
+fine-tuned on SAVOIAS's human ratings; its card (default.json) holds its sources, licences and metrics, and
+``python -m jobs.train_scorer`` rebuilds it. ``load_scorer`` picks one. Every scorer takes the uint8 batch (N, S, S, 3) the encoder gets, resizes it to
 its own input size itself, and reports its GFLOPs per image so each row's cost includes it.
 """
 
@@ -268,6 +270,36 @@ class ComplexityNet(nn.Module):
             features = features.flatten(1)
         return self.head(self.dropout(features))
 
+    def feature_blocks(self) -> nn.Sequential:
+        """Return the backbone's sequence of feature blocks (torchvision's ``features``), for partial fine-tuning.
+
+        Only backbones whose forward is ``features -> global average pool -> flatten -> classifier`` qualify
+        (torchvision MobileNetV2/V3, EfficientNet, MNASNet...); others raise, naming the backbone.
+        """
+        blocks = getattr(self.backbone, "features", None)
+        if not isinstance(blocks, nn.Sequential) or not hasattr(self.backbone, "classifier"):
+            raise ValueError(f"backbone {self.backbone_name!r} has no `features` block sequence and `classifier`: "
+                             "partial fine-tuning (--trainable-blocks) supports torchvision MobileNet/EfficientNet-"
+                             "style backbones; train the whole backbone instead (omit --trainable-blocks)")
+        return blocks
+
+    def _split_at(self, trainable_blocks: int) -> int:
+        """Return the index of the first trainable feature block, or raise when ``trainable_blocks`` is out of range."""
+        n = len(self.feature_blocks())
+        if not 1 <= trainable_blocks <= n:
+            raise ValueError(f"--trainable-blocks must be in [1, {n}] for {self.backbone_name}, got {trainable_blocks}")
+        return n - trainable_blocks
+
+    def forward_frozen(self, x: torch.Tensor, trainable_blocks: int) -> torch.Tensor:
+        """Return the activations entering the last ``trainable_blocks`` feature blocks for a normalised batch."""
+        return self.feature_blocks()[: self._split_at(trainable_blocks)](x)
+
+    def forward_tail(self, h: torch.Tensor, trainable_blocks: int) -> torch.Tensor:
+        """Return the bin logits from ``forward_frozen``'s activations: forward_tail(forward_frozen(x)) == forward(x)."""
+        f = self.feature_blocks()[self._split_at(trainable_blocks):](h)
+        f = self.backbone.classifier(torch.flatten(F.adaptive_avg_pool2d(f, 1), 1))
+        return self.head(self.dropout(f))
+
     def expected_score(self, logits: torch.Tensor) -> torch.Tensor:
         """Return softmax(logits) · bin centres: the expected complexity in [0, 1]."""
         return torch.softmax(logits.float(), dim=-1) @ self.centres.to(logits.device).float()
@@ -276,13 +308,20 @@ class ComplexityNet(nn.Module):
 # ------------------------------------------------------------------------------------------ checkpoints
 
 
-def save_checkpoint(model: ComplexityNet, card: dict, url: str) -> str:
-    """Write ``model`` as safetensors with ``card`` in its metadata (and a sidecar .json); return its sha256."""
+def save_checkpoint(model: ComplexityNet, card: dict, url: str, dtype: torch.dtype | None = None) -> str:
+    """Write ``model`` as safetensors with ``card`` in its metadata (and a sidecar .json); return its sha256.
+
+    ``dtype`` (e.g. torch.float16) stores floating-point tensors in that type to halve the file;
+    ``load_checkpoint`` casts them back into the float32 model. Integer buffers are kept as they are.
+    """
     from safetensors.torch import save as st_save
 
     card = {"format": CARD_FORMAT, "kind": "complexity-net", "backbone": model.backbone_name,
             "bins": model.bins, **card}
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    if dtype is not None:
+        state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
+        card["storage_dtype"] = str(dtype).removeprefix("torch.")
     data = st_save(state, metadata={CARD_KEY: json.dumps(card, sort_keys=True)})
     storage.atomic_write_bytes(url, data)
     sha = hashlib.sha256(data).hexdigest()
@@ -384,7 +423,11 @@ def load_scorer(kind: str = "default", checkpoint: str | None = None, device: st
             scorer = HeuristicScorer(device=device)
         else:
             model, card, sha = load_checkpoint(path, device)
-            scorer = TrainedScorer(model, card, path, sha, device)
+            # The shipped file is named by its place in the package, not this checkout's absolute path, so a run
+            # resumed from another checkout or cluster node has the same scorer identity (the sha256 pins it).
+            shipped = checkpoint is None and Path(path) == DEFAULT_CHECKPOINT
+            scorer = TrainedScorer(model, card, "pipeline/assets/scorer/default.safetensors" if shipped else path,
+                                   sha, device)
     else:
         raise ValueError(f"unknown scorer kind {kind!r}; choose default, heuristic, convnext or none")
     log.info("scorer: %s (%.4f GFLOPs per image at %d px)", scorer.name, scorer.gflops_per_image, scorer.input_size)
