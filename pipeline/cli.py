@@ -18,6 +18,7 @@ JOBS = {
     "train-exits": ("jobs.train_exits", "train early-exit heads (dual-path: contrastive + distillation)"),
     "train-complexity": ("jobs.train_complexity", "train a ConvNeXt-IC complexity scorer on IC9600-layout data"),
     "eval-complexity": ("jobs.eval_complexity", "evaluate a complexity scorer: PLCC, SRCC, RMSE, MAE, images/s"),
+    "train-scorer": ("jobs.train_scorer", "retrain the shipped default complexity scorer from SAVOIAS (ImageNet MobileNetV2)"),
     "make-demo-corpus": ("jobs.make_demo_corpus", "write the seeded synthetic demo corpus (WebDataset shards)"),
     "train-demo": ("jobs.train_demo", "retrain the shipped demo CLIP from the demo corpus"),
 }
