@@ -27,7 +27,8 @@ from .shards import Manifest, RunStateError, ShardRows, commit_shard, manifest_r
 log = logging.getLogger(__name__)
 
 # Standard AWS variables forwarded from the driver to tasks and actors, so workers reach the same endpoint
-# with the same credentials however the Ray instance was started. Values are never logged.
+# with the same credentials however the Ray instance was started. ICAR never logs the values, but Ray writes
+# runtime_env to its own runtime_env_agent.log (known gap; a fix passes secrets as task arguments instead).
 FORWARDED_ENV = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY",
                  "AWS_SESSION_TOKEN", "AWS_DEFAULT_REGION", "AWS_REGION", "AWS_PROFILE",
                  "AWS_SHARED_CREDENTIALS_FILE", "AWS_CONFIG_FILE", "ICAR_CACHE_DIR")
