@@ -15,7 +15,10 @@ import time
 
 from .common import HelpFormatter
 
-QUERIES = ["a red circle on a plain white background", "three blue squares", "a yellow star on a striped background"]
+# Caption-style queries: the demo CLIP ranks by colour and background first and is weak on shape and place
+# (see pipeline/assets/demo/card.json, "attribute probe"), so short queries like "a red circle" find red backgrounds.
+QUERIES = ["two red circles on a plain blue background", "a small yellow star on a striped green background",
+           "three purple squares and a cyan ring on a noisy orange background with a few specks and lines"]
 
 
 def build_parser() -> argparse.ArgumentParser:
