@@ -164,9 +164,13 @@ def prepare(cfg, cache_dir: str | None = None, threads: int | None = None) -> di
                       "backbone": cfg.backbone, "torch": torch.__version__})
     path = os.path.join(cache_dir, f"savoias-{key}.pt") if cache_dir else None
     if path and os.path.exists(path):
-        log.info("using cached decoded images and frozen views %s", path)
-        data = torch.load(path, weights_only=False)
-        return {**data, "pixels": np.load(path[:-3] + ".npy"), "key": key}
+        try:  # weights_only: never unpickle arbitrary objects, even from our own cache
+            data = torch.load(path, weights_only=True)
+        except Exception as e:
+            log.warning("ignoring the cache %s (%s: %s); decoding again", path, type(e).__name__, e)
+        else:
+            log.info("using cached decoded images and frozen views %s", path)
+            return {**data, "pixels": np.load(path[:-3] + ".npy"), "key": key}
     t0 = time.perf_counter()
     scale = resolve_score_scale(np.array([s for _, s in pairs]), cfg.score_scale)
     pixels, kept, skipped = load_images(cfg.images, [n for n, _ in pairs], cfg.decode_size, cfg.decode_workers,
