@@ -1,0 +1,168 @@
+"""pipeline.merging: off = the tower bit for bit; token counts and counted GFLOPs follow the schedule; class token kept."""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import pytest
+import torch
+
+from pipeline import flops, merging, models
+
+TINY = {
+    "embed_dim": 32,
+    "vision_cfg": {"image_size": 32, "layers": 4, "width": 64, "head_width": 32, "patch_size": 8},
+    "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 2},
+}
+
+
+def tiny(seed: int = 0, **vision) -> models.ClipBundle:
+    cfg = copy.deepcopy(TINY)
+    cfg["vision_cfg"].update(vision)
+    return models.bundle_from_config(cfg, seed=seed, name="tiny")
+
+
+def _images(n: int, size: int = 32, seed: int = 0) -> torch.Tensor:
+    return torch.randn(n, 3, size, size, generator=torch.Generator().manual_seed(seed))
+
+
+def test_spec_round_trip_and_errors():
+    for spec in ["r4", "keep0.8", "r2:noprop", "keep1"]:
+        assert merging.parse_merge(spec).spec == spec
+    assert merging.parse_merge("none") is None and merging.parse_merge(None) is None
+    assert merging.parse_merge("keep0.75") == merging.MergeSchedule(keep=0.75)
+    for bad in ["r-1", "keep0", "keep1.5", "x4", "r4:prop"]:
+        with pytest.raises(ValueError):
+            merging.parse_merge(bad)
+    with pytest.raises(ValueError, match="exactly one"):
+        merging.MergeSchedule(r=2, keep=0.5)
+
+
+def test_schedule_token_counts_clamp_and_keep_ratio():
+    assert merging.MergeSchedule(r=2).token_counts(17, 4) == [17, 15, 13, 11, 9]
+    # bipartite matching can at most halve the 16 mergeable tokens: r=8 then 4, 2, 1, 0
+    assert merging.MergeSchedule(r=8).token_counts(17, 6) == [17, 9, 5, 3, 2, 2, 2]
+    # keep 0.75 of the mergeable tokens per block: merge round(0.25 * 16) = 4, then round(0.25 * 12) = 3, ...
+    assert merging.MergeSchedule(keep=0.75).token_counts(17, 3) == [17, 13, 10, 8]
+    assert merging.MergeSchedule(keep=1.0).merges(197, 12) == [0] * 12
+
+
+@pytest.mark.parametrize("vision", [{}, {"pool_type": "avg"}, {"pool_type": "avg", "final_ln_after_pool": True},
+                                    {"ls_init_value": 0.1}])
+def test_merging_off_is_bit_identical(vision):
+    b = tiny(**vision)
+    visual = b.model.visual.eval()
+    x = _images(3)
+    with torch.no_grad():
+        ref = visual(x)
+        assert torch.equal(merging.encode_image(visual, x, None), ref)
+        # a schedule that merges nothing never leaves the block's own forward
+        assert torch.equal(merging.encode_image(visual, x, merging.MergeSchedule(r=0)), ref)
+        merged = merging.encode_image(visual, x, merging.MergeSchedule(r=2))
+    assert merged.shape == ref.shape and not torch.equal(merged, ref)
+
+
+@pytest.mark.parametrize("spec", ["r3", "keep0.7", "r8:noprop"])
+def test_token_count_per_block_follows_the_schedule(spec):
+    b = tiny(seed=1)
+    visual = b.model.visual.eval()
+    schedule = merging.parse_merge(spec)
+    seen = []
+    with torch.no_grad():
+        x = visual._embeds(_images(2, seed=1))
+        size = None
+        for blk, r in zip(visual.transformer.resblocks, schedule.merges(x.shape[1], 4)):
+            seen.append(x.shape[1])
+            x, size = merging.run_block(blk, x, size, r, schedule.prop_attn)
+        seen.append(x.shape[1])
+    assert seen == schedule.token_counts(17, 4)
+    assert size.shape == (2, seen[-1], 1)
+    assert torch.equal(size.sum(dim=1), torch.full((2, 1), 17.0))  # every patch is accounted for exactly once
+
+
+def test_class_token_is_never_merged_and_stays_first():
+    torch.manual_seed(0)
+    n, c = 9, 8
+    x = torch.randn(2, n, c)
+    metric = x.clone()
+    metric[:, 0] = metric[:, 1]  # the class token looks exactly like a patch token: the best match of all
+    merge = merging.bipartite_soft_matching(metric, r=4)
+    out, size = merging.merge_wavg(merge, x, None)
+    assert out.shape == (2, n - 4, c)
+    assert torch.equal(out[:, 0], x[:, 0]) and torch.equal(size[:, 0], torch.ones(2, 1))
+    # with a real tower: the class token stays at position 0 under the most aggressive schedule
+    b = tiny(seed=2)
+    visual = b.model.visual.eval()
+    with torch.no_grad():
+        tokens = visual._embeds(_images(2, seed=2))
+        _, size = merging.run_blocks(visual.transformer.resblocks, tokens, None, merging.MergeSchedule(r=8), 0, 4, 17)
+    assert torch.equal(size[:, 0], torch.ones(2, 1)) and size.shape[1] == 2
+
+
+def test_proportional_attention_equals_attention_over_duplicated_tokens():
+    # a token of size 2 is attended to as much as two identical tokens of size 1 (why ToMe adds log(size))
+    b = tiny(seed=3)
+    attn = b.model.visual.transformer.resblocks[0].attn.eval()
+    x = torch.randn(1, 5, 64, generator=torch.Generator().manual_seed(3))
+    dup = torch.cat([x, x[:, 4:5]], dim=1)
+    with torch.no_grad():
+        want, _ = merging._attention(attn, dup, None)
+        got, _ = merging._attention(attn, x, torch.tensor([[1.0], [1.0], [1.0], [1.0], [2.0]])[None])
+    torch.testing.assert_close(got, want[:, :5], atol=1e-5, rtol=1e-5)
+
+
+def test_avg_pooling_weighs_merged_tokens_by_size():
+    b = tiny(seed=4, pool_type="avg")
+    visual = b.model.visual.eval()
+    tokens = torch.randn(1, 4, 64, generator=torch.Generator().manual_seed(4))
+    expanded = torch.cat([tokens, tokens[:, 3:4]], dim=1)  # token 3 stands for two patches
+    size = torch.tensor([[1.0], [1.0], [1.0], [2.0]])[None]
+    with torch.no_grad():
+        torch.testing.assert_close(merging.pool_tower(visual, tokens, size), merging.pool_tower(visual, expanded, None))
+
+
+def _block_gflops(n_in: int, n_out: int, width: int, heads: int, mlp_ratio: float = 4.0) -> float:
+    """Return one block's GFLOPs by formula: attention at n_in tokens, matching if merging, MLP at n_out."""
+    attn = 2 * n_in * width * 3 * width + 2 * 2 * n_in * n_in * width + 2 * n_in * width * width
+    match = 2 * math.ceil(n_in / 2) * (n_in // 2) * (width // heads) if n_out < n_in else 0
+    mlp = 2 * 2 * n_out * width * int(width * mlp_ratio)
+    return (attn + match + mlp) / 1e9
+
+
+@pytest.mark.parametrize("spec", ["none", "r3", "keep0.6"])
+def test_counted_gflops_per_block_follow_the_schedule(spec):
+    b = tiny(seed=5)
+    schedule = merging.parse_merge(spec)
+    profile = merging.count_merged_profile(b.model.visual, 32, schedule)
+    counts = profile["tokens"]
+    assert counts == (schedule.token_counts(17, 4) if schedule else [17] * 5)
+    for i, g in enumerate(profile["blocks"]):
+        assert g == pytest.approx(_block_gflops(counts[i], counts[i + 1], 64, 2), rel=1e-9), (spec, i)
+    if schedule is not None:
+        full = merging.count_merged_profile(b.model.visual, 32, None)
+        assert sum(profile["blocks"]) < sum(full["blocks"])
+        assert profile["stem"] == full["stem"]
+
+
+def test_profile_gflops_are_cached_per_schedule(tmp_path, monkeypatch):
+    monkeypatch.setenv("ICAR_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(flops, "_memory", {})
+    b = tiny(seed=6)
+    first = merging.profile_gflops(b, merging.MergeSchedule(r=2))
+    flops._memory.clear()
+    again = merging.profile_gflops(b, merging.MergeSchedule(r=2))
+    assert again["blocks"] == first["blocks"] and again["merge"] == "r2"
+    other = merging.profile_gflops(b, merging.MergeSchedule(keep=0.5))
+    assert other["blocks"] != first["blocks"]
+    none = merging.profile_gflops(b, None)
+    assert none["merge"] == "none" and none["blocks"] == flops.tower_profile(b)["blocks"]
+
+
+def test_unsupported_blocks_are_refused():
+    from open_clip.transformer import VisionTransformer
+
+    visual = VisionTransformer(image_size=32, patch_size=8, width=64, layers=2, heads=2, mlp_ratio=4.0, output_dim=32)
+    visual.transformer.resblocks[1].attn = torch.nn.Identity()
+    with pytest.raises(NotImplementedError, match="block 1"):
+        merging.encode_image(visual, _images(1), merging.MergeSchedule(r=2))
