@@ -20,7 +20,8 @@ def ray_session():
     if not ray.is_initialized():
         # One CPU more than the machine has, so a model actor and read/decode tasks always fit
         # beside each other on a 2-core box.
-        ray.init(num_cpus=(os.cpu_count() or 2) + 1, include_dashboard=False, log_to_driver=True,
+        # address="local": always a fresh instance of our own, never another process's cluster on this machine.
+        ray.init(address="local", num_cpus=(os.cpu_count() or 2) + 1, include_dashboard=False, log_to_driver=True,
                  logging_level=logging.WARNING)
     yield ray
 

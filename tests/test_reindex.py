@@ -1,7 +1,7 @@
 """Scheduled reindex: config validation, the root lock, index reuse decisions, retirement, and real runs.
 
-The real runs embed tiny WebDataset corpora with a seeded random ViT-S-32 (a quarter of ViT-B-32's GFLOPs:
-the model is not what these tests are about) on the session's real local Ray, locally and on moto S3.
+The real runs embed tiny WebDataset corpora with the shipped demo CLIP (64 px, 0.06 GFLOPs an image, loads
+in well under a second: the model is not what these tests are about) on the session's real local Ray, locally and on moto S3.
 The index-only tests write run directories of synthetic vectors whose manifest matches real input files,
 so a run finds nothing to embed and goes straight to building, verifying and publishing the index.
 """
@@ -36,7 +36,8 @@ from pipeline.schema import part_name, shard_schema
 from zoo import make_corpus, write_tar_shard
 
 REPO = Path(__file__).resolve().parents[1]
-MODEL = {"name": "ViT-S-32", "pretrained": "none", "seed": 0, "scorer": "heuristic", "full_depth": True}
+MODEL = {"name": "demo", "scorer": "heuristic", "full_depth": True}
+DEMO_DIR = REPO / "pipeline" / "assets" / "demo"
 
 
 def job(root, inputs, **over) -> dict:
@@ -101,7 +102,7 @@ def test_config_env_expansion_and_defaults(tmp_path, monkeypatch):
     cfg = parse_job_config(job("s3://${ICAR_TEST_BUCKET}/root", ["s3://${ICAR_TEST_BUCKET}/in/*.tar"],
                                ray={"address": "${ICAR_TEST_UNSET:-auto}"}))
     assert cfg.root == "s3://bkt/root" and cfg.inputs == ["s3://bkt/in/*.tar"] and cfg.ray.address == "auto"
-    assert cfg.model.model == "ViT-S-32"  # `model.name` is the alias of ModelSpec.model
+    assert cfg.model.model == "demo"  # `model.name` is the alias of ModelSpec.model
     with pytest.raises(ConfigError, match=r"root: environment variable ICAR_TEST_UNSET is not set"):
         parse_job_config(job("${ICAR_TEST_UNSET}", ["a"]))
     # Defaults come from the embed/index dataclasses (one source of truth).
@@ -573,7 +574,13 @@ def history(tmp_path_factory, ray_session):
     h["manifest4"] = pq.read_table(run / "manifest.parquet").to_pylist()
     h["versions4"] = list_versions(str(root))
 
-    other_model = dict(job(root, [inputs / "*.tar"]), model=dict(MODEL, seed=1))
+    # Another model: a copy of the demo's model directory (a directory's identity is its path, so it differs).
+    other_dir = base / "other-model"
+    other_dir.mkdir()
+    for f in DEMO_DIR.iterdir():
+        if f.name.startswith(("clip", "bpe")):
+            (other_dir / f.name).write_bytes(f.read_bytes())
+    other_model = dict(job(root, [inputs / "*.tar"]), model=dict(MODEL, name=str(other_dir)))
     h["r5"] = run_reindex(parse_job_config(other_model))
     h["latest5"] = read_latest(str(root))
     h["generations5"] = sorted(p.name for p in (root / "generations").iterdir())
