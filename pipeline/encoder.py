@@ -240,7 +240,11 @@ class ExitHeads(nn.Module):
 class AdaptiveEncoder(nn.Module):
     """open_clip ViT image tower that stops each image at its own exit depth (see the module docstring)."""
 
-    def __init__(self, visual: nn.Module, exits: list[int], heads: ExitHeads | None = None):
+    def __init__(self, visual: nn.Module, exits: list[int], heads: ExitHeads | None = None,
+                 schedules: Iterable | None = None, merge_heads: dict | None = None):
+        """``schedules``: the token-merging schedules (pipeline.merging) rows may ask for by index in ``forward``'s
+        ``merge_ids``; index 0 is always no merging. ``merge_heads``: {schedule spec: ExitHeads trained under that
+        schedule}; an early exit of a schedule without its own heads uses ``heads``."""
         super().__init__()
         blocks = getattr(getattr(visual, "transformer", None), "resblocks", None)
         if blocks is None:
@@ -262,23 +266,61 @@ class AdaptiveEncoder(nn.Module):
             raise HeadsMismatchError(f"exit heads are for a {heads.num_blocks}-block tower, this one has "
                                      f"{self.num_blocks}")
         self.heads = heads
+        from . import merging
+
+        self.schedules = [None] + [s for s in dict.fromkeys(merging.parse_merge(x) for x in schedules or ()) if s]
+        if len(self.schedules) > 1:
+            merging.check_mergeable(visual)
+        self.merge_heads = {merging.parse_merge(k).spec: v for k, v in (merge_heads or {}).items()}
+        self._merge_head_modules = nn.ModuleList(self.merge_heads.values())  # so .to(device) moves them too
+        for spec, mh in self.merge_heads.items():
+            lacking = [e for e in self.exits[:-1] if str(e) not in mh.heads]
+            if lacking or mh.num_blocks != self.num_blocks:
+                raise ValueError(f"exit heads for merge schedule {spec} (exits {mh.exits}) do not cover exits {lacking} "
+                                 f"of this {self.num_blocks}-block encoder; train them with `icar train-exits --merge`")
 
     def _final(self, tokens: torch.Tensor) -> torch.Tensor:
         """Return the unmodified tower's output for full-depth tokens (its own ln_post, pooling, proj)."""
         pooled, _ = self.visual._pool(tokens)
         return pooled @ self.visual.proj if self.visual.proj is not None else pooled
 
-    def _exit(self, depth: int, tokens: torch.Tensor) -> torch.Tensor:
-        """Return the unnormalised embeddings of ``tokens`` leaving at ``depth``."""
-        return self._final(tokens) if depth == self.num_blocks else self.heads.head(depth)(tokens)
+    def _exit(self, depth: int, tokens: torch.Tensor, size: torch.Tensor | None = None, schedule=None) -> torch.Tensor:
+        """Return the unnormalised embeddings of ``tokens`` leaving at ``depth`` (``size``: merged token sizes)."""
+        from . import merging
+
+        if depth == self.num_blocks:
+            return self._final(tokens) if size is None else merging.pool_tower(self.visual, tokens, size)
+        head = self.head_for(depth, schedule)
+        return head(tokens) if size is None else head.from_features(merging.pool_head(head, tokens, size))
+
+    def head_for(self, depth: int, schedule=None) -> ExitHead:
+        """Return the head of early exit ``depth`` for images merged by ``schedule`` (its own heads, if trained)."""
+        spec = getattr(schedule, "spec", None)
+        if spec is not None and spec in self.merge_heads:
+            return self.merge_heads[spec].head(depth)
+        return self.heads.head(depth)
+
+    def _blocks(self, x: torch.Tensor, size, start: int, stop: int, schedule, num_tokens: int):
+        """Return (tokens, sizes) after blocks start..stop-1; ``schedule`` None runs the blocks as they are."""
+        if schedule is None:
+            for blk in self.visual.transformer.resblocks[start:stop]:
+                x = blk(x)
+            return x, size
+        from . import merging
+
+        return merging.run_blocks(self.visual.transformer.resblocks, x, size, schedule, start, stop, num_tokens)
 
     def _dtype(self) -> torch.dtype:
         return self.visual.conv1.weight.dtype
 
-    def forward(self, pixels: torch.Tensor, exit_layers: torch.Tensor) -> torch.Tensor:
+    def forward(self, pixels: torch.Tensor, exit_layers: torch.Tensor, merge_ids: torch.Tensor | None = None
+                ) -> torch.Tensor:
         """Return float32 L2-normalised embeddings (N, D); row i leaves the tower after ``exit_layers[i]`` blocks.
 
-        ``pixels``: normalised float (N, 3, S, S); ``exit_layers``: ints (N,), each one of ``self.exits``.
+        ``pixels``: normalised float (N, 3, S, S); ``exit_layers``: ints (N,), each one of ``self.exits``;
+        ``merge_ids``: optional ints (N,) indexing ``self.schedules`` (0 = no merging). Rows are grouped by
+        schedule (merged token counts differ, so schedules cannot share a batch); each group runs on its own,
+        still leaving at its rows' exits.
         """
         n = pixels.shape[0]
         depths = torch.as_tensor(exit_layers).reshape(-1).to("cpu", torch.long)  # one host sync at most
@@ -289,6 +331,27 @@ class AdaptiveEncoder(nn.Module):
         bad = sorted(set(depths.unique().tolist()) - set(self.exits))
         if bad:
             raise ValueError(f"exit_layers holds depths {bad} that are not exits of this encoder {self.exits}")
+        if merge_ids is None:
+            return self._forward_group(pixels, depths, None)
+        ids = torch.as_tensor(merge_ids).reshape(-1).to("cpu", torch.long)
+        if ids.numel() != n:
+            raise ValueError(f"merge_ids has {ids.numel()} entries for a batch of {n} images")
+        groups = ids.unique().tolist()
+        if groups[0] < 0 or groups[-1] >= len(self.schedules):
+            raise ValueError(f"merge_ids holds {groups}, but this encoder has schedules 0..{len(self.schedules) - 1} "
+                             f"({[getattr(s, 'spec', 'none') for s in self.schedules]})")
+        if len(groups) == 1:
+            return self._forward_group(pixels, depths, self.schedules[groups[0]])
+        out = torch.empty(n, self.visual.output_dim, dtype=torch.float32, device=pixels.device)
+        for g in groups:
+            rows = (ids == g).nonzero().squeeze(1)
+            on = rows.to(pixels.device)
+            out[on] = self._forward_group(pixels[on], depths[rows], self.schedules[g])
+        return out
+
+    def _forward_group(self, pixels: torch.Tensor, depths: torch.Tensor, schedule) -> torch.Tensor:
+        """Return the embeddings of rows that share one merge schedule (``depths``: their exits, on the CPU)."""
+        n = pixels.shape[0]
         counts = torch.bincount(depths, minlength=self.num_blocks + 1).tolist()
         # Deepest first: rows leaving at each exit are then the tail of what is left, and what continues is a
         # contiguous prefix (a view). The gather happens once, on the input.
@@ -296,19 +359,20 @@ class AdaptiveEncoder(nn.Module):
         presorted = bool(torch.equal(order, torch.arange(n)))
         x = pixels if presorted else pixels[order.to(pixels.device)]
         x = self.visual._embeds(x.to(self._dtype()))
-        blocks = self.visual.transformer.resblocks
+        num_tokens, size = x.shape[1], None
         pieces: list[torch.Tensor] = []  # per exit, shallowest first; each is the tail of the sorted batch
         remaining, depth = n, 0
         for e in self.exits:
             if remaining == 0:
                 break
-            for blk in blocks[depth:e]:
-                x = blk(x)
+            x, size = self._blocks(x, size, depth, e, schedule, num_tokens)
             depth = e
             k = counts[e]
             if k:
-                pieces.append(self._exit(e, x[remaining - k:]))
+                pieces.append(self._exit(e, x[remaining - k:], None if size is None else size[remaining - k:],
+                                         schedule))
                 x = x[:remaining - k]
+                size = None if size is None else size[:remaining - k]
                 remaining -= k
         emb = F.normalize(torch.cat(pieces[::-1]).float(), dim=-1)  # back in sorted (deepest-first) order
         if presorted:
@@ -317,29 +381,37 @@ class AdaptiveEncoder(nn.Module):
         inverse[order] = torch.arange(n)
         return emb[inverse.to(emb.device)]
 
-    def forward_all_exits(self, pixels: torch.Tensor) -> dict[int, torch.Tensor]:
-        """Return {exit: float32 L2-normalised embeddings (N, D)} with every image taken through every exit."""
+    def forward_all_exits(self, pixels: torch.Tensor, schedule=None) -> dict[int, torch.Tensor]:
+        """Return {exit: float32 L2-normalised embeddings (N, D)} with every image taken through every exit.
+
+        ``schedule``: a token-merging schedule (pipeline.merging; a spec string or MergeSchedule) or None.
+        """
+        from . import merging
+
+        schedule = merging.parse_merge(schedule)
         x = self.visual._embeds(pixels.to(self._dtype()))
-        out, depth = {}, 0
+        out, depth, num_tokens, size = {}, 0, x.shape[1], None
         for e in self.exits:
-            for blk in self.visual.transformer.resblocks[depth:e]:
-                x = blk(x)
+            x, size = self._blocks(x, size, depth, e, schedule, num_tokens)
             depth = e
-            out[e] = F.normalize(self._exit(e, x).float(), dim=-1)
+            out[e] = F.normalize(self._exit(e, x, size, schedule).float(), dim=-1)
         return out
 
-    def exit_features(self, pixels: torch.Tensor) -> tuple[dict[int, torch.Tensor], torch.Tensor]:
+    def exit_features(self, pixels: torch.Tensor, schedule=None) -> tuple[dict[int, torch.Tensor], torch.Tensor]:
         """Return ({early exit: pooled features (N, width)}, full-depth embeddings (N, D) L2-normalised).
 
         The features are what the heads' trainable part takes (``ExitHead.from_features``): trainers with a
-        frozen backbone compute them once and train on them for many epochs.
+        frozen backbone compute them once and train on them for many epochs. ``schedule``: token merging
+        (pipeline.merging) applied on the way, for heads that will serve merged images.
         """
+        from . import merging
+
+        schedule = merging.parse_merge(schedule)
         x = self.visual._embeds(pixels.to(self._dtype()))
-        feats, depth = {}, 0
+        feats, depth, num_tokens, size = {}, 0, x.shape[1], None
         for e in self.exits:
-            for blk in self.visual.transformer.resblocks[depth:e]:
-                x = blk(x)
+            x, size = self._blocks(x, size, depth, e, schedule, num_tokens)
             depth = e
             if e < self.num_blocks:
-                feats[e] = self.heads.head(e).pool_features(x)
-        return feats, F.normalize(self._final(x).float(), dim=-1)
+                feats[e] = merging.pool_head(self.heads.head(e), x, size)
+        return feats, F.normalize(self._exit(self.num_blocks, x, size).float(), dim=-1)

@@ -166,3 +166,83 @@ def test_unsupported_blocks_are_refused():
     visual.transformer.resblocks[1].attn = torch.nn.Identity()
     with pytest.raises(NotImplementedError, match="block 1"):
         merging.encode_image(visual, _images(1), merging.MergeSchedule(r=2))
+
+
+# ------------------------------------------------------------------------------------------ AdaptiveEncoder
+
+def test_encoder_groups_rows_by_schedule_and_exits_each_at_its_depth():
+    from pipeline import encoder as enc
+
+    b = tiny(seed=7)
+    visual = b.model.visual.eval()
+    encoder = enc.AdaptiveEncoder(visual, [1, 2, 4], schedules=["r3", "keep0.6"]).eval()
+    assert [merging.merge_spec(s) for s in encoder.schedules] == ["none", "r3", "keep0.6"]
+    x = _images(9, seed=7)
+    depths = torch.tensor([4, 1, 2, 4, 2, 1, 4, 4, 2])
+    ids = torch.tensor([0, 1, 2, 1, 0, 2, 2, 1, 1])
+    calls = []  # (rows, tokens) entering each block's first LayerNorm: merged and unmerged blocks both run ln_1
+    hooks = [blk.ln_1.register_forward_hook(lambda m, i, o, k=k: calls.append((k, i[0].shape[0], i[0].shape[1])))
+             for k, blk in enumerate(visual.transformer.resblocks)]
+    try:
+        with torch.no_grad():
+            out = encoder(x, depths, ids)
+    finally:
+        for h in hooks:
+            h.remove()
+    with torch.no_grad():
+        for i in range(9):
+            spec = encoder.schedules[int(ids[i])]
+            want = encoder.forward_all_exits(x[i:i + 1], spec)[int(depths[i])]
+            torch.testing.assert_close(out[i:i + 1], want, atol=1e-5, rtol=1e-5)
+        # schedule 0 rows are exactly the encoder without merging
+        plain = enc.AdaptiveEncoder(visual, [1, 2, 4]).eval()(x[ids == 0], depths[ids == 0])
+    assert torch.equal(out[ids == 0], plain)
+    # every block call holds one schedule's rows at that schedule's token count: groups never mix
+    allowed = {s: (s.token_counts(17, 4) if s else [17] * 5) for s in encoder.schedules}
+    per_group = {}
+    for k, rows, tokens in calls:
+        owners = [s for s, counts in allowed.items() if counts[k] == tokens]
+        assert owners, (k, tokens)
+        per_group.setdefault(k, []).append(rows)
+    # block 1 runs all 9 rows, one call per schedule (2, 4 and 3 rows); block 3 only the 4 full-depth rows
+    assert sorted(per_group[0]) == [2, 3, 4] and sorted(per_group[2]) == [1, 1, 2]
+
+
+def test_encoder_without_merge_ids_is_unchanged_and_bad_ids_are_refused():
+    from pipeline import encoder as enc
+
+    b = tiny(seed=8)
+    visual = b.model.visual.eval()
+    x = _images(4, seed=8)
+    d = torch.tensor([1, 4, 2, 4])
+    with torch.no_grad():
+        ref = enc.AdaptiveEncoder(visual, [1, 2, 4]).eval()(x, d)
+        with_sched = enc.AdaptiveEncoder(visual, [1, 2, 4], schedules=["r2"]).eval()
+        assert torch.equal(with_sched(x, d), ref)
+        assert torch.equal(with_sched(x, d, torch.zeros(4, dtype=torch.long)), ref)
+        with pytest.raises(ValueError, match="schedules 0..1"):
+            with_sched(x, d, torch.tensor([0, 2, 0, 0]))
+        with pytest.raises(ValueError, match="3 entries for a batch of 4"):
+            with_sched(x, d, torch.tensor([0, 1, 0]))
+
+
+def test_encoder_uses_heads_trained_for_the_schedule():
+    from pipeline import encoder as enc
+
+    b = tiny(seed=9)
+    visual = b.model.visual.eval()
+    plain_heads = enc.ExitHeads.for_bundle(b, [2, 4])
+    merged_heads = enc.ExitHeads.for_bundle(b, [2, 4])
+    with torch.no_grad():
+        merged_heads.head(2).proj.add_(torch.randn_like(merged_heads.head(2).proj))
+    encoder = enc.AdaptiveEncoder(visual, [2, 4], plain_heads, schedules=["keep0.5"],
+                                  merge_heads={"keep0.5": merged_heads}).eval()
+    x = _images(2, seed=9)
+    with torch.no_grad():
+        out = encoder(x, torch.tensor([2, 2]), torch.tensor([0, 1]))
+        tokens, size = merging.run_blocks(visual.transformer.resblocks, visual._embeds(x[1:]), None,
+                                          merging.MergeSchedule(keep=0.5), 0, 2, 17)
+        want = merged_heads.head(2).from_features(merging.pool_head(merged_heads.head(2), tokens, size))
+        torch.testing.assert_close(out[1:], torch.nn.functional.normalize(want, dim=-1))
+        torch.testing.assert_close(out[:1], enc.AdaptiveEncoder(visual, [2, 4], plain_heads).eval()(
+            x[:1], torch.tensor([2])))
