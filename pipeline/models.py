@@ -32,6 +32,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from .schema import model_key  # noqa: F401  (torch-free; re-exported for callers that load models)
+
 log = logging.getLogger(__name__)
 
 DEMO_DIR = Path(__file__).parent / "assets" / "demo"
@@ -87,14 +89,6 @@ def weights_sha256(model: torch.nn.Module) -> str:
         if flat.numel():
             h.update(flat.view(torch.uint8).numpy().data)
     return h.hexdigest()
-
-
-def model_key(identity: dict) -> str:
-    """Return "name:weights_sha256", the key that must match between runs indexed together and a query encoder."""
-    missing = [k for k in ("name", "weights_sha256") if not identity.get(k)]
-    if missing:
-        raise ValueError(f"model identity lacks {missing}: {identity!r}; it must come from pipeline.models.load_clip")
-    return f"{identity['name']}:{identity['weights_sha256']}"
 
 
 # ----------------------------------------------------------------------------------------------- building

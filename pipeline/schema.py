@@ -67,3 +67,15 @@ MANIFEST_SCHEMA = pa.schema(
 def part_name(part: int) -> str:
     """Return the file name of output part ``part``: part-NNNNN.parquet."""
     return f"part-{part:05d}.parquet"
+
+
+def model_key(identity: dict) -> str:
+    """Return "name:weights_sha256", the key that must match between runs indexed together and a query encoder.
+
+    ``identity`` is run.json's ``model`` (what pipeline.models.load_clip describes). Defined here, torch-free,
+    so that the index, the searcher and the report can check it without importing torch.
+    """
+    missing = [k for k in ("name", "weights_sha256") if not identity.get(k)]
+    if missing:
+        raise ValueError(f"model identity lacks {missing}: {identity!r}; it must come from pipeline.models.load_clip")
+    return f"{identity['name']}:{identity['weights_sha256']}"
