@@ -154,6 +154,7 @@ class ExitHeads(nn.Module):
         self.backbone = backbone  # model_key of the backbone; None until known (required to save)
         self.heads = nn.ModuleDict({str(e): ExitHead(visual) for e in self.early_exits})
         self.path: str | None = None  # where these heads were last saved or loaded from
+        self.merge = "none"  # the token-merging schedule (pipeline.merging spec) the heads were trained under
 
     @classmethod
     def for_bundle(cls, bundle, exits: list[int] | None = None) -> "ExitHeads":
@@ -179,7 +180,8 @@ class ExitHeads(nn.Module):
     @property
     def identity(self) -> dict:
         """Return {"sha256", "path", "exits", "backbone"}: what run.json records under "heads"."""
-        return {"sha256": self.sha256(), "path": self.path, "exits": list(self.exits), "backbone": self.backbone}
+        ident = {"sha256": self.sha256(), "path": self.path, "exits": list(self.exits), "backbone": self.backbone}
+        return ident if self.merge == "none" else {**ident, "merge": self.merge}
 
     def to_bytes(self, extra_metadata: dict | None = None) -> bytes:
         """Return these heads serialised as safetensors, with backbone and exits in the metadata."""
@@ -192,6 +194,8 @@ class ExitHeads(nn.Module):
                    for k, v in self.heads.state_dict().items()}
         meta = {"format": HEADS_FORMAT, "version": HEADS_VERSION, "backbone": self.backbone,
                 "exits": json.dumps(self.exits), "sha256": self.sha256()}
+        if self.merge != "none":
+            meta["merge"] = self.merge
         meta.update({k: str(v) for k, v in (extra_metadata or {}).items()})
         return save(tensors, metadata=meta)
 
@@ -234,6 +238,7 @@ class ExitHeads(nn.Module):
         like = next(bundle.model.visual.parameters())
         heads.to(device=like.device, dtype=like.dtype)
         heads.path = path
+        heads.merge = meta.get("merge") or "none"
         return heads
 
 

@@ -336,3 +336,53 @@ def profile_gflops(bundle, schedule: MergeSchedule | None, use_cache: bool = Tru
         flops._memory[key] = prof
         flops._write_cache(path, key, prof)
     return prof
+
+
+# ------------------------------------------------------------------------------------------------ profiles
+
+@dataclass(frozen=True)
+class Profile:
+    """What one image computes: its exit depth and the token-merging schedule on the way (None: no merging)."""
+
+    exit: int
+    merge: MergeSchedule | None = None
+
+    @property
+    def spec(self) -> str:
+        """Return ``DEPTH`` or ``DEPTH@SCHEDULE`` (e.g. ``12``, ``12@keep0.8``), what router files and run.json carry."""
+        return str(self.exit) if self.merge is None else f"{self.exit}@{self.merge.spec}"
+
+    def __str__(self) -> str:
+        return self.spec
+
+
+def parse_profile(spec: str | Profile) -> Profile:
+    """Return the Profile of ``DEPTH`` or ``DEPTH@SCHEDULE`` (``8``, ``8@r2``, ``6@keep0.8:noprop``)."""
+    if isinstance(spec, Profile):
+        return spec
+    depth, _, merge = str(spec).strip().partition("@")
+    try:
+        exit_ = int(depth)
+    except ValueError:
+        raise ValueError(f"profile {spec!r} must be DEPTH or DEPTH@SCHEDULE, e.g. 8 or 8@keep0.8") from None
+    if exit_ < 1:
+        raise ValueError(f"profile {spec!r}: the exit depth must be a positive block count")
+    return Profile(exit_, parse_merge(merge) if merge else None)
+
+
+def parse_profiles(specs: str | list) -> list[Profile]:
+    """Return the profiles of a comma-separated string or a list (``4,6,8@keep0.8,8``), unique, in given order."""
+    items = [s for s in specs.split(",")] if isinstance(specs, str) else list(specs)
+    out = [parse_profile(s) for s in items if str(s).strip()]
+    if not out:
+        raise ValueError("no profiles given; e.g. --profiles 4,6,8@keep0.8,8")
+    if len({p.spec for p in out}) != len(out):
+        raise ValueError(f"profiles must be unique, got {[p.spec for p in out]}")
+    return out
+
+
+def profile_cost(bundle, profile: Profile) -> float:
+    """Return the counted per-image GFLOPs of the image tower under ``profile`` (exit head included)."""
+    from .flops import exit_gflops_from_profile
+
+    return exit_gflops_from_profile(profile_gflops(bundle, profile.merge), [profile.exit])[profile.exit]

@@ -160,6 +160,57 @@ class ThresholdRouter:
                 "scorer": self.scorer_identity, "calibration": self.calibration}
 
 
+class ProfileRouter:
+    """Routes by complexity to profiles (exit depth + token-merging schedule, pipeline.merging), cheapest first.
+
+    ``profiles`` are spec strings (``4``, ``8@keep0.8``, ...) in increasing cost; score <= thresholds[i] ->
+    profiles[i], above all -> profiles[-1] (NaN scores too: the last profile should be full depth unmerged).
+    It is a ThresholdRouter over profile positions, so calibration moves along the same family of mixes.
+    ``heads``: {merge schedule spec: exit-heads file trained under that schedule} (``icar train-exits --merge``).
+    """
+
+    kind = "profile"
+    needs_scores = True
+
+    def __init__(self, profiles: Sequence[str], thresholds: Sequence[float | str],
+                 scorer_identity: dict | None = None, calibration: dict | None = None, heads: dict | None = None):
+        from .merging import parse_profiles
+
+        self.profile_list = parse_profiles(list(profiles))
+        self.profiles = [p.spec for p in self.profile_list]
+        self._levels = ThresholdRouter(range(1, len(self.profiles) + 1), thresholds, scorer_identity, calibration)
+        self._depths = np.asarray([p.exit for p in self.profile_list], np.int16)
+        self.heads = {str(k): str(v) for k, v in (heads or {}).items()}
+
+    thresholds = property(lambda self: self._levels.thresholds)
+    scorer_identity = property(lambda self: self._levels.scorer_identity)
+    calibration = property(lambda self: self._levels.calibration,
+                           lambda self, value: setattr(self._levels, "calibration", dict(value)))
+    nan_routed = property(lambda self: self._levels.nan_routed)
+
+    @property
+    def profile_exits(self) -> list[int]:
+        """Return the exit depths the profiles use (sorted, unique)."""
+        return sorted({p.exit for p in self.profile_list})
+
+    def route_profiles(self, scores: np.ndarray, keys: list[str] | None = None) -> np.ndarray:
+        """Return each image's profile position (int16 index into ``profiles``)."""
+        return (self._levels.route(scores, keys) - 1).astype(np.int16)
+
+    def route(self, scores: np.ndarray, keys: list[str] | None = None) -> np.ndarray:
+        """Return each image's exit depth (int16), as every router does."""
+        return self._depths[self.route_profiles(scores, keys)]
+
+    def to_dict(self) -> dict:
+        """Return the JSON-ready description of this router."""
+        d = {"format": ROUTER_FORMAT, "kind": self.kind, "profiles": self.profiles,
+             "thresholds": [_encode_float(t) for t in self.thresholds], "scorer": self.scorer_identity,
+             "calibration": self.calibration}
+        if self.heads:
+            d["heads"] = self.heads
+        return d
+
+
 def router_from_dict(d: dict):
     """Return the router described by ``d`` (the output of ``.to_dict()``)."""
     kind = d.get("kind")
@@ -173,7 +224,10 @@ def router_from_dict(d: dict):
     if kind == ThresholdRouter.kind:
         return ThresholdRouter(d["exits"], d["thresholds"], scorer_identity=d.get("scorer"),
                                calibration=d.get("calibration"))
-    raise ValueError(f"unknown router kind {kind!r}; expected fixed, fraction or threshold")
+    if kind == ProfileRouter.kind:
+        return ProfileRouter(d["profiles"], d["thresholds"], scorer_identity=d.get("scorer"),
+                             calibration=d.get("calibration"), heads=d.get("heads"))
+    raise ValueError(f"unknown router kind {kind!r}; expected fixed, fraction, threshold or profile")
 
 
 def save_router(router, url: str, storage_options: dict | None = None) -> None:
@@ -446,3 +500,63 @@ def calibrate_recall(scores, exit_embeddings: dict, text_embeddings: np.ndarray,
              "thresholds %s", k, recall, recall / full_recall, full_recall, min_recall,
              mix["cost_fraction"], router.thresholds)
     return router
+
+
+# ------------------------------------------------------------------------------------------ profiles
+#
+# Profiles (exit depth + token-merging schedule) are calibrated as "levels" 1..P in increasing counted cost:
+# the same exit_fractions family, the same quantile thresholds, the same budget and recall searches as for
+# exits alone. The last (most expensive) profile is the reference "full" cost and the NaN fallback, so it
+# should be the unmerged full depth.
+
+
+def _profile_levels(profiles: Sequence[str], gflops_per_profile: dict) -> tuple[list[str], dict[int, float]]:
+    """Return (profiles sorted by cost, {level: gflops}), or raise naming a profile without a cost."""
+    from .merging import parse_profiles
+
+    specs = [p.spec for p in parse_profiles(list(profiles))]
+    costs = {str(k): float(v) for k, v in gflops_per_profile.items()}
+    missing = [p for p in specs if p not in costs]
+    if missing:
+        raise ValueError(f"no counted GFLOPs for profiles {missing}; count them with pipeline.merging.profile_cost")
+    ordered = sorted(specs, key=lambda p: costs[p])
+    return ordered, {i + 1: costs[p] for i, p in enumerate(ordered)}
+
+
+def _as_profile_router(inner: ThresholdRouter, ordered: list[str], gflops_per_profile: dict,
+                       scorer_identity: dict | None) -> ProfileRouter:
+    router = ProfileRouter(ordered, inner.thresholds, scorer_identity=scorer_identity,
+                           calibration=inner.calibration)
+    cal = router.calibration
+    for key in ("planned_fractions", "achieved_fractions"):
+        if key in cal:
+            cal[key] = {ordered[int(k) - 1]: v for k, v in cal[key].items()}
+    cal.pop("gflops_per_exit", None)
+    cal["gflops_per_profile"] = {p: float(gflops_per_profile[p]) for p in ordered}
+    cal["full_profile"] = ordered[-1]
+    return router
+
+
+def calibrate_profiles_budget(scores, profiles: Sequence[str], gflops_per_profile: dict, scorer_gflops: float,
+                              budget: float, shares: Sequence[float] | None = None,
+                              scorer_identity: dict | None = None) -> ProfileRouter:
+    """Return the ProfileRouter whose expected cost on ``scores`` is at most ``budget`` × the dearest profile's."""
+    ordered, table = _profile_levels(profiles, gflops_per_profile)
+    inner = calibrate_budget(scores, list(table), table, scorer_gflops, budget, shares=shares,
+                             scorer_identity=scorer_identity)
+    return _as_profile_router(inner, ordered, {p: table[i + 1] for i, p in enumerate(ordered)}, scorer_identity)
+
+
+def calibrate_profiles_recall(scores, profile_embeddings: dict, text_embeddings: np.ndarray, text_to_image,
+                              min_recall: float, gflops_per_profile: dict, scorer_gflops: float = 0.0,
+                              shares: Sequence[float] | None = None, k: int = 10, steps: int = 50,
+                              scorer_identity: dict | None = None) -> ProfileRouter:
+    """Return the cheapest ProfileRouter whose text→image recall@k is ≥ min_recall × the dearest profile's.
+
+    ``profile_embeddings``: {profile spec: (N, D) embeddings of the N calibration images under that profile}.
+    """
+    ordered, table = _profile_levels(list(profile_embeddings), gflops_per_profile)
+    inner = calibrate_recall(scores, {i + 1: profile_embeddings[p] for i, p in enumerate(ordered)}, text_embeddings,
+                             text_to_image, min_recall, table, scorer_gflops=scorer_gflops, shares=shares, k=k,
+                             steps=steps, scorer_identity=scorer_identity)
+    return _as_profile_router(inner, ordered, {p: table[i + 1] for i, p in enumerate(ordered)}, scorer_identity)

@@ -103,9 +103,43 @@ class ModelWorker:
         self._gflops_lookup = np.zeros(max(exits) + 1, np.float32)
         for depth, g in self.gflops_per_exit.items():
             self._gflops_lookup[depth] = g + self.scorer_gflops
+        self.profiles = self._setup_profiles(exits)  # None unless the router routes to (exit, merge) profiles
         self.autocast = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(spec.precision)
         log.info("model worker ready in %.1fs on %s: %s exits %s", time.perf_counter() - t0, self.device,
                  self.bundle.identity.get("name"), exits)
+
+    def _setup_profiles(self, exits: list[int]) -> list[dict] | None:
+        """Rebuild the encoder for a profile router's merge schedules; return run.json's profile list.
+
+        A profile is (exit depth, token-merging schedule); its GFLOPs are counted on the merged forward
+        (pipeline.merging.profile_gflops) and looked up per row like the exits' are.
+        """
+        from . import encoder as enc
+        from . import merging
+
+        names = getattr(self.router, "profiles", None)
+        if names is None:
+            return None
+        profiles = merging.parse_profiles(names)
+        outside = sorted({p.exit for p in profiles} - set(exits))
+        if outside:
+            raise ValueError(f"router profiles {names} exit at {outside}, which are not exits of the encoder {exits}; "
+                             f"pass --exits with them or recalibrate with `icar calibrate --profiles`")
+        schedules = [p.merge for p in profiles if p.merge is not None]
+        merge_heads = {spec: enc.ExitHeads.load(path, self.bundle) for spec, path in self.router.heads.items()}
+        for spec, mh in merge_heads.items():
+            if mh.merge != merging.merge_spec(merging.parse_merge(spec)):
+                raise ValueError(f"router {self.spec.router} names heads {mh.path} for merge schedule {spec}, but they "
+                                 f"were trained under {mh.merge}; train them with `icar train-exits --merge {spec}`")
+        self.encoder = enc.AdaptiveEncoder(self.bundle.model.visual, exits, self.heads, schedules,
+                                           merge_heads).to(self.device).eval()
+        ids = {merging.merge_spec(s): i for i, s in enumerate(self.encoder.schedules)}
+        self._profile_exit = np.asarray([p.exit for p in profiles], np.int16)
+        self._profile_merge = np.asarray([ids[merging.merge_spec(p.merge)] for p in profiles], np.int64)
+        costs = [merging.profile_cost(self.bundle, p) for p in profiles]
+        self._profile_gflops = np.asarray(costs, np.float32) + np.float32(self.scorer_gflops)
+        return [{"profile": p.spec, "exit": p.exit, "merge": merging.merge_spec(p.merge), "gflops": g,
+                 "heads": self.router.heads.get(merging.merge_spec(p.merge))} for p, g in zip(profiles, costs)]
 
     def describe(self) -> dict:
         """Return the identity of everything this worker computes with (what run.json records)."""
@@ -119,6 +153,7 @@ class ModelWorker:
         return {
             "model": self.bundle.identity,
             "exits": self.exits,
+            **({"profiles": self.profiles} if self.profiles is not None else {}),
             "heads": heads,
             "router": self.router.to_dict(),
             "scorer": self.scorer.identity if self.scorer is not None else None,
@@ -145,15 +180,22 @@ class ModelWorker:
             scores = np.asarray(self.scorer.score(pixels), np.float32)
         else:
             scores = np.full(len(keys), np.nan, np.float32)
-        exit_layer = np.asarray(self.router.route(scores, keys), np.int16)
+        merge_ids = None
+        if self.profiles is not None:
+            profile = self.router.route_profiles(scores, keys).astype(np.int64)
+            exit_layer, merge_ids = self._profile_exit[profile], torch.as_tensor(self._profile_merge[profile])
+            gflops = self._profile_gflops[profile]
+        else:
+            exit_layer = np.asarray(self.router.route(scores, keys), np.int16)
+            gflops = self._gflops_lookup[exit_layer]
         x = pixels_to_tensor(self.bundle, pixels).to(self.device, non_blocking=True)
         with torch.autocast(self.device.split(":")[0], dtype=self.autocast, enabled=self.autocast is not None):
-            emb = self.encoder(x, torch.as_tensor(exit_layer, dtype=torch.long, device=self.device))
+            emb = self.encoder(x, torch.as_tensor(exit_layer, dtype=torch.long, device=self.device), merge_ids)
         emb = torch.nn.functional.normalize(emb.float(), dim=-1).to(torch.float16).cpu().numpy()
         return {
             "embedding": emb,
             "complexity": scores,
             "exit_layer": exit_layer,
-            "gflops": self._gflops_lookup[exit_layer],
+            "gflops": gflops,
             "seconds": time.perf_counter() - t0,
         }

@@ -246,3 +246,65 @@ def test_encoder_uses_heads_trained_for_the_schedule():
         torch.testing.assert_close(out[1:], torch.nn.functional.normalize(want, dim=-1))
         torch.testing.assert_close(out[:1], enc.AdaptiveEncoder(visual, [2, 4], plain_heads).eval()(
             x[:1], torch.tensor([2])))
+
+
+# ------------------------------------------------------------------------------------------ router, worker
+
+def test_profiles_parse_and_router_round_trip(tmp_path):
+    import numpy as np
+
+    from pipeline import router as routers
+
+    assert [p.spec for p in merging.parse_profiles("4,6@r2,8@keep0.8:noprop,8")] == ["4", "6@r2", "8@keep0.8:noprop", "8"]
+    for bad in ["x", "0@r2", "8@r2,8@r2", "8@fast"]:
+        with pytest.raises(ValueError):
+            merging.parse_profiles(bad)
+    scores = np.random.default_rng(0).random(400)
+    costs = {"8": 1.0, "4": 0.5, "8@keep0.8": 0.7}
+    r = routers.calibrate_profiles_budget(scores, list(costs), costs, 0.0, 0.75)
+    assert r.profiles == ["4", "8@keep0.8", "8"]  # ordered by counted cost
+    assert r.calibration["achieved_cost_fraction"] <= 0.75 + 1e-9
+    assert r.calibration["full_profile"] == "8" and set(r.calibration["achieved_fractions"]) == set(r.profiles)
+    idx = r.route_profiles(scores)
+    assert np.array_equal(r.route(scores), np.asarray([4, 8, 8], np.int16)[idx])
+    # the least complex images take the cheapest profile, NaN the dearest
+    assert idx[np.argmin(scores)] == 0 and r.route_profiles(np.array([np.nan]))[0] == 2
+    path = str(tmp_path / "router.json")
+    routers.save_router(r, path)
+    back = routers.load_router(path)
+    assert back.profiles == r.profiles and back.thresholds == r.thresholds and back.calibration == r.calibration
+
+
+def test_worker_routes_to_profiles_and_records_their_gflops(tmp_path, monkeypatch):
+    import numpy as np
+
+    from pipeline import router as routers
+    from pipeline.config import ModelSpec
+    from pipeline.worker import ModelWorker
+
+    monkeypatch.setenv("ICAR_CACHE_DIR", str(tmp_path / "cache"))
+    r = routers.ProfileRouter(["4@keep0.8", "8@r2", "8"], [0.2, 0.4])
+    routers.save_router(r, str(tmp_path / "router.json"))
+    w = ModelWorker(ModelSpec(model="demo", router=str(tmp_path / "router.json"), scorer="heuristic", device="cpu"))
+    desc = w.describe()
+    assert [p["profile"] for p in desc["profiles"]] == ["4@keep0.8", "8@r2", "8"]
+    g = {p["profile"]: p["gflops"] for p in desc["profiles"]}
+    assert g["8"] == pytest.approx(desc["gflops_per_exit"]["8"]) and g["8@r2"] < g["8"] and g["4@keep0.8"] < g["8@r2"]
+    rng = np.random.default_rng(0)
+    pixels = rng.integers(0, 256, (12, 64, 64, 3), dtype=np.uint8)
+    pixels[:4] = 128  # flat images: the lowest complexity, the cheapest profile
+    out = w.embed(pixels, [f"k{i}" for i in range(12)])
+    profile = w.router.route_profiles(out["complexity"])
+    assert (profile[:4] == 0).all() and (profile[4:] > 0).all()
+    want_g = np.asarray([g[p] for p in r.profiles], np.float32)[profile] + np.float32(w.scorer_gflops)
+    np.testing.assert_allclose(out["gflops"], want_g, rtol=1e-6)
+    assert out["exit_layer"].tolist() == [int(r.profiles[i].split("@")[0]) for i in profile]
+    # each row is its profile's embedding
+    from pipeline.models import pixels_to_tensor
+
+    x = pixels_to_tensor(w.bundle, pixels)
+    with torch.no_grad():
+        for i in range(12):
+            p = merging.parse_profile(r.profiles[profile[i]])
+            want = w.encoder.forward_all_exits(x[i:i + 1], p.merge)[p.exit]
+            np.testing.assert_allclose(out["embedding"][i].astype(np.float32), want[0].numpy(), atol=2e-3)
