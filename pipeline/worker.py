@@ -31,6 +31,35 @@ def resolve_device(device: str) -> str:
     return device
 
 
+def cpu_threads(spec: ModelSpec) -> int:
+    """Return the intra-op threads a CPU model computes on: --torch-threads, else $ICAR_TORCH_THREADS, else the
+    CPUs Ray reserved for this actor (``--cpus-per-actor``), else 1 (outside Ray: calibrate, tests, benchmarks).
+
+    Without the reservation fallback, an actor reserving N CPUs would compute on one thread and leave N-1 idle
+    (measured, ViT-B-32 on 2 cores: 2 threads run 1.6-1.7x the images/s of 1).
+    """
+    if spec.torch_threads:
+        return max(1, int(spec.torch_threads))
+    env = os.environ.get("ICAR_TORCH_THREADS")
+    if env:
+        try:
+            return max(1, int(env))
+        except ValueError:
+            raise ValueError(f"ICAR_TORCH_THREADS={env!r} is not a whole number of threads; unset it or give "
+                             f"e.g. 2") from None
+    try:
+        import ray
+
+        # Only inside an actor: a driver has no reservation (and Ray refuses the question there).
+        if ray.is_initialized() and ray.get_runtime_context().get_actor_id() is not None:
+            cpus = ray.get_runtime_context().get_assigned_resources().get("CPU", 0.0)
+            if cpus >= 1:
+                return int(cpus)
+    except ImportError:  # Ray is a dependency of the pipeline, but the model stage runs without it too
+        pass
+    return 1
+
+
 def build_router(spec: ModelSpec, exits: list[int]):
     """Return the router that ``spec`` asks for, and say which one in the log."""
     from . import router as routers
@@ -73,7 +102,7 @@ class ModelWorker:
         self.spec = spec
         self.device = resolve_device(spec.device)
         if self.device == "cpu":
-            torch.set_num_threads(max(1, spec.torch_threads or int(os.environ.get("ICAR_TORCH_THREADS", 0)) or 1))
+            torch.set_num_threads(cpu_threads(spec))
         self.bundle = models.load_clip(spec.model, spec.pretrained, seed=spec.seed, device=self.device)
         exits = list(spec.exits) if spec.exits else enc.default_exits(self.bundle.num_blocks)
         if spec.exit_at is not None and spec.exit_at not in exits:
