@@ -8,6 +8,11 @@ Two modes (pipeline/router.py explains the family of exit mixes both move along)
                         >= 0.97 × recall@10 at full depth; needs inputs with captions, the model and its heads
                         (every sample image is embedded at every exit, and its caption with the text tower).
 
+With --profiles (e.g. 4,6,8@keep0.8,8) the router chooses among profiles, each an exit depth plus a token-merging
+schedule (pipeline/merging.py), ordered by their counted GFLOPs; both modes work the same way over them. The list
+must hold the unmerged full depth (the cost reference and the fallback for unscorable images). --merge-heads
+SPEC=FILE names exit heads trained under a schedule (`icar train-exits --merge SPEC`); the router file records them.
+
 The router file records mode, target, the achieved cost (and recall) on the sample, the sample size, the scorer
 and model identities and the exits; pass it to `icar embed --router FILE`.
 """
@@ -31,6 +36,8 @@ examples:
   icar calibrate --scores-from runs/demo --gflops-budget 0.7 --output router.json
   icar calibrate shards/val/*.tar --model ViT-B-32 --pretrained none --exits 6,9,12 --scorer heuristic \\
       --gflops-budget 0.6 --sample 2000 --output router.json
+  icar calibrate demo-corpus/val/*.tar --model demo --profiles 4,6,4@keep0.8,6@keep0.8,8@keep0.8,8 \
+      --merge-heads keep0.8=heads-keep0.8/exit_heads.safetensors --min-recall 0.98 --sample 1000 --output router.json
   icar calibrate coco-val/*.tar --model ViT-L-14 --pretrained laion2b_s32b_b82k --heads heads.safetensors \\
       --min-recall 0.97 --sample 5000 --output router.json
 """
@@ -49,6 +56,10 @@ def build_parser() -> argparse.ArgumentParser:
     goal.add_argument("--min-recall", type=float, help="text->image recall@10 floor as a fraction of full depth's")
     p.add_argument("--shares", type=float_list, default=None,
                    help="how the early exits share the images moved off full depth, e.g. 1,1 (default: equal)")
+    p.add_argument("--profiles", default=None,
+                   help="choose among (exit, merge) profiles, e.g. 4,6,8@keep0.8,8 (needs input shards)")
+    p.add_argument("--merge-heads", action="append", default=[], metavar="SPEC=FILE",
+                   help="exit heads trained under merge schedule SPEC (repeatable), e.g. keep0.8=heads.safetensors")
     p.add_argument("--sample", type=int, default=2000, help="images to calibrate on")
     p.add_argument("--seed", type=int, default=0, help="seed of the sample (and of a random-init model)")
     p.add_argument("--output", "-o", required=True, help="router JSON to write (local path or URL)")
@@ -133,7 +144,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"icar calibrate: error: {e}", file=sys.stderr)
         return 2
     c = router.calibration
-    summary = {"output": a.output, "mode": c["mode"], "target": c["target"], "exits": router.exits,
+    summary = {"output": a.output, "mode": c["mode"], "target": c["target"], "exits": getattr(router, "exits", None),
+               **({"profiles": router.profiles} if hasattr(router, "profiles") else {}),
                "thresholds": router.to_dict()["thresholds"], "achieved_cost_fraction": c["achieved_cost_fraction"],
                "fractions": c["achieved_fractions"], "sample_size": c["sample_size"]}
     if "achieved_recall_ratio" in c:
@@ -151,6 +163,9 @@ def calibrate(a: argparse.Namespace):
     if a.sample < 2:
         raise ValueError(f"--sample must be at least 2, got {a.sample}")
     if a.scores_from:
+        if a.profiles:
+            raise ValueError("--profiles needs the model to count each profile's GFLOPs (and, for --min-recall, to "
+                             "embed under it): pass input shards instead of --scores-from")
         if a.min_recall is not None:
             raise ValueError("--min-recall needs every sample image embedded at every exit plus captions; a run holds "
                              "only the routed embedding: pass captioned input shards instead of --scores-from")
@@ -184,6 +199,8 @@ def _calibrate_from_inputs(a: argparse.Namespace):
     scorer = load_scorer(a.scorer, a.checkpoint, device=device)
     pixels, keys, captions = sample_inputs(a.inputs, bundle.image_size, a.sample, a.seed, a.storage_options)
     scores = np.concatenate([scorer.score(pixels[i:i + a.batch_size]) for i in range(0, len(pixels), a.batch_size)])
+    if a.profiles:
+        return _calibrate_profiles(a, bundle, heads, exits, scorer, pixels, captions, scores, device)
     gflops = flops.exit_gflops(bundle, exits)
     identity = {"model": bundle.identity, "exits": exits, "heads": heads.identity if heads is not None else None,
                 "source": {"inputs": list(a.inputs), "sample_seed": a.seed}}
@@ -208,6 +225,67 @@ def _calibrate_from_inputs(a: argparse.Namespace):
     router = routers.calibrate_recall(scores, exit_embeddings, text, np.asarray(captioned), a.min_recall, gflops,
                                       scorer_gflops=scorer.gflops_per_image, shares=a.shares,
                                       scorer_identity=scorer.identity)
+    router.calibration.update(identity)
+    return router
+
+
+def _calibrate_profiles(a: argparse.Namespace, bundle, heads, exits, scorer, pixels, captions, scores, device):
+    """Return the ProfileRouter calibrated on the sample: every image embedded under every profile for recall."""
+    import torch
+
+    from pipeline import encoder as enc
+    from pipeline import merging, models
+    from pipeline import router as routers
+
+    profiles = merging.parse_profiles(a.profiles)
+    full = f"{bundle.num_blocks}"
+    if full not in [p.spec for p in profiles]:
+        raise ValueError(f"--profiles {a.profiles} must include the unmerged full depth {full} (the cost reference "
+                         f"and the fallback for images the scorer fails on), e.g. --profiles {a.profiles},{full}")
+    exits = sorted(set(exits) | {p.exit for p in profiles})
+    merge_heads = {}
+    for item in a.merge_heads:
+        spec, sep, path = item.partition("=")
+        if not sep or not path:
+            raise ValueError(f"--merge-heads {item!r} must be SPEC=FILE, e.g. keep0.8=heads.safetensors")
+        mh = enc.ExitHeads.load(path, bundle)
+        spec = merging.merge_spec(merging.parse_merge(spec))
+        if mh.merge != spec:
+            raise ValueError(f"--merge-heads {item}: {path} was trained under merge schedule {mh.merge}, not {spec}")
+        merge_heads[spec] = mh
+    costs = {p.spec: merging.profile_cost(bundle, p) for p in profiles}
+    identity = {"model": bundle.identity, "exits": exits, "heads": heads.identity if heads is not None else None,
+                "merge_heads": {k: v.identity for k, v in merge_heads.items()},
+                "source": {"inputs": list(a.inputs), "sample_seed": a.seed}}
+    paths = {k: v.path for k, v in merge_heads.items()}
+    if a.gflops_budget is not None:
+        router = routers.calibrate_profiles_budget(scores, [p.spec for p in profiles], costs, scorer.gflops_per_image,
+                                                   a.gflops_budget, shares=a.shares, scorer_identity=scorer.identity)
+        router.heads.update(paths)
+        router.calibration.update(identity)
+        return router
+    captioned = [i for i, c in enumerate(captions) if c]
+    if len(captioned) < 10:
+        raise ValueError(f"only {len(captioned)} of {len(captions)} sample images have captions; --min-recall needs a "
+                         "captioned validation set (e.g. COCO/Flickr val shards with .txt captions)")
+    schedules = [p.merge for p in profiles if p.merge is not None]
+    encoder = enc.AdaptiveEncoder(bundle.model.visual, exits, heads, schedules, merge_heads).to(device).eval()
+    per_profile: dict[str, list[np.ndarray]] = {p.spec: [] for p in profiles}
+    with torch.inference_mode():
+        for i in range(0, len(pixels), a.batch_size):
+            x = models.pixels_to_tensor(bundle, pixels[i:i + a.batch_size], device=device)
+            for sched in encoder.schedules:
+                wanted = [p for p in profiles if merging.merge_spec(p.merge) == merging.merge_spec(sched)]
+                if wanted:
+                    out = encoder.forward_all_exits(x, sched)
+                    for p in wanted:
+                        per_profile[p.spec].append(out[p.exit].float().cpu().numpy())
+    embeddings = {k: np.concatenate(v) for k, v in per_profile.items()}
+    text = models.encode_text(bundle, [captions[i] for i in captioned])
+    router = routers.calibrate_profiles_recall(scores, embeddings, text, np.asarray(captioned), a.min_recall, costs,
+                                               scorer_gflops=scorer.gflops_per_image, shares=a.shares,
+                                               scorer_identity=scorer.identity)
+    router.heads.update(paths)
     router.calibration.update(identity)
     return router
 

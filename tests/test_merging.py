@@ -308,3 +308,31 @@ def test_worker_routes_to_profiles_and_records_their_gflops(tmp_path, monkeypatc
             p = merging.parse_profile(r.profiles[profile[i]])
             want = w.encoder.forward_all_exits(x[i:i + 1], p.merge)[p.exit]
             np.testing.assert_allclose(out["embedding"][i].astype(np.float32), want[0].numpy(), atol=2e-3)
+
+
+def test_calibrate_job_chooses_among_profiles(tmp_path, monkeypatch, capsys):
+    import json
+
+    from jobs import calibrate
+
+    monkeypatch.setenv("ICAR_CACHE_DIR", str(tmp_path / "cache"))
+    shard = "/work/demo-corpus/val/00020.tar"
+    import os
+
+    if not os.path.exists(shard):
+        pytest.skip("the demo corpus is not on this machine (make demo-corpus)")
+    common = [shard, "--model", "demo", "--scorer", "heuristic", "--sample", "64",
+              "--profiles", "4@keep0.8,4,8@r2,8"]
+    assert calibrate.main(common + ["--gflops-budget", "0.6", "--output", str(tmp_path / "b.json")]) == 0
+    b = json.loads((tmp_path / "b.json").read_text())
+    assert b["kind"] == "profile" and b["profiles"][-1] == "8"
+    assert b["calibration"]["achieved_cost_fraction"] <= 0.6 + 1e-9
+    costs = b["calibration"]["gflops_per_profile"]
+    assert list(costs.values()) == sorted(costs.values())
+    assert calibrate.main(common + ["--min-recall", "0.9", "--output", str(tmp_path / "r.json")]) == 0
+    r = json.loads((tmp_path / "r.json").read_text())
+    assert r["calibration"]["achieved_recall_ratio"] >= 0.9
+    capsys.readouterr()
+    assert calibrate.main([shard, "--model", "demo", "--scorer", "heuristic", "--profiles", "4,8@r2",
+                           "--gflops-budget", "0.6", "--output", str(tmp_path / "x.json")]) == 2
+    assert "must include the unmerged full depth 8" in capsys.readouterr().err
