@@ -56,6 +56,9 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--exits", type=int_list, default=d.exits,
                    help="exit depths in blocks, the last = full depth, e.g. 12,18,24 (default: per model)")
     m.add_argument("--device", default=d.device, choices=["auto", "cpu", "cuda"], help="training device")
+    m.add_argument("--merge", default=d.merge,
+                   help="token-merging schedule the heads will serve under (e.g. keep0.8, r2; see pipeline/merging.py): "
+                        "early-exit features are taken from merged tokens; the heads file records it")
     v = p.add_argument_group("validation")
     v.add_argument("--val", dest="val_inputs", nargs="+", default=d.val_inputs,
                    help="validation shards (default: hold out --val-fraction of the inputs by key hash)")

@@ -58,6 +58,7 @@ import torch.nn.functional as F
 
 from . import distributed, storage
 from .distributed import Dist
+from .merging import merge_spec, parse_merge
 from .models import pixels_to_tensor
 
 log = logging.getLogger(__name__)
@@ -100,6 +101,7 @@ class ExitTrainConfig:
     distill_weight: float | None = None  # weight of 1 - cos(exit, full); None: 1.0 frozen, 0.0 with finetune
     learn_temperature: bool = True  # learn one logit scale per exit (initialised from the model's)
     finetune_backbone: bool = False  # the paper's recipe: backbone trains too (new model; see module doc)
+    merge: str | None = None  # token-merging schedule the heads will serve under (pipeline.merging spec, e.g. keep0.8)
     full_path_weight: float = 0.5  # finetune: weight of the full-depth contrastive loss (early exits share 1 - it)
     device: str = "auto"  # auto | cpu | cuda
     workers: int = 1  # data-parallel processes to start on this machine (one GPU each on CUDA); or use torchrun
@@ -239,10 +241,12 @@ class FeatureSet:
 
 @torch.inference_mode()
 def extract_features(encoder, bundle, pairs: Iterable[tuple[str, np.ndarray, str]], batch_size: int = 64,
-                     device: str = "cpu", allow_empty: bool = False) -> FeatureSet:
+                     device: str = "cpu", allow_empty: bool = False, merge=None) -> FeatureSet:
     """Return the FeatureSet of ``pairs`` (key, pixels, caption): one frozen forward per image, one per caption.
 
     ``allow_empty``: return empty tensors for no pairs (one process's share may be empty) instead of raising.
+    ``merge``: token-merging schedule (pipeline.merging) the early-exit features are taken under; the full-depth
+    target stays unmerged, where the index's full-depth rows are.
     """
     feats: dict[int, list[torch.Tensor]] = {e: [] for e in encoder.exits[:-1]}
     full, text, captions = [], [], []
@@ -250,7 +254,10 @@ def extract_features(encoder, bundle, pairs: Iterable[tuple[str, np.ndarray, str
     for batch in _batches(pairs, batch_size):
         pixels = np.stack([p for _, p, _ in batch])
         caps = [c for _, _, c in batch]
-        f, emb = encoder.exit_features(pixels_to_tensor(bundle, pixels, device=device))
+        x = pixels_to_tensor(bundle, pixels, device=device)
+        f, emb = encoder.exit_features(x, merge)
+        if merge is not None:
+            emb = encoder.exit_features(x)[1]
         for e, v in f.items():
             feats[e].append(v.float().cpu())
         full.append(emb.cpu())
@@ -508,7 +515,13 @@ class ExitTrainer:
                                   f"{','.join(map(str, enc.default_exits(self.bundle.num_blocks)))}")
         self.key = model_key(self.bundle.identity)
         self.heads = enc.ExitHeads.for_bundle(self.bundle, self.exits).to(self.device)
-        self.encoder = enc.AdaptiveEncoder(self.bundle.model.visual, self.exits, self.heads).eval()
+        self.merge = parse_merge(cfg.merge)
+        if self.merge is not None and cfg.finetune_backbone:
+            raise TrainExitsError("--merge trains heads for merged tokens on the frozen backbone; drop "
+                                  "--finetune-backbone or --merge")
+        self.heads.merge = merge_spec(self.merge)
+        self.encoder = enc.AdaptiveEncoder(self.bundle.model.visual, self.exits, self.heads,
+                                           [self.merge] if self.merge else None).eval()
         scale = float(getattr(self.bundle.model, "logit_scale", torch.tensor(math.log(1 / 0.07))).detach().cpu())
         self.trainer = HeadTrainer(self.heads, scale, cfg.learn_temperature, self.bundle.num_blocks).to(self.device)
         self._train_pairs, self._val_pairs = train_pairs, val_pairs
@@ -599,7 +612,7 @@ class ExitTrainer:
                 "inputs": None if given is not None else _fingerprint(
                     cfg.val_inputs if split == "val" and cfg.val_inputs else cfg.inputs, cfg),
                 "val_fraction": cfg.val_fraction if not cfg.val_inputs else None,
-                "limit": self._limit(split)}
+                "limit": self._limit(split), **({"merge": self.merge.spec} if self.merge else {})}
         if given is None:
             meta = json.loads(json.dumps(meta))  # compare as it reads back
             data, hit = None, False
@@ -634,7 +647,7 @@ class ExitTrainer:
                 yield key, pixels, caption
 
         local = extract_features(self.encoder, self.bundle, tapped(), self.cfg.extract_batch_size, self.device,
-                                 allow_empty=self.dist.enabled)
+                                 allow_empty=self.dist.enabled, merge=self.merge)
         a = self._assemble(positions, captions, self._limit(split))
         fs = FeatureSet({e: self._gather(v, a) for e, v in local.features.items()}, self._gather(local.full, a),
                         self._gather(local.text, a), a.groups)

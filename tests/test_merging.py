@@ -336,3 +336,34 @@ def test_calibrate_job_chooses_among_profiles(tmp_path, monkeypatch, capsys):
     assert calibrate.main([shard, "--model", "demo", "--scorer", "heuristic", "--profiles", "4,8@r2",
                            "--gflops-budget", "0.6", "--output", str(tmp_path / "x.json")]) == 2
     assert "must include the unmerged full depth 8" in capsys.readouterr().err
+
+
+def test_train_exits_under_a_merge_schedule(tmp_path, monkeypatch):
+    import os
+
+    from pipeline import encoder as enc
+    from pipeline import exit_training as et
+
+    monkeypatch.setenv("ICAR_CACHE_DIR", str(tmp_path / "cache"))
+    shard = "/work/demo-corpus/val/00020.tar"
+    if not os.path.exists(shard):
+        pytest.skip("the demo corpus is not on this machine (make demo-corpus)")
+    cfg = et.ExitTrainConfig(inputs=[shard], output=str(tmp_path / "heads"), model="demo", exits=[4, 6, 8],
+                             val_fraction=0.25, max_train=96, max_val=48, epochs=2, batch_size=32, device="cpu",
+                             merge="keep0.8")
+    metrics = et.train_exits(cfg)
+    path = str(tmp_path / "heads" / et.HEADS)
+    bundle = models.load_clip("demo", None)
+    heads = enc.ExitHeads.load(path, bundle)
+    assert heads.merge == "keep0.8" and heads.identity["merge"] == "keep0.8"
+    assert metrics["heads"]["merge"] == "keep0.8"
+    # the features were taken from merged tokens: the early features differ from unmerged ones
+    encoder = enc.AdaptiveEncoder(bundle.model.visual, [4, 6, 8], heads).eval()
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        merged, full_m = encoder.exit_features(x, "keep0.8")
+        plain, full_p = encoder.exit_features(x)
+    assert not torch.allclose(merged[4], plain[4])
+    with pytest.raises(et.TrainExitsError, match="--finetune-backbone"):
+        et.train_exits(et.ExitTrainConfig(inputs=[shard], output=str(tmp_path / "ft"), model="demo",
+                                          finetune_backbone=True, merge="r2", device="cpu"))
