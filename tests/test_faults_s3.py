@@ -1,6 +1,7 @@
 """S3 faults, injected for real: a proxy in front of the moto server throttles (503 SlowDown), drops connections
 mid-response and denies access; transient faults are survived with the same result, permanent ones fail fast
 with a clear message and nothing written. See pipeline/storage.py for the retry layers these tests pin down.
+Also here: credentials never reach logs, errors or run.json (an S3 run with distinctive fake credentials).
 """
 
 from __future__ import annotations
@@ -8,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import time
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -15,9 +17,10 @@ import pyarrow.parquet as pq
 import pytest
 
 from faultproxy import FaultProxy
-from zoo import make_corpus, tar_bytes
+from zoo import make_corpus, tar_bytes, truncated_tar, write_tar_shard
 
-MODEL_ARGS = ["--model", "ViT-B-32", "--pretrained", "none", "--scorer", "heuristic", "--full-depth",
+# The shipped tiny demo CLIP: these tests are about storage, not the model.
+MODEL_ARGS = ["--model", "demo", "--scorer", "heuristic", "--full-depth",
               "--batch-size", "4", "--no-progress", "--decode-tasks", "1"]
 
 
@@ -265,3 +268,64 @@ def test_permanent_output_failures_stop_the_job_before_ray_starts(proxy, s3_corp
     assert time.monotonic() - t0 < 20
     direct.invalidate_cache()
     assert not direct.exists(f"{s3_corpus}/runs")
+
+
+# ----------------------------------------------------------------------------------------------- credentials
+
+SECRET_ID = "AKIAICARFAKEKEY7RELI"
+SECRET_KEY = "icarFAKEsecret/DoNotLog+0123456789abcdefXYZ"
+
+
+@pytest.mark.slow
+@pytest.mark.xfail(strict=True, reason="needs /work/team/patches/no-secrets-in-runtime-env.diff: Ray writes the "
+                                       "runtime_env, forwarded AWS secret included, to runtime_env_agent.log")
+def test_credentials_never_appear_in_logs_errors_or_run_json(s3_server, monkeypatch, ray_session, capfd, caplog,
+                                                             tmp_path):
+    """Run `icar embed` on S3 with distinctive fake credentials, a failing shard and a denied bucket; the
+    credentials appear in none of: this process's output and logs, the Ray session's log files, run.json,
+    the manifest, the error rows."""
+    import logging
+
+    import boto3
+    import s3fs
+
+    from jobs.embed import main
+
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", SECRET_ID)
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", SECRET_KEY)
+    s3fs.S3FileSystem.clear_instance_cache()
+    caplog.set_level(logging.DEBUG)
+    bucket = "icar-secrets"
+    boto3.client("s3", endpoint_url=s3_server, region_name="us-east-1").create_bucket(Bucket=bucket)
+    fs = s3fs.S3FileSystem(skip_instance_cache=True)
+    rng = np.random.default_rng(2)
+    write_tar_shard(tmp_path / "good.tar", make_corpus(rng, 3, max_side=64))
+    truncated_tar(tmp_path / "bad.tar")
+    fs.put(str(tmp_path / "good.tar"), f"{bucket}/in/good.tar")
+    fs.put(str(tmp_path / "bad.tar"), f"{bucket}/in/bad.tar")
+    run = f"s3://{bucket}/runs/r1"
+    rc = main([f"s3://{bucket}/in/*.tar", "--output", run, *MODEL_ARGS, "--shard-retries", "0",
+               "--storage-options", json.dumps({"key": SECRET_ID, "secret": SECRET_KEY})])
+    assert rc != 0  # bad.tar failed
+    rc2 = main([f"s3://{bucket}/in/*.tar", "--output", "s3://icar-no-such-bucket-secrets/r", *MODEL_ARGS])
+    assert rc2 == 2
+    out = capfd.readouterr()
+    texts = {"stdout": out.out, "stderr": out.err}
+    # Every log record, DEBUG included: the secret never. The access key id (an identifier, not a secret) is in
+    # botocore's DEBUG dump of the signed request headers; it must not appear at INFO or above, nor from our code.
+    for r in caplog.records:
+        message = r.getMessage()
+        ours = r.name.split(".")[0] in ("pipeline", "jobs", "icar")
+        if SECRET_KEY in message or (SECRET_ID in message and (ours or r.levelno >= logging.INFO)):
+            texts[f"log record of {r.name} at {r.levelname}"] = message
+    fs.invalidate_cache()
+    for path in fs.find(f"{bucket}/runs"):
+        texts[path] = fs.cat_file(path).decode("latin-1")
+    logs_dir = Path(ray_session._private.worker._global_node.get_logs_dir_path())
+    time.sleep(1.0)  # let Ray's log writers flush
+    for p in logs_dir.rglob("*"):
+        if p.is_file():
+            texts[str(p)] = p.read_bytes().decode("latin-1")
+    assert len(texts) > 5 and len(caplog.records) > 50
+    leaks = [where for where, text in texts.items() if SECRET_KEY in text or SECRET_ID in text]
+    assert not leaks, f"credentials found in: {leaks}"
