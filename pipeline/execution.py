@@ -22,7 +22,8 @@ import numpy as np
 from . import storage
 from .config import EmbedConfig, ModelSpec
 from .schema import RUN_JSON, SHARD_DIR
-from .shards import Manifest, RunStateError, ShardRows, commit_shard, manifest_row, write_shard_failure
+from .shards import (Manifest, RunStateError, ShardRows, commit_shard, manifest_row, record_duplicate_keys,
+                     write_shard_failure)
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +53,7 @@ class EmbedSummary:
     seconds: float = 0.0
     model_seconds: float = 0.0
     exit_counts: dict[int, int] = field(default_factory=dict)
+    duplicate_keys: int = 0  # rows whose key another input shard committed first (RUN/duplicates.parquet)
 
     @property
     def exit_code(self) -> int:
@@ -66,7 +68,9 @@ class EmbedSummary:
         return (f"icar embed: {self.images} images, {self.errors} errors, {self.shards_committed} shards committed "
                 f"({self.shards_skipped} already done, {len(self.shards_failed)} failed), "
                 f"{self.gflops:.1f} GFLOPs ({saved:.1f}% below full depth), exits {mix}, "
-                f"{self.seconds:.1f}s wall, {rate:.1f} images/s")
+                f"{self.seconds:.1f}s wall, {rate:.1f} images/s"
+                + (f"; {self.duplicate_keys} duplicate keys across shards (duplicates.parquet)"
+                   if self.duplicate_keys else ""))
 
 
 def forwarded_env() -> dict[str, str]:
@@ -376,6 +380,9 @@ def run_embed(cfg: EmbedConfig) -> EmbedSummary:
             ray.kill(a)
         ray.kill(counter)
 
+    if manifest.rows:
+        # Every invocation checks the whole run: one killed before its check leaves no trace of what it committed.
+        summary.duplicate_keys = record_duplicate_keys(cfg.output, manifest.rows, cfg.storage_options)
     summary.full_depth_gflops = full_gflops * summary.images
     summary.seconds = time.perf_counter() - t_start
     record_invocation(cfg, summary, started)
@@ -395,6 +402,7 @@ def record_invocation(cfg: EmbedConfig, summary: EmbedSummary, started: str) -> 
         "shards_committed": summary.shards_committed,
         "shards_skipped": summary.shards_skipped,
         "shards_failed": len(summary.shards_failed),
+        "duplicate_keys": summary.duplicate_keys,
         "gflops": summary.gflops,
         "model_seconds": round(summary.model_seconds, 3),
     })

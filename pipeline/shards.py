@@ -180,6 +180,58 @@ class Manifest:
         storage.write_parquet(table, self.url, self.storage_options)
 
 
+# Keys committed by more than one input shard, as error rows (stage "dedup"), beside the manifest. Not under
+# errors/, whose files are named after parts.
+DUPLICATES = "duplicates.parquet"
+
+
+def find_duplicate_keys(run: str, rows: list[dict], storage_options: dict | None = None) -> pa.Table:
+    """Return an error row (stage "dedup") for each key that a shard earlier in part order already committed.
+
+    Shard tasks drop repeated keys within their own shard; across shards only this check can see them. It reads
+    the key column of every committed shard, so the driver holds all keys at once (~60 bytes per key with Arrow's
+    hash table): fine to ~100M keys; beyond that, check at index time, where the ids are materialised anyway.
+    """
+    pieces = []
+    for r in sorted(rows, key=lambda r: r["part"]):
+        keys = storage.read_parquet(storage.join(run, r["output"]), storage_options, ["key"]).column("key")
+        pieces.append(pa.table({"key": keys, "source": pa.array([r["source"]] * len(keys), pa.string())}))
+    empty = pa.Table.from_pylist([], schema=ERROR_SCHEMA)
+    if not pieces:
+        return empty
+    table = pa.concat_tables(pieces)
+    counts = pc.value_counts(table.column("key"))
+    repeated = counts.field("values").filter(pc.greater(counts.field("counts"), 1))
+    if len(repeated) == 0:
+        return empty
+    first: dict[str, str] = {}
+    out: list[dict] = []
+    for row in table.filter(pc.is_in(table.column("key"), value_set=repeated)).to_pylist():
+        if row["key"] not in first:
+            first[row["key"]] = row["source"]
+            continue
+        out.append({"key": row["key"], "source": row["source"], "stage": "dedup",
+                    "error": f"duplicate key {row['key']!r}: {first[row['key']]} committed it first; keys must be "
+                             "unique across the corpus (search results name images by key and an index holds both "
+                             "rows): rename or drop one of them in the inputs"})
+    return pa.Table.from_pylist(out, schema=ERROR_SCHEMA)
+
+
+def record_duplicate_keys(run: str, rows: list[dict], storage_options: dict | None = None) -> int:
+    """Write RUN/duplicates.parquet (or remove a stale one); return how many rows repeat an earlier key."""
+    dups = find_duplicate_keys(run, rows, storage_options)
+    url = storage.join(run, DUPLICATES)
+    if dups.num_rows:
+        storage.write_parquet(dups, url, storage_options)
+        first = dups.slice(0, 1).to_pylist()[0]
+        log.warning("%d keys were committed by more than one input shard, e.g. %s; listed in %s", dups.num_rows,
+                    first["error"], url)
+    elif storage.exists(url, storage_options):
+        fs, path = storage.filesystem(url, storage_options)
+        fs.rm(path)
+    return dups.num_rows
+
+
 def read_run_table(run: str, columns: list[str] | None = None, storage_options: dict | None = None) -> pa.Table:
     """Return all committed rows of ``run`` (shards listed in its manifest, in part order)."""
     manifest = Manifest(run, storage_options)

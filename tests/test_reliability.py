@@ -820,7 +820,6 @@ def test_zoo_broken_shards_are_reported_and_the_job_exits_nonzero(zoo_run):
         assert Path(failure[0]["source"]).name == name
 
 
-@pytest.mark.xfail(strict=True, reason="needs /work/team/patches/duplicate-keys.diff (cross-shard keys unchecked)")
 def test_duplicate_keys_across_shards_are_reported(zoo_run):
     """A key in two input shards (zoo-duplicate: in the tar and in the Parquet file) is reported: the later one is
     listed in RUN/duplicates.parquet naming the shard that committed it first, and the summary line says so."""
