@@ -85,15 +85,20 @@ def config_from_args(a: argparse.Namespace) -> EmbedConfig:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run the embed job; return 0 when every input shard was committed, 1 when any failed, 2 on bad input."""
+    """Run the embed job; return 0 when every input shard was committed, 1 when any failed (or the output ran out
+    of space, or the store kept failing), 2 on bad input (a missing bucket and denied access included)."""
     from pipeline.execution import run_embed
     from pipeline.readers import InputError
     from pipeline.shards import RunStateError
+    from pipeline.storage import StorageError, StorageFullError
 
     args = build_parser().parse_args(argv)
     cfg = config_from_args(args)
     try:
         summary = run_embed(cfg)
+    except StorageError as e:  # the message names the URL, the cause and the fix; committed work is kept
+        print(f"icar embed: error: {e}", file=sys.stderr)
+        return 2 if e.permanent and not isinstance(e, StorageFullError) else 1
     except (InputError, RunStateError, ValueError, FileNotFoundError) as e:
         print(f"icar embed: error: {e}", file=sys.stderr)
         return 2

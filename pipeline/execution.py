@@ -280,7 +280,9 @@ def run_embed(cfg: EmbedConfig) -> EmbedSummary:
     t_start = time.perf_counter()
     started = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
     shards = expand_inputs(cfg.inputs, cfg.storage_options)
-    storage.makedirs(cfg.output, cfg.storage_options)
+    # Before any cluster or model starts: a missing bucket, denied writes or a read-only or full disk end the
+    # job here, in about a second, with nothing written (raises storage.StorageError).
+    storage.check_writable(cfg.output, cfg.storage_options)
     manifest = Manifest(cfg.output, cfg.storage_options)
     plan = assign_parts(shards, manifest, cfg.reembed_changed)
     summary = EmbedSummary(run=cfg.output, shards_skipped=len(shards) - len(plan))

@@ -249,7 +249,6 @@ def test_embed_into_a_missing_bucket_is_a_clear_error(proxy, s3_corpus, direct, 
     assert "Traceback" not in err
 
 
-@pytest.mark.xfail(strict=True, reason="needs /work/team/patches/storage-preflight.diff (check the output before Ray)")
 def test_permanent_output_failures_stop_the_job_before_ray_starts(proxy, s3_corpus, direct, monkeypatch, capsys):
     """A missing bucket or denied writes end the job in about a second, before any cluster or model starts."""
     from jobs.embed import main
