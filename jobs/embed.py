@@ -105,6 +105,8 @@ def main(argv: list[str] | None = None) -> int:
     for source, message in summary.shards_failed:
         print(f"FAILED {source}: {message}", file=sys.stderr)
     print(summary.line())
+    if not (summary.shards_committed or summary.shards_skipped):
+        return summary.exit_code  # nothing committed (every shard failed): no report to audit, exit 1 says why
     return max(summary.exit_code, print_report_summary(cfg))
 
 
