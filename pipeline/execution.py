@@ -227,7 +227,11 @@ def check_run_identity(run: str, description: dict, storage_options: dict) -> No
 
 
 def remove_orphans(run: str, manifest: Manifest, storage_options: dict) -> None:
-    """Delete output shards that a crash left committed but unrecorded; their inputs are embedded again."""
+    """Delete output shards that a crash left committed but unrecorded (their inputs are embedded again), and
+    the hidden temporaries of atomic writes that a killed writer left behind (no writer of this run is alive
+    yet when this runs)."""
+    from .schema import ERROR_DIR
+
     fs, path = storage.filesystem(storage.join(run, SHARD_DIR), storage_options)
     if not fs.exists(path):
         return
@@ -237,6 +241,15 @@ def remove_orphans(run: str, manifest: Manifest, storage_options: dict) -> None:
         if name.startswith("part-") and name.endswith(".parquet") and name not in recorded:
             log.warning("removing %s: committed by an interrupted run but not in the manifest; it is redone", name)
             fs.rm(f)
+    for folder in ("", SHARD_DIR, ERROR_DIR):
+        fs, path = storage.filesystem(storage.join(run, folder) if folder else run, storage_options)
+        if not fs.exists(path):
+            continue
+        for f in fs.ls(path, detail=False):
+            name = f.rstrip("/").rsplit("/", 1)[-1]
+            if name.startswith(".") and ".tmp-" in name:
+                log.info("removing %s/%s: a temporary file of a write that was interrupted", folder or ".", name)
+                fs.rm(f)
 
 
 def changed_since_commit(shard, row: dict) -> bool:
