@@ -45,7 +45,8 @@ class EmbedConfig:
     shard_retries: int = 2  # retries of a failing input shard before it is reported as failed
     shard_timeout_s: float = 6 * 3600.0  # a shard task that takes longer is cancelled and reported
     actor_start_timeout_s: float = 600.0  # model actors must be up by then (model download/load included)
-    storage_options: dict = field(default_factory=dict)  # fsspec options (e.g. {"anon": true}); never logged
+    # fsspec options (e.g. {"anon": true}); may hold credentials: never logged, and left out of repr()
+    storage_options: dict = field(default_factory=dict, repr=False)
     progress: bool = True  # progress bar on stderr
     limit_shards: int | None = None  # embed at most this many pending shards (smoke runs)
     reembed_changed: bool = False  # embed again committed inputs whose size/mtime/ETag changed (scheduled reindex)

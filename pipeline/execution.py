@@ -27,12 +27,15 @@ from .shards import (Manifest, RunStateError, ShardRows, commit_shard, manifest_
 
 log = logging.getLogger(__name__)
 
-# Standard AWS variables forwarded from the driver to tasks and actors, so workers reach the same endpoint
-# with the same credentials however the Ray instance was started. ICAR never logs the values, but Ray writes
-# runtime_env to its own runtime_env_agent.log (known gap; a fix passes secrets as task arguments instead).
-FORWARDED_ENV = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY",
-                 "AWS_SESSION_TOKEN", "AWS_DEFAULT_REGION", "AWS_REGION", "AWS_PROFILE",
+# Standard AWS settings forwarded from the driver to tasks and actors in their runtime environment, so workers
+# reach the same endpoint however the Ray instance was started. Ray writes every runtime_env to its own logs
+# (runtime_env_agent.log) and shows it in the dashboard, so no secret may be among these.
+FORWARDED_ENV = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_DEFAULT_REGION", "AWS_REGION", "AWS_PROFILE",
                  "AWS_SHARED_CREDENTIALS_FILE", "AWS_CONFIG_FILE", "ICAR_CACHE_DIR")
+# Credentials travel as task and actor arguments instead (held in the object store, never logged); each worker
+# puts them into its own environment before it touches storage. Nodes with their own credentials (instance
+# roles, IRSA) need none of this: with no such variable set on the driver, nothing is sent.
+SECRET_ENV = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN")
 
 # Fields of run.json that must match for a resumed run to add shards to an existing run directory.
 IDENTITY_FIELDS = ("model", "exits", "heads", "router", "scorer", "image_size")
@@ -74,8 +77,19 @@ class EmbedSummary:
 
 
 def forwarded_env() -> dict[str, str]:
-    """Return the driver's storage-related environment variables that workers must share."""
+    """Return the driver's storage-related environment variables that workers must share (no secrets)."""
     return {k: os.environ[k] for k in FORWARDED_ENV if os.environ.get(k)}
+
+
+def forwarded_secrets() -> dict[str, str]:
+    """Return the driver's credentials from the environment, for workers (as arguments, never in runtime_env)."""
+    return {k: os.environ[k] for k in SECRET_ENV if os.environ.get(k)}
+
+
+def apply_secrets(secrets: dict[str, str] | None) -> None:
+    """Put the driver's credentials into this worker process's environment, where S3 clients look for them."""
+    for k, v in (secrets or {}).items():
+        os.environ[k] = v
 
 
 def process_shard(shard, part: int, cfg: EmbedConfig, facts: ModelFacts, submit, fetch, on_batch=None) -> dict:
@@ -307,10 +321,11 @@ def run_embed(cfg: EmbedConfig) -> EmbedSummary:
     resources = plan_resources(ray, cfg)
     env = forwarded_env()
     runtime_env = {"env_vars": env} if env else None
+    secrets = forwarded_secrets()
     actor_cls = ray.remote(ModelActor)
     actors = [
         actor_cls.options(num_cpus=resources["cpus_per_actor"], num_gpus=resources["gpus_per_actor"],
-                          max_restarts=-1, max_task_retries=-1, runtime_env=runtime_env).remote(cfg.spec)
+                          max_restarts=-1, max_task_retries=-1, runtime_env=runtime_env).remote(cfg.spec, secrets)
         for _ in range(resources["actors"])
     ]
     try:
@@ -351,7 +366,7 @@ def run_embed(cfg: EmbedConfig) -> EmbedSummary:
         while pending or in_flight:
             while pending and len(in_flight) < resources["decode_tasks"]:
                 shard, part = pending.popleft()
-                ref = task.remote(shard, part, cfg, facts, actors[next_actor % len(actors)], counter)
+                ref = task.remote(shard, part, cfg, facts, actors[next_actor % len(actors)], counter, secrets)
                 next_actor += 1
                 in_flight[ref] = (shard, part, time.monotonic())
             ready, _ = ray.wait(list(in_flight), num_returns=1, timeout=2.0)
@@ -445,9 +460,10 @@ def progress_bar(total: int, enabled: bool):
 class ModelActor:
     """A model worker on a Ray actor (one per GPU, or a CPU actor on CPU-only clusters)."""
 
-    def __init__(self, spec: ModelSpec):
+    def __init__(self, spec: ModelSpec, secrets: dict[str, str] | None = None):
         from .worker import ModelWorker
 
+        apply_secrets(secrets)  # checkpoints may live on S3
         logging.basicConfig(level=logging.WARNING)
         logging.getLogger("pipeline").setLevel(logging.INFO)
         self.worker = ModelWorker(spec)
@@ -474,9 +490,12 @@ class ProgressCounter:
         return self.images, self.errors
 
 
-def shard_task(shard, part: int, cfg: EmbedConfig, facts: ModelFacts, actor, counter) -> dict:
+def shard_task(shard, part: int, cfg: EmbedConfig, facts: ModelFacts, actor, counter,
+               secrets: dict[str, str] | None = None) -> dict:
     """Ray task: embed one input shard through ``actor`` and commit it; returns the manifest row."""
     import ray
+
+    apply_secrets(secrets)
 
     def fetch(ref):
         # A batch that takes this long means a hung actor: fail the shard (it is retried) instead of waiting.

@@ -707,6 +707,14 @@ def encode_caption_queries(identity: dict, captions: list[str], device: str) -> 
 
 # ----------------------------------------------------------------------------------------------- build
 
+def _with_secrets(secrets: dict[str, str], fn, *args):
+    """Ray task: put the driver's credentials into this worker's environment, then return ``fn(*args)``."""
+    from .execution import apply_secrets
+
+    apply_secrets(secrets)
+    return fn(*args)
+
+
 class _Runner:
     """Runs add/sample work in this process (one worker) or as Ray tasks; the same functions either way."""
 
@@ -717,11 +725,12 @@ class _Runner:
         self.workers = 1  # add groups to form (at least)
         self.concurrency = 1  # tasks in flight at once
         self.runtime_env = None
+        self.secrets: dict[str, str] = {}
         if cfg.workers == 1 and not cfg.resolved_address():
             return
         import ray
 
-        from .execution import forwarded_env
+        from .execution import forwarded_env, forwarded_secrets
 
         self.ray = ray
         if not ray.is_initialized():
@@ -748,6 +757,8 @@ class _Runner:
         self.concurrency = max(1, min(wanted, cluster_cpus))
         env = forwarded_env()
         self.runtime_env = {"env_vars": env} if env else None
+        # Credentials travel as a task argument, never in runtime_env (Ray writes that to its logs).
+        self.secrets = forwarded_secrets()
 
     def map(self, fn, calls: list[tuple], desc: str, unit_sizes: list[int] | None = None) -> list:
         """Return fn(*args) for each args tuple in ``calls``, in order; tasks when on Ray."""
@@ -766,15 +777,16 @@ class _Runner:
                         bar.update(unit_sizes[i] if unit_sizes else 1)
                 return results
             ray = self.ray
-            remote = ray.remote(fn).options(num_cpus=1, max_retries=self.cfg.task_retries, retry_exceptions=True,
-                                            runtime_env=self.runtime_env)
+            # Named after fn: the dashboard, `ray list tasks` and the worker's process title show ray::add_group.
+            remote = ray.remote(_with_secrets).options(name=fn.__name__, num_cpus=1, retry_exceptions=True,
+                                                       max_retries=self.cfg.task_retries, runtime_env=self.runtime_env)
             pending = {}
             queue = list(enumerate(calls))
             # At most `concurrency` tasks in flight: bounded memory on every node, and no task waits holding args.
             while queue or pending:
                 while queue and len(pending) < self.concurrency:
                     i, args = queue.pop(0)
-                    pending[remote.remote(*args)] = i
+                    pending[remote.remote(self.secrets, fn, *args)] = i
                 done, _ = ray.wait(list(pending), num_returns=1, timeout=self.cfg.task_timeout_s)
                 if not done:
                     raise TimeoutError(f"{desc}: no task finished within {self.cfg.task_timeout_s:.0f}s "

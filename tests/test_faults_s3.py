@@ -277,8 +277,6 @@ SECRET_KEY = "icarFAKEsecret/DoNotLog+0123456789abcdefXYZ"
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=True, reason="needs /work/team/patches/no-secrets-in-runtime-env.diff: Ray writes the "
-                                       "runtime_env, forwarded AWS secret included, to runtime_env_agent.log")
 def test_credentials_never_appear_in_logs_errors_or_run_json(s3_server, monkeypatch, ray_session, capfd, caplog,
                                                              tmp_path):
     """Run `icar embed` on S3 with distinctive fake credentials, a failing shard and a denied bucket; the
