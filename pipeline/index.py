@@ -885,8 +885,21 @@ def _build(cfg: IndexConfig, plan: RunPlan, params: IndexParams, runner: _Runner
     so = cfg.storage_options or None
     out = cfg.output.rstrip("/")
     work = (cfg.work_dir.rstrip("/") if cfg.work_dir else storage.join(out, "_build")) + f"/{uuid.uuid4().hex[:12]}"
+    if not cfg.work_dir and storage.exists(storage.join(out, "_build"), so):
+        # Partial indexes of an earlier build of this output that was killed (SIGKILL, a preempted driver) are
+        # never reused and can be as large as the index: remove them before writing new ones.
+        log.warning("removing %s: partial indexes left by an interrupted build", storage.join(out, "_build"))
+        _remove_tree(storage.join(out, "_build"), so)
     scratch = tempfile.mkdtemp(prefix="icar-index-")
     storage.makedirs(out, so)
+    marker = storage.join(out, INDEX_JSON)
+    if cfg.overwrite and storage.exists(marker, so):
+        # Unmark the old index before anything in OUTPUT is replaced: a build killed halfway must never leave the
+        # old index.json describing a new ids.parquet or index.faiss (a searcher would name the wrong images).
+        # The plan and the budgets were accepted above, so a refused build never gets this far.
+        fs, path = storage.filesystem(marker, so)
+        fs.rm(path)
+        log.info("--overwrite: removed the old %s; %s is incomplete until this build writes its own", INDEX_JSON, out)
     b = _Build(cfg, plan, params, runner, out, work, scratch, so, reasons, max_index, max_build)
     b.reused = trained_bytes
     try:

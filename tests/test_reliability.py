@@ -559,9 +559,6 @@ def test_sigkilled_index_driver_converges_to_the_undisturbed_index(index_runs, i
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=True, reason="needs /work/team/patches/index-crash-safety.diff: an overwrite killed after "
-                                       "ids.parquet leaves the old index.json over new ids, and partial indexes of a "
-                                       "killed build stay in OUTPUT/_build forever")
 def test_overwrite_killed_midway_never_shows_a_mismatched_index_nor_leaks_partials(index_runs, tmp_path):
     """`icar index --overwrite` over a complete index, SIGKILLed while writing partial indexes and then right after
     it replaced ids.parquet: the directory must never pair the old index.json with new ids (a searcher would name
