@@ -360,7 +360,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"  model work: actor {summary['actor_model_cpu_ms_per_img']:.1f} CPU ms/img inside embed vs bare "
           f"{summary['cpu_ms_per_img_bare']:.1f}; CPU share while computing: actor {summary['actor_cpu_share_in_embed']:.2f}"
           f" of a core, bare {summary['bare_cpu_share']:.2f} (a wall gap with equal work is a smaller CPU share: "
-          f"other processes on the machine, Ray workers run at nice 15)")
+          f"other processes on the machine)")
     if compiled is not None:
         c_wall = median(r["wall"] for r in results["bare_compiled"])
         summary["bare_compiled_img_s"] = n / c_wall
