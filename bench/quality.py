@@ -13,8 +13,10 @@ demo CLIP (8 blocks, exit heads at 4/6/8):
 - the trade-off curve: recall@1 of every routing policy at GFLOP budgets from 0.55 to 1.0 of full depth, with
   the images moved off full depth shared equally by the early exits (the shipped router's rule) and, for the
   trained scorer and random routing, sent to the deepest early exit first (``icar calibrate --shares 0,1``);
-- two diagnostics of what a complexity router has to get right: recall@1 at every fixed depth per
-  ground-truth complexity quintile, and the trained scorer's routing inverted (complex images leave first).
+- three diagnostics of what a complexity router has to get right: recall@1 at every fixed depth per
+  ground-truth complexity quintile; the trained scorer's routing inverted (complex images leave first); and,
+  per row, text→image recall@1 in the routed mixed-depth gallery beside each image searched among images of
+  its own depth (what mixing depths in one index costs beyond each exit's own weakness).
 
 Every image is decoded and embedded once at every exit (``AdaptiveEncoder.forward_all_exits``); a routing policy
 only picks, per image, which exit's embedding it keeps (``router.routed_embeddings``), so one pass serves every
@@ -253,6 +255,19 @@ class Evaluator:
         self.full = self.exits[-1]
         self.full_gflops = gflops_per_exit[self.full]
         self.full_recall = self.recall(np.full(len(captions), self.full))
+        # Per image (one query per image's caption, any image with the same caption a hit): whether text→image
+        # finds it first in a gallery where every image has that one depth.
+        members: dict[int, list[int]] = {}
+        for i, g in enumerate(self.groups):
+            members.setdefault(int(g), []).append(i)
+        self.relevant = [members[int(g)] for g in self.groups]
+        self.own_depth_hit = {e: self._t2i_hits(emb) for e, emb in exit_embeddings.items()}
+
+    def _t2i_hits(self, images: np.ndarray) -> np.ndarray:
+        """Return, per image, whether its caption retrieves it (or a same-caption twin) first among ``images``."""
+        from pipeline.metrics import best_relevant_rank
+
+        return best_relevant_rank(self.text @ images.T, self.relevant) == 0
 
     def recall(self, depth: np.ndarray) -> dict:
         """Return {"t2i": {k: r}, "i2t": {k: r}} of the embeddings chosen by ``depth``."""
@@ -263,13 +278,20 @@ class Evaluator:
 
     def row(self, name: str, depth: np.ndarray, scorer_gflops: float, **extra) -> dict:
         """Return one result row: recall, % of full depth, exit mix and mean GFLOPs per image (scorer included)."""
+        from pipeline.router import routed_embeddings
+
         depth = np.asarray(depth)
         recall = self.recall(depth)
         tower = float(np.mean([self.gflops_per_exit[int(d)] for d in depth]))
         gflops = tower + scorer_gflops
         pct = {d: {k: 100.0 * recall[d][k] / self.full_recall[d][k] if self.full_recall[d][k] else float("nan")
                    for k in KS} for d in ("t2i", "i2t")}
+        # Mixed-depth gallery vs each image searched among images of its own depth (per-image caption queries):
+        # the difference is what mixing depths in one index costs beyond each exit's own weakness.
+        mixed = float(self._t2i_hits(routed_embeddings(depth, self.exit_embeddings)).mean())
+        own = float(np.mean([self.own_depth_hit[int(d)][i] for i, d in enumerate(depth)]))
         return {"name": name, "recall": recall, "pct_of_full": pct, "gflops": gflops, "tower_gflops": tower,
+                "t2i_r1_per_image": {"mixed_gallery": mixed, "own_depth_gallery": own},
                 "scorer_gflops": scorer_gflops, "cost_fraction": gflops / self.full_gflops,
                 "saved": 1.0 - gflops / self.full_gflops,
                 "mix": {str(e): float(np.mean(depth == e)) for e in self.exits}, **extra}
@@ -284,6 +306,8 @@ def mean_rows(rows: list[dict], name: str, **extra) -> dict:
     out["recall_std"] = {d: {k: float(np.std([r["recall"][d][k] for r in rows])) for k in KS} for d in ("t2i", "i2t")}
     for key in ("gflops", "tower_gflops", "scorer_gflops", "cost_fraction", "saved"):
         out[key] = float(np.mean([r[key] for r in rows]))
+    out["t2i_r1_per_image"] = {g: float(np.mean([r["t2i_r1_per_image"][g] for r in rows]))
+                               for g in ("mixed_gallery", "own_depth_gallery")}
     out["mix"] = {e: float(np.mean([r["mix"][e] for r in rows])) for e in rows[0]["mix"]}
     return out
 
@@ -511,14 +535,9 @@ def recall_by_complexity(ev: Evaluator, truth: np.ndarray, bins: int = 5) -> lis
     out = [{"bin": b, "complexity": [float(truth[which == b].min()), float(truth[which == b].max())],
             "images": int((which == b).sum()), "t2i_r1": {}, "i2t_r1": {}} for b in range(bins) if (which == b).any()]
     for e in ev.exits:
-        emb = ev.exit_embeddings[e]
-        # per image: is its own caption's best match itself (t2i) / is its best caption its own (i2t)
-        sim = ev.text @ emb.T
-        images_of_group = {}
-        for i, g in enumerate(ev.groups):
-            images_of_group.setdefault(int(g), []).append(i)
-        t2i_hit = (best_relevant_rank(sim, [images_of_group[int(g)] for g in ev.groups]) == 0)
-        i2t_hit = (best_relevant_rank(sim.T, [images_of_group[int(g)] for g in ev.groups]) == 0)
+        # per image: does its caption find it first (t2i) / does it find its caption first (i2t)
+        t2i_hit = ev.own_depth_hit[e]
+        i2t_hit = best_relevant_rank((ev.text @ ev.exit_embeddings[e].T).T, ev.relevant) == 0
         for row in out:
             mask = which == row["bin"]
             row["t2i_r1"][str(e)] = float(t2i_hit[mask].mean())
@@ -565,8 +584,8 @@ def format_report(r: dict) -> str:
              f"{r['corpus']['val_images']} val images. Demo CLIP, exits {r['model']['exits']}, full depth "
              f"{g_full:.4f} GFLOPs per image.", "",
              "| routing | t2i R@1 | R@5 | R@10 | i2t R@1 | R@5 | R@10 | % of full R@1 (t2i / i2t) "
-             "| % of full R@10 | GFLOPs/img | saved | exit mix |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| % of full R@10 | GFLOPs/img | saved | exit mix | t2i R@1 per image: mixed / own-depth gallery |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for row in r["rows"]:
         spread = ""
         if "recall_std" in row:
@@ -577,8 +596,11 @@ def format_report(r: dict) -> str:
             f"{row['recall']['t2i'][10]:.3f} | {row['recall']['i2t'][1]:.3f} | {row['recall']['i2t'][5]:.3f} | "
             f"{row['recall']['i2t'][10]:.3f} | {row['pct_of_full']['t2i'][1]:.1f} / {row['pct_of_full']['i2t'][1]:.1f} "
             f"| {row['pct_of_full']['t2i'][10]:.1f} / {row['pct_of_full']['i2t'][10]:.1f} | {row['gflops']:.4f} "
-            f"| {100 * row['saved']:.1f} % | {mix} |")
-    lines += ["", "Exit mix: % of images leaving at exits " + " / ".join(map(str, r["model"]["exits"])) + ".", "",
+            f"| {100 * row['saved']:.1f} % | {mix} | {row['t2i_r1_per_image']['mixed_gallery']:.3f} / "
+            f"{row['t2i_r1_per_image']['own_depth_gallery']:.3f} |")
+    lines += ["", "Exit mix: % of images leaving at exits " + " / ".join(map(str, r["model"]["exits"])) + ". Last "
+              "column: text→image R@1 with one query per image, in the routed (mixed-depth) gallery and with each "
+              "image searched among images of its own depth; the gap is what mixing depths in one index costs.", "",
               "| scorer | GFLOPs/img | × demo tower | PLCC vs truth | SRCC vs truth |", "|---|---|---|---|---|"]
     for key, s in r["scorers"].items():
         if key == "oracle":

@@ -55,6 +55,9 @@ def test_rows_cover_every_policy_with_consistent_gflops(result):
     for e in exits[:-1]:
         assert rows[f"exit{e}"]["gflops"] == pytest.approx(gpe[e])
     assert rows["full"]["gflops"] == pytest.approx(gpe[exits[-1]])
+    for e in exits:  # a single-depth gallery is its own-depth gallery
+        fixed = rows["full" if e == exits[-1] else f"exit{e}"]["t2i_r1_per_image"]
+        assert fixed["mixed_gallery"] == fixed["own_depth_gallery"]
     assert rows["full"]["pct_of_full"]["t2i"]["1"] == pytest.approx(100.0)
     assert rows["trained"]["scorer_gflops"] > 0 and rows["heuristic_shipped"]["scorer_gflops"] > 0
     assert rows["random"]["scorer_gflops"] == 0 and rows["oracle"]["scorer_gflops"] == 0
