@@ -586,6 +586,7 @@ def test_overwrite_killed_midway_never_shows_a_mismatched_index_nor_leaks_partia
     done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert check_index_dir(idx) == {"complete": True, "build_dirs": 0}
+    record("index-overwrite-sigkill", kills=2, runs=3, survived=3, mismatched_index_seen=0, partials_left=0)
 
 
 # ----------------------------------------------------------------------------------------------- reindex under faults
@@ -825,6 +826,7 @@ def test_duplicate_keys_across_shards_are_reported(zoo_run):
     assert dups[0]["stage"] == "dedup" and dups[0]["source"].endswith("b-zoo.parquet")
     assert "a-zoo.tar" in dups[0]["error"]
     assert "1 duplicate keys across shards" in zoo_run["stdout"]
+    record("duplicate-keys", keys_in_two_shards=1, reported=1)
 
 
 # ----------------------------------------------------------------------------------------------- 5. resources
