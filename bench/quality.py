@@ -82,8 +82,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         "into --cache-dir with the shipped model's parameters")
     p.add_argument("--cache-dir", default=os.path.join(os.path.expanduser("~"), ".cache", "icar", "bench-quality"),
                    help="where a generated corpus and the trained scorer are kept between runs")
-    p.add_argument("--n-test", type=int, default=None, help="test images to use (default: the whole test split; a smaller gallery is easier, so "
-                                                      "its recall is not comparable)")
+    p.add_argument("--n-test", type=int, default=None,
+                   help="test images to use (default: the whole test split; a smaller gallery is easier, so its "
+                        "recall is not comparable)")
     p.add_argument("--n-val", type=int, default=None, help="val images to calibrate on (default: the whole split)")
     p.add_argument("--budget", type=float, default=0.75,
                    help="GFLOP budget of the main table's routed rows, as a fraction of full depth (scorer "
@@ -458,7 +459,8 @@ def run(a: argparse.Namespace) -> dict:
     h = ev.row("ICAR, heuristic (shipped router.json)", shipped.route(scorers["heuristic"]["test"]),
                scorers["heuristic"]["gflops"], policy="heuristic_shipped", thresholds=shipped.thresholds,
                budget=shipped.calibration.get("target"))
-    recal = threshold_row(ev, f"ICAR, heuristic (calibrated on val at {a.budget})", scorers["heuristic"]["val"], scorers["heuristic"]["test"],
+    recal = threshold_row(ev, f"ICAR, heuristic (calibrated on val at {a.budget})", scorers["heuristic"]["val"],
+                          scorers["heuristic"]["test"],
                           scorers["heuristic"]["gflops"], a.budget)
     rows.append(h)
     if recal is not None and a.budget != shipped.calibration.get("target"):
