@@ -181,6 +181,7 @@ class ProfileRouter:
         self._levels = ThresholdRouter(range(1, len(self.profiles) + 1), thresholds, scorer_identity, calibration)
         self._depths = np.asarray([p.exit for p in self.profile_list], np.int16)
         self.heads = {str(k): str(v) for k, v in (heads or {}).items()}
+        self.needs_scores = len(self.profiles) > 1  # one profile (e.g. merging only) routes without a scorer
 
     thresholds = property(lambda self: self._levels.thresholds)
     scorer_identity = property(lambda self: self._levels.scorer_identity)
@@ -542,6 +543,11 @@ def calibrate_profiles_budget(scores, profiles: Sequence[str], gflops_per_profil
                               scorer_identity: dict | None = None) -> ProfileRouter:
     """Return the ProfileRouter whose expected cost on ``scores`` is at most ``budget`` × the dearest profile's."""
     ordered, table = _profile_levels(profiles, gflops_per_profile)
+    floor = (scorer_gflops + table[1]) / table[len(ordered)]
+    if 0 < budget < floor - 1e-12:
+        raise ValueError(f"a budget of {budget:.3f} × the dearest profile {ordered[-1]} is unreachable: the scorer "
+                         f"({scorer_gflops:.4f} GFLOPs) plus the cheapest profile {ordered[0]} ({table[1]:.4f}) already "
+                         f"cost {floor:.3f}; raise the budget or offer a cheaper profile")
     inner = calibrate_budget(scores, list(table), table, scorer_gflops, budget, shares=shares,
                              scorer_identity=scorer_identity)
     return _as_profile_router(inner, ordered, {p: table[i + 1] for i, p in enumerate(ordered)}, scorer_identity)

@@ -1,0 +1,414 @@
+"""Benchmark: token merging composed with early exit, on the demo corpus's held-out test split, all from one run.
+
+For the shipped demo CLIP (8 blocks, 64 px, patch 16: only 16 patch tokens + the class token) and its heuristic
+complexity scorer, on the test split (never used to train the model, its heads, the routers or the scorer):
+
+- full depth:              every image through all 8 blocks (profile ``8``);
+- exits only:              the shipped router (pipeline/assets/demo/router.json: exits 4/6/8, calibrated to 0.75 of
+                           full-depth GFLOPs on the val split);
+- merging only:            every image at full depth with tokens merged by ``--merge`` (profile ``8@S``), no scorer;
+- exits + merging:         ProfileRouter calibrated on the val split like ``icar calibrate --profiles P
+                           --gflops-budget B`` (one row per ``--budgets`` entry). P is chosen on the val split, not
+                           on test: of the ``--candidates`` (exit depths × merge schedules), the profiles on the
+                           recall@1-vs-GFLOPs Pareto front of val, leaving out those below
+                           ``--min-profile-recall`` of full depth's val recall@1. Early exits of merged profiles use heads trained
+                           under their schedule (``icar train-exits --merge S``, the shipped heads' recipe, cached
+                           in --cache-dir);
+- same mix, random:        the mix of the row above realised on test, assigned by a hash of the key instead of the
+                           complexity score (no scorer runs: random routing does not need one).
+
+Quality: text→image recall@1/5/10 (identical captions form one query with all their images as hits). Every test
+image is embedded once under every profile; a routing only picks which embedding each image keeps. That this
+is what ``icar embed`` writes is checked: ``ModelWorker.embed`` with each variant's router on the same images.
+
+Speed: ``ModelWorker.embed`` on the decoded test images (scorer, routing, pixel normalisation, adaptive
+encoder with merging, fp16 output; JPEG decoding excluded) in batches of ``--batch-size``, one torch thread,
+variants interleaved in alternating order over ``--repeats`` rounds; the median round gives images/s and the
+speedup over full depth measured side by side. GFLOPs are counted (FlopCounterMode, scorer included). The
+encoder alone (the same routed profiles, no scorer, no pixel conversion) is timed the same way, to separate what
+the tower saves from what the scorer costs: the heuristic scorer is 3% of the demo tower's GFLOPs but, in numpy
+on one thread, close to the tower's wall time.
+
+Because 17 tokens are too few for merging to show what it does at real sizes, ``--vit`` (default ViT-B-16, 197
+tokens, random init: speed only, its recall means nothing) times the encoder alone on random pixels for a few
+profiles, with each profile's counted GFLOP ratio and the share of it realised as speed.
+
+    python -m bench.merging [--merge keep0.8] [--budgets 0.5,0.6] [--json out.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+log = logging.getLogger("bench.merging")
+KS = (1, 5, 10)
+DEMO = ROOT / "pipeline" / "assets" / "demo"
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m bench.merging", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--corpus", default=str(ROOT.parent / "demo-corpus"), help="demo corpus (icar make-demo-corpus)")
+    p.add_argument("--merge", default="keep0.8", help="merge schedule of the merged profiles (pipeline/merging.py)")
+    p.add_argument("--candidates", default="4,6,4@keep0.8,6@keep0.8,8@keep0.7,8@keep0.8,8@keep0.9,8",
+                   help="profiles the router's set is chosen from (the val split's recall@1-vs-GFLOPs Pareto front)")
+    p.add_argument("--min-profile-recall", type=float, default=0.9,
+                   help="offer the router only profiles whose val recall@1 is at least this share of full depth's")
+    p.add_argument("--budgets", default="0.45,0.6", help="GFLOP budgets (× full depth) of exits + merging rows")
+    p.add_argument("--batch-size", type=int, default=100, help="images per ModelWorker.embed call")
+    p.add_argument("--repeats", type=int, default=5, help="timed rounds over the test split")
+    p.add_argument("--cache-dir", default=os.path.join(os.environ.get("TMPDIR", "/tmp"), "icar-bench-merging"),
+                   help="where the merged heads are trained once and reused")
+    p.add_argument("--vit", default="ViT-B-16", help="random-init open_clip ViT to time at a real token count "
+                                                      "('' to skip)")
+    p.add_argument("--vit-profiles", default="12,12@r8,12@r16,6,6@r16",
+                   help="profiles to time on --vit (speed only)")
+    p.add_argument("--vit-batch-size", type=int, default=8, help="images per forward pass on --vit")
+    p.add_argument("--vit-repeats", type=int, default=3, help="timed rounds on --vit")
+    p.add_argument("--json", default=None, help="also write every number here")
+    return p.parse_args(argv)
+
+
+# ------------------------------------------------------------------------------------------------ pieces
+
+def merged_heads(a: argparse.Namespace, schedule) -> str:
+    """Return the path of exit heads trained under ``schedule`` with the shipped heads' recipe (trained once)."""
+    from pipeline import exit_training as et
+
+    recipe = json.loads((DEMO / "exit_heads.metrics.json").read_text())["config"]
+    out = os.path.join(a.cache_dir, f"heads-{schedule.spec.replace(':', '_')}")
+    path = os.path.join(out, et.HEADS)
+    if os.path.exists(path):
+        return path
+    corpus = a.corpus
+    keep = {k: recipe[k] for k in ("max_train", "max_val", "epochs", "batch_size", "lr", "weight_decay",
+                                   "contrastive_weight", "distill_weight", "learn_temperature", "seed")}
+    cfg = et.ExitTrainConfig(inputs=[os.path.join(corpus, "train", "*.tar")], output=out, model="demo",
+                             val_inputs=[os.path.join(corpus, "val", "*.tar")], exits=[4, 6, 8], device="cpu",
+                             merge=schedule.spec, **keep)
+    log.info("training exit heads under %s (the shipped heads' recipe) into %s", schedule.spec, out)
+    et.train_exits(cfg)
+    return path
+
+
+def embed_profiles(encoder, bundle, pixels: np.ndarray, profiles, batch: int = 200) -> dict[str, np.ndarray]:
+    """Return {profile spec: float32 L2-normalised embeddings (N, D)} with every image under every profile."""
+    import torch
+
+    from pipeline import merging
+    from pipeline.models import pixels_to_tensor
+
+    out: dict[str, list] = {p.spec: [] for p in profiles}
+    with torch.inference_mode():
+        for i in range(0, len(pixels), batch):
+            x = pixels_to_tensor(bundle, pixels[i:i + batch])
+            for sched in encoder.schedules:
+                wanted = [p for p in profiles if merging.merge_spec(p.merge) == merging.merge_spec(sched)]
+                if wanted:
+                    every = encoder.forward_all_exits(x, sched)
+                    for p in wanted:
+                        out[p.spec].append(every[p.exit].float().numpy())
+    return {k: np.concatenate(v) for k, v in out.items()}
+
+
+class HashProfileRouter:
+    """Routes to profiles by a stable hash of the key with fixed shares (random routing at a known mix)."""
+
+    needs_scores = False
+
+    def __init__(self, profiles: list[str], fractions: list[float], heads: dict):
+        self.profiles, self.fractions, self.heads = list(profiles), list(fractions), dict(heads)
+        self._edges = np.cumsum(self.fractions)[:-1]
+
+    def route_profiles(self, scores, keys) -> np.ndarray:
+        from pipeline.router import stable_unit_hash
+
+        return np.searchsorted(self._edges, stable_unit_hash(keys, "bench-merging"), side="right").astype(np.int16)
+
+    def route(self, scores, keys):
+        return np.asarray([int(p.split("@")[0]) for p in self.profiles], np.int16)[self.route_profiles(scores, keys)]
+
+    def to_dict(self) -> dict:
+        return {"kind": "hash-profile (bench only)", "profiles": self.profiles, "fractions": self.fractions}
+
+
+def recall_row(text, groups, chosen: np.ndarray) -> dict:
+    from pipeline.exit_training import _recall_table
+
+    return _recall_table(text, chosen, groups)["t2i"]
+
+
+# ------------------------------------------------------------------------------------------------ run
+
+def run(a: argparse.Namespace) -> dict:
+    import torch
+
+    from bench.common import load_average, machine_facts
+    from bench.quality import read_split
+    from pipeline import encoder as enc
+    from pipeline import merging, models
+    from pipeline import router as routers
+    from pipeline.config import ModelSpec
+    from pipeline.exit_training import caption_groups
+    from pipeline.scorer import load_scorer
+    from pipeline.worker import ModelWorker
+
+    torch.set_num_threads(1)
+    facts = machine_facts()
+    schedule = merging.parse_merge(a.merge)
+    if schedule is None:
+        raise SystemExit("--merge must name a schedule (e.g. keep0.8); 'none' leaves nothing to benchmark")
+    s = schedule.spec
+    candidates = merging.parse_profiles(a.candidates)
+    budgets = [float(b) for b in a.budgets.split(",") if b.strip()]
+    doc = json.loads((Path(a.corpus) / "corpus.json").read_text())
+    os.makedirs(a.cache_dir, exist_ok=True)
+    os.environ.setdefault("ICAR_CACHE_DIR", a.cache_dir)
+
+    bundle = models.load_clip("demo", None)
+    heads = enc.ExitHeads.load(str(DEMO / "exit_heads.safetensors"), bundle)
+    # heads for every schedule an early exit is merged under (full-depth profiles use the tower's own head)
+    early_scheds = list(dict.fromkeys(p.merge for p in candidates if p.merge and p.exit < bundle.num_blocks))
+    mh_paths = {sc.spec: merged_heads(a, sc) for sc in early_scheds}
+    mhs = {k: enc.ExitHeads.load(v, bundle) for k, v in mh_paths.items()}
+    scorer = load_scorer("heuristic")
+    _, val_px, val_caps = read_split(a.corpus, doc, "val", bundle.image_size, None)
+    keys, px, caps = read_split(a.corpus, doc, "test", bundle.image_size, None)
+    text = models.encode_text(bundle, caps)
+    groups = caption_groups(caps)
+    val_scores = np.concatenate([scorer.score(val_px[i:i + 200]) for i in range(0, len(val_px), 200)])
+    test_scores = np.concatenate([scorer.score(px[i:i + 200]) for i in range(0, len(px), 200)])
+
+    # every profile any row uses, embedded once
+    shipped = routers.load_router(str(DEMO / "router.json"))
+    every = merging.parse_profiles(list(dict.fromkeys(
+        ["8", "4", "6", f"8@{s}"] + [p.spec for p in candidates])))
+    encoder = enc.AdaptiveEncoder(bundle.model.visual, [4, 6, 8], heads, [p.merge for p in every if p.merge],
+                                  mhs).eval()
+    costs = {p.spec: merging.profile_cost(bundle, p) for p in every}
+    full_g = costs["8"]
+    # the router's profiles: the val split's Pareto front of recall@1 against counted GFLOPs
+    val_emb = embed_profiles(encoder, bundle, val_px, candidates)
+    val_text, val_groups = models.encode_text(bundle, val_caps), caption_groups(val_caps)
+    val_r1 = {p: recall_row(val_text, val_groups, e)[1] for p, e in val_emb.items()}
+    profiles, best = [], -1.0
+    floor = a.min_profile_recall * val_r1.get("8", 0.0)
+    for p in sorted(candidates, key=lambda p: costs[p.spec]):
+        if (val_r1[p.spec] > best and val_r1[p.spec] >= floor) or p.spec == "8":
+            profiles.append(p)
+            best = max(best, val_r1[p.spec])
+    if profiles[-1].spec != "8":
+        raise SystemExit(f"--candidates must hold the unmerged full depth 8, got {a.candidates}")
+    log.info("router profiles (val Pareto front): %s", [p.spec for p in profiles])
+    emb = embed_profiles(encoder, bundle, px, every)
+
+    workdir = Path(a.cache_dir) / "routers"
+    workdir.mkdir(parents=True, exist_ok=True)
+    variants = []  # (name, router file or None, spec kwargs, chosen profile per test image, note)
+
+    def add(name, chosen, router_file=None, spec_kwargs=None, router_obj=None, scorer_cost=True, note=""):
+        variants.append({"name": name, "chosen": np.asarray(chosen), "router_file": router_file,
+                         "spec": spec_kwargs or {}, "router_obj": router_obj, "scorer": scorer_cost, "note": note})
+
+    add("full depth", ["8"] * len(px), spec_kwargs={"full_depth": True, "scorer": "none"}, scorer_cost=False)
+    depth = shipped.route(test_scores, keys)
+    add("exits only (shipped router, budget 0.75)", [str(int(d)) for d in depth], router_file=str(DEMO / "router.json"),
+        note="ThresholdRouter 4/6/8")
+    path = workdir / "merge-only.json"
+    routers.save_router(routers.ProfileRouter([f"8@{s}"], []), str(path))
+    add(f"merging only (8@{s})", [f"8@{s}"] * len(px), router_file=str(path), spec_kwargs={"scorer": "none"},
+        scorer_cost=False)
+    for budget in budgets:
+        r = routers.calibrate_profiles_budget(val_scores, [p.spec for p in profiles], costs, scorer.gflops_per_image,
+                                              budget, scorer_identity=scorer.identity)
+        r.heads.update({k: v for k, v in mh_paths.items() if any(
+            merging.merge_spec(p.merge) == k and p.exit < 8 for p in r.profile_list)})
+        path = workdir / f"profiles-{budget:g}.json"
+        routers.save_router(r, str(path))
+        chosen = np.asarray(r.profiles)[r.route_profiles(test_scores)]
+        add(f"exits + merging, complexity router (budget {budget:g})", chosen, router_file=str(path),
+            note=" ".join(r.profiles))
+        mix = [float(np.mean(chosen == p)) for p in r.profiles]
+        rnd = HashProfileRouter(r.profiles, mix, r.heads)
+        add(f"same mix, random routing (budget {budget:g})", np.asarray(r.profiles)[rnd.route_profiles(None, keys)],
+            router_file=str(path), router_obj=rnd, spec_kwargs={"scorer": "none"}, scorer_cost=False,
+            note="hash of the key; no scorer")
+
+    # quality and counted cost of every row
+    rows = []
+    for v in variants:
+        chosen = v["chosen"]
+        table = np.empty_like(emb["8"])
+        for p in set(chosen.tolist()):
+            table[chosen == p] = emb[p][chosen == p]
+        g = float(np.mean([costs[c] for c in chosen])) + (scorer.gflops_per_image if v["scorer"] else 0.0)
+        rows.append({"name": v["name"], "t2i": recall_row(text, groups, table), "gflops": g,
+                     "gflops_fraction": g / full_g,
+                     "mix": {p: float(np.mean(chosen == p)) for p in sorted(set(chosen.tolist()), key=costs.get)},
+                     "note": v["note"]})
+    full_recall = rows[0]["t2i"]
+    for r in rows:
+        r["pct_of_full"] = {k: 100.0 * r["t2i"][k] / full_recall[k] for k in KS}
+
+    # the pipeline check and the timing: the real ModelWorker per variant
+    workers = []
+    for v in variants:
+        spec = ModelSpec(model="demo", device="cpu", torch_threads=1, scorer=v["spec"].get("scorer", "heuristic"),
+                         router=None if v["spec"].get("full_depth") else v["router_file"],
+                         full_depth=bool(v["spec"].get("full_depth")))
+        if v["router_obj"] is not None:  # built with the calibrated router's profiles, then routed by hash
+            spec.scorer = "heuristic"
+            w = ModelWorker(spec)
+            w.router = v["router_obj"]
+            w._profile_gflops = w._profile_gflops - np.float32(w.scorer_gflops)
+            w.scorer, w.scorer_gflops = None, 0.0
+        else:
+            w = ModelWorker(spec)
+        workers.append(w)
+    checks = []
+    for v, w in zip(variants, workers):
+        out = w.embed(px[:200], keys[:200])
+        chosen = v["chosen"][:200]
+        want = np.stack([emb[c][i] for i, c in enumerate(chosen)])
+        checks.append(float(np.abs(out["embedding"].astype(np.float32) - want).max()))
+    from pipeline.models import pixels_to_tensor
+
+    tensors = [pixels_to_tensor(bundle, px[j:j + a.batch_size]) for j in range(0, len(px), a.batch_size)]
+    routed = []  # per variant, per batch: (exit depths, merge ids) as its worker's encoder takes them
+    for v, w in zip(variants, workers):
+        ids = {merging.merge_spec(sc): i for i, sc in enumerate(w.encoder.schedules)}
+        prof = [merging.parse_profile(c) for c in v["chosen"]]
+        d = torch.as_tensor([p.exit for p in prof])
+        m = torch.as_tensor([ids[merging.merge_spec(p.merge)] for p in prof])
+        routed.append([(d[j:j + a.batch_size], m[j:j + a.batch_size]) for j in range(0, len(px), a.batch_size)])
+    load_before = load_average()
+    times = [[] for _ in variants]
+    enc_times = [[] for _ in variants]
+    order = list(range(len(variants)))
+    for rnd in range(a.repeats):
+        for i in (order if rnd % 2 == 0 else order[::-1]):
+            t0 = time.perf_counter()
+            for j in range(0, len(px), a.batch_size):
+                workers[i].embed(px[j:j + a.batch_size], keys[j:j + a.batch_size])
+            times[i].append(time.perf_counter() - t0)
+            with torch.inference_mode():
+                t0 = time.perf_counter()
+                for x, (d, m) in zip(tensors, routed[i]):
+                    workers[i].encoder(x, d, m)
+                enc_times[i].append(time.perf_counter() - t0)
+    load_after = load_average()
+    base, enc_base = statistics.median(times[0]), statistics.median(enc_times[0])
+    for r, t, et, c in zip(rows, times, enc_times, checks):
+        r["images_per_s"] = len(px) / statistics.median(t)
+        r["speedup"] = base / statistics.median(t)
+        r["encoder_images_per_s"] = len(px) / statistics.median(et)
+        r["encoder_speedup"] = enc_base / statistics.median(et)
+        r["gflop_speedup"] = 1.0 / r["gflops_fraction"]
+        r["max_abs_diff_vs_embed"] = c
+    result = {"facts": facts, "load_average_during": [load_before, load_after], "merge": s,
+              "profiles": [p.spec for p in profiles], "gflops_per_profile": costs, "rows": rows,
+              "val_recall_at_1": val_r1, "test_images": len(px), "merged_heads": mh_paths,
+              "tokens": {p.spec: merging.profile_gflops(bundle, p.merge)["tokens"] for p in every}}
+    if a.vit:
+        result["vit"] = time_vit(a)
+    return result
+
+
+def time_vit(a: argparse.Namespace) -> dict:
+    """Return images/s of the adaptive encoder alone on a random-init ViT under each of --vit-profiles."""
+    import torch
+
+    from pipeline import encoder as enc
+    from pipeline import merging, models
+
+    bundle = models.load_clip(a.vit, "none", seed=0)
+    profiles = merging.parse_profiles(a.vit_profiles)
+    encoder = enc.AdaptiveEncoder(bundle.model.visual, sorted({p.exit for p in profiles} | {bundle.num_blocks}),
+                                  None, [p.merge for p in profiles if p.merge]).eval()
+    ids = {merging.merge_spec(sc): i for i, sc in enumerate(encoder.schedules)}
+    x = torch.randn(a.vit_batch_size, 3, bundle.image_size, bundle.image_size,
+                    generator=torch.Generator().manual_seed(0))
+    times = {p.spec: [] for p in profiles}
+    with torch.inference_mode():
+        for p in profiles:  # warm-up
+            encoder(x[:1], torch.full((1,), p.exit), torch.full((1,), ids[merging.merge_spec(p.merge)]))
+        for rnd in range(a.vit_repeats):
+            for p in (profiles if rnd % 2 == 0 else profiles[::-1]):
+                d = torch.full((len(x),), p.exit)
+                m = torch.full((len(x),), ids[merging.merge_spec(p.merge)])
+                t0 = time.perf_counter()
+                encoder(x, d, m)
+                times[p.spec].append(time.perf_counter() - t0)
+    first = profiles[0].spec
+    costs = {p.spec: merging.profile_cost(bundle, p) for p in profiles}
+    rows = []
+    for p in profiles:
+        speed = statistics.median(times[first]) / statistics.median(times[p.spec])
+        allowed = costs[first] / costs[p.spec]
+        rows.append({"profile": p.spec, "gflops": costs[p.spec], "images_per_s": len(x) / statistics.median(times[p.spec]),
+                     "speedup": speed, "gflop_speedup": allowed, "realised": speed / allowed,
+                     "tokens_last_block": merging.profile_gflops(bundle, p.merge)["tokens"][p.exit]})
+    return {"model": a.vit, "pretrained": "none (random init: speed only)", "batch_size": a.vit_batch_size,
+            "repeats": a.vit_repeats, "rows": rows}
+
+
+def format_report(r: dict) -> str:
+    f = r["facts"]
+    lines = [f"# {f['date']}  {f['cpu_count']} CPUs ({f['cpu']}), torch {f['torch']}, icar {f['git']}",
+             f"# load average before/after timing: {r['load_average_during'][0]} / {r['load_average_during'][1]}",
+             f"# demo CLIP, {r['test_images']} held-out test images; router profiles (val Pareto front): "
+             f"{', '.join(r['profiles'])}",
+             "# tokens entering each block, and leaving the last: " + "; ".join(
+                 f"{k.split('@')[1]} {v}" for k, v in r["tokens"].items() if k.startswith("8@")),
+             "",
+             "| method | R@1 | R@5 | R@10 | R@1 / R@10 % of full | GFLOPs/img (× full) | images/s (scorer incl.) "
+             "| speedup | encoder alone speedup | mix |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for row in r["rows"]:
+        t, pct = row["t2i"], row["pct_of_full"]
+        mix = ", ".join(f"{k} {v:.0%}" for k, v in row["mix"].items())
+        lines.append(f"| {row['name']} | {t[1]:.3f} | {t[5]:.3f} | {t[10]:.3f} | {pct[1]:.1f} / {pct[10]:.1f} | "
+                     f"{row['gflops']:.4f} ({row['gflops_fraction']:.2f}) | {row['images_per_s']:.0f} | "
+                     f"{row['speedup']:.2f}× | {row['encoder_speedup']:.2f}× | {mix} |")
+    worst = max(row["max_abs_diff_vs_embed"] for row in r["rows"])
+    lines.append(f"\npipeline check: ModelWorker.embed (float16) vs the per-profile embeddings, max |diff| {worst:.1e}")
+    if "vit" in r:
+        v = r["vit"]
+        lines += ["", f"{v['model']} ({v['pretrained']}), encoder alone, batch {v['batch_size']}, "
+                      f"median of {v['repeats']} interleaved rounds:", "",
+                  "| profile | tokens after last block | GFLOPs/img | images/s | speedup | GFLOP-allowed | realised |",
+                  "|---|---|---|---|---|---|---|"]
+        for row in v["rows"]:
+            lines.append(f"| {row['profile']} | {row['tokens_last_block']} | {row['gflops']:.2f} | "
+                         f"{row['images_per_s']:.2f} | {row['speedup']:.2f}× | {row['gflop_speedup']:.2f}× | "
+                         f"{row['realised']:.2f} |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    from pipeline.cli import setup_logging
+
+    setup_logging()
+    a = parse_args(argv)
+    r = run(a)
+    print(format_report(r))
+    if a.json:
+        Path(a.json).write_text(json.dumps(r, indent=1, default=float))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
