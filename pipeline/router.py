@@ -196,6 +196,8 @@ class ProfileRouter:
 
     def route_profiles(self, scores: np.ndarray, keys: list[str] | None = None) -> np.ndarray:
         """Return each image's profile position (int16 index into ``profiles``)."""
+        if len(self.profiles) == 1:  # nothing to choose: no scores needed, none missing
+            return np.zeros(len(keys) if keys is not None else np.asarray(scores).size, np.int16)
         return (self._levels.route(scores, keys) - 1).astype(np.int16)
 
     def route(self, scores: np.ndarray, keys: list[str] | None = None) -> np.ndarray:

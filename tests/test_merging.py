@@ -367,3 +367,22 @@ def test_train_exits_under_a_merge_schedule(tmp_path, monkeypatch):
     with pytest.raises(et.TrainExitsError, match="--finetune-backbone"):
         et.train_exits(et.ExitTrainConfig(inputs=[shard], output=str(tmp_path / "ft"), model="demo",
                                           finetune_backbone=True, merge="r2", device="cpu"))
+
+
+def test_one_profile_router_merges_without_a_scorer(tmp_path, monkeypatch, caplog):
+    import numpy as np
+
+    from pipeline import router as routers
+    from pipeline.config import ModelSpec
+    from pipeline.worker import ModelWorker
+
+    monkeypatch.setenv("ICAR_CACHE_DIR", str(tmp_path / "cache"))
+    routers.save_router(routers.ProfileRouter(["8@keep0.8"], []), str(tmp_path / "merge.json"))
+    w = ModelWorker(ModelSpec(model="demo", router=str(tmp_path / "merge.json"), scorer="none", device="cpu"))
+    px = np.random.default_rng(1).integers(0, 256, (5, 64, 64, 3), dtype=np.uint8)
+    with caplog.at_level("WARNING"):
+        out = w.embed(px, [f"k{i}" for i in range(5)])
+    assert "NaN" not in caplog.text
+    assert out["exit_layer"].tolist() == [8] * 5
+    assert out["gflops"][0] == pytest.approx(w.profiles[0]["gflops"]) and w.profiles[0]["merge"] == "keep0.8"
+    assert out["gflops"][0] < 0.6 * w.gflops_per_exit[8]
