@@ -6,10 +6,12 @@ of 10x N in shards of the same size, and reads the kernel's peak-RSS counter (Vm
 process of the job's tree every 0.2 s: the driver, the shard-task workers (read, decode, commit), the model
 actor(s), and Ray's own processes. A bounded pipeline shows ratios near 1.0 where the corpus ratio is 10.
 
-    python -m bench.memory                       # N=64, 10N=640, 16 images per shard
+    python -m bench.memory                       # N=64, 10N=640, 16 images per shard, ViT-B-32
+    python -m bench.memory --model demo          # the shipped 64px demo CLIP: the same pipeline, minutes less
     python -m bench.memory --n 200 --per-shard 50 --json mem.json
 
-Linux only (/proc). Exits 1 when a peak grows by more than --max-growth between N and 10N.
+Linux only (/proc). Exits 1 when a peak grows by more than --max-growth between N and 10N, and 2 when a role
+(driver, shard workers, model actor) was not seen in a run (nothing measured is not "bounded").
 """
 
 from __future__ import annotations
@@ -25,10 +27,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 try:
-    from bench.common import ROOT, machine_facts, make_corpus, print_facts, write_json
+    from bench.common import ROOT, load_average, machine_facts, make_corpus, print_facts, write_json
 except ImportError:  # run as a file: python bench/memory.py
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-    from bench.common import ROOT, machine_facts, make_corpus, print_facts, write_json
+    from bench.common import ROOT, load_average, machine_facts, make_corpus, print_facts, write_json
 
 ROLES = ("driver", "shard workers", "model actor", "ray system")
 
@@ -135,7 +137,8 @@ def run_embed(tars: list[str], output: Path, args: argparse.Namespace) -> dict:
     if proc.returncode != 0:
         raise SystemExit(f"icar embed failed ({proc.returncode}):\n{out[-3000:]}")
     line = next((ln for ln in out.splitlines() if ln.startswith("icar embed:")), "")
-    return {"wall_s": round(time.perf_counter() - t0, 1), "summary": line, "peaks": watch.summary()}
+    return {"wall_s": round(time.perf_counter() - t0, 1), "load_average_after": load_average(), "summary": line,
+            "peaks": watch.summary()}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -145,7 +148,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--factor", type=int, default=10, help="the large corpus has this many times more images")
     p.add_argument("--per-shard", type=int, default=16, help="images per tar shard (the same in both corpora)")
     p.add_argument("--size", default="320x240", help="image size WxH of the generated JPEGs")
-    p.add_argument("--model", default="ViT-B-32", help="open_clip model (seeded random weights)")
+    p.add_argument("--model", default="ViT-B-32",
+                   help="open_clip model (seeded random weights), or demo (the shipped 64px CLIP, much faster)")
     p.add_argument("--batch-size", type=int, default=16, help="images per model call")
     p.add_argument("--max-growth", type=float, default=1.25,
                    help="largest accepted ratio of a peak at factor*N to the same peak at N")
@@ -172,18 +176,27 @@ def main(argv: list[str] | None = None) -> int:
             print(f"# {label}: {n} images in {len(corpus.tars)} shards of {args.per_shard} ...", flush=True)
             results[label] = {"images": n, "shards": len(corpus.tars),
                               **run_embed(corpus.tars, Path(work) / f"run-{n}", args)}
-            print(f"#   {results[label]['summary']}", flush=True)
+            print(f"#   {results[label]['summary']} (load average after: {results[label]['load_average_after']})",
+                  flush=True)
     small, large = (results[k] for k in sizes)
+    unseen = [f"{role} at {label}" for label, r in results.items() for role in ROLES[:3]
+              if not r["peaks"][role]["processes"]]
+    if unseen:  # a role never seen would read as 0 MiB on both sides: no measurement, not a bounded one
+        print(f"bench.memory: no process seen for {', '.join(unseen)}; the process titles may have changed "
+              f"(see role_of)", file=sys.stderr)
+        return 2
     rows = [("images", small["images"], large["images"]), ("shards", small["shards"], large["shards"]),
             ("wall s", small["wall_s"], large["wall_s"])]
     for role in (*ROLES, "sum of peaks"):
         rows.append((f"peak RSS MiB, {role}", small["peaks"][role]["max_mib"], large["peaks"][role]["max_mib"]))
+    for role in ROLES[1:3]:
+        rows.append((f"processes, {role}", small["peaks"][role]["processes"], large["peaks"][role]["processes"]))
     label_small, label_large = sizes
     print(f"\n{'':38s} {label_small:>10s} {label_large:>10s} {'ratio':>7s}")
     growth = {}
     for name, a, b in rows:
         ratio = b / a if a else float("nan")
-        if name.startswith("peak RSS") and "ray system" not in name:
+        if name.startswith("peak RSS") and "ray system" not in name:  # Ray's own processes are not ours
             growth[name] = ratio
         print(f"{name:38s} {a:>10} {b:>10} {ratio:>7.2f}")
     worst = max(growth, key=growth.get)

@@ -1,0 +1,60 @@
+"""bench.memory's measurement: the peak RSS it reads is the kernel's, per process of a job's tree, by role."""
+
+from __future__ import annotations
+
+import importlib.util
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import pytest
+
+# bench/ is a folder of scripts run with `python -m bench.memory` from the repository root, not a package on the
+# test path: load the script by its file.
+_spec = importlib.util.spec_from_file_location(
+    "bench_memory", Path(__file__).resolve().parent.parent / "bench" / "memory.py")
+memory = importlib.util.module_from_spec(_spec)
+sys.modules[_spec.name] = memory
+_spec.loader.exec_module(memory)
+
+pytestmark = pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads /proc (Linux)")
+
+# A parent that starts a child, the child touches 150 MiB and frees it, then both wait to be read.
+CHILD = "import time; b = bytearray(150 << 20); b[::4096] = b'x' * len(b[::4096]); del b; time.sleep(30)"
+PARENT = f"import subprocess, sys, time; subprocess.Popen([sys.executable, '-c', {CHILD!r}]); time.sleep(30)"
+
+
+def test_watch_reads_the_peak_of_every_process_of_the_tree_after_the_memory_is_freed():
+    proc = subprocess.Popen([sys.executable, "-c", PARENT])
+    try:
+        watch = memory.Watch(proc.pid, interval=0.05)
+        stop = threading.Event()
+        sampler = threading.Thread(target=watch.run, args=(stop,), daemon=True)
+        sampler.start()
+        for _ in range(200):  # the child is seen once it has allocated: its peak is then at least 150 MiB
+            if any(pid != proc.pid and kib > 150 * 1024 for pid, kib in dict(watch.peaks).items()):
+                break
+            threading.Event().wait(0.05)
+        stop.set()
+        sampler.join()
+        children = [pid for pid in watch.peaks if pid != proc.pid]
+        assert len(children) == 1 and watch.peaks[children[0]] > 150 * 1024  # freed, but the peak remains
+        assert watch.roles[proc.pid] == "driver" and watch.roles[children[0]] == "ray system"
+        assert watch.peaks[proc.pid] < 150 * 1024  # the parent never held it
+        summary = watch.summary()
+        assert summary["driver"]["processes"] == 1 and summary["ray system"]["max_mib"] > 150
+        assert summary["model actor"] == {"max_mib": 0.0, "processes": 0}
+    finally:
+        for pid in memory.descendants(proc.pid):
+            subprocess.run(["kill", str(pid)], check=False)
+        proc.kill()
+        proc.wait()
+
+
+def test_roles_follow_ray_process_titles_and_stick():
+    assert memory.role_of("ray::ModelActor.embed", None) == "model actor"
+    assert memory.role_of("ray::shard_task", None) == "shard workers"
+    assert memory.role_of("ray::IDLE", "shard workers") == "shard workers"  # a worker between two tasks
+    assert memory.role_of("/usr/bin/raylet", None) == "ray system"
+    assert memory.peak_rss_kib(2 ** 22 + 12345) is None  # no such process
