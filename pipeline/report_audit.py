@@ -233,6 +233,13 @@ def load_run(run: str, storage_options: dict | None = None, since: str | None = 
     lookup = np.full(max(list(per_exit) + [0]) + 1, np.nan, np.float32)
     for d, g in per_exit.items():
         lookup[d] = np.float32(g + scorer)  # what the worker records: float32(gflops_per_exit + scorer)
+    # Runs routed to profiles (exit depth + token merging, pipeline/merging.py): a row spent its profile's
+    # counted figure; rows do not name the schedule, so each must equal one of its depth's profile figures.
+    profile_costs: dict[int, np.ndarray] = {}
+    for prof in info.get("profiles") or []:
+        profile_costs.setdefault(int(prof["exit"]), []).append(float(prof["gflops"]))
+    profile_costs = {d: np.float32(np.asarray(v) + scorer) for d, v in profile_costs.items()}
+    recomputed_profiles = 0.0
     rows_of: dict[int, dict] = {}
     manifest_gflops = rows_gflops = 0.0
     violations: list[dict] = []
@@ -268,6 +275,13 @@ def load_run(run: str, storage_options: dict | None = None, since: str | None = 
         known = (ex >= 0) & (ex < lookup.size)
         expected = np.full(n, np.nan, np.float32)
         expected[known] = lookup[ex[known]]
+        if profile_costs:
+            expected[:] = np.nan
+            for d, vals in profile_costs.items():
+                at = ex == d
+                if at.any():
+                    expected[at] = vals[np.abs(g32[at, None] - vals[None, :]).argmin(axis=1)]
+            recomputed_profiles += float(np.nansum(expected.astype(np.float64)))
         bad = np.flatnonzero(~np.isclose(g32, expected, rtol=GFLOP_RTOL, atol=1e-6))
         n_violations += bad.size
         for k in bad[: max(0, MAX_LISTED_PROBLEMS - len(violations))]:
@@ -314,12 +328,15 @@ def load_run(run: str, storage_options: dict | None = None, since: str | None = 
 
     unknown_depths = sorted(set(counts_all) - set(per_exit))
     recomputed = sum(c * per_exit.get(d, math.nan) for d, c in counts_all.items()) + scorer * sum(counts_all.values())
+    if profile_costs:
+        recomputed = recomputed_profiles
     if n_violations and strict:
         shown = "\n  - ".join(f"{v['shard']} row {v['row']}: exit_layer {v['exit_layer']} recorded {v['gflops']:.6g} "
                               f"GFLOPs, run.json says {v['expected']}" for v in violations)
         raise AuditError(
             f"refusing to report {run}: {n_violations} row(s) recorded GFLOPs that differ from run.json's "
-            f"gflops_per_exit for their exit_layer + scorer_gflops ({scorer})"
+            f"{'profiles (one of those at' if profile_costs else 'gflops_per_exit for'} their exit_layer"
+            f"{')' if profile_costs else ''} + scorer_gflops ({scorer})"
             + (f"; exit depths {unknown_depths} are not in exits {exits}" if unknown_depths else "")
             + f":\n  - {shown}\n(pass --allow-gflops-mismatch to report them anyway, marked FAILED)")
 

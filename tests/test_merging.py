@@ -386,3 +386,44 @@ def test_one_profile_router_merges_without_a_scorer(tmp_path, monkeypatch, caplo
     assert out["exit_layer"].tolist() == [8] * 5
     assert out["gflops"][0] == pytest.approx(w.profiles[0]["gflops"]) and w.profiles[0]["merge"] == "keep0.8"
     assert out["gflops"][0] < 0.6 * w.gflops_per_exit[8]
+
+
+@pytest.mark.slow
+def test_embed_run_with_profiles_passes_the_cost_audit(tmp_path, monkeypatch, ray_session):
+    import json
+    import os
+    import tarfile
+
+    import pyarrow.parquet as pq
+
+    from pipeline import router as routers
+    from pipeline.config import EmbedConfig, ModelSpec
+    from pipeline.execution import run_embed
+    from pipeline.report import ReportConfig, build_report
+
+    source = "/work/demo-corpus/test/00021.tar"
+    if not os.path.exists(source):
+        pytest.skip("the demo corpus is not on this machine (make demo-corpus)")
+    monkeypatch.setenv("ICAR_CACHE_DIR", str(tmp_path / "cache"))
+    small = tmp_path / "in" / "00000.tar"
+    small.parent.mkdir()
+    with tarfile.open(source) as src, tarfile.open(small, "w") as dst:
+        for m in src.getmembers()[:120]:  # 40 samples: jpg, txt, json each
+            dst.addfile(m, src.extractfile(m))
+    r = routers.ProfileRouter(["6@keep0.8", "8@r2", "8"], [0.05, 0.15])
+    routers.save_router(r, str(tmp_path / "router.json"))
+    cfg = EmbedConfig(inputs=[str(small)], output=str(tmp_path / "run"), batch_size=16, progress=False,
+                      spec=ModelSpec(model="demo", router=str(tmp_path / "router.json"), scorer="heuristic",
+                                     device="cpu"))
+    run_embed(cfg)
+    info = json.loads((tmp_path / "run" / "run.json").read_text())
+    costs = {p["profile"]: p["gflops"] + info["scorer_gflops"] for p in info["profiles"]}
+    assert list(costs) == r.profiles
+    rows = pq.read_table(tmp_path / "run" / "shards" / "part-00000.parquet").to_pydict()
+    assert len(rows["key"]) == 40
+    for depth, g in zip(rows["exit_layer"], rows["gflops"]):
+        assert min(abs(g - c) for p, c in costs.items() if merging.parse_profile(p).exit == depth) < 1e-6
+    # the cost audit (run by `icar embed` at the end) checks each row against its depth's profile figures
+    audit = build_report([str(tmp_path / "run")], ReportConfig())["runs"][0]["audit"]
+    assert audit["status"] == "passed" and audit["agree"] and audit["row_violations"] == 0
+    assert audit["gflops_recomputed"] == pytest.approx(sum(rows["gflops"]), rel=1e-6)
