@@ -936,10 +936,12 @@ def _embed(cfg: JobConfig, root: str, gen: str, run: str, plan: InputPlan, shard
             return run_embed(cfg.embed_config(run)), gen, run, plan
 
 
-def describe_model(spec) -> dict:
+def describe_model(spec, secrets: dict[str, str] | None = None) -> dict:
     """Return the identity description of the model ``spec`` asks for (what run.json records); a Ray task."""
+    from .execution import apply_secrets
     from .worker import ModelWorker
 
+    apply_secrets(secrets)  # checkpoints may live on S3
     return ModelWorker(spec).describe()
 
 
@@ -949,13 +951,14 @@ def check_identity(cfg: JobConfig, run: str) -> None:
     The model, heads, scorer and router are loaded once in a CPU Ray task (the weights hash is the identity)
     and compared exactly as `icar embed` compares them, before any model actor is started.
     """
-    from .execution import check_run_identity, forwarded_env, init_ray
+    from .execution import check_run_identity, forwarded_env, forwarded_secrets, init_ray
 
     ray = init_ray(cfg.ray.address or os.environ.get("RAY_ADDRESS") or None)
     env = forwarded_env()
     task = ray.remote(describe_model).options(num_cpus=1, runtime_env={"env_vars": env} if env else None)
     spec = dataclasses.replace(cfg.model, device="cpu")  # the identity does not depend on the device
-    description = ray.get(task.remote(spec), timeout=cfg.embed.actor_start_timeout_s)
+    # Credentials as an argument, never in runtime_env (Ray writes that to its logs).
+    description = ray.get(task.remote(spec, forwarded_secrets()), timeout=cfg.embed.actor_start_timeout_s)
     check_run_identity(run, description, cfg.storage_options)
 
 
