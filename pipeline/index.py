@@ -51,7 +51,7 @@ from .index_params import (
     nprobe_candidates,
     parse_size,
 )
-from .schema import MANIFEST, RUN_JSON
+from .schema import MANIFEST, RUN_JSON, model_key  # torch-free; search imports it from here
 
 log = logging.getLogger(__name__)
 
@@ -156,18 +156,6 @@ class IndexSummary:
 
 
 # ----------------------------------------------------------------------------------------------- helpers
-
-def model_key(identity: dict) -> str:
-    """Return "name:weights_sha256", the key that must match between runs indexed together and a query encoder.
-
-    The same definition as pipeline.models.model_key (a test holds them equal), kept here because importing
-    pipeline.models imports torch: ~10 s and ~700 MB of RSS that an index build or a vector search never needs.
-    """
-    missing = [k for k in ("name", "weights_sha256") if not identity.get(k)]
-    if missing:
-        raise ValueError(f"model identity lacks {missing}: {identity!r}; it must come from pipeline.models.load_clip")
-    return f"{identity['name']}:{identity['weights_sha256']}"
-
 
 def peak_rss_bytes() -> int:
     """Return this process's peak resident set size in bytes.

@@ -195,7 +195,8 @@ class ModelWorker:
             "device": self.device,
             "precision": self.spec.precision,
             "spec": asdict(self.spec),
-            "versions": {"icar": __version__, "torch": torch.__version__, "open_clip": open_clip.__version__,
+            # str(): torch's own TorchVersion would import torch in the driver that unpickles this description.
+            "versions": {"icar": __version__, "torch": str(torch.__version__), "open_clip": open_clip.__version__,
                          "timm": timm.__version__, "ray": ray.__version__},
         }
 

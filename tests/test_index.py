@@ -425,10 +425,12 @@ def test_cli_builds_and_refuses(tmp_path, capsys):
     assert "--overwrite" in capsys.readouterr().err
 
 
-def test_model_key_is_the_models_module_definition():
-    from pipeline import models
-    from pipeline.index import model_key
+def test_model_key_has_one_definition():
+    """The index, the searcher, the report and the models check one key: pipeline.schema's, torch-free."""
+    from pipeline import index, models, report, report_audit, schema, search
 
-    assert model_key(MODEL) == models.model_key(MODEL)
-    with pytest.raises(ValueError):
-        model_key({"name": "x"})
+    for module in (index, search, report, report_audit, models):
+        assert module.model_key is schema.model_key, module.__name__
+    assert schema.model_key(MODEL) == f"{MODEL['name']}:{MODEL['weights_sha256']}"
+    with pytest.raises(ValueError, match="weights_sha256"):
+        schema.model_key({"name": "x"})

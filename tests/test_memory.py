@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import pickle
 import subprocess
 import sys
 import threading
@@ -58,3 +59,31 @@ def test_roles_follow_ray_process_titles_and_stick():
     assert memory.role_of("ray::IDLE", "shard workers") == "shard workers"  # a worker between two tasks
     assert memory.role_of("/usr/bin/raylet", None) == "ray system"
     assert memory.peak_rss_kib(2 ** 22 + 12345) is None  # no such process
+
+
+# What the `icar embed` driver imports (jobs/embed.py, pipeline/execution.py's run_embed, the end-of-run report),
+# then what it unpickles from the model actors: their description (ray.get of ModelActor.describe).
+DRIVER = """
+import pickle, sys
+import ray
+import jobs.embed
+from pipeline import cli, execution, readers, report, shards, storage
+description = pickle.loads(open(sys.argv[1], "rb").read())
+report.model_key(description["model"])
+loaded = sorted({m.split(".")[0] for m in sys.modules} & {"torch", "open_clip", "timm"})
+print(" ".join(loaded) or "none")
+"""
+
+
+def test_embed_driver_never_imports_torch(tmp_path):
+    """The driver never runs a model: torch (~550 MiB of RSS) is the model actors' business, not its own."""
+    from pipeline.config import ModelSpec
+    from pipeline.worker import ModelWorker
+
+    description = ModelWorker(ModelSpec(model="demo", scorer="heuristic", device="cpu")).describe()
+    blob = tmp_path / "description.pickle"
+    blob.write_bytes(pickle.dumps(description))
+    out = subprocess.run([sys.executable, "-c", DRIVER, str(blob)], cwd=Path(__file__).resolve().parent.parent,
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split() == ["none"], f"the embed driver imported {out.stdout.strip()}"
