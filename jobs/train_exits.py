@@ -37,8 +37,14 @@ result is a NEW model: its weights go to DIR/backbone/ (use --model DIR/backbone
 everything embedded with the original model must be re-embedded before sharing an index with it. It runs the
 backbone forward and backward for every image every epoch: use a GPU.
 
-execution: one process, CUDA when present. Multi-GPU: not wired in (plain torch DDP under torchrun would be
-the route); in the default recipe the one-time feature extraction is the only heavy step.
+execution: one process, CUDA when present; or data-parallel (torch DDP: one process per GPU over nccl, or
+CPU processes over gloo), which gives the same result as one process at the same --batch-size (the GLOBAL
+batch, split over the processes; the contrastive loss gathers every process's embeddings). Either
+  torchrun --nproc-per-node 8 -m jobs.train_exits shards/*.tar --output heads/l14 ...    (also multi-node)
+or, on one machine, let the job start them itself:
+  icar train-exits shards/*.tar --output heads/l14 --workers 8 ...
+Each process reads the input stream but decodes and encodes only its share; rank 0 alone writes the outputs.
+A checkpoint written by N processes resumes under any number (--resume).
 """
 
 
@@ -56,6 +62,9 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--exits", type=int_list, default=d.exits,
                    help="exit depths in blocks, the last = full depth, e.g. 12,18,24 (default: per model)")
     m.add_argument("--device", default=d.device, choices=["auto", "cpu", "cuda"], help="training device")
+    m.add_argument("--workers", type=int, default=d.workers,
+                   help="data-parallel processes to start on this machine (one GPU each on CUDA); under torchrun "
+                        "leave it at 1")
     m.add_argument("--merge", default=d.merge,
                    help="token-merging schedule the heads will serve under (e.g. keep0.8, r2; see pipeline/merging.py): "
                         "early-exit features are taken from merged tokens; the heads file records it")
@@ -67,7 +76,8 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--max-train", type=int, default=d.max_train, help="training pairs used at most (smoke runs)")
     t = p.add_argument_group("training")
     t.add_argument("--epochs", type=int, default=d.epochs, help="passes over the training pairs")
-    t.add_argument("--batch-size", type=int, default=d.batch_size, help="pairs per step (in-batch negatives)")
+    t.add_argument("--batch-size", type=int, default=d.batch_size,
+                   help="pairs per step over all processes (in-batch negatives)")
     t.add_argument("--lr", type=float, default=d.lr, help="learning rate of the heads and temperatures")
     t.add_argument("--weight-decay", type=float, default=d.weight_decay, help="AdamW weight decay")
     t.add_argument("--contrastive-weight", type=float, default=d.contrastive_weight,
@@ -98,7 +108,10 @@ def config_from_args(args: argparse.Namespace) -> ExitTrainConfig:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run `icar train-exits`; return 0 on success, 2 on a configuration, model or data problem."""
+    """Run `icar train-exits`; return 0 on success, 2 on a configuration, model or data problem.
+
+    Under torchrun every process runs this; the process group comes from the environment torchrun sets.
+    """
     from pipeline.models import ModelLoadError
     from pipeline.readers import InputError
 

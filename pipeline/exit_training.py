@@ -193,7 +193,11 @@ def iter_pairs(inputs: list[str], image_size: int, storage_options: dict | None 
 
 
 def merge_stats(parts: list[dict]) -> PairStats:
-    """Return the PairStats of a split read by several processes: each read the stream, each decoded its share."""
+    """Return the PairStats of a split read by several processes: each read the stream, each decoded its share.
+
+    With a limit (--max-train/--max-val) the processes may read past the point where one process would have
+    stopped; the reading counts then include those samples.
+    """
     furthest = max(parts, key=lambda p: p["read"])  # reading counts: every process saw the same stream
     return PairStats(read=furthest["read"], used=sum(p["used"] for p in parts), no_caption=furthest["no_caption"],
                      read_errors=furthest["read_errors"], decode_errors=sum(p["decode_errors"] for p in parts),
@@ -292,7 +296,9 @@ def _features_from_bytes(data: bytes) -> tuple[FeatureSet, dict]:
 
     meta = {k: json.loads(v) for k, v in _safetensors_metadata(data).items()}
     t = load(data)
-    feats = {int(k.split(".", 1)[1]): v for k, v in t.items() if k.startswith("feat.")}
+    # By depth: safetensors' dict order can differ between processes, and the collectives of a data-parallel
+    # run must come in the same order in every process.
+    feats = dict(sorted((int(k.split(".", 1)[1]), v) for k, v in t.items() if k.startswith("feat.")))
     return FeatureSet(feats, t["full"], t["text"], t["groups"]), meta
 
 
@@ -417,7 +423,8 @@ def exit_loss_shares(d: Dist, trainer: HeadTrainer, emb: dict[int, torch.Tensor]
     """
     n = sum(sizes)
     total, parts = 0.0, {}
-    for e, x in emb.items():
+    for e in sorted(emb):  # one order in every process: each exit's gather must meet its own
+        x = emb[e]
         loss = contrastive_weight * clip_loss_share(d, x, text, all_text, trainer.scale(e), sizes)
         if distill_weight:
             loss = loss + distill_weight * (1 - (x * full).sum(dim=1)).sum() / n
@@ -436,7 +443,7 @@ class _HeadsStep(torch.nn.Module):
         self.log_scales = torch.nn.ParameterDict({str(e): trainer.log_scales[str(e)] for e in exits})
 
     def forward(self, feats: dict[int, torch.Tensor]) -> dict[int, torch.Tensor]:
-        return {e: F.normalize(self.heads.head(e).from_features(f), dim=-1) for e, f in feats.items()}
+        return {e: F.normalize(self.heads.head(e).from_features(feats[e]), dim=-1) for e in sorted(feats)}
 
 
 class _EncoderStep(torch.nn.Module):
@@ -649,7 +656,8 @@ class ExitTrainer:
         local = extract_features(self.encoder, self.bundle, tapped(), self.cfg.extract_batch_size, self.device,
                                  allow_empty=self.dist.enabled, merge=self.merge)
         a = self._assemble(positions, captions, self._limit(split))
-        fs = FeatureSet({e: self._gather(v, a) for e, v in local.features.items()}, self._gather(local.full, a),
+        fs = FeatureSet({e: self._gather(local.features[e], a) for e in sorted(local.features)},
+                        self._gather(local.full, a),
                         self._gather(local.text, a), a.groups)
         if len(fs) == 0:
             raise TrainExitsError(NO_PAIRS)
@@ -773,7 +781,7 @@ class ExitTrainer:
                 sizes = distributed.split_sizes(idx.numel(), d.world_size)
                 lo = sum(sizes[:d.rank])
                 mine = idx[lo:lo + sizes[d.rank]]
-                emb = model({e: v[mine] for e, v in feats.items()})
+                emb = model({e: feats[e][mine] for e in early})
                 share, parts = exit_loss_shares(d, self.trainer, emb, full[mine], text[mine], text[idx], sizes,
                                                 cfg.contrastive_weight, cfg.distill_weight)
                 self._step(share, opt, sched)
@@ -1035,7 +1043,8 @@ def train_exits(cfg: ExitTrainConfig) -> dict | None:
 
     One process, or one of a data-parallel group when the environment describes one (torchrun); with
     ``cfg.workers`` > 1 outside such a group, starts that many local processes and returns rank 0's document.
-    Inside a group, only rank 0 returns the document; the others return None.
+    Inside a group, only rank 0 returns the document; the others return None. Workers are started with the
+    "spawn" method, so a script that calls this with workers > 1 needs the usual ``if __name__ == "__main__":``.
     """
     if cfg.workers < 1:
         raise TrainExitsError(f"workers must be >= 1, got {cfg.workers}")
