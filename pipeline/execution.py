@@ -247,6 +247,7 @@ def remove_orphans(run: str, manifest: Manifest, storage_options: dict) -> None:
     from .schema import ERROR_DIR
 
     fs, path = storage.filesystem(storage.join(run, SHARD_DIR), storage_options)
+    fs.invalidate_cache(path)  # object-store listings are cached per instance: list what is there now
     if not fs.exists(path):
         return
     recorded = {r["output"].rsplit("/", 1)[-1] for r in manifest.rows}
@@ -257,6 +258,7 @@ def remove_orphans(run: str, manifest: Manifest, storage_options: dict) -> None:
             fs.rm(f)
     for folder in ("", SHARD_DIR, ERROR_DIR):
         fs, path = storage.filesystem(storage.join(run, folder) if folder else run, storage_options)
+        fs.invalidate_cache(path)
         if not fs.exists(path):
             continue
         for f in fs.ls(path, detail=False):

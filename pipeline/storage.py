@@ -88,6 +88,19 @@ def filesystem(url: str, storage_options: dict | None = None) -> tuple[fsspec.Ab
     return url_to_fs(url, **(storage_options or {}))
 
 
+def fresh_filesystem(url: str, storage_options: dict | None = None) -> tuple[fsspec.AbstractFileSystem, str]:
+    """Return ``filesystem(url)`` with any cached listing of ``url``'s folder dropped.
+
+    s3fs caches directory listings per filesystem instance and answers ``info``/``open`` of a path from its
+    folder's cached listing: a file another process wrote after that listing (a shard task's part file, a
+    concurrent run's manifest) reads as missing. Reads of run-directory files must see the store as it is now.
+    """
+    fs, path = filesystem(url, storage_options)
+    if not is_local(fs):
+        fs.invalidate_cache(posixpath.dirname(path.rstrip("/")))
+    return fs, path
+
+
 def is_local(fs: fsspec.AbstractFileSystem) -> bool:
     """Return True for the local filesystem, where rename is atomic."""
     protocol = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
@@ -143,7 +156,7 @@ def write_parquet(table: pa.Table, url: str, storage_options: dict | None = None
 
 def read_parquet(url: str, storage_options: dict | None = None, columns: list[str] | None = None) -> pa.Table:
     """Return the Parquet table at ``url``."""
-    fs, path = filesystem(url, storage_options)
+    fs, path = fresh_filesystem(url, storage_options)
 
     def read() -> pa.Table:
         with fs.open(path, "rb") as f:
@@ -159,7 +172,7 @@ def write_json(obj: Any, url: str, storage_options: dict | None = None) -> None:
 
 def read_json(url: str, storage_options: dict | None = None) -> Any:
     """Return the JSON document at ``url``."""
-    fs, path = filesystem(url, storage_options)
+    fs, path = fresh_filesystem(url, storage_options)
 
     def read() -> bytes:
         with fs.open(path, "rb") as f:
@@ -170,7 +183,7 @@ def read_json(url: str, storage_options: dict | None = None) -> Any:
 
 def exists(url: str, storage_options: dict | None = None) -> bool:
     """Return True when ``url`` exists."""
-    fs, path = filesystem(url, storage_options)
+    fs, path = fresh_filesystem(url, storage_options)
     if is_local(fs):
         return fs.exists(path)
     # s3fs's exists() turns every error into False; info() lets throttling and access denied be seen.

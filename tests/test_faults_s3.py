@@ -293,6 +293,9 @@ def test_credentials_never_appear_in_logs_errors_or_run_json(s3_server, monkeypa
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", SECRET_KEY)
     s3fs.S3FileSystem.clear_instance_cache()
     caplog.set_level(logging.DEBUG)
+    # Every logger at DEBUG for this test, whatever an earlier in-process CLI run set (it quiets the libraries).
+    for name in ("pipeline", "jobs", "botocore", "s3fs", "aiobotocore", "urllib3", "fsspec"):
+        caplog.set_level(logging.DEBUG, logger=name)
     bucket = "icar-secrets"
     boto3.client("s3", endpoint_url=s3_server, region_name="us-east-1").create_bucket(Bucket=bucket)
     fs = s3fs.S3FileSystem(skip_instance_cache=True)
