@@ -15,7 +15,19 @@ complexity scorer, on the test split (never used to train the model, its heads, 
                            under their schedule (``icar train-exits --merge S``, the shipped heads' recipe, cached
                            in --cache-dir);
 - same mix, random:        the mix of the row above realised on test, assigned by a hash of the key instead of the
-                           complexity score (no scorer runs: random routing does not need one).
+                           complexity score (no scorer runs: random routing does not need one);
+- static smaller tower:    the honest baseline: an open_clip CLIP of the demo model's shape with only
+                           ``--static-layers`` vision blocks (4 of 8: 0.53 × the demo tower's counted GFLOPs, about the
+                           merged and routed rows' mean), trained from scratch exactly like the demo model (its
+                           card's recipe and corpus: ``icar train-demo --model-json '{"vision_layers": 4}'``), run at
+                           full depth with no scorer. ``--static-model DIR`` names it; when DIR holds no model it is
+                           trained there first (~20 min of one CPU thread; the card it writes is checked against the
+                           demo card's recipe, so a tower trained another way is refused).
+
+For the trade-off figure (``--plot out.svg``, a self-contained SVG: recall@1 against measured speedup, one curve
+per method) more points of each method are timed in the same run: exits only at ``--exit-budgets`` besides the
+shipped router, merging only under every ``--merge-curve`` schedule, and the complexity and random routers at
+every ``--budgets`` entry.
 
 Quality: text→image recall@1/5/10 (identical captions form one query with all their images as hits). Every test
 image is embedded once under every profile; a routing only picks which embedding each image keeps. That this
@@ -33,7 +45,8 @@ Because 17 tokens are too few for merging to show what it does at real sizes, ``
 tokens, random init: speed only, its recall means nothing) times the encoder alone on random pixels for a few
 profiles, with each profile's counted GFLOP ratio and the share of it realised as speed.
 
-    python -m bench.merging [--merge keep0.8] [--budgets 0.5,0.6] [--json out.json]
+    python -m bench.merging [--merge keep0.8] [--budgets 0.45,0.5,0.6] [--json out.json] [--plot out.svg]
+        [--static-model ~/.cache/icar/bench-merging/static-4l]
 """
 
 from __future__ import annotations
@@ -70,8 +83,19 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--budgets", default="0.45,0.6", help="GFLOP budgets (× full depth) of exits + merging rows")
     p.add_argument("--batch-size", type=int, default=100, help="images per ModelWorker.embed call")
     p.add_argument("--repeats", type=int, default=5, help="timed rounds over the test split")
-    p.add_argument("--cache-dir", default=os.path.join(os.environ.get("TMPDIR", "/tmp"), "icar-bench-merging"),
-                   help="where the merged heads are trained once and reused")
+    p.add_argument("--exit-budgets", default="0.6,0.9",
+                   help="GFLOP budgets of further exits-only routers (curve points beside the shipped 0.75 router)")
+    p.add_argument("--merge-curve", default="keep0.7,keep0.9",
+                   help="further merge schedules timed as merging-only rows (curve points beside --merge)")
+    p.add_argument("--cache-dir", default=os.path.join(os.path.expanduser("~"), ".cache", "icar", "bench-merging"),
+                   help="where the merged heads and the static tower are trained once and reused")
+    p.add_argument("--static-layers", type=int, default=4,
+                   help="vision blocks of the static smaller tower (the demo model has 8)")
+    p.add_argument("--static-model", default=None,
+                   help="directory of the static smaller tower (trained there with the demo model's recipe when "
+                        "absent; default: CACHE_DIR/static-<layers>l; 'none' leaves the row out)")
+    p.add_argument("--test-limit", type=int, default=None, help="only the first N test (and val) images (smoke runs)")
+    p.add_argument("--plot", default=None, help="write the recall@1-vs-speedup figure here (self-contained SVG)")
     p.add_argument("--vit", default="ViT-B-16", help="random-init open_clip ViT to time at a real token count "
                                                       "('' to skip)")
     p.add_argument("--vit-profiles", default="12,12@r8,12@r16,6,6@r16",
@@ -102,6 +126,48 @@ def merged_heads(a: argparse.Namespace, schedule) -> str:
     log.info("training exit heads under %s (the shipped heads' recipe) into %s", schedule.spec, out)
     et.train_exits(cfg)
     return path
+
+
+RECIPE_KEYS = ("epochs", "batch_size", "lr", "min_lr_ratio", "warmup_steps", "weight_decay", "grad_clip", "max_shift",
+               "seed", "eval_images", "train_limit", "threads")
+
+
+def static_tower(a: argparse.Namespace) -> str | None:
+    """Return the directory of the static smaller tower: the demo model's recipe with fewer vision blocks.
+
+    Trained with ``icar train-demo`` (pipeline.demo_training.train_demo) into the directory when it holds no model;
+    an existing model whose card differs from the demo card's recipe in anything but the vision depth is refused.
+    """
+    from pipeline.demo_training import DemoModelConfig, DemoTrainConfig, train_demo
+
+    if a.static_model is not None and a.static_model.lower() == "none":
+        return None
+    out = a.static_model or os.path.join(a.cache_dir, f"static-{a.static_layers}l")
+    demo = json.loads((DEMO / "card.json").read_text())["train"]
+    want_model = {**demo["model"], "vision_layers": a.static_layers}
+    card_path = Path(out) / "card.json"
+    if not (card_path.exists() and (Path(out) / "clip.safetensors").exists()):
+        model = DemoModelConfig(**want_model)
+        cfg = DemoTrainConfig(corpus=a.corpus, output=out, model=model, progress=False,
+                              **{k: demo[k] for k in RECIPE_KEYS})
+        log.info("training the static %d-block tower with the demo model's recipe into %s (about 20 min of one "
+                 "CPU thread): icar train-demo --corpus %s --output %s --epochs %d --seed %d --threads %s "
+                 "--model-json '{\"vision_layers\": %d}'", a.static_layers, out, a.corpus, out, cfg.epochs, cfg.seed,
+                 cfg.threads, a.static_layers)
+        train_demo(cfg)
+    card = json.loads(card_path.read_text())["train"]
+    differ = {k: (card.get(k), demo[k]) for k in RECIPE_KEYS if card.get(k) != demo[k]}
+    for k, plain in (("full_caption_prob", 1.0), ("same_background_batches", 0.0)):  # the demo card predates them
+        if card.get(k, plain) != plain:
+            differ[k] = (card.get(k), plain)
+    if card.get("model") != want_model:
+        differ["model"] = (card.get("model"), want_model)
+    if os.path.realpath(card.get("corpus", "")) != os.path.realpath(a.corpus):
+        differ["corpus"] = (card.get("corpus"), a.corpus)
+    if differ:
+        raise SystemExit(f"--static-model {out} was not trained like the demo model with {a.static_layers} vision "
+                         f"blocks (card vs wanted: {differ}); remove it (it is retrained) or name another directory")
+    return out
 
 
 def embed_profiles(encoder, bundle, pixels: np.ndarray, profiles, batch: int = 200) -> dict[str, np.ndarray]:
@@ -159,7 +225,7 @@ def run(a: argparse.Namespace) -> dict:
     from bench.common import load_average, machine_facts
     from bench.quality import read_split
     from pipeline import encoder as enc
-    from pipeline import merging, models
+    from pipeline import flops, merging, models
     from pipeline import router as routers
     from pipeline.config import ModelSpec
     from pipeline.exit_training import caption_groups
@@ -185,8 +251,9 @@ def run(a: argparse.Namespace) -> dict:
     mh_paths = {sc.spec: merged_heads(a, sc) for sc in early_scheds}
     mhs = {k: enc.ExitHeads.load(v, bundle) for k, v in mh_paths.items()}
     scorer = load_scorer("heuristic")
-    _, val_px, val_caps = read_split(a.corpus, doc, "val", bundle.image_size, None)
-    keys, px, caps = read_split(a.corpus, doc, "test", bundle.image_size, None)
+    static_dir = static_tower(a)  # first: training it (when absent) needs the CPU the timing below must not share
+    _, val_px, val_caps = read_split(a.corpus, doc, "val", bundle.image_size, a.test_limit)
+    keys, px, caps = read_split(a.corpus, doc, "test", bundle.image_size, a.test_limit)
     text = models.encode_text(bundle, caps)
     groups = caption_groups(caps)
     val_scores = np.concatenate([scorer.score(val_px[i:i + 200]) for i in range(0, len(val_px), 200)])
@@ -194,8 +261,9 @@ def run(a: argparse.Namespace) -> dict:
 
     # every profile any row uses, embedded once
     shipped = routers.load_router(str(DEMO / "router.json"))
+    curve_scheds = [merging.parse_merge(m).spec for m in a.merge_curve.split(",") if m.strip()]
     every = merging.parse_profiles(list(dict.fromkeys(
-        ["8", "4", "6", f"8@{s}"] + [p.spec for p in candidates])))
+        ["8", "4", "6", f"8@{s}"] + [f"8@{c}" for c in curve_scheds] + [p.spec for p in candidates])))
     encoder = enc.AdaptiveEncoder(bundle.model.visual, [4, 6, 8], heads, [p.merge for p in every if p.merge],
                                   mhs).eval()
     costs = {p.spec: merging.profile_cost(bundle, p) for p in every}
@@ -219,18 +287,30 @@ def run(a: argparse.Namespace) -> dict:
     workdir.mkdir(parents=True, exist_ok=True)
     variants = []  # (name, router file or None, spec kwargs, chosen profile per test image, note)
 
-    def add(name, chosen, router_file=None, spec_kwargs=None, router_obj=None, scorer_cost=True, note=""):
+    def add(name, chosen, router_file=None, spec_kwargs=None, router_obj=None, scorer_cost=True, note="",
+            method=""):
         variants.append({"name": name, "chosen": np.asarray(chosen), "router_file": router_file,
-                         "spec": spec_kwargs or {}, "router_obj": router_obj, "scorer": scorer_cost, "note": note})
+                         "spec": spec_kwargs or {}, "router_obj": router_obj, "scorer": scorer_cost, "note": note,
+                         "method": method})
 
-    add("full depth", ["8"] * len(px), spec_kwargs={"full_depth": True, "scorer": "none"}, scorer_cost=False)
+    add("full depth", ["8"] * len(px), spec_kwargs={"full_depth": True, "scorer": "none"}, scorer_cost=False,
+        method="full depth")
     depth = shipped.route(test_scores, keys)
     add("exits only (shipped router, budget 0.75)", [str(int(d)) for d in depth], router_file=str(DEMO / "router.json"),
-        note="ThresholdRouter 4/6/8")
-    path = workdir / "merge-only.json"
-    routers.save_router(routers.ProfileRouter([f"8@{s}"], []), str(path))
-    add(f"merging only (8@{s})", [f"8@{s}"] * len(px), router_file=str(path), spec_kwargs={"scorer": "none"},
-        scorer_cost=False)
+        note="ThresholdRouter 4/6/8", method="exits only")
+    exit_costs = {e: costs[str(e)] for e in (4, 6, 8)}
+    for budget in [float(b) for b in a.exit_budgets.split(",") if b.strip()]:
+        r = routers.calibrate_budget(val_scores, [4, 6, 8], exit_costs, scorer.gflops_per_image, budget,
+                                     scorer_identity=scorer.identity)
+        path = workdir / f"exits-{budget:g}.json"
+        routers.save_router(r, str(path))
+        add(f"exits only (budget {budget:g})", [str(int(d)) for d in r.route(test_scores, keys)],
+            router_file=str(path), note="ThresholdRouter 4/6/8", method="exits only")
+    for sc in list(dict.fromkeys([s] + curve_scheds)):
+        path = workdir / f"merge-only-{sc.replace(':', '_')}.json"
+        routers.save_router(routers.ProfileRouter([f"8@{sc}"], []), str(path))
+        add(f"merging only (8@{sc})", [f"8@{sc}"] * len(px), router_file=str(path), spec_kwargs={"scorer": "none"},
+            scorer_cost=False, method="merging only")
     for budget in budgets:
         r = routers.calibrate_profiles_budget(val_scores, [p.spec for p in profiles], costs, scorer.gflops_per_image,
                                               budget, scorer_identity=scorer.identity)
@@ -240,12 +320,12 @@ def run(a: argparse.Namespace) -> dict:
         routers.save_router(r, str(path))
         chosen = np.asarray(r.profiles)[r.route_profiles(test_scores)]
         add(f"exits + merging, complexity router (budget {budget:g})", chosen, router_file=str(path),
-            note=" ".join(r.profiles))
+            note=" ".join(r.profiles), method="exits + merging, complexity router")
         mix = [float(np.mean(chosen == p)) for p in r.profiles]
         rnd = HashProfileRouter(r.profiles, mix, r.heads)
         add(f"same mix, random routing (budget {budget:g})", np.asarray(r.profiles)[rnd.route_profiles(None, keys)],
             router_file=str(path), router_obj=rnd, spec_kwargs={"scorer": "none"}, scorer_cost=False,
-            note="hash of the key; no scorer")
+            note="hash of the key; no scorer", method="exits + merging, random routing")
 
     # quality and counted cost of every row
     rows = []
@@ -259,6 +339,29 @@ def run(a: argparse.Namespace) -> dict:
                      "gflops_fraction": g / full_g,
                      "mix": {p: float(np.mean(chosen == p)) for p in sorted(set(chosen.tolist()), key=costs.get)},
                      "note": v["note"]})
+    static = None
+    if static_dir is not None:  # its own text tower embeds the same captions; no scorer, full depth
+        sb = models.load_clip(static_dir)
+        if sb.image_size != bundle.image_size:
+            raise SystemExit(f"--static-model {static_dir} takes {sb.image_size} px images, the demo model "
+                             f"{bundle.image_size}: train it with the demo model's image size")
+        static_g = flops.exit_gflops(sb, [sb.num_blocks])[sb.num_blocks]
+        with torch.inference_mode():
+            s_emb = np.concatenate([torch.nn.functional.normalize(sb.model.encode_image(
+                models.pixels_to_tensor(sb, px[i:i + 200])).float(), dim=-1).numpy() for i in range(0, len(px), 200)])
+        static = {"dir": static_dir, "blocks": sb.num_blocks, "emb": s_emb,
+                  "card": json.loads((Path(static_dir) / "card.json").read_text())}
+        variants.append({"name": f"static smaller tower ({sb.num_blocks} of {bundle.num_blocks} blocks, trained like "
+                                 f"the demo model)", "chosen": np.asarray([str(sb.num_blocks)] * len(px)),
+                         "router_file": None, "spec": {"full_depth": True, "scorer": "none", "model": static_dir,
+                                                       "exits": [sb.num_blocks]},
+                         "router_obj": None, "scorer": False, "note": static_dir, "method": "static smaller tower"})
+        rows.append({"name": variants[-1]["name"], "t2i": recall_row(models.encode_text(sb, caps), groups, s_emb),
+                     "gflops": static_g, "gflops_fraction": static_g / full_g, "mix": {str(sb.num_blocks): 1.0},
+                     "note": f"{static_dir}; val recall@1 {static['card']['metrics']['val']['full']['t2i_r1']:.3f} "
+                             f"in its card"})
+    for r, v in zip(rows, variants):
+        r["method"] = v["method"]
     full_recall = rows[0]["t2i"]
     for r in rows:
         r["pct_of_full"] = {k: 100.0 * r["t2i"][k] / full_recall[k] for k in KS}
@@ -266,7 +369,8 @@ def run(a: argparse.Namespace) -> dict:
     # the pipeline check and the timing: the real ModelWorker per variant
     workers = []
     for v in variants:
-        spec = ModelSpec(model="demo", device="cpu", torch_threads=1, scorer=v["spec"].get("scorer", "heuristic"),
+        spec = ModelSpec(model=v["spec"].get("model", "demo"), device="cpu", torch_threads=1,
+                         scorer=v["spec"].get("scorer", "heuristic"), exits=v["spec"].get("exits"),
                          router=None if v["spec"].get("full_depth") else v["router_file"],
                          full_depth=bool(v["spec"].get("full_depth")))
         if v["router_obj"] is not None:  # built with the calibrated router's profiles, then routed by hash
@@ -282,7 +386,10 @@ def run(a: argparse.Namespace) -> dict:
     for v, w in zip(variants, workers):
         out = w.embed(px[:200], keys[:200])
         chosen = v["chosen"][:200]
-        want = np.stack([emb[c][i] for i, c in enumerate(chosen)])
+        if v["method"] == "static smaller tower":
+            want = static["emb"][:200]
+        else:
+            want = np.stack([emb[c][i] for i, c in enumerate(chosen)])
         checks.append(float(np.abs(out["embedding"].astype(np.float32) - want).max()))
     from pipeline.models import pixels_to_tensor
 
@@ -318,7 +425,9 @@ def run(a: argparse.Namespace) -> dict:
         r["encoder_speedup"] = enc_base / statistics.median(et)
         r["gflop_speedup"] = 1.0 / r["gflops_fraction"]
         r["max_abs_diff_vs_embed"] = c
-    result = {"facts": facts, "load_average_during": [load_before, load_after], "merge": s,
+    result = {"facts": facts, "static_model": None if static is None else {
+                  "dir": static["dir"], "blocks": static["blocks"], "recipe": static["card"]["train"],
+                  "parameters": static["card"]["parameters"], "val_full": static["card"]["metrics"]["val"]["full"]}, "load_average_during": [load_before, load_after], "merge": s,
               "profiles": [p.spec for p in profiles], "gflops_per_profile": costs, "rows": rows,
               "val_recall_at_1": val_r1, "test_images": len(px), "merged_heads": mh_paths,
               "tokens": {p.spec: merging.profile_gflops(bundle, p.merge)["tokens"] for p in every}}
@@ -371,6 +480,11 @@ def format_report(r: dict) -> str:
              f"# load average before/after timing: {r['load_average_during'][0]} / {r['load_average_during'][1]}",
              f"# demo CLIP, {r['test_images']} held-out test images; router profiles (val Pareto front): "
              f"{', '.join(r['profiles'])}",
+             *([f"# static smaller tower: {r['static_model']['dir']} ({r['static_model']['blocks']} blocks, "
+                f"{r['static_model']['parameters']} parameters, trained like the demo model: epochs "
+                f"{r['static_model']['recipe']['epochs']}, batch {r['static_model']['recipe']['batch_size']}, "
+                f"seed {r['static_model']['recipe']['seed']}, threads {r['static_model']['recipe']['threads']})"]
+               if r.get("static_model") else []),
              "# tokens entering each block, and leaving the last: " + "; ".join(
                  f"{k.split('@')[1]} {v}" for k, v in r["tokens"].items() if k.startswith("8@")),
              "",
@@ -398,6 +512,112 @@ def format_report(r: dict) -> str:
     return "\n".join(lines)
 
 
+METHOD_STYLE = {  # method: (colour, marker) in the trade-off figure
+    "exits only": ("#3b6fb6", "circle"),
+    "merging only": ("#1f9e89", "square"),
+    "exits + merging, complexity router": ("#e07b39", "diamond"),
+    "exits + merging, random routing": ("#9a6fb0", "triangle"),
+    "static smaller tower": ("#c0392b", "star"),
+    "full depth": ("#333333", "cross"),
+}
+
+
+def _marker(kind: str, x: float, y: float, colour: str, tip: str) -> str:
+    from pipeline.report_html import _e
+
+    r = 4.5
+    if kind == "circle":
+        shape = f'<circle cx="{x:.1f}" cy="{y:.1f}" r="{r}"'
+    elif kind == "square":
+        shape = f'<rect x="{x - r:.1f}" y="{y - r:.1f}" width="{2 * r}" height="{2 * r}"'
+    else:
+        pts = {"diamond": [(0, -1.3), (1.1, 0), (0, 1.3), (-1.1, 0)],
+               "triangle": [(0, -1.3), (1.2, 0.9), (-1.2, 0.9)],
+               "star": [(0.0, -1.6), (0.38, -0.5), (1.5, -0.5), (0.6, 0.2), (0.95, 1.3), (0.0, 0.65), (-0.95, 1.3),
+                        (-0.6, 0.2), (-1.5, -0.5), (-0.38, -0.5)],
+               "cross": [(-0.35, -1.2), (0.35, -1.2), (0.35, -0.35), (1.2, -0.35), (1.2, 0.35), (0.35, 0.35),
+                         (0.35, 1.2), (-0.35, 1.2), (-0.35, 0.35), (-1.2, 0.35), (-1.2, -0.35), (-0.35, -0.35)]}[kind]
+        shape = '<polygon points="' + " ".join(f"{x + dx * r:.1f},{y + dy * r:.1f}" for dx, dy in pts) + '"'
+    return f'{shape} fill="{colour}" stroke="#fff" stroke-width="0.8"><title>{_e(tip)}</title></{shape.split()[0][1:]}>'
+
+
+def plot_tradeoff(r: dict) -> str:
+    """Return a self-contained SVG: text→image recall@1 against measured speedup over full depth, one curve per method.
+
+    Every point is a row of ``r["rows"]`` (one run); a method's points are joined in order of speedup.
+    """
+    from pipeline.report_html import _e, _tick_label, _ticks
+
+    rows = [row for row in r["rows"] if row.get("method")]
+    xs = [row["speedup"] for row in rows] + [1.0]
+    ys = [row["t2i"][1] for row in rows]
+    xt = _ticks(min(xs) * 0.95, max(xs) * 1.05, 6)
+    yt = _ticks(min(ys) - 0.01, max(ys) + 0.01, 6)
+    w, h, left, right, top, bottom = 760, 470, 64, 250, 46, 52
+    pw, ph = w - left - right, h - top - bottom
+
+    def X(v):
+        return left + (v - xt[0]) / (xt[-1] - xt[0]) * pw
+
+    def Y(v):
+        return top + (1 - (v - yt[0]) / (yt[-1] - yt[0])) * ph
+
+    f = r["facts"]
+    load = r["load_average_during"]
+    out = [f'<svg xmlns="http://www.w3.org/2000/svg" viewBox="0 0 {w} {h}" width="{w}" height="{h}" '
+           f'font-family="Helvetica, Arial, sans-serif" font-size="11">',
+           "<title>ICAR token merging: recall@1 vs measured speedup</title>",
+           f'<rect width="{w}" height="{h}" fill="#ffffff"/>',
+           f'<text x="{left}" y="18" font-size="13" font-weight="bold">Demo CLIP, {r["test_images"]} held-out test '
+           f'images: text→image recall@1 vs measured speedup</text>',
+           f'<text x="{left}" y="34" fill="#555">{_e(f["date"])}, icar {_e(f["git"])}, one torch thread, '
+           f'{f["cpu_count"]} shared CPUs, load average {load[0]} → {load[1]}; speedup = images/s (scorer '
+           f'included) ÷ that of full depth, same run</text>']
+    for v in yt:
+        out.append(f'<line x1="{left}" x2="{left + pw}" y1="{Y(v):.1f}" y2="{Y(v):.1f}" stroke="#e3e3e3"/>'
+                   f'<text x="{left - 6}" y="{Y(v) + 3.5:.1f}" text-anchor="end" fill="#444">{_tick_label(v)}</text>')
+    for v in xt:
+        out.append(f'<line x1="{X(v):.1f}" x2="{X(v):.1f}" y1="{top}" y2="{top + ph}" stroke="#f0f0f0"/>'
+                   f'<text x="{X(v):.1f}" y="{top + ph + 16}" text-anchor="middle" fill="#444">'
+                   f'{_tick_label(v)}×</text>')
+    out.append(f'<line x1="{X(1.0):.1f}" x2="{X(1.0):.1f}" y1="{top}" y2="{top + ph}" stroke="#999" '
+               f'stroke-dasharray="3,3"/>')
+    full = r["rows"][0]["t2i"][1]
+    out.append(f'<line x1="{left}" x2="{left + pw}" y1="{Y(full):.1f}" y2="{Y(full):.1f}" stroke="#999" '
+               f'stroke-dasharray="3,3"/>')
+    out.append(f'<rect x="{left}" y="{top}" width="{pw}" height="{ph}" fill="none" stroke="#888"/>')
+    out.append(f'<text x="{left + pw / 2:.1f}" y="{h - 12}" text-anchor="middle">measured speedup over full depth '
+               f'(images/s ratio, scorer included)</text>')
+    out.append(f'<text transform="translate(16,{top + ph / 2:.1f}) rotate(-90)" text-anchor="middle">text→image '
+               f'recall@1</text>')
+    legend_y = top + 6
+    for method, (colour, marker) in METHOD_STYLE.items():
+        pts = sorted((row for row in rows if row["method"] == method), key=lambda row: row["speedup"])
+        if not pts:
+            continue
+        if len(pts) > 1:
+            out.append('<polyline fill="none" stroke="' + colour + '" stroke-width="1.6" points="' + " ".join(
+                f'{X(p["speedup"]):.1f},{Y(p["t2i"][1]):.1f}' for p in pts) + '"/>')
+        for p in pts:
+            tip = (f'{p["name"]}: recall@1 {p["t2i"][1]:.3f}, {p["speedup"]:.2f}× measured, '
+                   f'{p["gflops_fraction"]:.2f} × full GFLOPs')
+            out.append(_marker(marker, X(p["speedup"]), Y(p["t2i"][1]), colour, tip))
+        lx = left + pw + 16
+        out.append(_marker(marker, lx, legend_y, colour, method))
+        out.append(f'<text x="{lx + 10}" y="{legend_y + 4}">{_e(method)}</text>')
+        detail = {"exits only": "budgets " + ", ".join(p["name"].split("budget ")[-1].rstrip(")") for p in pts),
+                  "merging only": "8@" + ", 8@".join(p["name"].split("8@")[-1].rstrip(")") for p in pts)}.get(method)
+        if method.startswith("exits + merging"):
+            detail = "budgets " + ", ".join(p["name"].split("budget ")[-1].rstrip(")") for p in pts)
+        if method == "static smaller tower":
+            detail = f'{r["static_model"]["blocks"]} blocks, {pts[0]["gflops_fraction"]:.2f} × GFLOPs'
+        if detail:
+            out.append(f'<text x="{lx + 10}" y="{legend_y + 17}" fill="#666" font-size="10">{_e(detail)}</text>')
+        legend_y += 36
+    out.append("</svg>")
+    return "\n".join(out) + "\n"
+
+
 def main(argv: list[str] | None = None) -> int:
     from pipeline.cli import setup_logging
 
@@ -407,6 +627,10 @@ def main(argv: list[str] | None = None) -> int:
     print(format_report(r))
     if a.json:
         Path(a.json).write_text(json.dumps(r, indent=1, default=float))
+    if a.plot:
+        tmp = a.plot + ".tmp"
+        Path(tmp).write_text(plot_tradeoff(r))
+        os.replace(tmp, a.plot)
     return 0
 
 
