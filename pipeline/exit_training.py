@@ -676,7 +676,8 @@ class ExitTrainer:
         state = {"epoch": epoch, "model_key": self.key, "exits": self.exits,
                  "trainer": {k: v.detach().cpu() for k, v in self.trainer.state_dict().items()},
                  "optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "history": history,
-                 "finetune_backbone": self.cfg.finetune_backbone, "world_size": self.dist.world_size}
+                 "finetune_backbone": self.cfg.finetune_backbone, "world_size": self.dist.world_size,
+                 "merge": merge_spec(self.merge)}
         if self.cfg.finetune_backbone:
             state["visual"] = {k: v.detach().cpu() for k, v in self.bundle.model.visual.state_dict().items()}
         buf = io.BytesIO()
@@ -709,6 +710,12 @@ class ExitTrainer:
                 f"checkpoint in {self.cfg.output} is for model {state['model_key']} exits {state['exits']} "
                 f"finetune={state['finetune_backbone']}, not {self.key} exits {self.exits} "
                 f"finetune={self.cfg.finetune_backbone}; resume with the same options or use another --output")
+        trained_merge = state.get("merge", merge_spec(None))  # checkpoints from before --merge: unmerged
+        if trained_merge != merge_spec(self.merge):
+            raise TrainExitsError(
+                f"checkpoint in {self.cfg.output} was trained under merge schedule {trained_merge}, not "
+                f"{merge_spec(self.merge)}: heads serve the schedule they were trained under; resume with "
+                f"--merge {trained_merge} or use another --output")
         self.trainer.load_state_dict(state["trainer"])
         if "visual" in state:
             self.bundle.model.visual.load_state_dict(state["visual"])

@@ -126,6 +126,26 @@ def test_resume_after_a_crash_gives_the_same_heads(model_dir, tmp_path, monkeypa
     assert resumed["after"] == straight["after"]
 
 
+def test_resume_refuses_a_checkpoint_of_another_merge_schedule(model_dir, tmp_path, monkeypatch):
+    pairs, val = synthetic_pairs(48), synthetic_pairs(16, seed=1)
+    original = et.ExitTrainer._save_checkpoint
+
+    def crash_after_first_epoch(self, epoch, *args):
+        original(self, epoch, *args)
+        if epoch == 0:
+            raise KeyboardInterrupt("preempted")
+
+    monkeypatch.setattr(et.ExitTrainer, "_save_checkpoint", crash_after_first_epoch)
+    with pytest.raises(KeyboardInterrupt):
+        et.ExitTrainer(_cfg(tmp_path, model_dir, epochs=2, merge="keep0.8"), pairs, val).run()
+    monkeypatch.setattr(et.ExitTrainer, "_save_checkpoint", original)
+    for other in (None, "keep0.9", "r2"):  # unmerged, or another schedule: its heads would serve the wrong tokens
+        with pytest.raises(et.TrainExitsError, match=r"trained under merge schedule keep0\.8.*--merge keep0\.8"):
+            et.ExitTrainer(_cfg(tmp_path, model_dir, epochs=2, merge=other, resume=True), pairs, val).run()
+    done = et.ExitTrainer(_cfg(tmp_path, model_dir, epochs=2, merge="keep0.8", resume=True), pairs, val).run()
+    assert len(done["history"]) == 2 and done["heads"]["merge"] == "keep0.8"
+
+
 def test_feature_cache_is_reused_on_resume(corpus, model_dir, tmp_path, monkeypatch):
     cfg = _cfg(tmp_path, model_dir, inputs=[str(corpus / "train" / "*.tar")], val_fraction=0.25, epochs=1)
     first = et.train_exits(cfg)
