@@ -842,11 +842,16 @@ class ExitTrainer:
                 sizes = distributed.gather_sizes(d, len(decoded), self.device)  # decode failures shrink shares
                 if sum(sizes) < 2:
                     continue
-                x = pixels_to_tensor(self.bundle, _stack_pixels([p for p, _ in decoded], self.bundle.image_size),
-                                     device=self.device)
                 text = self._text([c for _, c in decoded]).to(self.device)
                 all_text = distributed.all_gather_rows(d, text, sizes)
-                per_exit = model(x)
+                if decoded:
+                    per_exit = model(pixels_to_tensor(self.bundle, np.stack([p for p, _ in decoded]),
+                                                      device=self.device))
+                else:  # a share of 0 rows (a small last batch): the tower refuses empty batches, and DDP needs
+                    # every parameter in the graph, so run one blank image and keep none of its rows
+                    blank = np.zeros((1, self.bundle.image_size, self.bundle.image_size, 3), np.uint8)
+                    per_exit = {e: v[:0] for e, v in model(pixels_to_tensor(self.bundle, blank,
+                                                                              device=self.device)).items()}
                 full = per_exit[full_depth]
                 loss_full = clip_loss_share(d, full, text, all_text, self.trainer.scale(full_depth), sizes)
                 loss_early = sum(clip_loss_share(d, per_exit[e], text, all_text, self.trainer.scale(e), sizes)

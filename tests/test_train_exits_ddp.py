@@ -53,8 +53,8 @@ def _cfg(corpus, out, **kw) -> et.ExitTrainConfig:
     return et.ExitTrainConfig(**base)
 
 
-def _rank_worker(cfg: et.ExitTrainConfig, crash_after_epoch: int | None = None) -> None:
-    """Runs in each spawned process: any write from a rank other than 0 fails the run; optionally crash."""
+def _rank_worker(cfgs: list[et.ExitTrainConfig]) -> None:
+    """Runs in each spawned process: the runs of ``cfgs`` in one process group; a write by rank 1 fails them."""
     rank = int(os.environ["RANK"])
     if rank != 0:
         def refuse(url, *args, **kwargs):
@@ -62,16 +62,9 @@ def _rank_worker(cfg: et.ExitTrainConfig, crash_after_epoch: int | None = None) 
 
         for name in ("atomic_write_bytes", "write_json", "write_parquet", "makedirs"):
             setattr(storage, name, refuse)
-    if crash_after_epoch is not None:
-        original = et.ExitTrainer._save_checkpoint
-
-        def crash(self, epoch, *args):
-            original(self, epoch, *args)
-            if epoch == crash_after_epoch:
-                raise RuntimeError("preempted")
-
-        et.ExitTrainer._save_checkpoint = crash
-    et.train_exits(cfg)
+    with distributed.process_group("cpu"):  # one group for all runs: starting processes is the slow part
+        for cfg in cfgs:
+            et.train_exits(cfg)
 
 
 def _files(root) -> set[str]:
@@ -97,19 +90,29 @@ def _metrics(out) -> dict:
     return json.loads((out / "metrics.json").read_text())
 
 
+FINETUNE = dict(epochs=1, finetune_backbone=True, backbone_lr=1e-4, shuffle_buffer=64)
+
+
 @pytest.fixture(scope="module")
 def single(corpus, tmp_path_factory):
-    """The one-process run every data-parallel run is compared with."""
-    out = tmp_path_factory.mktemp("single") / "out"
-    et.train_exits(_cfg(corpus, out))
-    return _metrics(out), out
+    """The one-process runs the data-parallel runs are compared with: frozen and fine-tune recipes."""
+    out = tmp_path_factory.mktemp("single")
+    et.train_exits(_cfg(corpus, out / "frozen"))
+    et.train_exits(_cfg(corpus, out / "finetune", **FINETUNE))
+    return out
 
 
-def test_two_processes_train_the_heads_one_process_trains_and_only_rank_0_writes(corpus, single, tmp_path):
-    ref, ref_out = single
-    out = tmp_path / "out"
-    distributed.spawn(_rank_worker, (_cfg(corpus, out),), 2, "cpu")  # a write by rank 1 would fail it
-    doc = _metrics(out)
+@pytest.fixture(scope="module")
+def two(corpus, tmp_path_factory):
+    """The same runs in two processes (torch DDP over gloo), where rank 1 may not write."""
+    out = tmp_path_factory.mktemp("two")
+    distributed.spawn(_rank_worker, ([_cfg(corpus, out / "frozen"), _cfg(corpus, out / "finetune", **FINETUNE)],),
+                      2, "cpu")
+    return out
+
+
+def test_two_processes_train_the_heads_one_process_trains_and_only_rank_0_writes(single, two):
+    ref, doc = _metrics(single / "frozen"), _metrics(two / "frozen")
     assert doc["world_size"] == 2 and ref["world_size"] == 1
     # features were extracted half by each process, gathered in stream order
     assert doc["pairs"] == ref["pairs"] == {"train": TRAIN_PAIRS, "val": 20}
@@ -120,17 +123,39 @@ def test_two_processes_train_the_heads_one_process_trains_and_only_rank_0_writes
     assert ref["samples"]["train"]["decode_errors"] == 1 and ref["samples"]["train"]["no_caption"] == 1
     _assert_same_history(doc["history"], ref["history"])
     assert ref["history"][-1]["train_loss"]["4"] < ref["history"][0]["train_loss"]["4"]
-    _assert_same_heads(str(out / "exit_heads.safetensors"), str(ref_out / "exit_heads.safetensors"))
+    _assert_same_heads(str(two / "frozen" / "exit_heads.safetensors"),
+                       str(single / "frozen" / "exit_heads.safetensors"))
     assert doc["before"] == ref["before"]
     for e in ("4", "6", "8"):
         assert doc["after"][e]["t2i"] == ref["after"][e]["t2i"]
         assert doc["after"][e]["cos_to_full"] == pytest.approx(ref["after"][e]["cos_to_full"], abs=1e-5)
-    assert _files(out) == _files(ref_out) == {"checkpoint.pt", "exit_heads.safetensors", "metrics.json",
-                                              "features-train.safetensors", "features-val.safetensors"}
+    assert _files(two / "frozen") == _files(single / "frozen") == {
+        "checkpoint.pt", "exit_heads.safetensors", "metrics.json", "features-train.safetensors",
+        "features-val.safetensors"}
+
+
+def test_finetune_backbone_in_two_processes_matches_one(single, two):
+    one, two = single / "finetune", two / "finetune"
+    a, b = _metrics(one), _metrics(two)
+    assert b["world_size"] == 2 and b["pairs"] == a["pairs"] == {"train": TRAIN_PAIRS - 1, "val": 20}
+    assert b["samples"] == a["samples"]
+    assert b["history"][0]["train_loss"] == pytest.approx(a["history"][0]["train_loss"], rel=1e-5)
+    _assert_same_heads(str(two / "exit_heads.safetensors"), str(one / "exit_heads.safetensors"))
+    for e in ("4", "6", "8"):
+        assert b["after"][e]["cos_to_full"] == pytest.approx(a["after"][e]["cos_to_full"], abs=1e-5)
+    # The backbones agree to float rounding, measured against how far training moved them: Adam turns the float
+    # noise of gradients that are zero in exact arithmetic (attention key biases) into steps of its own.
+    start = load_file(str(models.DEMO_DIR / "clip.safetensors"))
+    ta = load_file(str(one / "backbone" / "clip.safetensors"))
+    tb = load_file(str(two / "backbone" / "clip.safetensors"))
+    moved = torch.cat([(ta[k] - start[k]).flatten() for k in ta]).norm()
+    apart = torch.cat([(ta[k] - tb[k]).flatten() for k in ta]).norm()
+    assert moved > 0.05 and apart < 2e-3 * moved  # the backbone trained (a new model), the same way in both
+    assert _files(two) == _files(one)
 
 
 def test_a_run_interrupted_in_one_process_resumes_with_two_workers(corpus, single, tmp_path, monkeypatch):
-    ref, ref_out = single
+    ref, ref_out = _metrics(single / "frozen"), single / "frozen"
     out = tmp_path / "out"
     original = et.ExitTrainer._save_checkpoint
 
@@ -155,29 +180,6 @@ def test_a_run_interrupted_in_one_process_resumes_with_two_workers(corpus, singl
     assert resumed["samples"] == ref["samples"]  # the feature cache of the first run was reused
     _assert_same_history(resumed["history"], ref["history"])
     _assert_same_heads(str(out / "exit_heads.safetensors"), str(ref_out / "exit_heads.safetensors"))
-
-
-def test_finetune_backbone_in_two_processes_matches_one(corpus, tmp_path):
-    kw = dict(epochs=1, finetune_backbone=True, backbone_lr=1e-4, shuffle_buffer=64)
-    one, two = tmp_path / "one", tmp_path / "two"
-    et.train_exits(_cfg(corpus, one, **kw))
-    distributed.spawn(_rank_worker, (_cfg(corpus, two, **kw),), 2, "cpu")  # a write by rank 1 would fail it
-    a, b = _metrics(one), _metrics(two)
-    assert b["world_size"] == 2 and b["pairs"] == a["pairs"] == {"train": TRAIN_PAIRS - 1, "val": 20}
-    assert b["samples"] == a["samples"]
-    assert b["history"][0]["train_loss"] == pytest.approx(a["history"][0]["train_loss"], rel=1e-5)
-    _assert_same_heads(str(two / "exit_heads.safetensors"), str(one / "exit_heads.safetensors"))
-    for e in ("4", "6", "8"):
-        assert b["after"][e]["cos_to_full"] == pytest.approx(a["after"][e]["cos_to_full"], abs=1e-5)
-    # The backbones agree to float rounding, measured against how far training moved them: Adam turns the float
-    # noise of gradients that are zero in exact arithmetic (attention key biases) into steps of its own.
-    start = load_file(str(models.DEMO_DIR / "clip.safetensors"))
-    ta = load_file(str(one / "backbone" / "clip.safetensors"))
-    tb = load_file(str(two / "backbone" / "clip.safetensors"))
-    moved = torch.cat([(ta[k] - start[k]).flatten() for k in ta]).norm()
-    apart = torch.cat([(ta[k] - tb[k]).flatten() for k in ta]).norm()
-    assert moved > 0.05 and apart < 2e-3 * moved  # the backbone trained (a new model), the same way in both
-    assert _files(two) == _files(one)
 
 
 def test_loss_shares_are_open_clips_loss_in_one_process():
