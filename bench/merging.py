@@ -96,6 +96,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         "absent; default: CACHE_DIR/static-<layers>l; 'none' leaves the row out)")
     p.add_argument("--test-limit", type=int, default=None, help="only the first N test (and val) images (smoke runs)")
     p.add_argument("--plot", default=None, help="write the recall@1-vs-speedup figure here (self-contained SVG)")
+    p.add_argument("--from-json", default=None,
+                   help="measure nothing: print the table and write --plot from an earlier run's --json file")
     p.add_argument("--vit", default="ViT-B-16", help="random-init open_clip ViT to time at a real token count "
                                                       "('' to skip)")
     p.add_argument("--vit-profiles", default="12,12@r8,12@r16,6,6@r16",
@@ -553,7 +555,7 @@ def plot_tradeoff(r: dict) -> str:
     ys = [row["t2i"][1] for row in rows]
     xt = _ticks(min(xs) * 0.95, max(xs) * 1.05, 6)
     yt = _ticks(min(ys) - 0.01, max(ys) + 0.01, 6)
-    w, h, left, right, top, bottom = 760, 470, 64, 250, 46, 52
+    w, h, left, right, top, bottom = 760, 480, 64, 250, 58, 52
     pw, ph = w - left - right, h - top - bottom
 
     def X(v):
@@ -563,16 +565,17 @@ def plot_tradeoff(r: dict) -> str:
         return top + (1 - (v - yt[0]) / (yt[-1] - yt[0])) * ph
 
     f = r["facts"]
-    load = r["load_average_during"]
+    loads = " before, ".join(", ".join(f"{v:.1f}" for v in la) for la in r["load_average_during"]) + " after timing"
     out = [f'<svg xmlns="http://www.w3.org/2000/svg" viewBox="0 0 {w} {h}" width="{w}" height="{h}" '
            f'font-family="Helvetica, Arial, sans-serif" font-size="11">',
            "<title>ICAR token merging: recall@1 vs measured speedup</title>",
            f'<rect width="{w}" height="{h}" fill="#ffffff"/>',
            f'<text x="{left}" y="18" font-size="13" font-weight="bold">Demo CLIP, {r["test_images"]} held-out test '
            f'images: text→image recall@1 vs measured speedup</text>',
-           f'<text x="{left}" y="34" fill="#555">{_e(f["date"])}, icar {_e(f["git"])}, one torch thread, '
-           f'{f["cpu_count"]} shared CPUs, load average {load[0]} → {load[1]}; speedup = images/s (scorer '
-           f'included) ÷ that of full depth, same run</text>']
+           f'<text x="{left}" y="32" fill="#555">{_e(f["date"])}, icar {_e(f["git"])}, one torch thread, '
+           f'{f["cpu_count"]} shared CPUs; load average (1, 5, 15 min) {loads}</text>',
+           f'<text x="{left}" y="{top - 4}" fill="#555">speedup: images/s of ModelWorker.embed (scorer included) '
+           f'÷ that of full depth, timed side by side in the same run</text>']
     for v in yt:
         out.append(f'<line x1="{left}" x2="{left + pw}" y1="{Y(v):.1f}" y2="{Y(v):.1f}" stroke="#e3e3e3"/>'
                    f'<text x="{left - 6}" y="{Y(v) + 3.5:.1f}" text-anchor="end" fill="#444">{_tick_label(v)}</text>')
@@ -602,6 +605,11 @@ def plot_tradeoff(r: dict) -> str:
             tip = (f'{p["name"]}: recall@1 {p["t2i"][1]:.3f}, {p["speedup"]:.2f}× measured, '
                    f'{p["gflops_fraction"]:.2f} × full GFLOPs')
             out.append(_marker(marker, X(p["speedup"]), Y(p["t2i"][1]), colour, tip))
+            label = p["name"].split("budget ")[-1].rstrip(")") if "budget " in p["name"] else \
+                p["name"].split("8@")[-1].rstrip(")") if "8@" in p["name"] else ""
+            if label:
+                out.append(f'<text x="{X(p["speedup"]) + 6:.1f}" y="{Y(p["t2i"][1]) - 5:.1f}" fill="{colour}" '
+                           f'font-size="9">{_e(label)}</text>')
         lx = left + pw + 16
         out.append(_marker(marker, lx, legend_y, colour, method))
         out.append(f'<text x="{lx + 10}" y="{legend_y + 4}">{_e(method)}</text>')
@@ -623,9 +631,15 @@ def main(argv: list[str] | None = None) -> int:
 
     setup_logging()
     a = parse_args(argv)
-    r = run(a)
+    if a.from_json:
+        r = json.loads(Path(a.from_json).read_text())
+        for row in r["rows"]:  # JSON made the recall@k keys strings
+            row["t2i"] = {int(k): v for k, v in row["t2i"].items()}
+            row["pct_of_full"] = {int(k): v for k, v in row["pct_of_full"].items()}
+    else:
+        r = run(a)
     print(format_report(r))
-    if a.json:
+    if a.json and not a.from_json:
         Path(a.json).write_text(json.dumps(r, indent=1, default=float))
     if a.plot:
         tmp = a.plot + ".tmp"
