@@ -89,6 +89,14 @@ def _cache_key(bundle) -> str:
     return f"v{CACHE_VERSION}|{model_key(bundle.identity)}|{bundle.image_size}"
 
 
+def counted_gflops(fn, *args):
+    """Return (fn(*args), GFLOPs it counted): one FlopCounterMode around one call (the caller sets the recipe)."""
+    counter = FlopCounterMode(display=False)
+    with counter:
+        out = fn(*args)
+    return out, counter.get_total_flops() / 1e9
+
+
 def count_tower_profile(visual: torch.nn.Module, image_size: int) -> dict:
     """Return per-image GFLOPs of an open_clip ViT tower's parts, counted in ONE batch-1 forward pass.
 
@@ -104,26 +112,20 @@ def count_tower_profile(visual: torch.nn.Module, image_size: int) -> dict:
     x = torch.zeros(1, 3, image_size, image_size, device=device, dtype=dtype, requires_grad=True)
     profile: dict = {"blocks": []}
 
-    def counted(fn, *args):
-        counter = FlopCounterMode(display=False)
-        with counter:
-            out = fn(*args)
-        return out, counter.get_total_flops() / 1e9
-
     with torch.enable_grad(), sdpa_kernel(SDPBackend.MATH):
-        tokens, profile["stem"] = counted(visual._embeds, x)
+        tokens, profile["stem"] = counted_gflops(visual._embeds, x)
         for blk in visual.transformer.resblocks:
-            tokens, g = counted(blk, tokens)
+            tokens, g = counted_gflops(blk, tokens)
             profile["blocks"].append(g)
         head = ExitHead(visual).to(device) if getattr(visual, "attn_pool", None) is None \
             and visual.pool_type in ("tok", "avg") else None
-        profile["exit_head"] = counted(head, tokens)[1] if head is not None else None
+        profile["exit_head"] = counted_gflops(head, tokens)[1] if head is not None else None
 
         def final(t):
             pooled, _ = visual._pool(t)
             return pooled @ visual.proj if visual.proj is not None else pooled
 
-        profile["final_head"] = counted(final, tokens)[1]
+        profile["final_head"] = counted_gflops(final, tokens)[1]
     return profile
 
 

@@ -269,9 +269,9 @@ def count_merged_profile(visual: nn.Module, image_size: int, schedule: MergeSche
     spec. The matching itself (one similarity matmul per merging block) is counted in the block that merges.
     """
     from torch.nn.attention import SDPBackend, sdpa_kernel
-    from torch.utils.flop_counter import FlopCounterMode
 
     from .encoder import ExitHead, _check_visual
+    from .flops import counted_gflops
 
     if schedule is None:
         from .flops import count_tower_profile
@@ -288,27 +288,21 @@ def count_merged_profile(visual: nn.Module, image_size: int, schedule: MergeSche
     blocks = visual.transformer.resblocks
     profile: dict = {"blocks": [], "tokens": [], "merge": schedule.spec}
 
-    def counted(fn, *args):
-        counter = FlopCounterMode(display=False)
-        with counter:
-            out = fn(*args)
-        return out, counter.get_total_flops() / 1e9
-
     with torch.enable_grad(), sdpa_kernel(SDPBackend.MATH):
-        tokens, profile["stem"] = counted(visual._embeds, x)
+        tokens, profile["stem"] = counted_gflops(visual._embeds, x)
         rs = schedule.merges(tokens.shape[1], len(blocks))
         size = None
         for blk, r in zip(blocks, rs):
             profile["tokens"].append(int(tokens.shape[1]))
-            (tokens, size), g = counted(run_block, blk, tokens, size, r, schedule.prop_attn)
+            (tokens, size), g = counted_gflops(run_block, blk, tokens, size, r, schedule.prop_attn)
             profile["blocks"].append(g)
         profile["tokens"].append(int(tokens.shape[1]))
         if getattr(visual, "attn_pool", None) is None and visual.pool_type in ("tok", "avg"):
             head = ExitHead(visual).to(p.device)
-            profile["exit_head"] = counted(lambda t, s: head.from_features(pool_head(head, t, s)), tokens, size)[1]
+            profile["exit_head"] = counted_gflops(lambda t, s: head.from_features(pool_head(head, t, s)), tokens, size)[1]
         else:
             profile["exit_head"] = None
-        profile["final_head"] = counted(pool_tower, visual, tokens, size)[1]
+        profile["final_head"] = counted_gflops(pool_tower, visual, tokens, size)[1]
     return profile
 
 
