@@ -546,7 +546,7 @@ def _marker(kind: str, x: float, y: float, colour: str, tip: str) -> str:
 def plot_tradeoff(r: dict) -> str:
     """Return a self-contained SVG: text→image recall@1 against measured speedup over full depth, one curve per method.
 
-    Every point is a row of ``r["rows"]`` (one run); a method's points are joined in order of speedup.
+    Every point is a row of ``r["rows"]`` (one run); a method's points are joined in order of counted GFLOPs (its knob: budget or schedule).
     """
     from pipeline.report_html import _e, _tick_label, _ticks
 
@@ -595,7 +595,7 @@ def plot_tradeoff(r: dict) -> str:
                f'recall@1</text>')
     legend_y = top + 6
     for method, (colour, marker) in METHOD_STYLE.items():
-        pts = sorted((row for row in rows if row["method"] == method), key=lambda row: row["speedup"])
+        pts = sorted((row for row in rows if row["method"] == method), key=lambda row: row["gflops"])
         if not pts:
             continue
         if len(pts) > 1:
