@@ -21,7 +21,7 @@ complexity scorer, on the test split (never used to train the model, its heads, 
                            merged and routed rows' mean), trained from scratch exactly like the demo model (its
                            card's recipe and corpus: ``icar train-demo --model-json '{"vision_layers": 4}'``), run at
                            full depth with no scorer. ``--static-model DIR`` names it; when DIR holds no model it is
-                           trained there first (~20 min of one CPU thread; the card it writes is checked against the
+                           trained there first (~13 min of one CPU thread; the card it writes is checked against the
                            demo card's recipe, so a tower trained another way is refused).
 
 For the trade-off figure (``--plot out.svg``, a self-contained SVG: recall@1 against measured speedup, one curve
@@ -152,7 +152,7 @@ def static_tower(a: argparse.Namespace) -> str | None:
         model = DemoModelConfig(**want_model)
         cfg = DemoTrainConfig(corpus=a.corpus, output=out, model=model, progress=False,
                               **{k: demo[k] for k in RECIPE_KEYS})
-        log.info("training the static %d-block tower with the demo model's recipe into %s (about 20 min of one "
+        log.info("training the static %d-block tower with the demo model's recipe into %s (about 13 min of one "
                  "CPU thread): icar train-demo --corpus %s --output %s --epochs %d --seed %d --threads %s "
                  "--model-json '{\"vision_layers\": %d}'", a.static_layers, out, a.corpus, out, cfg.epochs, cfg.seed,
                  cfg.threads, a.static_layers)
@@ -429,7 +429,8 @@ def run(a: argparse.Namespace) -> dict:
         r["max_abs_diff_vs_embed"] = c
     result = {"facts": facts, "static_model": None if static is None else {
                   "dir": static["dir"], "blocks": static["blocks"], "recipe": static["card"]["train"],
-                  "parameters": static["card"]["parameters"], "val_full": static["card"]["metrics"]["val"]["full"]}, "load_average_during": [load_before, load_after], "merge": s,
+                  "parameters": static["card"]["parameters"], "val_full": static["card"]["metrics"]["val"]["full"]},
+              "load_average_during": [load_before, load_after], "merge": s,
               "profiles": [p.spec for p in profiles], "gflops_per_profile": costs, "rows": rows,
               "val_recall_at_1": val_r1, "test_images": len(px), "merged_heads": mh_paths,
               "tokens": {p.spec: merging.profile_gflops(bundle, p.merge)["tokens"] for p in every}}
@@ -544,9 +545,10 @@ def _marker(kind: str, x: float, y: float, colour: str, tip: str) -> str:
 
 
 def plot_tradeoff(r: dict) -> str:
-    """Return a self-contained SVG: text→image recall@1 against measured speedup over full depth, one curve per method.
+    """Return a self-contained SVG: text→image recall@1 against measured speedup over full depth, a curve per method.
 
-    Every point is a row of ``r["rows"]`` (one run); a method's points are joined in order of counted GFLOPs (its knob: budget or schedule).
+    Every point is a row of ``r["rows"]`` (one run); a method's points are joined in order of counted GFLOPs (its
+    knob: budget or schedule).
     """
     from pipeline.report_html import _e, _tick_label, _ticks
 
