@@ -209,10 +209,7 @@ def _calibrate_from_inputs(a: argparse.Namespace):
                                           shares=a.shares, scorer_identity=scorer.identity)
         router.calibration.update(identity)
         return router
-    captioned = [i for i, c in enumerate(captions) if c]
-    if len(captioned) < 10:
-        raise ValueError(f"only {len(captioned)} of {len(keys)} sample images have captions; --min-recall needs a "
-                         "captioned validation set (e.g. COCO/Flickr val shards with .txt captions)")
+    captioned = captioned_indices(captions)
     encoder = enc.AdaptiveEncoder(bundle.model.visual, exits, heads).to(device).eval()
     per_exit: dict[int, list[np.ndarray]] = {e: [] for e in exits}
     with torch.inference_mode():
@@ -227,6 +224,15 @@ def _calibrate_from_inputs(a: argparse.Namespace):
                                       scorer_identity=scorer.identity)
     router.calibration.update(identity)
     return router
+
+
+def captioned_indices(captions: list[str | None]) -> list[int]:
+    """Return the sample positions that have a caption; --min-recall needs at least 10 of them."""
+    captioned = [i for i, c in enumerate(captions) if c]
+    if len(captioned) < 10:
+        raise ValueError(f"only {len(captioned)} of {len(captions)} sample images have captions; --min-recall needs a "
+                         "captioned validation set (e.g. COCO/Flickr val shards with .txt captions)")
+    return captioned
 
 
 def _calibrate_profiles(a: argparse.Namespace, bundle, heads, exits, scorer, pixels, captions, scores, device):
@@ -264,10 +270,7 @@ def _calibrate_profiles(a: argparse.Namespace, bundle, heads, exits, scorer, pix
         router.heads.update(paths)
         router.calibration.update(identity)
         return router
-    captioned = [i for i, c in enumerate(captions) if c]
-    if len(captioned) < 10:
-        raise ValueError(f"only {len(captioned)} of {len(captions)} sample images have captions; --min-recall needs a "
-                         "captioned validation set (e.g. COCO/Flickr val shards with .txt captions)")
+    captioned = captioned_indices(captions)
     schedules = [p.merge for p in profiles if p.merge is not None]
     encoder = enc.AdaptiveEncoder(bundle.model.visual, exits, heads, schedules, merge_heads).to(device).eval()
     per_profile: dict[str, list[np.ndarray]] = {p.spec: [] for p in profiles}

@@ -246,24 +246,18 @@ def remove_orphans(run: str, manifest: Manifest, storage_options: dict) -> None:
     yet when this runs)."""
     from .schema import ERROR_DIR
 
-    fs, path = storage.filesystem(storage.join(run, SHARD_DIR), storage_options)
-    fs.invalidate_cache(path)  # object-store listings are cached per instance: list what is there now
-    if not fs.exists(path):
-        return
     recorded = {r["output"].rsplit("/", 1)[-1] for r in manifest.rows}
-    for f in fs.ls(path, detail=False):
-        name = f.rsplit("/", 1)[-1]
-        if name.startswith("part-") and name.endswith(".parquet") and name not in recorded:
-            log.warning("removing %s: committed by an interrupted run but not in the manifest; it is redone", name)
-            fs.rm(f)
-    for folder in ("", SHARD_DIR, ERROR_DIR):
+    for folder in ("", SHARD_DIR, ERROR_DIR):  # one listing per folder
         fs, path = storage.filesystem(storage.join(run, folder) if folder else run, storage_options)
-        fs.invalidate_cache(path)
+        fs.invalidate_cache(path)  # object-store listings are cached per instance: list what is there now
         if not fs.exists(path):
             continue
         for f in fs.ls(path, detail=False):
             name = f.rstrip("/").rsplit("/", 1)[-1]
-            if name.startswith(".") and ".tmp-" in name:
+            if folder == SHARD_DIR and name.startswith("part-") and name.endswith(".parquet") and name not in recorded:
+                log.warning("removing %s: committed by an interrupted run but not in the manifest; it is redone", name)
+                fs.rm(f)
+            elif name.startswith(".") and ".tmp-" in name:
                 log.info("removing %s/%s: a temporary file of a write that was interrupted", folder or ".", name)
                 fs.rm(f)
 

@@ -885,8 +885,7 @@ def _build(cfg: IndexConfig, plan: RunPlan, params: IndexParams, runner: _Runner
         # Unmark the old index before anything in OUTPUT is replaced: a build killed halfway must never leave the
         # old index.json describing a new ids.parquet or index.faiss (a searcher would name the wrong images).
         # The plan and the budgets were accepted above, so a refused build never gets this far.
-        fs, path = storage.filesystem(marker, so)
-        fs.rm(path)
+        storage.remove(marker, so)
         log.info("--overwrite: removed the old %s; %s is incomplete until this build writes its own", INDEX_JSON, out)
     b = _Build(cfg, plan, params, runner, out, work, scratch, so, reasons, max_index, max_build)
     b.reused = trained_bytes

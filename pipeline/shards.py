@@ -103,9 +103,8 @@ def commit_shard(run: str, part: int, rows: ShardRows, dim: int, storage_options
     eurl = error_url(run, part)
     if rows.error_keys:
         storage.write_parquet(rows.error_table(), eurl, storage_options)
-    elif storage.exists(eurl, storage_options):
-        fs, path = storage.filesystem(eurl, storage_options)
-        fs.rm(path)
+    else:
+        storage.remove(eurl, storage_options)
     storage.write_parquet(rows.table(dim), shard_url(run, part), storage_options)
 
 
@@ -226,9 +225,8 @@ def record_duplicate_keys(run: str, rows: list[dict], storage_options: dict | No
         first = dups.slice(0, 1).to_pylist()[0]
         log.warning("%d keys were committed by more than one input shard, e.g. %s; listed in %s", dups.num_rows,
                     first["error"], url)
-    elif storage.exists(url, storage_options):
-        fs, path = storage.filesystem(url, storage_options)
-        fs.rm(path)
+    else:
+        storage.remove(url, storage_options)
     return dups.num_rows
 
 

@@ -204,6 +204,13 @@ def makedirs(url: str, storage_options: dict | None = None) -> None:
         os.makedirs(path, exist_ok=True)
 
 
+def remove(url: str, storage_options: dict | None = None) -> None:
+    """Delete the file at ``url`` if it exists (an object store may list a deleted key for a moment)."""
+    fs, path = fresh_filesystem(url, storage_options)
+    if fs.exists(path):
+        fs.rm(path)
+
+
 def check_writable(url: str, storage_options: dict | None = None) -> None:
     """Write and delete a small probe under directory ``url``; raise StorageError at once if that fails.
 

@@ -2,25 +2,13 @@
 
 from __future__ import annotations
 
-import copy
 import math
 
 import pytest
 import torch
 
 from pipeline import flops, merging, models
-
-TINY = {
-    "embed_dim": 32,
-    "vision_cfg": {"image_size": 32, "layers": 4, "width": 64, "head_width": 32, "patch_size": 8},
-    "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 2},
-}
-
-
-def tiny(seed: int = 0, **vision) -> models.ClipBundle:
-    cfg = copy.deepcopy(TINY)
-    cfg["vision_cfg"].update(vision)
-    return models.bundle_from_config(cfg, seed=seed, name="tiny")
+from tinyclip import tiny
 
 
 def _images(n: int, size: int = 32, seed: int = 0) -> torch.Tensor:

@@ -13,13 +13,7 @@ import torch
 from PIL import Image
 
 from pipeline import models
-
-# A CLIP small enough to build in milliseconds: 4-block ViT (width 64) on 32 px images, 2-block text tower.
-TINY = {
-    "embed_dim": 32,
-    "vision_cfg": {"image_size": 32, "layers": 4, "width": 64, "head_width": 32, "patch_size": 8},
-    "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 2},
-}
+from tinyclip import TINY
 
 
 def test_seeded_init_is_deterministic_and_pinned_by_its_hash():

@@ -16,6 +16,7 @@ from pipeline import democorpus as dc
 from pipeline import encoder as enc
 from pipeline import exit_training as et
 from pipeline import models
+from preempt import preempt_after_first_epoch
 
 TINY = {
     "embed_dim": 32,
@@ -105,15 +106,7 @@ def test_resume_after_a_crash_gives_the_same_heads(model_dir, tmp_path, monkeypa
     straight = et.ExitTrainer(_cfg(tmp_path / "a", model_dir), pairs, synthetic_pairs(24, seed=1)).run()
 
     saves = []
-    original = et.ExitTrainer._save_checkpoint
-
-    def crash_after_first_epoch(self, epoch, *args):
-        original(self, epoch, *args)
-        saves.append(epoch)
-        if epoch == 0:
-            raise KeyboardInterrupt("preempted")
-
-    monkeypatch.setattr(et.ExitTrainer, "_save_checkpoint", crash_after_first_epoch)
+    preempt_after_first_epoch(monkeypatch, saves)
     cfg = _cfg(tmp_path / "b", model_dir)
     with pytest.raises(KeyboardInterrupt):
         et.ExitTrainer(cfg, pairs, synthetic_pairs(24, seed=1)).run()
@@ -128,14 +121,7 @@ def test_resume_after_a_crash_gives_the_same_heads(model_dir, tmp_path, monkeypa
 
 def test_resume_refuses_a_checkpoint_of_another_merge_schedule(model_dir, tmp_path, monkeypatch):
     pairs, val = synthetic_pairs(48), synthetic_pairs(16, seed=1)
-    original = et.ExitTrainer._save_checkpoint
-
-    def crash_after_first_epoch(self, epoch, *args):
-        original(self, epoch, *args)
-        if epoch == 0:
-            raise KeyboardInterrupt("preempted")
-
-    monkeypatch.setattr(et.ExitTrainer, "_save_checkpoint", crash_after_first_epoch)
+    original = preempt_after_first_epoch(monkeypatch)
     with pytest.raises(KeyboardInterrupt):
         et.ExitTrainer(_cfg(tmp_path, model_dir, epochs=2, merge="keep0.8"), pairs, val).run()
     monkeypatch.setattr(et.ExitTrainer, "_save_checkpoint", original)

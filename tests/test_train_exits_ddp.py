@@ -20,6 +20,7 @@ from pipeline import distributed
 from pipeline import exit_training as et
 from pipeline import models
 from pipeline import storage
+from preempt import preempt_after_first_epoch
 
 TRAIN_PAIRS = 37  # 16 + 16 + 5 at batch 16: the last global batch splits 3 / 2 over two processes
 
@@ -157,14 +158,7 @@ def test_finetune_backbone_in_two_processes_matches_one(single, two):
 def test_a_run_interrupted_in_one_process_resumes_with_two_workers(corpus, single, tmp_path, monkeypatch):
     ref, ref_out = _metrics(single / "frozen"), single / "frozen"
     out = tmp_path / "out"
-    original = et.ExitTrainer._save_checkpoint
-
-    def crash_after_first_epoch(self, epoch, *args):
-        original(self, epoch, *args)
-        if epoch == 0:
-            raise KeyboardInterrupt("preempted")
-
-    monkeypatch.setattr(et.ExitTrainer, "_save_checkpoint", crash_after_first_epoch)
+    preempt_after_first_epoch(monkeypatch)
     with pytest.raises(KeyboardInterrupt):
         et.train_exits(_cfg(corpus, out))
     monkeypatch.undo()
