@@ -179,8 +179,11 @@ def merge_wavg(merge: Callable, x: torch.Tensor, size: torch.Tensor | None) -> t
     if size is None:
         size = torch.ones_like(x[..., :1])
     size = size.to(x.dtype)
-    total = merge(size)
-    return (merge(x * size) / total).to(x.dtype), total
+    # One gather/scatter for both: the size rides along as an extra channel (the same sums, half the small ops,
+    # which at a few tokens per image cost more than the arithmetic).
+    both = merge(torch.cat([x * size, size], dim=-1))
+    total = both[..., -1:]
+    return (both[..., :-1] / total).to(x.dtype), total
 
 
 def run_block(blk: nn.Module, x: torch.Tensor, size: torch.Tensor | None, r: int, prop_attn: bool = True
