@@ -82,6 +82,79 @@ def test_heuristic_is_deterministic_and_resolution_robust():
     assert scorer.identity["kind"] == "heuristic" and scorer.input_size == 128
 
 
+def reference_edge_density(pixels: np.ndarray, input_size: int = 128, threshold: float = 0.1) -> np.ndarray:
+    """Return the heuristic's definition computed the straightforward way (how HeuristicScorer once did it):
+    resize all 3 channels, luminance, the normalised Sobel as a valid conv2d, magnitude, threshold, mean."""
+    x = S.to_float_batch(pixels, input_size, mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0))
+    y = (x * torch.tensor([0.299, 0.587, 0.114]).view(1, 3, 1, 1)).sum(dim=1, keepdim=True)
+    sobel_x = torch.tensor([[-1.0, 0.0, 1.0], [-2.0, 0.0, 2.0], [-1.0, 0.0, 1.0]]) / 4.0
+    g = F.conv2d(y, torch.stack([sobel_x, sobel_x.T]).unsqueeze(1))
+    return (torch.sqrt(g[:, 0] ** 2 + g[:, 1] ** 2) > threshold).float().mean(dim=(1, 2)).numpy()
+
+
+def smooth_random_batch(n: int, height: int, width: int, seed: int) -> np.ndarray:
+    """Return random images with edges of every strength: random 12x12 colour grids resized bilinearly."""
+    rng = np.random.default_rng(seed)
+    return np.stack([np.asarray(Image.fromarray(rng.integers(0, 256, (12, 12, 3), dtype=np.uint8))
+                                .resize((width, height), Image.BILINEAR)) for _ in range(n)])
+
+
+@pytest.mark.parametrize("input_size,threshold", [(128, 0.1), (64, 0.1), (96, 0.05)])
+def test_heuristic_matches_the_reference_definition(input_size, threshold):
+    scorer = S.HeuristicScorer(input_size=input_size, edge_threshold=threshold)
+    one_pixel = 1.0 / (input_size - 2) ** 2  # the score of one interior pixel
+    batches = []
+    for i, (h, w) in enumerate([(64, 64), (128, 128), (224, 224), (96, 160), (200, 72)]):  # up, same, down, mixed
+        rng = np.random.default_rng(i)
+        batches.append(rng.integers(0, 256, (3, h, w, 3), dtype=np.uint8))  # noise: nearly every pixel an edge
+        batches.append(smooth_random_batch(6, h, w, seed=i))
+        real = [synthetic_image(n, seed=n + i, size=max(h, w)) for n in (0, 2, 10, 40)]
+        batches.append(np.stack([np.asarray(img.resize((w, h), Image.BICUBIC)) for img in real]))
+    for size in (64, 128, 224):  # decoded exactly as the pipeline decodes, JPEG and PNG
+        batches.append(np.stack([decoded(synthetic_image(n, seed=n), size, fmt) for n in (1, 5, 30, 90)
+                                 for fmt in ("JPEG", "PNG")]))
+    for pixels in batches:
+        got, want = scorer.score(pixels), reference_edge_density(pixels, input_size, threshold)
+        assert got.dtype == np.float32 and got.shape == want.shape
+        # The same definition; float rounding may flip a pixel that sits exactly on the threshold.
+        assert np.abs(got - want).max() <= 3 * one_pixel + 1e-7, (pixels.shape, got, want)
+    # A batch larger than one internal chunk scores each image as it would alone.
+    big = smooth_random_batch(40, 224, 224, seed=9)
+    assert np.array_equal(scorer.score(big), np.concatenate([scorer.score(big[i:i + 1]) for i in range(40)]))
+
+
+def test_heuristic_takes_read_only_batches_without_a_warning():
+    import warnings
+
+    pixels = smooth_random_batch(4, 64, 64, seed=0)
+    pixels.flags.writeable = False  # what a Ray actor receives from the object store
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # torch's "NumPy array is not writable" would fail here
+        scores = S.HeuristicScorer(input_size=64).score(pixels)
+        x = S.to_float_batch(pixels, 32)
+    assert np.array_equal(scores, S.HeuristicScorer(input_size=64).score(pixels.copy()))
+    assert x.shape == (4, 3, 32, 32)
+
+
+def test_heuristic_gflops_count_the_definition():
+    # Unchanged by the faster implementation: what shipped routers recorded (224 px decoded, 128 px analysed).
+    assert S.HeuristicScorer().gflops_per_image == pytest.approx(0.001941504, rel=1e-9)
+    s = S.HeuristicScorer(input_size=128)
+    core = 128 * 128 * (5 + 36 + 4) / 1e9  # luminance, two Sobel filters, magnitude and threshold
+    assert s.estimate_gflops(128) == pytest.approx(core)  # no resize
+    # Upsampling is plain bilinear, 4 taps per output pixel and channel, whatever the source size.
+    assert s.estimate_gflops(64) == pytest.approx(core + 128 * 128 * 4 * 3 * 2 / 1e9)
+    assert s.estimate_gflops(32) == s.estimate_gflops(64)
+    # An antialiased downscale reads ~4·(S/128)² taps.
+    assert s.estimate_gflops(256) == pytest.approx(core + 128 * 128 * 16 * 3 * 2 / 1e9)
+    demo = S.HeuristicScorer(input_size=64, source_size=64)
+    assert demo.gflops_per_image == pytest.approx(64 * 64 * 45 / 1e9)
+    with pytest.raises(ValueError, match="edge_threshold"):
+        S.HeuristicScorer(edge_threshold=0)
+    with pytest.raises(ValueError, match="input_size"):
+        S.HeuristicScorer(input_size=2)
+
+
 def test_to_float_batch_resizes_and_normalises():
     pixels = np.random.default_rng(0).integers(0, 256, (2, 96, 96, 3), dtype=np.uint8)
     x = S.to_float_batch(pixels, 64)
