@@ -258,6 +258,10 @@ def _section(scope: str, name: str, runs: list[RunData], timings: list[dict], co
     for r in runs:
         for d, g in r.gflops_per_exit.items():
             per_exit_all.setdefault(d, g)
+    if any(r.info.get("profiles") for r in runs):
+        # Rows routed to profiles spent their merged profile's figure, not the unmerged depth's: the mean the
+        # rows themselves carry (less the scorer) is what an image leaving at that depth cost the encoder.
+        per_exit_all = {int(d): float((gflops - scorer_row)[exit_layer == d].mean()) for d in depths}
     exit_mix = [{"depth": int(d), "images": int(c), "share": int(c) / images,
                  "encoder_gflops_per_image": per_exit_all.get(int(d)),
                  "gflops": float(gflops[exit_layer == d].sum())} for d, c in zip(depths, counts)]

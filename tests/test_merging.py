@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -412,6 +413,14 @@ def test_embed_run_with_profiles_passes_the_cost_audit(tmp_path, monkeypatch, ra
     for depth, g in zip(rows["exit_layer"], rows["gflops"]):
         assert min(abs(g - c) for p, c in costs.items() if merging.parse_profile(p).exit == depth) < 1e-6
     # the cost audit (run by `icar embed` at the end) checks each row against its depth's profile figures
-    audit = build_report([str(tmp_path / "run")], ReportConfig())["runs"][0]["audit"]
+    report = build_report([str(tmp_path / "run")], ReportConfig())["runs"][0]
+    audit = report["audit"]
     assert audit["status"] == "passed" and audit["agree"] and audit["row_violations"] == 0
     assert audit["gflops_recomputed"] == pytest.approx(sum(rows["gflops"]), rel=1e-6)
+    # the exit mix shows what images leaving at each depth cost under their (merged) profiles, not unmerged depth
+    depths = np.asarray(rows["exit_layer"])
+    for e in report["exit_mix"]:
+        spent = np.asarray(rows["gflops"])[depths == e["depth"]] - info["scorer_gflops"]
+        assert e["encoder_gflops_per_image"] == pytest.approx(float(spent.mean()), rel=1e-5)
+        if e["depth"] == 6:
+            assert e["encoder_gflops_per_image"] == pytest.approx(costs["6@keep0.8"] - info["scorer_gflops"], rel=1e-5)
