@@ -39,6 +39,6 @@ demo-heads: install
 	    --max-train 4000 --max-val 500 --epochs 6 --seed 0 --output build/demo-exits
 	cp build/demo-exits/exit_heads.safetensors build/demo-exits/metrics.json pipeline/assets/demo/
 	mv pipeline/assets/demo/metrics.json pipeline/assets/demo/exit_heads.metrics.json
-	echo '{"kind": "heuristic"}' > pipeline/assets/demo/scorer.json
+	echo '{"kind": "heuristic", "input_size": 64}' > pipeline/assets/demo/scorer.json
 	$(ICAR) calibrate '$(DEMO_CORPUS)/val/*.tar' --model demo --heads pipeline/assets/demo/exit_heads.safetensors \
-	    --scorer heuristic --gflops-budget 0.75 --sample 1000 --output pipeline/assets/demo/router.json
+	    --scorer default --gflops-budget 0.75 --sample 1000 --output pipeline/assets/demo/router.json

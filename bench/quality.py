@@ -419,10 +419,16 @@ def run(a: argparse.Namespace) -> dict:
     # Scorers: the heuristic (the demo's own, what router.json was calibrated with), the demo-trained one,
     # the shipped SAVOIAS one, and the ground truth.
     scorers: dict[str, dict] = {}
-    heuristic = worker.scorer
-    if heuristic is None or heuristic.kind != "heuristic":
-        heuristic = load_scorer("heuristic")
-    scorers["heuristic"] = {"scorer": heuristic, "label": "training-free heuristic (Sobel edge density)"}
+    shipped = routers.load_router(str(DEMO_ASSETS / "router.json"))
+    recorded = shipped.scorer_identity or {}
+    if recorded.get("kind") != "heuristic":
+        raise ValueError(f"the shipped demo router records scorer {recorded or None}, not the heuristic its rows "
+                         "measure; recalibrate it with the Makefile's demo-heads recipe")
+    # The shipped router's rows score with exactly the scorer it was calibrated for.
+    heuristic = load_scorer("heuristic", input_size=recorded["input_size"], edge_threshold=recorded["edge_threshold"],
+                            source_size=size)
+    scorers["heuristic"] = {"scorer": heuristic, "label": f"training-free heuristic (Sobel edge density at "
+                                                          f"{heuristic.input_size} px)"}
     ckpt = trained_scorer_checkpoint(a, corpus, test_keys, size)
     trained = load_scorer("convnext", ckpt)
     scorers["trained"] = {"scorer": trained, "checkpoint": ckpt,
@@ -455,7 +461,6 @@ def run(a: argparse.Namespace) -> dict:
     if c is None:
         raise ValueError(f"--budget {a.budget} is below what the trained scorer plus exit {exits[0]} cost; raise it")
     rows.append({**c, "policy": "trained"})
-    shipped = routers.load_router(str(DEMO_ASSETS / "router.json"))
     h = ev.row("ICAR, heuristic (shipped router.json)", shipped.route(scorers["heuristic"]["test"]),
                scorers["heuristic"]["gflops"], policy="heuristic_shipped", thresholds=shipped.thresholds,
                budget=shipped.calibration.get("target"))

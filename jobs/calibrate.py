@@ -71,7 +71,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--device", default="auto", help="auto | cpu | cuda")
     g.add_argument("--batch-size", type=int, default=32, help="images per model call")
     s = p.add_argument_group("scorer (with inputs)")
-    s.add_argument("--scorer", default=m.scorer, choices=["default", "heuristic", "convnext"], help="complexity scorer")
+    s.add_argument("--scorer", default=m.scorer, choices=["default", "heuristic", "convnext"],
+                   help="complexity scorer, resolved as `icar embed` resolves it (default: the model's own)")
     s.add_argument("--checkpoint", default=m.scorer_checkpoint, help="ConvNeXt-IC checkpoint for --scorer convnext")
     p.add_argument("--storage-options", type=json_object, default={}, help="fsspec storage options as JSON")
     return p
@@ -189,14 +190,14 @@ def _calibrate_from_inputs(a: argparse.Namespace):
     from pipeline import encoder as enc
     from pipeline import flops, models
     from pipeline import router as routers
-    from pipeline.scorer import load_scorer
+    from pipeline.scorer import scorer_for_model
 
     device = "cuda" if a.device == "auto" and torch.cuda.is_available() else ("cpu" if a.device == "auto" else a.device)
     bundle = models.load_clip(a.model, a.pretrained, seed=a.seed, device=device)
     heads = enc.ExitHeads.load(a.heads, bundle) if a.heads else None
     exits = list(a.exits) if a.exits else (list(heads.exits) if heads is not None
                                            else enc.default_exits(bundle.num_blocks))
-    scorer = load_scorer(a.scorer, a.checkpoint, device=device)
+    scorer = scorer_for_model(a.model, a.scorer, a.checkpoint, device=device)  # the one `icar embed` runs
     pixels, keys, captions = sample_inputs(a.inputs, bundle.image_size, a.sample, a.seed, a.storage_options)
     scores = np.concatenate([scorer.score(pixels[i:i + a.batch_size]) for i in range(0, len(pixels), a.batch_size)])
     if a.profiles:

@@ -450,20 +450,26 @@ class TrainedScorer:
         return np.clip(np.concatenate(out), 0.0, 1.0).astype(np.float32)
 
 
-def load_scorer(kind: str = "default", checkpoint: str | None = None, device: str = "cpu"):
+def load_scorer(kind: str = "default", checkpoint: str | None = None, device: str = "cpu", *,
+                input_size: int | None = None, edge_threshold: float | None = None, source_size: int = 224):
     """Return the scorer named by ``kind``; None for kind "none" (no scorer: the caller routes without one).
 
     - "default": ``checkpoint`` if given, else the shipped checkpoint pipeline/assets/scorer/default.safetensors
       if it exists, else the heuristic (the log says which).
-    - "heuristic": the training-free edge-density scorer (``checkpoint`` must be None).
+    - "heuristic": the training-free edge-density scorer (``checkpoint`` must be None); ``input_size`` and
+      ``edge_threshold`` override its defaults (128 px, 0.1), ``source_size`` is the decoded size its GFLOPs
+      are counted from.
     - "convnext": a ComplexityNet checkpoint written by `icar train-complexity` (any backbone its card names).
+
+    Pick a model's scorer with ``scorer_for_model``, which knows the demo model's own choice.
     """
+    options = {k: v for k, v in (("input_size", input_size), ("edge_threshold", edge_threshold)) if v is not None}
     if kind == "none":
         return None
     if kind == "heuristic":
         if checkpoint:
             raise ValueError("--scorer heuristic takes no checkpoint; use --scorer convnext --scorer-checkpoint PATH")
-        scorer = HeuristicScorer(device=device)
+        scorer = HeuristicScorer(device=device, source_size=source_size, **options)
     elif kind in ("convnext", "default"):
         if checkpoint is None and kind == "convnext":
             raise ValueError("--scorer convnext needs a checkpoint (--scorer-checkpoint PATH.safetensors from "
@@ -472,8 +478,12 @@ def load_scorer(kind: str = "default", checkpoint: str | None = None, device: st
                                                           else None)
         if path is None:
             log.info("scorer: no shipped checkpoint at %s, using the training-free heuristic", DEFAULT_CHECKPOINT)
-            scorer = HeuristicScorer(device=device)
+            scorer = HeuristicScorer(device=device, source_size=source_size, **options)
         else:
+            if options:
+                raise ValueError(f"{sorted(options)} set the heuristic scorer, but --scorer {kind} loads the trained "
+                                 f"checkpoint {path} (its input size is in its card); drop them or use "
+                                 "--scorer heuristic")
             model, card, sha = load_checkpoint(path, device)
             # The shipped file is named by its place in the package, not this checkout's absolute path, so a run
             # resumed from another checkout or cluster node has the same scorer identity (the sha256 pins it).
@@ -484,3 +494,64 @@ def load_scorer(kind: str = "default", checkpoint: str | None = None, device: st
         raise ValueError(f"unknown scorer kind {kind!r}; choose default, heuristic, convnext or none")
     log.info("scorer: %s (%.4f GFLOPs per image at %d px)", scorer.name, scorer.gflops_per_image, scorer.input_size)
     return scorer
+
+
+def scorer_for_model(model_name: str, kind: str = "default", checkpoint: str | None = None, device="cpu"):
+    """Return the scorer ``icar embed --model model_name --scorer kind`` runs (None for kind "none").
+
+    The one place that resolves it, so that `icar calibrate` calibrates for the scorer `icar embed` will run.
+    With kind "default" and no checkpoint, the demo model uses its own choice,
+    pipeline/assets/demo/scorer.json: ``{"kind": ..., "checkpoint"?: file beside it, "input_size"?,
+    "edge_threshold"?}``; a 0.3-GFLOP trained scorer would cost 5x a tower this small. Every other case is
+    ``load_scorer(kind, checkpoint)``. The heuristic's GFLOPs are counted from the model's own input size.
+    """
+    from .models import DEMO_DIR
+
+    options: dict = {}
+    choice_path = DEMO_DIR / "scorer.json"
+    if model_name == "demo" and kind == "default" and checkpoint is None and choice_path.exists():
+        choice = json.loads(choice_path.read_text())
+        unknown = sorted(set(choice) - {"kind", "checkpoint", "input_size", "edge_threshold"})
+        if unknown or "kind" not in choice:
+            raise ValueError(f"{choice_path} must hold kind and optionally checkpoint, input_size, edge_threshold; "
+                             f"got {sorted(choice)}; rewrite it, e.g. {{\"kind\": \"heuristic\", \"input_size\": 64}}")
+        kind = choice["kind"]
+        checkpoint = str(DEMO_DIR / choice["checkpoint"]) if choice.get("checkpoint") else None
+        options = {k: choice[k] for k in ("input_size", "edge_threshold") if k in choice}
+    return load_scorer(kind, checkpoint, device=device, source_size=_model_image_size(model_name), **options)
+
+
+def _model_image_size(model_name: str) -> int:
+    """Return the input side a CLIP ``model_name`` decodes images to, read from its config (224 if unknown)."""
+    from .models import DEMO_CONFIG, DEMO_DIR
+
+    directory = DEMO_DIR if model_name == "demo" else Path(model_name)
+    try:
+        if (directory / DEMO_CONFIG).is_file():
+            size = json.loads((directory / DEMO_CONFIG).read_text())["model_cfg"]["vision_cfg"]["image_size"]
+        else:
+            import open_clip
+
+            size = ((open_clip.get_model_config(model_name) or {}).get("vision_cfg") or {}).get("image_size", 224)
+    except (KeyError, TypeError, ValueError, OSError):
+        return 224
+    return int(size[0] if isinstance(size, (list, tuple)) else size)
+
+
+# What defines a scorer's scores (two scorers equal in these score every image alike); not its file path or label.
+SCORE_DEFINING = ("kind", "method", "input_size", "edge_threshold", "sha256", "bins", "backbone")
+
+
+def scorer_differences(recorded: dict, identity: dict) -> list[str]:
+    """Return the score-defining fields (SCORE_DEFINING) in which two scorer identities differ; [] when alike."""
+    return [k for k in SCORE_DEFINING if recorded.get(k) != identity.get(k)]
+
+
+def describe_scorer(identity: dict) -> str:
+    """Return a scorer identity in a few words, e.g. "heuristic (sobel_edge_density, 64 px, edge threshold 0.1)"."""
+    if identity.get("kind") == "heuristic":
+        return (f"heuristic ({identity.get('method')}, {identity.get('input_size')} px, edge threshold "
+                f"{identity.get('edge_threshold')})")
+    sha = identity.get("sha256") or "?"
+    return (f"{identity.get('kind')} ({identity.get('backbone')}, {identity.get('input_size')} px, "
+            f"{identity.get('bins')} bins, checkpoint {identity.get('checkpoint')} sha256 {sha[:12]})")

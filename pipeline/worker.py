@@ -5,7 +5,6 @@ Plain Python/torch, testable without Ray; `pipeline.execution` places one of the
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import time
@@ -115,18 +114,11 @@ class ModelWorker:
             exits = list(self.heads.exits)
         self.encoder = enc.AdaptiveEncoder(self.bundle.model.visual, exits, self.heads).to(self.device).eval()
         self.exits = exits
-        scorer_kind, scorer_checkpoint = spec.scorer, spec.scorer_checkpoint
-        if spec.model == "demo" and scorer_kind == "default" and (DEMO_ASSETS / "scorer.json").exists():
-            # The demo model's own scorer choice: a 0.2-GFLOP model would dwarf a model this small.
-            choice = json.loads((DEMO_ASSETS / "scorer.json").read_text())
-            scorer_kind = choice["kind"]
-            if choice.get("checkpoint"):
-                scorer_checkpoint = str(DEMO_ASSETS / choice["checkpoint"])
-        self.scorer = None if scorer_kind == "none" else scorer.load_scorer(
-            scorer_kind, scorer_checkpoint, device=self.device)
+        self.scorer = scorer.scorer_for_model(spec.model, spec.scorer, spec.scorer_checkpoint, device=self.device)
         self.router = build_router(spec, exits)
         if self.scorer is None and getattr(self.router, "needs_scores", False):
             raise ValueError("the router routes by complexity score but --scorer none was given; choose a scorer")
+        self._check_router_scorer()
         self.gflops_per_exit = {int(k): float(v) for k, v in flops.exit_gflops(self.bundle, exits).items()}
         self.scorer_gflops = float(self.scorer.gflops_per_image) if self.scorer is not None else 0.0
         self._gflops_lookup = np.zeros(max(exits) + 1, np.float32)
@@ -136,6 +128,33 @@ class ModelWorker:
         self.autocast = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(spec.precision)
         log.info("model worker ready in %.1fs on %s: %s exits %s", time.perf_counter() - t0, self.device,
                  self.bundle.identity.get("name"), exits)
+
+    def _check_router_scorer(self) -> None:
+        """Refuse a router whose thresholds were calibrated on another scorer's scores than this worker's.
+
+        Its thresholds are quantiles of that scorer's scores (and its cost plan counted that scorer's GFLOPs), so
+        with another scorer the exit mix and the GFLOPs budget silently stop holding. Only what defines the
+        scores is compared (scorer.SCORE_DEFINING), not where a checkpoint lies. Routers that record no scorer,
+        or route without scores, pass.
+        """
+        from . import scorer
+
+        recorded = getattr(self.router, "scorer_identity", None)
+        if not recorded or not getattr(self.router, "needs_scores", False) or self.scorer is None:
+            return
+        differ = scorer.scorer_differences(recorded, self.scorer.identity)
+        if not differ:
+            return
+        where = self.spec.router or "the demo's shipped router (pipeline/assets/demo/router.json)"
+        checkpoint = f" --checkpoint FILE with sha256 {recorded['sha256']}" if recorded.get("sha256") else ""
+        own = (" (for --model demo, --scorer default runs the demo's own scorer, pipeline/assets/demo/scorer.json)"
+               if self.spec.model == "demo" and self.spec.scorer != "default" else "")
+        raise ValueError(
+            f"router {where} was calibrated for scorer {scorer.describe_scorer(recorded)}, but this run scores with "
+            f"{scorer.describe_scorer(self.scorer.identity)} (they differ in {', '.join(differ)}): its thresholds "
+            f"would route on another scale and miss its GFLOPs budget. Recalibrate for this scorer with `icar "
+            f"calibrate ... --model {self.spec.model} --scorer {self.spec.scorer}`, or pass the scorer the router was "
+            f"calibrated for (--scorer {recorded.get('kind')}{checkpoint}){own}")
 
     def _setup_profiles(self, exits: list[int]) -> list[dict] | None:
         """Rebuild the encoder for a profile router's merge schedules; return run.json's profile list.

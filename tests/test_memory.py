@@ -80,7 +80,7 @@ def test_embed_driver_never_imports_torch(tmp_path):
     from pipeline.config import ModelSpec
     from pipeline.worker import ModelWorker
 
-    description = ModelWorker(ModelSpec(model="demo", scorer="heuristic", device="cpu")).describe()
+    description = ModelWorker(ModelSpec(model="demo", device="cpu")).describe()
     blob = tmp_path / "description.pickle"
     blob.write_bytes(pickle.dumps(description))
     out = subprocess.run([sys.executable, "-c", DRIVER, str(blob)], cwd=Path(__file__).resolve().parent.parent,

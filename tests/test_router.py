@@ -276,3 +276,69 @@ def test_calibrate_job_from_captioned_inputs(tmp_path, monkeypatch):
     c = R.load_router(str(out)).calibration
     assert c["mode"] == "min_recall" and c["achieved_recall_ratio"] >= 0.9 and c["captions"] == 30
     assert c["achieved_recall"] >= 0.9 * c["full_depth_recall"] > 0
+
+
+# ------------------------------------------------------------------------ the router's scorer is the worker's
+
+
+def _demo_worker(tmp_path, monkeypatch, **spec):
+    from pipeline.config import ModelSpec
+    from pipeline.worker import ModelWorker
+
+    monkeypatch.setenv("ICAR_CACHE_DIR", str(tmp_path / "cache"))
+    return ModelWorker(ModelSpec(model="demo", device="cpu", torch_threads=1, **spec))
+
+
+def test_worker_refuses_a_router_calibrated_for_another_scorer(tmp_path, monkeypatch):
+    from pipeline import scorer as S
+
+    # The demo's shipped router was calibrated for the demo's own scorer, which --scorer default runs.
+    w = _demo_worker(tmp_path, monkeypatch)
+    shipped = w.router.scorer_identity
+    assert shipped["kind"] == "heuristic" and shipped["input_size"] == 64
+    assert S.scorer_differences(shipped, w.scorer.identity) == []
+    # The generic heuristic analyses at 128 px: same kind, other scores, so the shipped router is refused.
+    with pytest.raises(ValueError) as e:
+        _demo_worker(tmp_path, monkeypatch, scorer="heuristic")
+    msg = str(e.value)
+    assert "pipeline/assets/demo/router.json" in msg and "differ in input_size" in msg
+    assert "64 px" in msg and "128 px" in msg and "icar calibrate" in msg and "--scorer default" in msg
+
+    def router_for(identity):
+        path = tmp_path / f"router-{len(list(tmp_path.glob('router-*')))}.json"
+        R.save_router(R.ThresholdRouter([4, 6, 8], [0.1, 0.3], scorer_identity=identity), str(path))
+        return str(path)
+
+    trained = {"kind": "convnext", "name": "complexity-net:x", "backbone": "x", "sha256": "ab" * 32, "bins": 10,
+               "input_size": 64, "checkpoint": "/elsewhere/x.safetensors"}
+    with pytest.raises(ValueError, match=r"calibrated for scorer convnext .*sha256 abababababab.*scores with "
+                                         r"heuristic .*--scorer convnext --checkpoint FILE with sha256 abab"):
+        _demo_worker(tmp_path, monkeypatch, router=router_for(trained))
+    # What does not define the scores (a label, where a file lies) does not matter; nor does a router that
+    # records no scorer, or one that routes without scores.
+    assert _demo_worker(tmp_path, monkeypatch, router=router_for({**shipped, "name": "renamed",
+                                                                  "checkpoint": "/some/path"}))
+    assert _demo_worker(tmp_path, monkeypatch, scorer="heuristic", router=router_for(None))
+    fraction = tmp_path / "fractions.json"
+    R.save_router(R.FractionRouter([4, 6, 8], [0.3, 0.3, 0.4]), str(fraction))
+    assert _demo_worker(tmp_path, monkeypatch, scorer="heuristic", router=str(fraction))
+
+
+def test_calibrate_default_scorer_is_the_one_embed_runs(tmp_path, monkeypatch, capsys):
+    import os
+
+    from jobs import calibrate
+
+    shard = "/work/demo-corpus/val/00020.tar"
+    if not os.path.exists(shard):
+        pytest.skip("the demo corpus is not on this machine (make demo-corpus)")
+    monkeypatch.setenv("ICAR_CACHE_DIR", str(tmp_path / "cache"))
+    out = str(tmp_path / "router.json")
+    assert calibrate.main([shard, "--model", "demo", "--scorer", "default", "--sample", "64", "--gflops-budget",
+                           "0.75", "--device", "cpu", "--output", out]) == 0
+    router = R.load_router(out)
+    w = _demo_worker(tmp_path, monkeypatch, router=out)  # accepted: the same scorer
+    assert router.scorer_identity == w.scorer.identity and router.scorer_identity["input_size"] == 64
+    assert router.calibration["scorer_gflops"] == pytest.approx(w.scorer_gflops)
+    with pytest.raises(ValueError, match="differ in input_size"):
+        _demo_worker(tmp_path, monkeypatch, router=out, scorer="heuristic")

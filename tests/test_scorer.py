@@ -181,6 +181,53 @@ def test_load_scorer_kinds(monkeypatch, tmp_path):
         S.load_scorer("convnext", checkpoint=str(tmp_path / "absent.safetensors"))
 
 
+def test_load_scorer_heuristic_options():
+    s = S.load_scorer("heuristic", input_size=64, edge_threshold=0.05, source_size=64)
+    assert s.identity["input_size"] == 64 and s.identity["edge_threshold"] == 0.05 and s.source_size == 64
+    pixels = smooth_random_batch(3, 64, 64, seed=4)
+    assert np.abs(s.score(pixels) - reference_edge_density(pixels, 64, 0.05)).max() <= 3 / 62 ** 2 + 1e-7
+    with pytest.raises(ValueError, match="set the heuristic scorer"):
+        S.load_scorer("convnext", checkpoint=str(S.DEFAULT_CHECKPOINT), input_size=64)
+
+
+def test_scorer_for_model_resolves_the_demo_models_own_choice(monkeypatch, tmp_path):
+    from pipeline import models
+
+    choice = json.loads((models.DEMO_DIR / "scorer.json").read_text())
+    assert choice == {"kind": "heuristic", "input_size": 64}  # the demo analyses its 64 px images at 64 px
+    demo = S.scorer_for_model("demo", "default")
+    assert demo.kind == "heuristic" and demo.input_size == 64 and demo.source_size == 64
+    assert demo.gflops_per_image == pytest.approx(64 * 64 * 45 / 1e9)  # no resize at all
+    # An explicit kind is taken as asked, its cost counted from the model's own input size.
+    generic = S.scorer_for_model("demo", "heuristic")
+    assert generic.input_size == 128 and generic.gflops_per_image == pytest.approx(generic.estimate_gflops(64))
+    assert S.scorer_for_model("demo", "none") is None
+    assert S.scorer_for_model("ViT-B-32", "heuristic").gflops_per_image == pytest.approx(0.001941504)
+    # Another model's default is load_scorer's default; the demo's choice may name a checkpoint beside it.
+    monkeypatch.setattr(S, "DEFAULT_CHECKPOINT", tmp_path / "absent.safetensors")
+    assert S.scorer_for_model("ViT-B-32", "default").input_size == 128
+    fake = tmp_path / "demo"
+    fake.mkdir()
+    (fake / "clip_config.json").write_text((models.DEMO_DIR / "clip_config.json").read_text())
+    monkeypatch.setattr(models, "DEMO_DIR", fake)
+    (fake / "scorer.json").write_text(json.dumps({"kind": "convnext", "checkpoint": "scorer.safetensors"}))
+    with pytest.raises(FileNotFoundError, match=str(fake / "scorer.safetensors")):
+        S.scorer_for_model("demo", "default")
+    (fake / "scorer.json").write_text(json.dumps({"kind": "heuristic", "size": 64}))
+    with pytest.raises(ValueError, match="scorer.json must hold kind"):
+        S.scorer_for_model("demo", "default")
+
+
+def test_scorer_differences_compare_what_defines_the_scores():
+    h = S.HeuristicScorer(input_size=64).identity
+    assert S.scorer_differences(h, {**h, "name": "other", "checkpoint": "/x"}) == []
+    assert S.scorer_differences(h, S.HeuristicScorer().identity) == ["input_size"]
+    assert S.scorer_differences(h, S.HeuristicScorer(64, 0.2).identity) == ["edge_threshold"]
+    trained = {"kind": "convnext", "backbone": "b", "sha256": "s", "bins": 10, "input_size": 64}
+    assert S.scorer_differences(trained, {**trained, "sha256": "t"}) == ["sha256"]
+    assert "64 px" in S.describe_scorer(h) and "sha256 s" in S.describe_scorer(trained)
+
+
 def test_checkpoint_round_trip_gives_identical_scores(tmp_path, monkeypatch):
     torch.manual_seed(0)
     model = S.ComplexityNet("convnext_atto", bins=10).eval()
