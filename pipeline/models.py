@@ -423,6 +423,8 @@ def pixels_to_tensor(bundle: ClipBundle, pixels_uint8: np.ndarray, device: str |
     if pixels_uint8.shape[1:3] != (s, s):
         raise ValueError(f"pixels are {pixels_uint8.shape[1]}x{pixels_uint8.shape[2]} but the model takes {s}x{s}; "
                          f"decode with DecodeConfig(image_size={s})")
+    if not pixels_uint8.flags.writeable:  # Ray's object-store views: torch warns on sharing read-only memory
+        pixels_uint8 = pixels_uint8.copy()
     x = torch.from_numpy(np.ascontiguousarray(pixels_uint8)).to(device or "cpu", non_blocking=True)
     x = x.permute(0, 3, 1, 2).to(torch.float32).div_(255.0)
     mean = torch.tensor(bundle.mean, dtype=torch.float32, device=x.device).view(1, 3, 1, 1)

@@ -158,6 +158,12 @@ def test_pixels_to_tensor_matches_open_clip_preprocess():
         models.pixels_to_tensor(b, np.zeros((1, 64, 64, 3), np.uint8))
     with pytest.raises(ValueError, match="uint8"):
         models.pixels_to_tensor(b, pixels.astype(np.float32))
+    import warnings
+
+    pixels.flags.writeable = False  # what a Ray actor receives from the object store
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # torch's "NumPy array is not writable" would fail here
+        torch.testing.assert_close(models.pixels_to_tensor(b, pixels), ours, atol=0, rtol=0)
 
 
 def test_model_directory_with_its_own_bpe_tokenizer(tmp_path):
