@@ -360,6 +360,7 @@ def run_embed(cfg: EmbedConfig) -> EmbedSummary:
     last_poll = 0.0
     try:
         while pending or in_flight:
+            manifest.flush_if_due()  # commits of a quiet spell reach the file, not only those before the next
             while pending and len(in_flight) < resources["decode_tasks"]:
                 shard, part = pending.popleft()
                 ref = task.remote(shard, part, cfg, facts, actors[next_actor % len(actors)], counter, secrets)
@@ -399,6 +400,17 @@ def run_embed(cfg: EmbedConfig) -> EmbedSummary:
                 images, errors = ray.get(counter.totals.remote(), timeout=60)
                 elapsed = time.perf_counter() - t_start
                 bar.set_postfix_str(f"{images} images, {images / elapsed:.1f} img/s, {errors} errors")
+    except BaseException:
+        # A failing or interrupted loop (an exception, Ctrl-C) still records what it committed, so the next run
+        # redoes only what was in flight; a flush that fails too must not hide why the loop stopped.
+        try:
+            manifest.flush()
+        except Exception as e:
+            log.error("could not record the last commits in %s (%s: %s): their shards are removed and embedded "
+                      "again by the next run", manifest.url, type(e).__name__, e)
+        raise
+    else:
+        manifest.flush()
     finally:
         if bar is not None:
             bar.close()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import datetime as dt
 import json
 import logging
+import time
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -146,37 +147,123 @@ def manifest_row(source: str, part: int, rows: ShardRows, seconds: float, model_
     }
 
 
-class Manifest:
-    """The committed shards of a run: loaded once, appended to, rewritten atomically after each commit."""
+# How often the driver rewrites the manifest while a run commits shards (Manifest's defaults). Rewriting the whole
+# file costs O(rows) (~100 ms at 10,000 shards, bench/scaling.py), so a rewrite per commit makes a long run's
+# bookkeeping O(n^2) and the driver its bottleneck. A crash forgets at most this many commits (or this many
+# seconds of them): their shards are orphans that the next run deletes and embeds again.
+FLUSH_SECONDS = 10.0
+FLUSH_ROWS = 1000
 
-    def __init__(self, run: str, storage_options: dict | None = None):
+
+def flush_due(pending: int, since_write: float | None, flush_seconds: float, flush_rows: int) -> bool:
+    """Return whether a manifest holding ``pending`` unwritten changes should be rewritten now.
+
+    ``since_write`` is the seconds since this process last wrote it (None: not yet, so the first commit of a
+    run reaches the file at once and a monitor sees the run start). Due after ``flush_seconds`` or once
+    ``flush_rows`` changes wait, whichever comes first.
+    """
+    if pending <= 0:
+        return False
+    return since_write is None or since_write >= flush_seconds or pending >= flush_rows
+
+
+class Manifest:
+    """The committed shards of a run: loaded once, appended to in memory, rewritten atomically now and then.
+
+    ``add`` records a row and rewrites the file only when ``flush_due`` says so (at most every ``flush_seconds``
+    or every ``flush_rows`` commits); whoever commits must call ``flush`` when done, also when failing. A shard
+    whose file is in place but whose row never reached the manifest is an orphan: the next run's
+    ``execution.remove_orphans`` deletes it and its input is embedded again, so a driver that dies between
+    flushes loses time, never rows. ``flush_seconds=0, flush_rows=1`` rewrites on every ``add``.
+    """
+
+    def __init__(self, run: str, storage_options: dict | None = None, flush_seconds: float = FLUSH_SECONDS,
+                 flush_rows: int = FLUSH_ROWS):
+        if flush_seconds < 0 or flush_rows < 1:
+            raise ValueError(f"manifest flush_seconds must be >= 0 and flush_rows >= 1, got {flush_seconds!r} "
+                             f"and {flush_rows!r}")
         self.run = run
         self.url = storage.join(run, MANIFEST)
         self.storage_options = storage_options
-        self.rows: list[dict] = []
+        self.flush_seconds = float(flush_seconds)
+        self.flush_rows = int(flush_rows)
+        self.writes = 0  # rewrites of the file by this object
+        self.pending = 0  # changes held here and not yet in the file
+        self._written_at: float | None = None  # time.monotonic() of this object's last write
+        self._rows: list[dict] = []
+        self._sources: set[str] = set()
+        self._sorted = True
         if storage.exists(self.url, storage_options):
-            table = storage.read_parquet(self.url, storage_options)
-            self.rows = table.to_pylist()
+            self._set_rows(storage.read_parquet(self.url, storage_options).to_pylist())
+
+    def _set_rows(self, rows: list[dict]) -> None:
+        self._rows = list(rows)
+        self._sources = {r["source"] for r in self._rows}
+        self._sorted = False
+
+    @property
+    def rows(self) -> list[dict]:
+        """Return the rows held (written or not), in part order."""
+        if not self._sorted:  # commits arrive roughly in part order: sort once when read, not on every add
+            self._rows.sort(key=lambda r: r["part"])
+            self._sorted = True
+        return self._rows
+
+    @rows.setter
+    def rows(self, rows: list[dict]) -> None:
+        self._set_rows(rows)
+        self.pending += 1
 
     @property
     def committed(self) -> dict[str, dict]:
         """Return the manifest rows by input shard URI."""
-        return {r["source"]: r for r in self.rows}
+        return {r["source"]: r for r in self._rows}
 
     def next_part(self) -> int:
         """Return the first part number no committed shard uses."""
-        return max((r["part"] for r in self.rows), default=-1) + 1
+        return max((r["part"] for r in self._rows), default=-1) + 1
 
     def add(self, row: dict) -> None:
-        """Record a committed shard (replacing an earlier row of the same source) and rewrite the manifest."""
-        self.rows = [r for r in self.rows if r["source"] != row["source"]] + [row]
-        self.rows.sort(key=lambda r: r["part"])
-        self.write()
+        """Record a committed shard (replacing an earlier row of the same source); rewrite the file when due.
+
+        A replacing row is written at once: its shard was rewritten in place under the same part, so until then
+        the file's row would describe another shard's content (fingerprint, row count).
+        """
+        replaces = row["source"] in self._sources
+        if replaces:
+            self._rows = [r for r in self._rows if r["source"] != row["source"]]
+        if self._rows and row["part"] < self._rows[-1]["part"]:
+            self._sorted = False
+        self._rows.append(row)
+        self._sources.add(row["source"])
+        self.pending += 1
+        if replaces:
+            self.write()
+        else:
+            self.flush_if_due()
+
+    def flush_if_due(self) -> bool:
+        """Rewrite the file if ``flush_due`` says so (the driver also asks between commits); return whether it did."""
+        since = None if self._written_at is None else time.monotonic() - self._written_at
+        if flush_due(self.pending, since, self.flush_seconds, self.flush_rows):
+            self.write()
+            return True
+        return False
+
+    def flush(self) -> bool:
+        """Rewrite the file if it lacks any change held here; return whether it did."""
+        if self.pending:
+            self.write()
+            return True
+        return False
 
     def write(self) -> None:
-        """Rewrite manifest.parquet atomically from the rows held."""
+        """Rewrite manifest.parquet atomically from the rows held (readers see the old file or the new one)."""
         table = pa.Table.from_pylist(self.rows, schema=MANIFEST_SCHEMA)
         storage.write_parquet(table, self.url, self.storage_options)
+        self.pending = 0
+        self.writes += 1
+        self._written_at = time.monotonic()
 
 
 # Keys committed by more than one input shard, as error rows (stage "dedup"), beside the manifest. Not under

@@ -74,6 +74,7 @@ def make_run(run: str, shards: list[dict], *, router: dict | None = None, scorer
         if committed_at:
             row["committed_at"] = committed_at[part]
         manifest.add(row)
+    manifest.flush()  # add() rewrites the file only now and then, as in `icar embed`'s commit loop
     for k, source in enumerate(failed_sources):
         write_shard_failure(run, len(shards) + k, source, "OSError: truncated tar header", so)
     info = {"model": model, "exits": exits, "heads": None,
