@@ -1,14 +1,16 @@
 """Benchmark: token merging composed with early exit, on the demo corpus's held-out test split, all from one run.
 
-For the shipped demo CLIP (8 blocks, 64 px, patch 16: only 16 patch tokens + the class token) and its heuristic
-complexity scorer, on the test split (never used to train the model, its heads, the routers or the scorer):
+For the shipped demo CLIP (8 blocks, 64 px, patch 16: only 16 patch tokens + the class token) and its own
+complexity scorer (what `icar embed --model demo` runs: the edge-density heuristic at the images' 64 px), on the
+test split (never used to train the model, its heads, the routers or the scorer):
 
 - full depth:              every image through all 8 blocks (profile ``8``);
 - exits only:              the shipped router (pipeline/assets/demo/router.json: exits 4/6/8, calibrated to 0.75 of
                            full-depth GFLOPs on the val split);
 - merging only:            every image at full depth with tokens merged by ``--merge`` (profile ``8@S``), no scorer;
 - exits + merging:         ProfileRouter calibrated on the val split like ``icar calibrate --profiles P
-                           --gflops-budget B`` (one row per ``--budgets`` entry). P is chosen on the val split, not
+                           --gflops-budget B`` (one row per ``--budgets`` entry; ``static`` is the static
+                           tower's counted GFLOPs, the equal-GFLOPs comparison). P is chosen on the val split, not
                            on test: of the ``--candidates`` (exit depths × merge schedules), the profiles on the
                            recall@1-vs-GFLOPs Pareto front of val, leaving out those below
                            ``--min-profile-recall`` of full depth's val recall@1. Early exits of merged profiles use heads trained
@@ -30,7 +32,10 @@ shipped router, merging only under every ``--merge-curve`` schedule, and the com
 every ``--budgets`` entry.
 
 Quality: text→image recall@1/5/10 (identical captions form one query with all their images as hits). Every test
-image is embedded once under every profile; a routing only picks which embedding each image keeps. That this
+image is embedded once under every profile; a routing only picks which embedding each image keeps. Each row's
+recall@1 minus the static tower's (and minus full depth's) comes with a 95% paired-bootstrap interval over the test
+queries (``--bootstrap`` resamples): 1000 queries leave about ±2.5 points of noise on one recall@1, less on a
+paired difference, and "ahead of the static tower" is claimed only where the interval excludes 0. That this
 is what ``icar embed`` writes is checked: ``ModelWorker.embed`` with each variant's router on the same images.
 
 Speed: ``ModelWorker.embed`` on the decoded test images (scorer, routing, pixel normalisation, adaptive
@@ -38,14 +43,13 @@ encoder with merging, fp16 output; JPEG decoding excluded) in batches of ``--bat
 variants interleaved in alternating order over ``--repeats`` rounds; the median round gives images/s and the
 speedup over full depth measured side by side. GFLOPs are counted (FlopCounterMode, scorer included). The
 encoder alone (the same routed profiles, no scorer, no pixel conversion) is timed the same way, to separate what
-the tower saves from what the scorer costs: the heuristic scorer is 3% of the demo tower's GFLOPs but, in numpy
-on one thread, close to the tower's wall time.
+the tower saves from what the scorer costs.
 
 Because 17 tokens are too few for merging to show what it does at real sizes, ``--vit`` (default ViT-B-16, 197
 tokens, random init: speed only, its recall means nothing) times the encoder alone on random pixels for a few
 profiles, with each profile's counted GFLOP ratio and the share of it realised as speed.
 
-    python -m bench.merging [--merge keep0.8] [--budgets 0.45,0.5,0.6] [--json out.json] [--plot out.svg]
+    python -m bench.merging [--merge r2] [--budgets 0.45,static,0.6] [--json out.json] [--plot out.svg]
         [--static-model ~/.cache/icar/bench-merging/static-4l]
 """
 
@@ -75,17 +79,19 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m bench.merging", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--corpus", default=str(ROOT.parent / "demo-corpus"), help="demo corpus (icar make-demo-corpus)")
-    p.add_argument("--merge", default="keep0.8", help="merge schedule of the merged profiles (pipeline/merging.py)")
-    p.add_argument("--candidates", default="4,6,4@keep0.8,6@keep0.8,8@keep0.7,8@keep0.8,8@keep0.9,8",
+    p.add_argument("--merge", default="r2", help="merge schedule of the main merging-only row (pipeline/merging.py)")
+    p.add_argument("--candidates", default="4,6,4@keep0.8,6@keep0.8,6@r2,8@keep0.7,8@keep0.8,8@r2,8@keep0.9,8@r1,8",
                    help="profiles the router's set is chosen from (the val split's recall@1-vs-GFLOPs Pareto front)")
     p.add_argument("--min-profile-recall", type=float, default=0.9,
                    help="offer the router only profiles whose val recall@1 is at least this share of full depth's")
-    p.add_argument("--budgets", default="0.45,0.6", help="GFLOP budgets (× full depth) of exits + merging rows")
+    p.add_argument("--budgets", default="0.45,static,0.6",
+                   help="GFLOP budgets (× full depth) of exits + merging rows; 'static' is the static smaller tower's "
+                        "counted GFLOPs (the equal-GFLOPs comparison)")
     p.add_argument("--batch-size", type=int, default=100, help="images per ModelWorker.embed call")
     p.add_argument("--repeats", type=int, default=5, help="timed rounds over the test split")
     p.add_argument("--exit-budgets", default="0.6,0.9",
                    help="GFLOP budgets of further exits-only routers (curve points beside the shipped 0.75 router)")
-    p.add_argument("--merge-curve", default="keep0.7,keep0.9",
+    p.add_argument("--merge-curve", default="keep0.7,keep0.8,r1",
                    help="further merge schedules timed as merging-only rows (curve points beside --merge)")
     p.add_argument("--cache-dir", default=os.path.join(os.path.expanduser("~"), ".cache", "icar", "bench-merging"),
                    help="where the merged heads and the static tower are trained once and reused")
@@ -104,6 +110,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="profiles to time on --vit (speed only)")
     p.add_argument("--vit-batch-size", type=int, default=8, help="images per forward pass on --vit")
     p.add_argument("--vit-repeats", type=int, default=3, help="timed rounds on --vit")
+    p.add_argument("--bootstrap", type=int, default=2000,
+                   help="paired bootstrap resamples of the test queries for the recall@1 differences' 95%% intervals")
     p.add_argument("--json", default=None, help="also write every number here")
     return p.parse_args(argv)
 
@@ -219,6 +227,49 @@ def recall_row(text, groups, chosen: np.ndarray) -> dict:
     return _recall_table(text, chosen, groups)["t2i"]
 
 
+def hits_at_1(text: np.ndarray, images: np.ndarray, groups: np.ndarray) -> np.ndarray:
+    """Return, per text query (one per distinct caption, as ``recall_row`` forms them), whether its top image is a hit.
+
+    The mean is ``recall_row(...)[1]``; kept per query so two methods can be compared on the same queries.
+    """
+    n_groups = int(groups.max()) + 1
+    first = np.full(n_groups, -1, np.int64)
+    for i, g in enumerate(groups):
+        if first[g] < 0:
+            first[g] = i
+    top = np.argmax(text[first] @ images.T, axis=1)
+    return groups[top] == np.arange(n_groups)
+
+
+def paired_interval(a: np.ndarray, b: np.ndarray, resamples: int, seed: int = 0) -> dict:
+    """Return {"diff", "lo", "hi"}: mean(a) - mean(b) and its 95% paired-bootstrap interval over the queries.
+
+    ``a``/``b``: per-query hits of two methods on the same queries; each resample draws queries with replacement
+    and takes both methods' hits on them, so what the two share (easy and hard queries) cancels.
+    """
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    d = a - b
+    rng = np.random.default_rng(seed)
+    means = np.array([d[rng.integers(0, len(d), len(d))].mean() for _ in range(max(0, resamples))])
+    lo, hi = (np.percentile(means, [2.5, 97.5]) if len(means) else (float("nan"), float("nan")))
+    return {"diff": float(d.mean()), "lo": float(lo), "hi": float(hi), "resamples": int(resamples)}
+
+
+def parse_budgets(spec: str, static_fraction: float | None) -> list[float]:
+    """Return the GFLOP budgets of ``--budgets``; ``static`` stands for the static tower's GFLOPs fraction."""
+    out = []
+    for b in (x.strip() for x in spec.split(",")):
+        if not b:
+            continue
+        if b == "static":
+            if static_fraction is None:
+                raise SystemExit("--budgets names 'static' but there is no static tower (--static-model none)")
+            out.append(static_fraction)
+        else:
+            out.append(float(b))
+    return out
+
+
 # ------------------------------------------------------------------------------------------------ run
 
 def run(a: argparse.Namespace) -> dict:
@@ -231,7 +282,7 @@ def run(a: argparse.Namespace) -> dict:
     from pipeline import router as routers
     from pipeline.config import ModelSpec
     from pipeline.exit_training import caption_groups
-    from pipeline.scorer import load_scorer
+    from pipeline.scorer import scorer_for_model
     from pipeline.worker import ModelWorker
 
     torch.set_num_threads(1)
@@ -241,7 +292,6 @@ def run(a: argparse.Namespace) -> dict:
         raise SystemExit("--merge must name a schedule (e.g. keep0.8); 'none' leaves nothing to benchmark")
     s = schedule.spec
     candidates = merging.parse_profiles(a.candidates)
-    budgets = [float(b) for b in a.budgets.split(",") if b.strip()]
     doc = json.loads((Path(a.corpus) / "corpus.json").read_text())
     os.makedirs(a.cache_dir, exist_ok=True)
     os.environ.setdefault("ICAR_CACHE_DIR", a.cache_dir)
@@ -252,8 +302,12 @@ def run(a: argparse.Namespace) -> dict:
     early_scheds = list(dict.fromkeys(p.merge for p in candidates if p.merge and p.exit < bundle.num_blocks))
     mh_paths = {sc.spec: merged_heads(a, sc) for sc in early_scheds}
     mhs = {k: enc.ExitHeads.load(v, bundle) for k, v in mh_paths.items()}
-    scorer = load_scorer("heuristic")
+    scorer = scorer_for_model("demo", "default")  # what `icar embed --model demo` scores with
     static_dir = static_tower(a)  # first: training it (when absent) needs the CPU the timing below must not share
+    sb = models.load_clip(static_dir) if static_dir is not None else None
+    budgets = parse_budgets(a.budgets, None if sb is None else
+                            flops.exit_gflops(sb, [sb.num_blocks])[sb.num_blocks] / merging.profile_cost(
+                                bundle, merging.parse_profile(str(bundle.num_blocks))))
     _, val_px, val_caps = read_split(a.corpus, doc, "val", bundle.image_size, a.test_limit)
     keys, px, caps = read_split(a.corpus, doc, "test", bundle.image_size, a.test_limit)
     text = models.encode_text(bundle, caps)
@@ -274,15 +328,32 @@ def run(a: argparse.Namespace) -> dict:
     val_emb = embed_profiles(encoder, bundle, val_px, candidates)
     val_text, val_groups = models.encode_text(bundle, val_caps), caption_groups(val_caps)
     val_r1 = {p: recall_row(val_text, val_groups, e)[1] for p, e in val_emb.items()}
-    profiles, best = [], -1.0
     floor = a.min_profile_recall * val_r1.get("8", 0.0)
-    for p in sorted(candidates, key=lambda p: costs[p.spec]):
-        if (val_r1[p.spec] > best and val_r1[p.spec] >= floor) or p.spec == "8":
-            profiles.append(p)
-            best = max(best, val_r1[p.spec])
+
+    def front(pool):
+        """The val split's recall@1-vs-GFLOPs Pareto front of ``pool`` above the floor, ending at full depth."""
+        out, best = [], -1.0
+        for p in sorted(pool, key=lambda p: costs[p.spec]):
+            if (val_r1[p.spec] > best and val_r1[p.spec] >= floor) or p.spec == "8":
+                out.append(p)
+                best = max(best, val_r1[p.spec])
+        return out
+
+    profiles = front(candidates)
     if profiles[-1].spec != "8":
         raise SystemExit(f"--candidates must hold the unmerged full depth 8, got {a.candidates}")
-    log.info("router profiles (val Pareto front): %s", [p.spec for p in profiles])
+    log.info("val Pareto front of all candidates: %s", [p.spec for p in profiles])
+    # A router's profiles share one merge schedule (plus unmerged ones): schedules never share a forward, so each
+    # further schedule in a batch is another pass through the blocks with fewer rows (on the demo, a batch split
+    # between two schedules ran ~10% slower than either alone). One family per schedule; at each budget the
+    # family whose calibrated router has the best val recall@1 is used.
+    families = {}
+    for sched in dict.fromkeys(merging.merge_spec(p.merge) for p in candidates if p.merge is not None):
+        fam = front([p for p in candidates if merging.merge_spec(p.merge) in (sched, "none")])
+        if len({merging.merge_spec(p.merge) for p in fam}) > 1:  # holds a merged profile above the floor
+            families[sched] = fam
+    log.info("router families (val Pareto front per schedule): %s",
+             {k: [p.spec for p in v] for k, v in families.items()})
     emb = embed_profiles(encoder, bundle, px, every)
 
     workdir = Path(a.cache_dir) / "routers"
@@ -313,19 +384,40 @@ def run(a: argparse.Namespace) -> dict:
         routers.save_router(routers.ProfileRouter([f"8@{sc}"], []), str(path))
         add(f"merging only (8@{sc})", [f"8@{sc}"] * len(px), router_file=str(path), spec_kwargs={"scorer": "none"},
             scorer_cost=False, method="merging only")
+    family_choice = {}
     for budget in budgets:
-        r = routers.calibrate_profiles_budget(val_scores, [p.spec for p in profiles], costs, scorer.gflops_per_image,
-                                              budget, scorer_identity=scorer.identity)
+        tried = {}
+        for sched, fam in families.items():
+            try:
+                cand = routers.calibrate_profiles_budget(val_scores, [p.spec for p in fam], costs,
+                                                         scorer.gflops_per_image, budget,
+                                                         scorer_identity=scorer.identity)
+            except ValueError as e:  # this family's cheapest profile costs more than the budget
+                log.info("budget %.3g: family %s left out: %s", budget, sched, e)
+                continue
+            val_chosen = np.asarray(cand.profiles)[cand.route_profiles(val_scores)]
+            table = np.empty_like(val_emb["8"])
+            for p in set(val_chosen.tolist()):
+                table[val_chosen == p] = val_emb[p][val_chosen == p]
+            tried[sched] = (recall_row(val_text, val_groups, table)[1], cand)
+        if not tried:
+            raise SystemExit(f"no router family reaches a GFLOPs budget of {budget:.3g}; raise it or offer cheaper "
+                             f"--candidates")
+        best_sched = max(tried, key=lambda k: tried[k][0])
+        family_choice[f"{budget:.3g}"] = {k: v[0] for k, v in tried.items()} | {"chosen": best_sched}
+        log.info("budget %.3g: val recall@1 per router family %s; using %s", budget,
+                 {k: round(v[0], 3) for k, v in tried.items()}, best_sched)
+        r = tried[best_sched][1]
         r.heads.update({k: v for k, v in mh_paths.items() if any(
             merging.merge_spec(p.merge) == k and p.exit < 8 for p in r.profile_list)})
         path = workdir / f"profiles-{budget:g}.json"
         routers.save_router(r, str(path))
         chosen = np.asarray(r.profiles)[r.route_profiles(test_scores)]
-        add(f"exits + merging, complexity router (budget {budget:g})", chosen, router_file=str(path),
+        add(f"exits + merging, complexity router (budget {budget:.3g})", chosen, router_file=str(path),
             note=" ".join(r.profiles), method="exits + merging, complexity router")
         mix = [float(np.mean(chosen == p)) for p in r.profiles]
         rnd = HashProfileRouter(r.profiles, mix, r.heads)
-        add(f"same mix, random routing (budget {budget:g})", np.asarray(r.profiles)[rnd.route_profiles(None, keys)],
+        add(f"same mix, random routing (budget {budget:.3g})", np.asarray(r.profiles)[rnd.route_profiles(None, keys)],
             router_file=str(path), router_obj=rnd, spec_kwargs={"scorer": "none"}, scorer_cost=False,
             note="hash of the key; no scorer", method="exits + merging, random routing")
 
@@ -343,7 +435,6 @@ def run(a: argparse.Namespace) -> dict:
                      "note": v["note"]})
     static = None
     if static_dir is not None:  # its own text tower embeds the same captions; no scorer, full depth
-        sb = models.load_clip(static_dir)
         if sb.image_size != bundle.image_size:
             raise SystemExit(f"--static-model {static_dir} takes {sb.image_size} px images, the demo model "
                              f"{bundle.image_size}: train it with the demo model's image size")
@@ -351,14 +442,14 @@ def run(a: argparse.Namespace) -> dict:
         with torch.inference_mode():
             s_emb = np.concatenate([torch.nn.functional.normalize(sb.model.encode_image(
                 models.pixels_to_tensor(sb, px[i:i + 200])).float(), dim=-1).numpy() for i in range(0, len(px), 200)])
-        static = {"dir": static_dir, "blocks": sb.num_blocks, "emb": s_emb,
+        static = {"dir": static_dir, "blocks": sb.num_blocks, "emb": s_emb, "text": models.encode_text(sb, caps),
                   "card": json.loads((Path(static_dir) / "card.json").read_text())}
         variants.append({"name": f"static smaller tower ({sb.num_blocks} of {bundle.num_blocks} blocks, trained like "
                                  f"the demo model)", "chosen": np.asarray([str(sb.num_blocks)] * len(px)),
                          "router_file": None, "spec": {"full_depth": True, "scorer": "none", "model": static_dir,
                                                        "exits": [sb.num_blocks]},
                          "router_obj": None, "scorer": False, "note": static_dir, "method": "static smaller tower"})
-        rows.append({"name": variants[-1]["name"], "t2i": recall_row(models.encode_text(sb, caps), groups, s_emb),
+        rows.append({"name": variants[-1]["name"], "t2i": recall_row(static["text"], groups, s_emb),
                      "gflops": static_g, "gflops_fraction": static_g / full_g, "mix": {str(sb.num_blocks): 1.0},
                      "note": f"{static_dir}; val recall@1 {static['card']['metrics']['val']['full']['t2i_r1']:.3f} "
                              f"in its card"})
@@ -367,16 +458,30 @@ def run(a: argparse.Namespace) -> dict:
     full_recall = rows[0]["t2i"]
     for r in rows:
         r["pct_of_full"] = {k: 100.0 * r["t2i"][k] / full_recall[k] for k in KS}
+    # per-query hits at 1, for paired intervals of recall@1 differences (the same queries, the same resamples)
+    hits = []
+    for v in variants:
+        if v["method"] == "static smaller tower":
+            hits.append(hits_at_1(static["text"], static["emb"], groups))
+            continue
+        table = np.empty_like(emb["8"])
+        for p in set(v["chosen"].tolist()):
+            table[v["chosen"] == p] = emb[p][v["chosen"] == p]
+        hits.append(hits_at_1(text, table, groups))
+    for r, h in zip(rows, hits):
+        r["r1_vs_full"] = paired_interval(h, hits[0], a.bootstrap)
+        if static is not None:
+            r["r1_vs_static"] = paired_interval(h, hits[-1], a.bootstrap)
 
     # the pipeline check and the timing: the real ModelWorker per variant
     workers = []
     for v in variants:
         spec = ModelSpec(model=v["spec"].get("model", "demo"), device="cpu", torch_threads=1,
-                         scorer=v["spec"].get("scorer", "heuristic"), exits=v["spec"].get("exits"),
+                         scorer=v["spec"].get("scorer", "default"), exits=v["spec"].get("exits"),
                          router=None if v["spec"].get("full_depth") else v["router_file"],
                          full_depth=bool(v["spec"].get("full_depth")))
         if v["router_obj"] is not None:  # built with the calibrated router's profiles, then routed by hash
-            spec.scorer = "heuristic"
+            spec.scorer = "default"
             w = ModelWorker(spec)
             w.router = v["router_obj"]
             w._profile_gflops = w._profile_gflops - np.float32(w.scorer_gflops)
@@ -432,6 +537,8 @@ def run(a: argparse.Namespace) -> dict:
                   "parameters": static["card"]["parameters"], "val_full": static["card"]["metrics"]["val"]["full"]},
               "load_average_during": [load_before, load_after], "merge": s,
               "profiles": [p.spec for p in profiles], "gflops_per_profile": costs, "rows": rows,
+              "router_families": {k: [p.spec for p in v] for k, v in families.items()},
+              "router_family_val_recall_at_1": family_choice,
               "val_recall_at_1": val_r1, "test_images": len(px), "merged_heads": mh_paths,
               "tokens": {p.spec: merging.profile_gflops(bundle, p.merge)["tokens"] for p in every}}
     if a.vit:
@@ -481,8 +588,13 @@ def format_report(r: dict) -> str:
     f = r["facts"]
     lines = [f"# {f['date']}  {f['cpu_count']} CPUs ({f['cpu']}), torch {f['torch']}, icar {f['git']}",
              f"# load average before/after timing: {r['load_average_during'][0]} / {r['load_average_during'][1]}",
-             f"# demo CLIP, {r['test_images']} held-out test images; router profiles (val Pareto front): "
+             f"# demo CLIP, {r['test_images']} held-out test images; val Pareto front of all candidates: "
              f"{', '.join(r['profiles'])}",
+             *([f"# router families (val Pareto front per schedule): " + "; ".join(
+                 f"{k}: {', '.join(v)}" for k, v in r["router_families"].items()),
+                "# val recall@1 of each family's router per budget: " + "; ".join(
+                 f"{b}: " + ", ".join(f"{k} {v:.3f}" for k, v in d.items() if k != "chosen") + f" -> {d['chosen']}"
+                 for b, d in r["router_family_val_recall_at_1"].items())] if r.get("router_families") else []),
              *([f"# static smaller tower: {r['static_model']['dir']} ({r['static_model']['blocks']} blocks, "
                 f"{r['static_model']['parameters']} parameters, trained like the demo model: epochs "
                 f"{r['static_model']['recipe']['epochs']}, batch {r['static_model']['recipe']['batch_size']}, "
@@ -491,14 +603,17 @@ def format_report(r: dict) -> str:
              "# tokens entering each block, and leaving the last: " + "; ".join(
                  f"{k.split('@')[1]} {v}" for k, v in r["tokens"].items() if k.startswith("8@")),
              "",
-             "| method | R@1 | R@5 | R@10 | R@1 / R@10 % of full | GFLOPs/img (× full) | images/s (scorer incl.) "
-             "| speedup | encoder alone speedup | mix |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             "| method | R@1 | R@5 | R@10 | R@1 / R@10 % of full | R@1 − static tower's (95% CI) "
+             "| GFLOPs/img (× full) | images/s (scorer incl.) | speedup | encoder alone speedup | mix |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for row in r["rows"]:
         t, pct = row["t2i"], row["pct_of_full"]
         mix = ", ".join(f"{k} {v:.0%}" for k, v in row["mix"].items())
+        vs = row.get("r1_vs_static")
+        vs = "" if vs is None or row.get("method") == "static smaller tower" else \
+            f"{vs['diff']:+.3f} ({vs['lo']:+.3f}, {vs['hi']:+.3f})"
         lines.append(f"| {row['name']} | {t[1]:.3f} | {t[5]:.3f} | {t[10]:.3f} | {pct[1]:.1f} / {pct[10]:.1f} | "
-                     f"{row['gflops']:.4f} ({row['gflops_fraction']:.2f}) | {row['images_per_s']:.0f} | "
+                     f"{vs} | {row['gflops']:.4f} ({row['gflops_fraction']:.3f}) | {row['images_per_s']:.0f} | "
                      f"{row['speedup']:.2f}× | {row['encoder_speedup']:.2f}× | {mix} |")
     worst = max(row["max_abs_diff_vs_embed"] for row in r["rows"])
     lines.append(f"\npipeline check: ModelWorker.embed (float16) vs the per-profile embeddings, max |diff| {worst:.1e}")

@@ -8,6 +8,7 @@ import sys
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 # bench/ is a folder of scripts run with `python -m bench.merging` from the repository root, not a package on
@@ -64,3 +65,35 @@ def test_static_tower_with_another_recipe_is_refused(tmp_path):
     (tmp_path / "card.json").write_text(json.dumps({"train": card}))
     assert bm.static_tower(a) == str(tmp_path)
     assert bm.static_tower(bm.parse_args(["--static-model", "none"])) is None
+
+
+def test_hits_at_1_are_the_per_query_parts_of_recall_at_1():
+    rng = np.random.default_rng(0)
+    groups = np.array([0, 1, 1, 2, 3, 3, 3, 4, 5, 6])  # identical captions share a group: one query each
+    text = rng.normal(size=(10, 8)).astype(np.float32)
+    images = text + rng.normal(scale=1.0, size=(10, 8)).astype(np.float32)
+    text /= np.linalg.norm(text, axis=1, keepdims=True)
+    images /= np.linalg.norm(images, axis=1, keepdims=True)
+    hits = bm.hits_at_1(text, images, groups)
+    assert hits.shape == (7,) and hits.dtype == bool
+    assert hits.mean() == pytest.approx(bm.recall_row(text, groups, images)[1])
+    assert bm.hits_at_1(text, text, groups).all()  # each caption's own embedding is its top image
+
+
+def test_paired_interval_covers_the_difference_and_excludes_zero_only_for_a_real_gap():
+    rng = np.random.default_rng(1)
+    base = rng.random(1000) < 0.8
+    same = bm.paired_interval(base, base, 500)
+    assert same["diff"] == same["lo"] == same["hi"] == 0.0
+    better = base | (rng.random(1000) < 0.3)  # fixes ~30% of the misses, breaks nothing
+    gap = bm.paired_interval(better, base, 500)
+    assert 0 < gap["lo"] <= gap["diff"] <= gap["hi"]
+    noisy = rng.permutation(base)  # the same recall on other queries: no real gap, but no shared queries either
+    mixed = bm.paired_interval(noisy, base, 500)
+    assert mixed["lo"] < 0 < mixed["hi"] and mixed["lo"] <= mixed["diff"] <= mixed["hi"]
+
+
+def test_budgets_name_the_static_towers_gflops():
+    assert bm.parse_budgets("0.45, static,0.6", 0.527) == [0.45, 0.527, 0.6]
+    with pytest.raises(SystemExit, match="no static tower"):
+        bm.parse_budgets("static", None)
