@@ -468,10 +468,12 @@ def run(a: argparse.Namespace) -> dict:
         for p in set(v["chosen"].tolist()):
             table[v["chosen"] == p] = emb[p][v["chosen"] == p]
         hits.append(hits_at_1(text, table, groups))
-    for r, h in zip(rows, hits):
+    for i, (r, h) in enumerate(zip(rows, hits)):
         r["r1_vs_full"] = paired_interval(h, hits[0], a.bootstrap)
         if static is not None:
             r["r1_vs_static"] = paired_interval(h, hits[-1], a.bootstrap)
+        if r["method"] == "exits + merging, complexity router":  # its random-routing twin comes next
+            r["r1_vs_random"] = paired_interval(h, hits[i + 1], a.bootstrap)
 
     # the pipeline check and the timing: the real ModelWorker per variant
     workers = []
@@ -615,6 +617,11 @@ def format_report(r: dict) -> str:
         lines.append(f"| {row['name']} | {t[1]:.3f} | {t[5]:.3f} | {t[10]:.3f} | {pct[1]:.1f} / {pct[10]:.1f} | "
                      f"{vs} | {row['gflops']:.4f} ({row['gflops_fraction']:.3f}) | {row['images_per_s']:.0f} | "
                      f"{row['speedup']:.2f}× | {row['encoder_speedup']:.2f}× | {mix} |")
+    twins = [(row["name"].split("(")[-1].rstrip(")"), row["r1_vs_random"]) for row in r["rows"]
+             if row.get("r1_vs_random")]
+    if twins:
+        lines.append("\ncomplexity router − the same mix routed at random, recall@1 (95% paired-bootstrap interval): "
+                     + "; ".join(f"{b}: {d['diff']:+.3f} ({d['lo']:+.3f}, {d['hi']:+.3f})" for b, d in twins))
     worst = max(row["max_abs_diff_vs_embed"] for row in r["rows"])
     lines.append(f"\npipeline check: ModelWorker.embed (float16) vs the per-profile embeddings, max |diff| {worst:.1e}")
     if "vit" in r:
