@@ -592,7 +592,7 @@ def format_report(r: dict) -> str:
              f"# load average before/after timing: {r['load_average_during'][0]} / {r['load_average_during'][1]}",
              f"# demo CLIP, {r['test_images']} held-out test images; val Pareto front of all candidates: "
              f"{', '.join(r['profiles'])}",
-             *([f"# router families (val Pareto front per schedule): " + "; ".join(
+             *(["# router families (val Pareto front per schedule): " + "; ".join(
                  f"{k}: {', '.join(v)}" for k, v in r["router_families"].items()),
                 "# val recall@1 of each family's router per budget: " + "; ".join(
                  f"{b}: " + ", ".join(f"{k} {v:.3f}" for k, v in d.items() if k != "chosen") + f" -> {d['chosen']}"

@@ -86,8 +86,9 @@ def config_from_args(a: argparse.Namespace) -> EmbedConfig:
 
 def main(argv: list[str] | None = None) -> int:
     """Run the embed job; return 0 when every input shard was committed, 1 when any failed (or the output ran out
-    of space, or the store kept failing), 2 on bad input (a missing bucket and denied access included)."""
-    from pipeline.execution import run_embed
+    of space, or the store kept failing), 2 on bad input (a missing bucket and denied access included), 130 when
+    interrupted (Ctrl-C) and 143 when terminated (SIGTERM); committed shards are kept and a re-run resumes."""
+    from pipeline.execution import Terminated, run_embed
     from pipeline.readers import InputError
     from pipeline.shards import RunStateError
     from pipeline.storage import StorageError, StorageFullError
@@ -96,6 +97,11 @@ def main(argv: list[str] | None = None) -> int:
     cfg = config_from_args(args)
     try:
         summary = run_embed(cfg)
+    except KeyboardInterrupt as e:
+        how = "terminated (SIGTERM)" if isinstance(e, Terminated) else "interrupted"
+        print(f"icar embed: {how}; the shards committed so far are recorded in {cfg.output}: run the same command "
+              f"to resume", file=sys.stderr)
+        return 143 if isinstance(e, Terminated) else 130
     except StorageError as e:  # the message names the URL, the cause and the fix; committed work is kept
         print(f"icar embed: error: {e}", file=sys.stderr)
         return 2 if e.permanent and not isinstance(e, StorageFullError) else 1
