@@ -36,8 +36,8 @@ examples:
   icar calibrate --scores-from runs/demo --gflops-budget 0.7 --output router.json
   icar calibrate shards/val/*.tar --model ViT-B-32 --pretrained none --exits 6,9,12 --scorer heuristic \\
       --gflops-budget 0.6 --sample 2000 --output router.json
-  icar calibrate demo-corpus/val/*.tar --model demo --profiles 4,6,4@keep0.8,6@keep0.8,8@keep0.8,8 \
-      --merge-heads keep0.8=heads-keep0.8/exit_heads.safetensors --min-recall 0.98 --sample 1000 --output router.json
+  icar calibrate demo-corpus/val/*.tar --model demo --profiles 6@r2,8@r2,8 \
+      --merge-heads r2=heads-r2/exit_heads.safetensors --min-recall 0.98 --sample 1000 --output router.json
   icar calibrate coco-val/*.tar --model ViT-L-14 --pretrained laion2b_s32b_b82k --heads heads.safetensors \\
       --min-recall 0.97 --sample 5000 --output router.json
 """
@@ -249,6 +249,12 @@ def _calibrate_profiles(a: argparse.Namespace, bundle, heads, exits, scorer, pix
     if full not in [p.spec for p in profiles]:
         raise ValueError(f"--profiles {a.profiles} must include the unmerged full depth {full} (the cost reference "
                          f"and the fallback for images the scorer fails on), e.g. --profiles {a.profiles},{full}")
+    schedules_offered = sorted({merging.merge_spec(p.merge) for p in profiles} - {"none"})
+    if len(schedules_offered) > 1:
+        log.warning("--profiles use %d merge schedules (%s): schedules never share a forward, so each batch runs one "
+                    "pass per schedule present, with fewer rows each (~10%% slower on the demo than one schedule; "
+                    "bench.merging); profiles of one schedule plus unmerged ones avoid it",
+                    len(schedules_offered), ", ".join(schedules_offered))
     exits = sorted(set(exits) | {p.exit for p in profiles})
     merge_heads = {}
     for item in a.merge_heads:

@@ -299,8 +299,9 @@ def test_worker_routes_to_profiles_and_records_their_gflops(tmp_path, monkeypatc
             np.testing.assert_allclose(out["embedding"][i].astype(np.float32), want[0].numpy(), atol=2e-3)
 
 
-def test_calibrate_job_chooses_among_profiles(tmp_path, monkeypatch, capsys):
+def test_calibrate_job_chooses_among_profiles(tmp_path, monkeypatch, capsys, caplog):
     import json
+    import logging
 
     from jobs import calibrate
 
@@ -312,7 +313,9 @@ def test_calibrate_job_chooses_among_profiles(tmp_path, monkeypatch, capsys):
         pytest.skip("the demo corpus is not on this machine (make demo-corpus)")
     common = [shard, "--model", "demo", "--scorer", "heuristic", "--sample", "64",
               "--profiles", "4@keep0.8,4,8@r2,8"]
-    assert calibrate.main(common + ["--gflops-budget", "0.6", "--output", str(tmp_path / "b.json")]) == 0
+    with caplog.at_level(logging.WARNING, logger="icar.calibrate"):
+        assert calibrate.main(common + ["--gflops-budget", "0.6", "--output", str(tmp_path / "b.json")]) == 0
+    assert "use 2 merge schedules (keep0.8, r2)" in caplog.text  # each batch would run a pass per schedule
     b = json.loads((tmp_path / "b.json").read_text())
     assert b["kind"] == "profile" and b["profiles"][-1] == "8"
     assert b["calibration"]["achieved_cost_fraction"] <= 0.6 + 1e-9
