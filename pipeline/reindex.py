@@ -77,6 +77,8 @@ EXIT_VERIFY = 5
 EXIT_MODEL_CHANGED = 6
 EXIT_SAFETY = 7
 EXIT_ERROR = 8
+EXIT_INTERRUPTED = 130  # Ctrl-C (128 + SIGINT), as shells report it
+EXIT_TERMINATED = 143  # SIGTERM (128 + SIGTERM): a scheduler's stop
 EXIT_CODES = {
     EXIT_OK: "ok: LATEST is current (a new version was published, or nothing changed)",
     EXIT_SHARDS_FAILED: "some input shards failed after retries; the index was built from the rest and published",
@@ -87,6 +89,10 @@ EXIT_CODES = {
                         "on_model_change is refuse: nothing was written",
     EXIT_SAFETY: "more inputs disappeared than max_retire_fraction allows: nothing was retired or written",
     EXIT_ERROR: "unexpected error (see the log and the reindex-log record)",
+    EXIT_INTERRUPTED: "interrupted (Ctrl-C): the lock was released; committed shards are kept and the next run "
+                      "resumes; LATEST was not moved unless the publish step had finished",
+    EXIT_TERMINATED: "terminated (SIGTERM): the lock was released; committed shards are kept and the next run "
+                     "resumes; LATEST was not moved unless the publish step had finished",
 }
 
 # ModelSpec fields that decide what is computed; device/precision/threads only decide how fast.
@@ -764,6 +770,14 @@ def run_reindex(cfg: JobConfig, break_lock: bool = False) -> ReindexResult:
     except ConfigError as e:
         exit_code, record["status"], record["error"] = EXIT_CONFIG, "config error", str(e)
         log.error("%s", e)
+    except KeyboardInterrupt as e:  # Ctrl-C, or SIGTERM during the embed step (execution.Terminated)
+        from .execution import Terminated
+
+        terminated = isinstance(e, Terminated)
+        exit_code = EXIT_TERMINATED if terminated else EXIT_INTERRUPTED
+        record["status"] = "terminated" if terminated else "interrupted"
+        record["error"] = f"{record['status']} ({'SIGTERM' if terminated else 'Ctrl-C'}); run again to resume"
+        log.error("reindex %s %s; the lock is released and the next run resumes", rid, record["status"])
     except Exception as e:
         from .index_params import BudgetError
         from .readers import InputError

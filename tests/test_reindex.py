@@ -460,6 +460,30 @@ def test_a_held_lock_refuses_the_run(tmp_path):
     assert len(logs) == 1 and json.loads(logs[0].read_text())["status"] == "locked"
 
 
+@pytest.mark.parametrize("stop, code, status", [("sigterm", 143, "terminated"), ("ctrl-c", 130, "interrupted")])
+def test_a_stopped_run_releases_the_lock_and_says_so(tmp_path, monkeypatch, stop, code, status):
+    """SIGTERM reaches reindex as execution.Terminated out of its embed step (Ctrl-C as KeyboardInterrupt): the run
+    ends with its own exit code and record, and the lock is free for the next run."""
+    from pipeline import reindex
+    from pipeline.execution import Terminated
+
+    cfg, inputs = synthetic_job(tmp_path)
+    add_input(cfg, inputs, "a", 100, 1)
+
+    def stopped(*args, **kwargs):
+        raise Terminated("signal 15") if stop == "sigterm" else KeyboardInterrupt()
+
+    monkeypatch.setattr(reindex, "_run_locked", stopped)
+    result = run_reindex(cfg)
+    assert result.exit_code == code and result.record["status"] == status
+    assert "run again to resume" in result.record["error"]
+    logs = list((tmp_path / "root" / "reindex-log").glob("*.json"))
+    assert len(logs) == 1 and json.loads(logs[0].read_text())["exit_code"] == code
+    again = RootLock(os.path.join(cfg.root, "reindex.lock"), "next-run", stale_after_s=600)
+    again.acquire()  # raises LockHeld if the stopped run kept it
+    again.release()
+
+
 def test_cli_runs_with_json_logs_and_exit_codes(tmp_path, capsys):
     from jobs.reindex import main
 
