@@ -1,7 +1,7 @@
 """The driver's manifest is rewritten now and then, not after every commit, and stays crash-safe.
 
 Real files in tmp_path throughout: the rows, the Parquet file and its rewrites are the production ones. The last
-test runs `python -m jobs.embed` on the session's Ray and interrupts it with SIGINT (Ctrl-C) mid-run.
+test runs `python -m jobs.embed` on the session's Ray and stops it with SIGTERM mid-run.
 """
 
 from __future__ import annotations
@@ -196,12 +196,42 @@ def test_shards_committed_after_the_last_flush_are_orphans_and_redone(tmp_path):
                                                                             enumerate(inputs) if p >= 3]
 
 
+def test_sigterm_raises_terminated_until_restored():
+    """The driver's SIGTERM handler: a real signal to this process becomes ``Terminated`` (a KeyboardInterrupt, so
+    the commit loop unwinds as for Ctrl-C), and the previous handler comes back afterwards."""
+    from pipeline.execution import Terminated, sigterm_as_interrupt
+
+    before = signal.getsignal(signal.SIGTERM)
+    restore = sigterm_as_interrupt()
+    try:
+        with pytest.raises(Terminated):
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(5)  # the handler runs at the next bytecode; never reached
+    finally:
+        restore()
+    assert signal.getsignal(signal.SIGTERM) is before
+
+
+@pytest.mark.parametrize("stop, code, says", [("ctrl-c", 130, "icar embed: interrupted;"),
+                                              ("sigterm", 143, "icar embed: terminated (SIGTERM);")])
+def test_embed_job_exit_codes_when_stopped(tmp_path, monkeypatch, capsys, stop, code, says):
+    from jobs import embed
+    from pipeline import execution
+
+    def stopped(cfg):
+        raise execution.Terminated("signal 15") if stop == "sigterm" else KeyboardInterrupt()
+
+    monkeypatch.setattr(execution, "run_embed", stopped)
+    assert embed.main([str(tmp_path / "in.tar"), "--output", str(tmp_path / "run")]) == code
+    err = capsys.readouterr().err
+    assert says in err and "run the same command to resume" in err
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("sig, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)], ids=["SIGINT", "SIGTERM"])
-def test_interrupted_driver_records_every_shard_it_committed(tmp_path, ray_session, sig, code):
-    """Ctrl-C (SIGINT) or a scheduler's stop (SIGTERM) in the middle of `icar embed`, while commits wait for the
-    next rewrite: the loop's exit writes them, so only the shard task still in flight can leave an orphan, and the
-    re-run ends with every input without embedding a recorded one again."""
+def test_interrupted_driver_records_every_shard_it_committed(tmp_path, ray_session):
+    """A scheduler's stop (SIGTERM, which the driver turns into an interrupt like Ctrl-C) in the middle of `icar
+    embed`, while commits wait for the next rewrite: the loop's exit writes them, so only the shard task still in
+    flight can leave an orphan, and the re-run ends with every input without embedding a recorded one again."""
     from zoo import make_corpus, write_tar_shard
 
     corpus = tmp_path / "in"
@@ -231,9 +261,9 @@ def test_interrupted_driver_records_every_shard_it_committed(tmp_path, ray_sessi
     committed = in_place()
     time.sleep(0.25)
     assert proc.poll() is None and len(committed) > len(listed()), "the run ended or wrote before the signal"
-    proc.send_signal(sig)
+    proc.send_signal(signal.SIGTERM)
     log = proc.communicate(timeout=120)[0].decode()
-    assert proc.returncode == code and "run the same command to resume" in log, log[-3000:]
+    assert proc.returncode == 143 and "run the same command to resume" in log, log[-3000:]
     assert "Traceback" not in log, log[-3000:]
     interrupted = listed()
     assert set(committed) <= set(interrupted) and len(interrupted) < shards, log[-3000:]
