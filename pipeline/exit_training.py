@@ -323,13 +323,22 @@ def _recall_table(text: np.ndarray, images: np.ndarray, groups: np.ndarray) -> d
 
 def evaluate_embeddings(per_exit: dict[int, torch.Tensor], full: torch.Tensor, text: torch.Tensor,
                         groups: torch.Tensor) -> dict:
-    """Return {exit: {"t2i": {k: r}, "i2t": {k: r}, "cos_to_full": mean cosine}} for normalised embeddings."""
+    """Return {exit: {"t2i": {k: r}, "i2t": {k: r}, "cos_to_full": mean cosine, "mixed_t2i": {k: r}}}.
+
+    ``mixed_t2i`` is text→image recall in the gallery an index of routed rows holds: every other image embedded
+    at this exit, the rest at full depth. An exit whose embeddings drift from the full-depth space loses more
+    there than its own-gallery recall shows (exit embeddings crowd together or apart from full-depth ones).
+    """
     out = {}
     t, g = text.float().numpy(), groups.numpy()
+    full_np = full.float().numpy()
     for e, emb in sorted(per_exit.items()):
         emb = emb.float()
         row = _recall_table(t, emb.numpy(), g)
         row["cos_to_full"] = float((emb * full.float()).sum(dim=1).mean())
+        mixed = full_np.copy()
+        mixed[::2] = emb.numpy()[::2]
+        row["mixed_t2i"] = _recall_table(t, mixed, g)["t2i"]
         out[int(e)] = row
     return out
 
@@ -353,6 +362,7 @@ def format_table(before: dict, after: dict | None = None) -> str:
     for d in ("t2i", "i2t"):
         for k in KS:
             cols.append((f"{d} R@{k}", lambda r, d=d, k=k: r[d][k]))
+    cols.append(("mixed t2i R@1", lambda r: r["mixed_t2i"][1]))
     width = 15 if after is not None else 8
     lines = ["exit  " + "  ".join(f"{name:>{width}}" for name, _ in cols)]
     for e in sorted(before):
@@ -949,6 +959,8 @@ class ExitTrainer:
         _write(storage.join(cfg.output, METRICS), json.dumps(_jsonable(doc), indent=1).encode(), cfg)
         print(f"exit heads: {heads_url}\nvalidation ({n_val} pairs; before → after training):")
         print(format_table(before, after))
+        print("mixed t2i R@1: recall in a gallery of every other image at that exit and the rest at full depth, "
+              "as an index of routed rows holds them")
         return doc
 
     def _write_backbone(self) -> dict:
@@ -1037,7 +1049,8 @@ def _shuffled(pairs: Iterable, buffer: int, rng: np.random.Generator) -> Iterato
 
 
 def _summary(m: dict) -> dict:
-    return {"t2i@1": m["t2i"][1], "t2i@5": m["t2i"][5], "i2t@1": m["i2t"][1], "cos_to_full": m["cos_to_full"]}
+    return {"t2i@1": m["t2i"][1], "t2i@5": m["t2i"][5], "i2t@1": m["i2t"][1], "cos_to_full": m["cos_to_full"],
+            "mixed_t2i@1": m["mixed_t2i"][1]}
 
 
 def _jsonable(x):

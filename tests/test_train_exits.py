@@ -77,8 +77,9 @@ def test_cli_trains_on_shards_and_reports_before_and_after(corpus, model_dir, tm
     assert set(doc["before"]) == set(doc["after"]) == {"1", "2", "4"}
     for split in ("before", "after"):
         for row in doc[split].values():
-            assert set(row) == {"t2i", "i2t", "cos_to_full"}
-            assert set(row["t2i"]) == set(row["i2t"]) == {"1", "5", "10"}
+            assert set(row) == {"t2i", "i2t", "cos_to_full", "mixed_t2i"}
+            assert set(row["t2i"]) == set(row["i2t"]) == set(row["mixed_t2i"]) == {"1", "5", "10"}
+        assert doc[split]["4"]["mixed_t2i"] == doc[split]["4"]["t2i"]  # full depth mixed with itself
     assert doc["before"]["4"] == doc["after"]["4"]  # frozen backbone: full depth untouched
     assert doc["after"]["4"]["cos_to_full"] == pytest.approx(1.0, abs=1e-5)
     losses = [h["train_loss"] for h in doc["history"]]
@@ -99,6 +100,11 @@ def test_cli_trains_on_shards_and_reports_before_and_after(corpus, model_dir, tm
     for e in (1, 2):
         assert again[e]["t2i"] == {int(k): v for k, v in doc["after"][str(e)]["t2i"].items()}
         assert again[e]["cos_to_full"] == pytest.approx(doc["after"][str(e)]["cos_to_full"], abs=1e-5)
+        # the mixed gallery: every other image at exit e, the rest at full depth, recomputed by hand
+        mixed = per_exit[4].clone()
+        mixed[::2] = per_exit[e][::2]
+        by_hand = et._recall_table(text.numpy(), mixed.numpy(), groups.numpy())["t2i"]
+        assert {int(k): v for k, v in doc["after"][str(e)]["mixed_t2i"].items()} == by_hand
 
 
 def test_resume_after_a_crash_gives_the_same_heads(model_dir, tmp_path, monkeypatch):
