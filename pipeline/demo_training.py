@@ -22,7 +22,6 @@ The recipe, in the order it runs:
 from __future__ import annotations
 
 import gzip
-import io
 import json
 import logging
 import math

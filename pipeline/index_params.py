@@ -398,7 +398,7 @@ def _choose_auto(n, dim, max_index_bytes, max_build_bytes, per_list, max_train_p
     p = IndexParams(factory=factory, kind=kind, dim=dim, nlist=nlist, coarse=coarse, m=m, nbits=8, opq=opq,
                     opq_dim=opq_dim if opq else 0, train_size=train, code_bytes=float(m),
                     bytes_per_vector=float(m + (ID_BYTES if nlist else 0)), estimated_bytes=estimated)
-    reasons.append(f"metric inner product: embeddings are L2-normalised, so inner product = cosine")
+    reasons.append("metric inner product: embeddings are L2-normalised, so inner product = cosine")
     reasons.append(f"training sample {train:,} vectors ({per_list} per list"
                    + (f", at least {PQ_TRAIN_POINTS:,} for PQ" if m else "") + ", capped by N and the build budget)")
     return p

@@ -654,7 +654,7 @@ def test_unchanged_corpus_publishes_nothing(history):
 
 
 def test_changed_input_is_reembedded_and_gone_input_retired(history):
-    r4, inputs, root = history["r4"], history["inputs"], history["root"]
+    r4, inputs = history["r4"], history["inputs"]
     assert r4.exit_code == EXIT_OK, r4.record.get("error")
     assert r4.record["inputs"]["changed"] == [str(inputs / "a.tar")]
     assert r4.record["inputs"]["disappeared"] == [str(inputs / "b.tar")]
