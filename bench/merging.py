@@ -232,13 +232,19 @@ def hits_at_1(text: np.ndarray, images: np.ndarray, groups: np.ndarray) -> np.nd
 
     The mean is ``recall_row(...)[1]``; kept per query so two methods can be compared on the same queries.
     """
-    n_groups = int(groups.max()) + 1
-    first = np.full(n_groups, -1, np.int64)
-    for i, g in enumerate(groups):
-        if first[g] < 0:
-            first[g] = i
-    top = np.argmax(text[first] @ images.T, axis=1)
-    return groups[top] == np.arange(n_groups)
+    from pipeline.exit_training import caption_queries
+    from pipeline.metrics import best_relevant_rank
+
+    first, images_of = caption_queries(groups)
+    return best_relevant_rank(text[first] @ images.T, images_of) < 1
+
+
+def routed_gallery(chosen: np.ndarray, emb: dict[str, np.ndarray]) -> np.ndarray:
+    """Return the embeddings an index holds when image i is embedded under profile ``chosen[i]``."""
+    table = np.empty_like(next(iter(emb.values())))
+    for p in set(chosen.tolist()):
+        table[chosen == p] = emb[p][chosen == p]
+    return table
 
 
 def paired_interval(a: np.ndarray, b: np.ndarray, resamples: int, seed: int = 0) -> dict:
@@ -302,7 +308,7 @@ def run(a: argparse.Namespace) -> dict:
     early_scheds = list(dict.fromkeys(p.merge for p in candidates if p.merge and p.exit < bundle.num_blocks))
     mh_paths = {sc.spec: merged_heads(a, sc) for sc in early_scheds}
     mhs = {k: enc.ExitHeads.load(v, bundle) for k, v in mh_paths.items()}
-    scorer = scorer_for_model("demo", "default")  # what `icar embed --model demo` scores with
+    scorer = scorer_for_model("demo", "default", image_size=bundle.image_size)  # what `icar embed` scores with
     static_dir = static_tower(a)  # first: training it (when absent) needs the CPU the timing below must not share
     sb = models.load_clip(static_dir) if static_dir is not None else None
     budgets = parse_budgets(a.budgets, None if sb is None else
@@ -396,10 +402,7 @@ def run(a: argparse.Namespace) -> dict:
                 log.info("budget %.3g: family %s left out: %s", budget, sched, e)
                 continue
             val_chosen = np.asarray(cand.profiles)[cand.route_profiles(val_scores)]
-            table = np.empty_like(val_emb["8"])
-            for p in set(val_chosen.tolist()):
-                table[val_chosen == p] = val_emb[p][val_chosen == p]
-            tried[sched] = (recall_row(val_text, val_groups, table)[1], cand)
+            tried[sched] = (recall_row(val_text, val_groups, routed_gallery(val_chosen, val_emb))[1], cand)
         if not tried:
             raise SystemExit(f"no router family reaches a GFLOPs budget of {budget:.3g}; raise it or offer cheaper "
                              f"--candidates")
@@ -422,12 +425,11 @@ def run(a: argparse.Namespace) -> dict:
             note="hash of the key; no scorer", method="exits + merging, random routing")
 
     # quality and counted cost of every row
-    rows = []
+    rows, hits = [], []  # hits: per-query hits at 1, for paired intervals of recall@1 differences
     for v in variants:
         chosen = v["chosen"]
-        table = np.empty_like(emb["8"])
-        for p in set(chosen.tolist()):
-            table[chosen == p] = emb[p][chosen == p]
+        table = routed_gallery(chosen, emb)
+        hits.append(hits_at_1(text, table, groups))
         g = float(np.mean([costs[c] for c in chosen])) + (scorer.gflops_per_image if v["scorer"] else 0.0)
         rows.append({"name": v["name"], "t2i": recall_row(text, groups, table), "gflops": g,
                      "gflops_fraction": g / full_g,
@@ -458,16 +460,8 @@ def run(a: argparse.Namespace) -> dict:
     full_recall = rows[0]["t2i"]
     for r in rows:
         r["pct_of_full"] = {k: 100.0 * r["t2i"][k] / full_recall[k] for k in KS}
-    # per-query hits at 1, for paired intervals of recall@1 differences (the same queries, the same resamples)
-    hits = []
-    for v in variants:
-        if v["method"] == "static smaller tower":
-            hits.append(hits_at_1(static["text"], static["emb"], groups))
-            continue
-        table = np.empty_like(emb["8"])
-        for p in set(v["chosen"].tolist()):
-            table[v["chosen"] == p] = emb[p][v["chosen"] == p]
-        hits.append(hits_at_1(text, table, groups))
+    if static is not None:
+        hits.append(hits_at_1(static["text"], static["emb"], groups))
     for i, (r, h) in enumerate(zip(rows, hits)):
         r["r1_vs_full"] = paired_interval(h, hits[0], a.bootstrap)
         if static is not None:

@@ -197,7 +197,8 @@ def _calibrate_from_inputs(a: argparse.Namespace):
     heads = enc.ExitHeads.load(a.heads, bundle) if a.heads else None
     exits = list(a.exits) if a.exits else (list(heads.exits) if heads is not None
                                            else enc.default_exits(bundle.num_blocks))
-    scorer = scorer_for_model(a.model, a.scorer, a.checkpoint, device=device)  # the one `icar embed` runs
+    scorer = scorer_for_model(a.model, a.scorer, a.checkpoint, device=device,  # the one `icar embed` runs
+                              image_size=bundle.image_size)
     pixels, keys, captions = sample_inputs(a.inputs, bundle.image_size, a.sample, a.seed, a.storage_options)
     scores = np.concatenate([scorer.score(pixels[i:i + a.batch_size]) for i in range(0, len(pixels), a.batch_size)])
     if a.profiles:

@@ -340,109 +340,7 @@ def run_embed(cfg: EmbedConfig) -> EmbedSummary:
     ray = init_ray(cfg.resolved_address())
     restore_sigterm = sigterm_as_interrupt()  # after ray.init, which installs a SIGTERM handler of its own
     try:
-        resources = plan_resources(ray, cfg)
-        env = forwarded_env()
-        runtime_env = {"env_vars": env} if env else None
-        secrets = forwarded_secrets()
-        actor_cls = ray.remote(ModelActor)
-        actors = [
-            actor_cls.options(num_cpus=resources["cpus_per_actor"], num_gpus=resources["gpus_per_actor"],
-                              max_restarts=-1, max_task_retries=-1, runtime_env=runtime_env).remote(cfg.spec, secrets)
-            for _ in range(resources["actors"])
-        ]
-        try:
-            try:
-                descriptions = ray.get([a.describe.remote() for a in actors], timeout=cfg.actor_start_timeout_s)
-            except ray.exceptions.GetTimeoutError:
-                raise RuntimeError(
-                    f"model actors did not start within {cfg.actor_start_timeout_s:.0f}s; each asks for "
-                    f"{resources['cpus_per_actor']:g} CPU and {resources['gpus_per_actor']:g} GPU and the cluster has "
-                    f"{resources['cluster_cpus']:g} CPUs, {resources['cluster_gpus']:g} GPUs "
-                    f"(see `ray status`; raise --actor-start-timeout for slow model downloads)") from None
-            description = descriptions[0]
-            check_run_identity(cfg.output, description, cfg.storage_options)
-            run_json = dict(description, inputs=list(cfg.inputs), resources=resources)
-            run_json["spec"] = asdict(cfg.spec)
-            if not storage.exists(storage.join(cfg.output, RUN_JSON), cfg.storage_options):
-                storage.write_json(run_json, storage.join(cfg.output, RUN_JSON), cfg.storage_options)
-            remove_orphans(cfg.output, manifest, cfg.storage_options)
-        except BaseException:
-            # A refused run (another model's run directory, actors that never started) must not leave its model
-            # actors holding CPUs/GPUs in a Ray that lives on (a cluster, a test session, a retry in the same driver).
-            for a in actors:
-                ray.kill(a)
-            raise
-
-        facts = ModelFacts.from_description(description)
-        full_gflops = float(description["gflops_per_exit"][str(description["exits"][-1])])
-
-        counter = ray.remote(ProgressCounter).options(num_cpus=0).remote()
-        task = ray.remote(shard_task).options(num_cpus=1, max_retries=cfg.shard_retries, retry_exceptions=True,
-                                              runtime_env=runtime_env)
-        bar = progress_bar(len(plan), cfg.progress)
-        pending = deque(plan)
-        in_flight: dict = {}
-        next_actor = 0
-        last_poll = 0.0
-        try:
-            while pending or in_flight:
-                manifest.flush_if_due()  # commits of a quiet spell reach the file, not only those before the next
-                while pending and len(in_flight) < resources["decode_tasks"]:
-                    shard, part = pending.popleft()
-                    ref = task.remote(shard, part, cfg, facts, actors[next_actor % len(actors)], counter, secrets)
-                    next_actor += 1
-                    in_flight[ref] = (shard, part, time.monotonic())
-                ready, _ = ray.wait(list(in_flight), num_returns=1, timeout=2.0)
-                for ref in ready:
-                    shard, part, _ = in_flight.pop(ref)
-                    try:
-                        row = ray.get(ref)
-                    except Exception as e:  # the shard failed after its retries: report it, finish the rest
-                        message = failure_message(e)
-                        log.error("input shard %s failed after %d retries: %s", shard.uri, cfg.shard_retries, message)
-                        write_shard_failure(cfg.output, part, shard.uri, message, cfg.storage_options)
-                        summary.shards_failed.append((shard.uri, message))
-                    else:
-                        manifest.add(row)
-                        summary.shards_committed += 1
-                        summary.images += row["rows"]
-                        summary.errors += row["errors"]
-                        summary.gflops += row["gflops"]
-                        summary.model_seconds += row["model_seconds"]
-                        for depth, count in json.loads(row["exit_counts"]).items():
-                            summary.exit_counts[int(depth)] = summary.exit_counts.get(int(depth), 0) + count
-                    if bar is not None:
-                        bar.update(1)
-                now = time.monotonic()
-                for ref, (shard, part, submitted) in list(in_flight.items()):
-                    if now - submitted > cfg.shard_timeout_s:
-                        ray.cancel(ref, force=True)
-                        in_flight.pop(ref)
-                        message = f"timed out after {cfg.shard_timeout_s:.0f}s (--shard-timeout)"
-                        write_shard_failure(cfg.output, part, shard.uri, message, cfg.storage_options)
-                        summary.shards_failed.append((shard.uri, message))
-                if bar is not None and now - last_poll > 1.0:
-                    last_poll = now
-                    images, errors = ray.get(counter.totals.remote(), timeout=60)
-                    elapsed = time.perf_counter() - t_start
-                    bar.set_postfix_str(f"{images} images, {images / elapsed:.1f} img/s, {errors} errors")
-        except BaseException:
-            # A failing or interrupted loop (an exception, Ctrl-C) still records what it committed, so the next run
-            # redoes only what was in flight; a flush that fails too must not hide why the loop stopped.
-            try:
-                manifest.flush()
-            except Exception as e:
-                log.error("could not record the last commits in %s (%s: %s): their shards are removed and embedded "
-                          "again by the next run", manifest.url, type(e).__name__, e)
-            raise
-        else:
-            manifest.flush()
-        finally:
-            if bar is not None:
-                bar.close()
-            for a in actors:
-                ray.kill(a)
-            ray.kill(counter)
+        full_gflops = _embed_plan(ray, cfg, plan, manifest, summary, t_start)
     finally:
         restore_sigterm()
 
@@ -453,6 +351,118 @@ def run_embed(cfg: EmbedConfig) -> EmbedSummary:
     summary.seconds = time.perf_counter() - t_start
     record_invocation(cfg, summary, started)
     return summary
+
+
+def _embed_plan(ray, cfg: EmbedConfig, plan: list, manifest: Manifest, summary: EmbedSummary,
+                t_start: float) -> float:
+    """Embed ``plan``'s (shard, part) pairs on model actors, recording commits in ``manifest`` and ``summary``.
+
+    Return the full-depth GFLOPs per image. The actors are stopped and the manifest flushed however it ends.
+    """
+    resources = plan_resources(ray, cfg)
+    env = forwarded_env()
+    runtime_env = {"env_vars": env} if env else None
+    secrets = forwarded_secrets()
+    actor_cls = ray.remote(ModelActor)
+    actors = [
+        actor_cls.options(num_cpus=resources["cpus_per_actor"], num_gpus=resources["gpus_per_actor"],
+                          max_restarts=-1, max_task_retries=-1, runtime_env=runtime_env).remote(cfg.spec, secrets)
+        for _ in range(resources["actors"])
+    ]
+    try:
+        try:
+            descriptions = ray.get([a.describe.remote() for a in actors], timeout=cfg.actor_start_timeout_s)
+        except ray.exceptions.GetTimeoutError:
+            raise RuntimeError(
+                f"model actors did not start within {cfg.actor_start_timeout_s:.0f}s; each asks for "
+                f"{resources['cpus_per_actor']:g} CPU and {resources['gpus_per_actor']:g} GPU and the cluster has "
+                f"{resources['cluster_cpus']:g} CPUs, {resources['cluster_gpus']:g} GPUs "
+                f"(see `ray status`; raise --actor-start-timeout for slow model downloads)") from None
+        description = descriptions[0]
+        check_run_identity(cfg.output, description, cfg.storage_options)
+        run_json = dict(description, inputs=list(cfg.inputs), resources=resources)
+        run_json["spec"] = asdict(cfg.spec)
+        if not storage.exists(storage.join(cfg.output, RUN_JSON), cfg.storage_options):
+            storage.write_json(run_json, storage.join(cfg.output, RUN_JSON), cfg.storage_options)
+        remove_orphans(cfg.output, manifest, cfg.storage_options)
+    except BaseException:
+        # A refused run (another model's run directory, actors that never started) must not leave its model
+        # actors holding CPUs/GPUs in a Ray that lives on (a cluster, a test session, a retry in the same driver).
+        for a in actors:
+            ray.kill(a)
+        raise
+
+    facts = ModelFacts.from_description(description)
+    full_gflops = float(description["gflops_per_exit"][str(description["exits"][-1])])
+
+    counter = ray.remote(ProgressCounter).options(num_cpus=0).remote()
+    task = ray.remote(shard_task).options(num_cpus=1, max_retries=cfg.shard_retries, retry_exceptions=True,
+                                          runtime_env=runtime_env)
+    bar = progress_bar(len(plan), cfg.progress)
+    pending = deque(plan)
+    in_flight: dict = {}
+    next_actor = 0
+    last_poll = 0.0
+    try:
+        while pending or in_flight:
+            manifest.flush_if_due()  # commits of a quiet spell reach the file, not only those before the next
+            while pending and len(in_flight) < resources["decode_tasks"]:
+                shard, part = pending.popleft()
+                ref = task.remote(shard, part, cfg, facts, actors[next_actor % len(actors)], counter, secrets)
+                next_actor += 1
+                in_flight[ref] = (shard, part, time.monotonic())
+            ready, _ = ray.wait(list(in_flight), num_returns=1, timeout=2.0)
+            for ref in ready:
+                shard, part, _ = in_flight.pop(ref)
+                try:
+                    row = ray.get(ref)
+                except Exception as e:  # the shard failed after its retries: report it, finish the rest
+                    message = failure_message(e)
+                    log.error("input shard %s failed after %d retries: %s", shard.uri, cfg.shard_retries, message)
+                    write_shard_failure(cfg.output, part, shard.uri, message, cfg.storage_options)
+                    summary.shards_failed.append((shard.uri, message))
+                else:
+                    manifest.add(row)
+                    summary.shards_committed += 1
+                    summary.images += row["rows"]
+                    summary.errors += row["errors"]
+                    summary.gflops += row["gflops"]
+                    summary.model_seconds += row["model_seconds"]
+                    for depth, count in json.loads(row["exit_counts"]).items():
+                        summary.exit_counts[int(depth)] = summary.exit_counts.get(int(depth), 0) + count
+                if bar is not None:
+                    bar.update(1)
+            now = time.monotonic()
+            for ref, (shard, part, submitted) in list(in_flight.items()):
+                if now - submitted > cfg.shard_timeout_s:
+                    ray.cancel(ref, force=True)
+                    in_flight.pop(ref)
+                    message = f"timed out after {cfg.shard_timeout_s:.0f}s (--shard-timeout)"
+                    write_shard_failure(cfg.output, part, shard.uri, message, cfg.storage_options)
+                    summary.shards_failed.append((shard.uri, message))
+            if bar is not None and now - last_poll > 1.0:
+                last_poll = now
+                images, errors = ray.get(counter.totals.remote(), timeout=60)
+                elapsed = time.perf_counter() - t_start
+                bar.set_postfix_str(f"{images} images, {images / elapsed:.1f} img/s, {errors} errors")
+    except BaseException:
+        # A failing or interrupted loop (an exception, Ctrl-C) still records what it committed, so the next run
+        # redoes only what was in flight; a flush that fails too must not hide why the loop stopped.
+        try:
+            manifest.flush()
+        except Exception as e:
+            log.error("could not record the last commits in %s (%s: %s): their shards are removed and embedded "
+                      "again by the next run", manifest.url, type(e).__name__, e)
+        raise
+    else:
+        manifest.flush()
+    finally:
+        if bar is not None:
+            bar.close()
+        for a in actors:
+            ray.kill(a)
+        ray.kill(counter)
+    return full_gflops
 
 
 def record_invocation(cfg: EmbedConfig, summary: EmbedSummary, started: str) -> None:

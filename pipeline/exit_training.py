@@ -304,20 +304,24 @@ def _features_from_bytes(data: bytes) -> tuple[FeatureSet, dict]:
 
 # ----------------------------------------------------------------------------------------------- evaluation
 
+def caption_queries(groups: np.ndarray) -> tuple[np.ndarray, list[list[int]]]:
+    """Return (first pair of each caption group: its query, [the pairs (images) of each group: its hits])."""
+    n_groups = int(groups.max()) + 1
+    first = np.full(n_groups, -1, np.int64)
+    images_of: list[list[int]] = [[] for _ in range(n_groups)]
+    for i, g in enumerate(groups):
+        if first[g] < 0:
+            first[g] = i
+        images_of[g].append(i)
+    return first, images_of
+
+
 def _recall_table(text: np.ndarray, images: np.ndarray, groups: np.ndarray) -> dict:
     """Return {"t2i": {k: r}, "i2t": {k: r}}; identical captions form one query whose hits are all their images."""
     from .metrics import recall_at_k
 
-    n_groups = int(groups.max()) + 1
-    first = np.full(n_groups, -1, np.int64)
-    for i, g in enumerate(groups):
-        if first[g] < 0:
-            first[g] = i
-    queries = text[first]  # one text embedding per distinct caption
-    images_of = [[] for _ in range(n_groups)]
-    for i, g in enumerate(groups):
-        images_of[g].append(i)
-    sim = queries @ images.T
+    first, images_of = caption_queries(groups)
+    sim = text[first] @ images.T  # one text embedding per distinct caption
     return {"t2i": recall_at_k(sim, images_of, KS), "i2t": recall_at_k(sim.T, groups, KS)}
 
 

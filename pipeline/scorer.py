@@ -104,7 +104,7 @@ class HeuristicScorer:
     reads about ``4·(S/input_size)²`` taps × 3 channels × 2 FLOPs, luminance 5 FLOPs, two 3×3 Sobel
     filters 2·9·2 = 36 FLOPs, magnitude and threshold 4 FLOPs: about 0.0019 GFLOPs per image from a
     224 px batch (0.3 % of one ViT-B-32 block). ``gflops_per_image`` reports it for S = ``source_size``
-    (224 unless the caller passes the size its images are decoded at; ``scorer_for_model`` does).
+    (224 unless the caller passes the size its images are decoded at; ``scorer_for_model`` takes it).
     """
 
     kind = "heuristic"
@@ -496,14 +496,16 @@ def load_scorer(kind: str = "default", checkpoint: str | None = None, device: st
     return scorer
 
 
-def scorer_for_model(model_name: str, kind: str = "default", checkpoint: str | None = None, device="cpu"):
+def scorer_for_model(model_name: str, kind: str = "default", checkpoint: str | None = None, device="cpu",
+                     image_size: int = 224):
     """Return the scorer ``icar embed --model model_name --scorer kind`` runs (None for kind "none").
 
     The one place that resolves it, so that `icar calibrate` calibrates for the scorer `icar embed` will run.
     With kind "default" and no checkpoint, the demo model uses its own choice,
     pipeline/assets/demo/scorer.json: ``{"kind": ..., "checkpoint"?: file beside it, "input_size"?,
     "edge_threshold"?}``; a 0.3-GFLOP trained scorer would cost 5x a tower this small. Every other case is
-    ``load_scorer(kind, checkpoint)``. The heuristic's GFLOPs are counted from the model's own input size.
+    ``load_scorer(kind, checkpoint)``. ``image_size``: the side the model decodes images to (its bundle's
+    ``image_size``), which the heuristic's GFLOPs are counted from.
     """
     from .models import DEMO_DIR
 
@@ -518,24 +520,7 @@ def scorer_for_model(model_name: str, kind: str = "default", checkpoint: str | N
         kind = choice["kind"]
         checkpoint = str(DEMO_DIR / choice["checkpoint"]) if choice.get("checkpoint") else None
         options = {k: choice[k] for k in ("input_size", "edge_threshold") if k in choice}
-    return load_scorer(kind, checkpoint, device=device, source_size=_model_image_size(model_name), **options)
-
-
-def _model_image_size(model_name: str) -> int:
-    """Return the input side a CLIP ``model_name`` decodes images to, read from its config (224 if unknown)."""
-    from .models import DEMO_CONFIG, DEMO_DIR
-
-    directory = DEMO_DIR if model_name == "demo" else Path(model_name)
-    try:
-        if (directory / DEMO_CONFIG).is_file():
-            size = json.loads((directory / DEMO_CONFIG).read_text())["model_cfg"]["vision_cfg"]["image_size"]
-        else:
-            import open_clip
-
-            size = ((open_clip.get_model_config(model_name) or {}).get("vision_cfg") or {}).get("image_size", 224)
-    except (KeyError, TypeError, ValueError, OSError):
-        return 224
-    return int(size[0] if isinstance(size, (list, tuple)) else size)
+    return load_scorer(kind, checkpoint, device=device, source_size=image_size, **options)
 
 
 # What defines a scorer's scores (two scorers equal in these score every image alike); not its file path or label.

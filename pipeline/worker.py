@@ -114,7 +114,8 @@ class ModelWorker:
             exits = list(self.heads.exits)
         self.encoder = enc.AdaptiveEncoder(self.bundle.model.visual, exits, self.heads).to(self.device).eval()
         self.exits = exits
-        self.scorer = scorer.scorer_for_model(spec.model, spec.scorer, spec.scorer_checkpoint, device=self.device)
+        self.scorer = scorer.scorer_for_model(spec.model, spec.scorer, spec.scorer_checkpoint, device=self.device,
+                                              image_size=self.bundle.image_size)
         self.router = build_router(spec, exits)
         if self.scorer is None and getattr(self.router, "needs_scores", False):
             raise ValueError("the router routes by complexity score but --scorer none was given; choose a scorer")

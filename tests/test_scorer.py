@@ -195,11 +195,11 @@ def test_scorer_for_model_resolves_the_demo_models_own_choice(monkeypatch, tmp_p
 
     choice = json.loads((models.DEMO_DIR / "scorer.json").read_text())
     assert choice == {"kind": "heuristic", "input_size": 64}  # the demo analyses its 64 px images at 64 px
-    demo = S.scorer_for_model("demo", "default")
+    demo = S.scorer_for_model("demo", "default", image_size=64)  # the demo model decodes to 64 px
     assert demo.kind == "heuristic" and demo.input_size == 64 and demo.source_size == 64
     assert demo.gflops_per_image == pytest.approx(64 * 64 * 45 / 1e9)  # no resize at all
     # An explicit kind is taken as asked, its cost counted from the model's own input size.
-    generic = S.scorer_for_model("demo", "heuristic")
+    generic = S.scorer_for_model("demo", "heuristic", image_size=64)
     assert generic.input_size == 128 and generic.gflops_per_image == pytest.approx(generic.estimate_gflops(64))
     assert S.scorer_for_model("demo", "none") is None
     assert S.scorer_for_model("ViT-B-32", "heuristic").gflops_per_image == pytest.approx(0.001941504)
