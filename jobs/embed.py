@@ -55,6 +55,13 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--batch-size", type=int, default=d.batch_size, help="images per model call")
     x.add_argument("--image-column", default=d.image_column, help="Parquet column with image bytes (default: auto)")
     x.add_argument("--max-pixels", type=int, default=d.max_pixels, help="larger images are refused as decompression bombs")
+    x.add_argument("--max-sample-bytes", type=int, default=d.max_sample_bytes,
+                   help="a larger sample (tar member, image file, Parquet cell) is an error row, skipped unread")
+    x.add_argument("--folder-shard-size", type=int, default=d.folder_shard_size,
+                   help="image files per input shard of a folder (its sorted listing, cut into committed pieces)")
+    x.add_argument("--follow-symlinks", action="store_true",
+                   help="read folder files reached through symbolic links that leave the input root (default: an "
+                        "error row names each such link, and nothing is read through it)")
     x.add_argument("--address", default=d.address, help="Ray cluster to join (default: $RAY_ADDRESS, else embedded local Ray)")
     x.add_argument("--num-actors", type=int, default=d.num_actors, help="model actors (default: one per GPU, 1 on CPU)")
     x.add_argument("--gpus-per-actor", type=float, default=d.gpus_per_actor, help="GPU share per model actor")
@@ -81,7 +88,8 @@ def config_from_args(a: argparse.Namespace) -> EmbedConfig:
                        num_actors=a.num_actors, gpus_per_actor=a.gpus_per_actor, cpus_per_actor=a.cpus_per_actor,
                        decode_tasks=a.decode_tasks, shard_retries=a.shard_retries, shard_timeout_s=a.shard_timeout,
                        storage_options=a.storage_options, progress=not a.no_progress, limit_shards=a.limit_shards,
-                       reembed_changed=a.reembed_changed)
+                       reembed_changed=a.reembed_changed, max_sample_bytes=a.max_sample_bytes,
+                       folder_shard_size=a.folder_shard_size, follow_symlinks=a.follow_symlinks)
 
 
 def main(argv: list[str] | None = None) -> int:

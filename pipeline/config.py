@@ -5,6 +5,16 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 
+# Input-reading defaults, shared by the readers (pipeline/readers.py) and every job that lists inputs (embed,
+# reindex), so the same folder gives the same shards whoever lists it.
+# A sample's encoded bytes above this are refused unread (tar member, folder file, Parquet cell): the largest
+# real images (a 100 MP JPEG ~50 MB, a 16-bit 8K PNG ~200 MB) stay below it, and a bomb no longer costs its size
+# in memory before decoding refuses it (decoding refuses anything above max_pixels anyway).
+MAX_SAMPLE_BYTES = 256 << 20
+# Image files per input shard of a folder (img2dataset's unit of work: a resumable, parallel, committed piece).
+FOLDER_SHARD_SIZE = 1000
+
+
 
 @dataclass
 class ModelSpec:
@@ -50,6 +60,9 @@ class EmbedConfig:
     progress: bool = True  # progress bar on stderr
     limit_shards: int | None = None  # embed at most this many pending shards (smoke runs)
     reembed_changed: bool = False  # embed again committed inputs whose size/mtime/ETag changed (scheduled reindex)
+    max_sample_bytes: int = MAX_SAMPLE_BYTES  # larger samples are error rows, skipped unread
+    folder_shard_size: int = FOLDER_SHARD_SIZE  # image files per input shard of a folder (sorted listing, chunked)
+    follow_symlinks: bool = False  # read folder files reached through links that leave the input root
 
     def resolved_address(self) -> str | None:
         """Return the Ray address to join, or None for an embedded local instance."""

@@ -144,7 +144,8 @@ def process_shard(shard, part: int, cfg: EmbedConfig, facts: ModelFacts, submit,
         while len(in_flight) > cfg.batches_in_flight:
             collect(in_flight.popleft())
 
-    for sample in iter_samples(shard, cfg.storage_options, image_column=cfg.image_column):
+    for sample in iter_samples(shard, cfg.storage_options, image_column=cfg.image_column,
+                               max_sample_bytes=cfg.max_sample_bytes, follow_symlinks=cfg.follow_symlinks):
         if sample.key in seen:
             rows.add_error(sample.key, "read", f"duplicate key {sample.key!r} in {shard.uri}; the first one was kept")
             continue
@@ -304,12 +305,15 @@ def assign_parts(shards: list, manifest: Manifest, reembed_changed: bool = False
     used = {r["part"] for r in manifest.rows}
     fresh = max(manifest.next_part(), len(shards))
     plan = []
+    changed = []
     for i, shard in enumerate(shards):
         row = committed.get(shard.uri)
         if row is not None:
-            if reembed_changed and changed_since_commit(shard, row):
-                log.info("input %s changed since it was embedded: embedding it again", shard.uri)
-                plan.append((shard, row["part"]))
+            if changed_since_commit(shard, row):
+                changed.append(shard.uri)
+                if reembed_changed:
+                    log.info("input %s changed since it was embedded: embedding it again", shard.uri)
+                    plan.append((shard, row["part"]))
             continue
         part = i if i not in used else None
         if part is None:
@@ -317,6 +321,9 @@ def assign_parts(shards: list, manifest: Manifest, reembed_changed: bool = False
             fresh += 1
         used.add(part)
         plan.append((shard, part))
+    if changed and not reembed_changed:  # a file replaced in place, or a folder's files added or removed
+        log.warning("%d committed input shard(s) changed since they were embedded (e.g. %s): their rows are from "
+                    "the old content; pass --reembed-changed to embed them again", len(changed), changed[0])
     return plan
 
 
@@ -326,7 +333,7 @@ def run_embed(cfg: EmbedConfig) -> EmbedSummary:
 
     t_start = time.perf_counter()
     started = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
-    shards = expand_inputs(cfg.inputs, cfg.storage_options)
+    shards = expand_inputs(cfg.inputs, cfg.storage_options, cfg.folder_shard_size, cfg.follow_symlinks)
     # Before any cluster or model starts: a missing bucket, denied writes or a read-only or full disk end the
     # job here, in about a second, with nothing written (raises storage.StorageError).
     storage.check_writable(cfg.output, cfg.storage_options)

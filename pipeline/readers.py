@@ -8,12 +8,19 @@ Three layouts (DESIGN.md, data contracts), one input shard each:
 - Parquet with an image-bytes column (``jpg``/``image``/``bytes``/``img``..., a Hugging Face ``{bytes, path}``
   struct, or ``image_column``), optional ``caption``/``text``/``txt`` and ``url``; key from ``key`` or
   ``<file stem>/<row index>``.
-- A folder of image files, read recursively as ONE shard; key = path relative to the folder, with its extension
-  (``sub/cat.jpg``); an optional ``sub/cat.txt`` next to it is the caption, ``sub/cat.json`` may give a url.
+- A folder of image files, read recursively; its sorted listing is cut into shards of ``folder_shard_size`` files
+  (``URI#0000000-0000999``: the listing's positions, so a resumed run finds the same shards), key = path relative
+  to the input root, with its extension (``sub/cat.jpg``; for ``imgs/*`` the root is ``imgs``, so subfolders'
+  keys never collide); an optional ``sub/cat.txt`` next to it is the caption, ``sub/cat.json`` may give a url.
+  On a local disk a file reached through a symbolic link that leaves the input root is not read (an error sample
+  names the link) unless ``follow_symlinks``.
 
 Readers stream: a tar is read member by member from one sequential file handle, Parquet one row group at a time
-(Arrow's unit of decoding), a folder one file at a time; memory does not grow with the shard.
-Keys are data, never used as paths.
+(Arrow's unit of decoding), a folder one file at a time; memory does not grow with the shard. A sample above
+``max_sample_bytes`` (from the tar header or the listing, before reading) is an error sample, never read.
+Keys are data, never used as paths. A key made from a file or member name is always valid text (``name_key``):
+``%`` becomes ``%25`` and each byte that is not UTF-8 ``%XX``, so ``urllib.parse.unquote_to_bytes(key)`` gives
+back the name's exact bytes.
 
 Failures are split in two. A problem with one sample (no image member, an unreadable file, a null image
 cell) is a ``Sample`` with ``data=None`` and ``error`` set: the caller writes an errors/ row with stage "read"
@@ -28,17 +35,21 @@ import hashlib
 import json
 import logging
 import lzma
+import os
 import posixpath
+import re
 import tarfile
 import zlib
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import fsspec
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipeline.storage import filesystem, unstrip
+from pipeline.config import FOLDER_SHARD_SIZE, MAX_SAMPLE_BYTES
+from pipeline.storage import filesystem, is_local, unstrip
 
 log = logging.getLogger(__name__)
 
@@ -58,13 +69,25 @@ PARQUET_ROW_GROUP_WARN_BYTES = 256 << 20
 TAR_BLOCK_BYTES = 8 << 20
 
 
+class FolderFile(NamedTuple):
+    """One entry of a folder shard: an image file with its sidecars, or a link that is not followed."""
+
+    rel: str  # path relative to the input root, as listed (a local non-UTF-8 name keeps its surrogate escapes)
+    size: int | None  # bytes, from the listing
+    txt: bool  # a caption STEM.txt sits beside it
+    json: bool  # a STEM.json (url, caption) sits beside it
+    refused: str | None = None  # why it is not read (a symlink leaving the input root); None when it is read
+
+
 @dataclass(frozen=True)
 class InputShard:
-    uri: str  # full URL (s3://bucket/key) or absolute local path of this input shard
+    uri: str  # full URL (s3://bucket/key) or absolute local path of this input shard; folder: FOLDER#FIRST-LAST
     format: str  # "tar" | "parquet" | "folder"
-    size: int | None  # bytes (for a folder: sum of its image and sidecar files)
+    size: int | None  # bytes (for a folder shard: sum of its image and sidecar files)
     mtime: str | None  # ISO-8601 UTC last modification when known (folder: the newest file)
     etag: str | None  # object-store ETag when known; folder: "listing-<sha256>" of its file list (changes detector)
+    root: str | None = None  # folder shards: the input root (URL) the files' paths and keys are relative to
+    files: tuple[FolderFile, ...] = field(default=(), repr=False)  # folder shards: this shard's files, sorted
 
 
 @dataclass
@@ -88,23 +111,29 @@ class ShardReadError(RuntimeError):
 # ----------------------------------------------------------------------------------------------- expansion
 
 
-def expand_inputs(urls: list[str], storage_options: dict | None = None) -> list[InputShard]:
+def expand_inputs(urls: list[str], storage_options: dict | None = None, folder_shard_size: int = FOLDER_SHARD_SIZE,
+                  follow_symlinks: bool = False) -> list[InputShard]:
     """Return the input shards named by ``urls`` (paths, globs, s3:// URLs, directories), sorted and deduplicated.
 
     - a ``.tar``/``.tar.gz``/``.tgz`` or ``.parquet`` file is one shard;
     - a glob gives every shard it matches (directories it matches are expanded as below; other files are
       skipped with a warning);
     - a directory holding tar/Parquet files anywhere below it gives those files; a directory holding only image
-      files (recursively) is ONE folder shard. Pass ``dir/*`` to make each subfolder its own shard.
-    Raises InputError naming the URL when it matches nothing usable.
+      files (recursively) gives folder shards of ``folder_shard_size`` files of its sorted listing each, keys
+      relative to the input root (the directory, or a glob's folder before its first wildcard).
+    ``follow_symlinks`` lists (and later reads) local files reached through links that leave the input root;
+    without it they are listed as refused, never read. Raises InputError naming the URL when it matches nothing
+    usable.
     """
     if isinstance(urls, str):
         urls = [urls]
     if not urls:
         raise InputError("no input given: pass one or more paths, globs or URLs (e.g. s3://bucket/shards/*.tar)")
+    if folder_shard_size < 1:
+        raise InputError(f"--folder-shard-size must be at least 1 file, got {folder_shard_size}")
     shards: dict[str, InputShard] = {}
     for url in urls:
-        for shard in _expand_one(url, storage_options):
+        for shard in _expand_one(url, storage_options, folder_shard_size, follow_symlinks):
             shards.setdefault(shard.uri, shard)
     return sorted(_drop_img2dataset_metadata(shards).values(), key=lambda s: s.uri)
 
@@ -121,11 +150,14 @@ def _drop_img2dataset_metadata(shards: dict[str, InputShard]) -> dict[str, Input
     return {u: s for u, s in shards.items() if u not in dropped}
 
 
-def _expand_one(url: str, storage_options: dict | None) -> list[InputShard]:
+def _expand_one(url: str, storage_options: dict | None, chunk: int, follow: bool) -> list[InputShard]:
     """Return the shards of one input URL."""
     fs, path = filesystem(url, storage_options)
     fs.invalidate_cache()  # listings are cached per filesystem instance; inputs may have changed since
     if any(c in path for c in "*?["):
+        # Folder keys are relative to the glob's fixed part, so imgs/2020/a.jpg and imgs/2021/a.jpg matched by
+        # imgs/* are 2020/a.jpg and 2021/a.jpg, not both a.jpg.
+        root = re.split(r"[*?\[]", path, maxsplit=1)[0].rpartition("/")[0] or ("/" if is_local(fs) else None)
         try:
             matches = fs.glob(path, detail=True)
         except OSError as e:
@@ -134,7 +166,7 @@ def _expand_one(url: str, storage_options: dict | None) -> list[InputShard]:
         shards, skipped = [], []
         for p, info in sorted(matches.items()):
             if info.get("type") == "directory":
-                shards += _expand_directory(fs, p, url, strict=False)
+                shards += _expand_directory(fs, p, url, root or p, chunk, follow, strict=False)
             elif (shard := _file_shard(fs, p, info)) is not None:
                 shards.append(shard)
             else:
@@ -153,7 +185,7 @@ def _expand_one(url: str, storage_options: dict | None) -> list[InputShard]:
     except OSError as e:
         raise InputError(f"cannot read {url}: {type(e).__name__}: {e} (check credentials / --storage-options)") from e
     if info.get("type") == "directory":
-        return _expand_directory(fs, path, url, strict=True)
+        return _expand_directory(fs, path, url, path, chunk, follow, strict=True)
     shard = _file_shard(fs, path, info)
     if shard is None:
         raise InputError(
@@ -163,9 +195,10 @@ def _expand_one(url: str, storage_options: dict | None) -> list[InputShard]:
     return [shard]
 
 
-def _expand_directory(fs: fsspec.AbstractFileSystem, path: str, url: str, strict: bool) -> list[InputShard]:
-    """Return the tar/Parquet shards below directory ``path``, or the directory itself as one folder shard."""
-    listing = fs.find(path, detail=True)
+def _expand_directory(fs: fsspec.AbstractFileSystem, path: str, url: str, root: str, chunk: int, follow: bool,
+                      strict: bool) -> list[InputShard]:
+    """Return the tar/Parquet shards below directory ``path``, or its image files as folder shards."""
+    listing = _walk_local(path, root, follow) if is_local(fs) else fs.find(path, detail=True)
     shards = []
     for p, info in sorted(listing.items()):
         if (shard := _file_shard(fs, p, info)) is not None:
@@ -177,7 +210,7 @@ def _expand_directory(fs: fsspec.AbstractFileSystem, path: str, url: str, strict
                         url, len(images))
         return shards
     if images:
-        return [_folder_shard(fs, path, listing)]
+        return _folder_shards(fs, path, root, listing, chunk)
     if strict:
         raise InputError(f"{url} holds no .tar, .parquet or image files ({len(listing)} other file(s) found)")
     log.warning("%s holds no .tar, .parquet or image files; skipped", url)
@@ -197,22 +230,128 @@ def _file_shard(fs: fsspec.AbstractFileSystem, path: str, info: dict) -> InputSh
                       etag=_etag(info))
 
 
-def _folder_shard(fs: fsspec.AbstractFileSystem, path: str, listing: dict) -> InputShard:
-    """Return a folder shard with a fingerprint of its listing, so a changed folder is seen as changed."""
-    images, sidecars = _folder_files(path, listing)
-    files = sorted(images | sidecars)
-    digest = hashlib.sha256()
-    mtimes = []
-    size = 0
-    for rel in files:
-        info = listing[_join(path, rel)]
-        size += info.get("size") or 0
-        mtime = _mtime(info)
-        if mtime:
-            mtimes.append(mtime)
-        digest.update(f"{rel}\t{info.get('size')}\t{_etag(info) or mtime}\n".encode())
-    return InputShard(uri=unstrip(fs, path.rstrip("/")), format="folder", size=size,
-                      mtime=max(mtimes) if mtimes else None, etag="listing-" + digest.hexdigest()[:32])
+def _folder_shards(fs: fsspec.AbstractFileSystem, path: str, root: str, listing: dict,
+                   chunk: int) -> list[InputShard]:
+    """Return the folder shards of directory ``path``: its sorted image files, ``chunk`` at a time.
+
+    A shard is named by its positions in the sorted listing (``PATH#0001000-0001999``), so the same listing gives
+    the same URIs, and a resumed run skips what was committed. Files added or removed shift the files of the
+    shards after them: their fingerprints (a digest of names, sizes and mtimes or ETags) change, which is how a
+    changed input is seen (execution.assign_parts).
+    """
+    images, sidecars = _folder_files(root, listing)
+    entries = []
+    for rel in sorted(images):
+        info = listing[_join(root, rel)]
+        if info.get("outside"):
+            entries.append(FolderFile(rel, None, False, False, refused="symlink outside the input"))
+            continue
+        stem = rel.rsplit(".", 1)[0]
+        txt, meta = stem + ".txt", stem + ".json"
+        for side in (txt, meta):  # a caption linked from outside would copy the target's bytes into the output
+            if side in sidecars and listing[_join(root, side)].get("outside"):
+                entries.append(FolderFile(side, None, False, False, refused="symlink outside the input"))
+                sidecars.discard(side)
+        entries.append(FolderFile(rel, info.get("size"), txt in sidecars, meta in sidecars))
+    entries.sort(key=lambda f: f.rel)
+    folder = name_key(unstrip(fs, path.rstrip("/")))  # a source URI is written as text: escaped like keys
+    shards = []
+    for start in range(0, len(entries), chunk):
+        files = tuple(entries[start:start + chunk])
+        digest = hashlib.sha256()
+        mtimes, size = [], 0
+        for f in files:
+            stem = f.rel.rsplit(".", 1)[0]
+            for rel, there in ((f.rel, f.refused is None), (stem + ".txt", f.txt), (stem + ".json", f.json)):
+                info = listing[_join(root, rel)] if there else {}
+                size += info.get("size") or 0
+                mtime = _mtime(info)
+                if mtime:
+                    mtimes.append(mtime)
+                if there or rel == f.rel:
+                    digest.update(f"{name_key(rel)}\t{info.get('size')}\t{_etag(info) or mtime}\n".encode())
+        shards.append(InputShard(
+            uri=f"{folder}#{start:07d}-{start + chunk - 1:07d}", format="folder", size=size,
+            mtime=max(mtimes) if mtimes else None, etag="listing-" + digest.hexdigest()[:32],
+            root=unstrip(fs, root.rstrip("/") or "/"), files=files))
+    return shards
+
+
+def _walk_local(path: str, root: str, follow: bool) -> dict[str, dict]:
+    """Return {path: info} of the files below local directory ``path``, like ``fs.find(detail=True)``.
+
+    fsspec's find lists a symbolic link as "other" and reads through it. Here a link is resolved: one that stays
+    inside the input ``root`` is listed as its target is (a file, or a folder walked once: a link back up the
+    tree is not walked again), one that leaves it is listed with ``outside: True`` and never opened, unless
+    ``follow``. A link to a folder outside is skipped with a warning (listing it would read outside the input).
+    """
+    real_root = os.path.realpath(root)
+    out: dict[str, dict] = {}
+    if not follow and not _inside(os.path.realpath(path), real_root):  # a folder a glob matched is a link
+        log.warning("%s: not listed: a symlink to a folder outside the input %s (pass --follow-symlinks to read "
+                    "it)", name_key(path), name_key(root))
+        return out
+    stack = [(path.rstrip("/") or "/", frozenset([os.path.realpath(path)]))]
+    while stack:
+        folder, above = stack.pop()
+        with os.scandir(folder) as it:
+            entries = list(it)
+        for e in entries:
+            p = os.path.join(folder, e.name)
+            outside = False
+            if e.is_symlink():
+                outside = not _inside(os.path.realpath(p), real_root)
+                if outside and os.path.isdir(p) and not follow:
+                    log.warning("%s: not listed: a symlink to a folder outside the input %s (pass "
+                                "--follow-symlinks to read it)", name_key(p), name_key(root))
+                    continue
+                outside = outside and not follow
+            try:
+                st = os.stat(p)  # the target's size and mtime (a link's own are meaningless)
+            except OSError:  # a dangling link, or a file gone meanwhile: reading it will say so
+                st = None
+            if st is not None and e.is_dir() and not outside:
+                real = os.path.realpath(p)
+                if real not in above:
+                    stack.append((p, above | {real}))
+                continue
+            out[p] = {"name": p, "type": "file", "size": st.st_size if st else None,
+                      "mtime": st.st_mtime if st else None, "outside": outside}
+    return out
+
+
+def _inside(real: str, real_root: str) -> bool:
+    """Return True when resolved path ``real`` is ``real_root`` or below it."""
+    return real == real_root or real.startswith(real_root.rstrip("/") + "/")
+
+
+def name_key(name: str) -> str:
+    """Return ``name`` (a file or tar member name) as a key that is valid UTF-8 text, losslessly.
+
+    A name that is valid UTF-8 and holds no ``%`` is kept as is. Otherwise ``%`` becomes ``%25`` and each byte
+    that is not part of valid UTF-8 becomes ``%XX`` (upper-case hex), so ``urllib.parse.unquote_to_bytes(key)``
+    gives back the name's exact bytes. Python hands such bytes over as surrogate escapes (os.fsdecode, tarfile),
+    which Arrow, JSON and logging refuse: one such name would fail its whole shard, or the whole listing.
+    """
+    if "%" not in name:
+        try:
+            name.encode("utf-8")
+            return name
+        except UnicodeEncodeError:
+            pass
+    try:
+        raw = name.encode("utf-8", "surrogateescape")
+    except UnicodeEncodeError:  # a surrogate that is not an escaped byte: keep its (invalid) UTF-8 bytes
+        raw = name.encode("utf-8", "surrogatepass")
+    out = []
+    for ch in raw.decode("utf-8", "surrogateescape"):
+        if ch == "%":
+            out.append("%25")
+        elif "\udc80" <= ch <= "\udcff":
+            out.append(f"%{ord(ch) - 0xDC00:02X}")
+        else:
+            out.append(ch)
+    return "".join(out)
 
 
 def _folder_files(root: str, listing: dict) -> tuple[set[str], set[str]]:
@@ -265,19 +404,21 @@ def _etag(info: dict) -> str | None:
 # ----------------------------------------------------------------------------------------------- reading
 
 
-def iter_samples(shard: InputShard, storage_options: dict | None = None,
-                 image_column: str | None = None) -> Iterator[Sample]:
+def iter_samples(shard: InputShard, storage_options: dict | None = None, image_column: str | None = None,
+                 max_sample_bytes: int = MAX_SAMPLE_BYTES, follow_symlinks: bool = False) -> Iterator[Sample]:
     """Yield the samples of ``shard`` one at a time, streaming (see the module docstring for the layouts).
 
     Per-sample problems come out as samples with ``error`` set; a shard-level problem raises ShardReadError
-    after every sample read before it has been yielded. ``image_column`` forces the Parquet image column.
+    after every sample read before it has been yielded. ``image_column`` forces the Parquet image column. A
+    sample over ``max_sample_bytes`` is an error sample, not read when its size is known beforehand (tar header,
+    folder listing). ``follow_symlinks`` reads folder files through links that leave the input root.
     """
     if shard.format == "tar":
-        return _iter_tar(shard, storage_options)
+        return _iter_tar(shard, storage_options, max_sample_bytes)
     if shard.format == "parquet":
-        return _iter_parquet(shard, storage_options, image_column)
+        return _iter_parquet(shard, storage_options, image_column, max_sample_bytes)
     if shard.format == "folder":
-        return _iter_folder(shard, storage_options)
+        return _iter_folder(shard, storage_options, max_sample_bytes, follow_symlinks)
     raise InputError(f"unknown shard format {shard.format!r} for {shard.uri}: expected tar, parquet or folder")
 
 
@@ -312,10 +453,19 @@ def _split_key(name: str) -> tuple[str, str] | None:
     return (f"{directory}/{stem}" if directory else stem), ext.lower()
 
 
-def _iter_tar(shard: InputShard, storage_options: dict | None) -> Iterator[Sample]:
+def _too_big(what: str, size: int, limit: int) -> str:
+    """Return the error message of a sample over the size limit."""
+    return (f"{what} is {size:,} bytes, over the {limit:,}-byte limit: not read (raise --max-sample-bytes if "
+            "such images are real)")
+
+
+def _iter_tar(shard: InputShard, storage_options: dict | None, max_bytes: int) -> Iterator[Sample]:
     """Yield the samples of a WebDataset tar shard, streaming members from one sequential read.
 
-    Members of a key must be adjacent (WebDataset layout); a key seen again later becomes an error sample.
+    Members of a key must be adjacent (WebDataset layout); a key seen again later, or a member repeated within
+    its key (``a.jpg`` twice), starts a sample of its own that becomes an error sample: the first one is kept.
+    Keys and messages carry member names through ``name_key``. A member over ``max_bytes`` (from its header) is
+    skipped unread and makes its key an error sample.
     Truncation: every complete sample before the damage is yielded first, then ShardReadError is raised
     (the sample whose members were being read when the data ended is not yielded). A tar that ends without
     its end-of-archive block is treated as truncated too: the writer did not finish it.
@@ -329,33 +479,40 @@ def _iter_tar(shard: InputShard, storage_options: dict | None) -> Iterator[Sampl
     member_name = None
     with f:
         try:
-            tf = tarfile.open(fileobj=f, mode="r|*", tarinfo=_EndAwareTarInfo)
+            # Names are decoded the same way on every host (not by the locale); bytes that are not UTF-8 arrive as
+            # surrogate escapes and become %XX in keys (name_key).
+            tf = tarfile.open(fileobj=f, mode="r|*", tarinfo=_EndAwareTarInfo, encoding="utf-8",
+                              errors="surrogateescape")
         except (tarfile.TarError, EOFError, OSError, zlib.error, lzma.LZMAError) as e:
             raise ShardReadError(f"{shard.uri} is not a readable tar archive: {e}") from e
         seen: set[str] = set()
         key: str | None = None
         fields: dict[str, bytes] = {}
         other: list[str] = []
+        refused: list[str] = []
         try:
             for member in tf:
                 tf.members = []  # tarfile keeps every TarInfo in stream mode; we never need them again
-                member_name = member.name
-                parts = _split_key(member.name)
+                member_name = name_key(member.name)
+                parts = _split_key(member_name)
                 if parts is None or member.isdir():
                     continue
-                if parts[0] != key:
-                    if key is not None:
-                        yield _tar_sample(shard.uri, key, fields, other, seen)
-                        yielded += 1
-                    key, fields, other = parts[0], {}, []
-                if not member.isfile():
-                    other.append(f"{member.name} (not a regular file)")
-                    continue
                 ext = parts[1]
+                if parts[0] != key or ext in fields:  # a repeated member is a repeated key: never overwritten
+                    if key is not None:
+                        yield _tar_sample(shard.uri, key, fields, other, seen, refused)
+                        yielded += 1
+                    key, fields, other, refused = parts[0], {}, [], []
+                if not member.isfile():
+                    other.append(f"{member_name} (not a regular file)")
+                    continue
                 if ext.rsplit(".", 1)[-1] in IMAGE_EXTENSIONS or ext in ("txt", "json"):
+                    if member.size > max_bytes:  # tarfile skips its data without holding it when we move on
+                        refused.append(_too_big(f"member {member_name!r}", member.size, max_bytes))
+                        continue
                     fields[ext] = tf.extractfile(member).read()
                 else:
-                    other.append(member.name)
+                    other.append(member_name)
         except (tarfile.TarError, EOFError, zlib.error, lzma.LZMAError) as e:
             raise ShardReadError(
                 f"{shard.uri}: tar data ends or breaks inside member {member_name!r} after {yielded} complete "
@@ -376,17 +533,21 @@ def _iter_tar(shard: InputShard, storage_options: dict | None) -> Iterator[Sampl
                 "the shard is truncated or corrupt: re-create or re-upload it"
             )
         if key is not None:
-            yield _tar_sample(shard.uri, key, fields, other, seen)
+            yield _tar_sample(shard.uri, key, fields, other, seen, refused)
 
 
-def _tar_sample(source: str, key: str, fields: dict[str, bytes], other: list[str], seen: set[str]) -> Sample:
-    """Return the sample made of one key's members; an error sample when it has no image or a repeated key."""
+def _tar_sample(source: str, key: str, fields: dict[str, bytes], other: list[str], seen: set[str],
+                refused: list[str]) -> Sample:
+    """Return the sample made of one key's members; an error sample when it has no image, a repeated key or a
+    member over the size limit."""
     caption, url = _caption_and_url(fields.get("txt"), fields.get("json"), f"{source}:{key}")
-    if key in seen:
+    if key in seen:  # worded as execution.process_shard reports a repeated key of any reader
         return Sample(key, source, None, caption, url,
-                      error=f"key {key!r} appears again further on in the tar: members of a key must be adjacent "
-                            "and keys unique (WebDataset layout)")
+                      error=f"duplicate key {key!r} in {source}; the first one was kept (the key appears again "
+                            "further on in the tar: members of a key must be adjacent and keys unique)")
     seen.add(key)
+    if refused:
+        return Sample(key, source, None, caption, url, error="; ".join(refused))
     image_exts = [e for e in fields if e.rsplit(".", 1)[-1] in IMAGE_EXTENSIONS]
     if not image_exts:
         found = sorted({*fields, *other})
@@ -426,15 +587,17 @@ def _text(data: bytes) -> str:
 # --- parquet
 
 
-def _iter_parquet(shard: InputShard, storage_options: dict | None, image_column: str | None) -> Iterator[Sample]:
+def _iter_parquet(shard: InputShard, storage_options: dict | None, image_column: str | None,
+                  max_bytes: int) -> Iterator[Sample]:
     """Yield the rows of a Parquet shard as samples, one row group in memory at a time.
 
-    Rows without image bytes are error samples; a row group that cannot be read raises ShardReadError after the
-    rows before it were yielded.
+    Rows without image bytes, or with more than ``max_bytes`` (already in memory: refused for consistency with
+    the other readers), are error samples; a row group that cannot be read raises ShardReadError after the rows
+    before it were yielded.
     """
     fs, path = filesystem(shard.uri, storage_options)
     stem = posixpath.basename(path)
-    stem = stem[: -len(".parquet")] if stem.lower().endswith(".parquet") else stem
+    stem = name_key(stem[: -len(".parquet")] if stem.lower().endswith(".parquet") else stem)
     row = 0
     try:
         f = fs.open(path, "rb")
@@ -466,9 +629,13 @@ def _iter_parquet(shard: InputShard, storage_options: dict | None, image_column:
                 for i in range(batch.num_rows):
                     cells = {c: values[i] for c, values in extra.items()}
                     key = cells.get("key")
-                    error = None if images[i] is not None else _missing_image(image, row, paths[i], cells)
+                    data, error = images[i], None
+                    if data is None:
+                        error = _missing_image(image, row, paths[i], cells)
+                    elif len(data) > max_bytes:
+                        data, error = None, _too_big(f"column {image!r} at row {row}", len(data), max_bytes)
                     yield Sample(key=f"{stem}/{row}" if key is None else str(key), source=shard.uri,
-                                 data=images[i], caption=_as_text(cells.get(caption_col)),
+                                 data=data, caption=_as_text(cells.get(caption_col)),
                                  url=_as_text(cells.get("url")), error=error)
                     row += 1
         except (pa.ArrowException, OSError, ValueError) as e:
@@ -542,25 +709,47 @@ def _as_text(v) -> str | None:
 # --- folder
 
 
-def _iter_folder(shard: InputShard, storage_options: dict | None) -> Iterator[Sample]:
-    """Yield the image files below a folder shard in sorted relative-path order, one file read at a time."""
-    fs, root = filesystem(shard.uri, storage_options)
+def _iter_folder(shard: InputShard, storage_options: dict | None, max_bytes: int,
+                 follow: bool) -> Iterator[Sample]:
+    """Yield the image files of a folder shard in sorted relative-path order, one file read at a time.
+
+    A file listed as refused (a link leaving the input root), over ``max_bytes`` by its listed size, or leaving
+    the root by the time it is read (a link put there since the listing) is an error sample, its bytes unread.
+    """
+    fs, root = filesystem(shard.root, storage_options)
     fs.invalidate_cache()
-    try:
-        listing = fs.find(root, detail=True)
-    except FileNotFoundError as e:
-        raise ShardReadError(f"{shard.uri}: input folder disappeared: {e}") from e
-    if not listing:
-        raise ShardReadError(f"{shard.uri}: input folder is empty or disappeared")
-    images, sidecars = _folder_files(root, listing)
-    for rel in sorted(images):
-        stem = rel.rsplit(".", 1)[0]
-        try:
-            data = fs.cat_file(_join(root, rel))
-            txt = fs.cat_file(_join(root, stem + ".txt")) if stem + ".txt" in sidecars else None
-            meta = fs.cat_file(_join(root, stem + ".json")) if stem + ".json" in sidecars else None
-        except OSError as e:  # one unreadable file (permissions, vanished) is this sample's problem only
-            yield Sample(rel, shard.uri, None, None, None, error=f"cannot read {rel}: {type(e).__name__}: {e}")
+    if not fs.isdir(root):
+        raise ShardReadError(f"{shard.uri}: input folder {name_key(shard.root)} disappeared")
+    real_root = os.path.realpath(root) if is_local(fs) and not follow else None
+    for f in shard.files:
+        key = name_key(f.rel)
+        if f.refused is not None:
+            yield Sample(key, shard.uri, None, None, None,
+                         error=f"{key}: {f.refused} {name_key(shard.root)}: not read (pass --follow-symlinks to "
+                               "read files through such links)")
             continue
-        caption, url = _caption_and_url(txt, meta, f"{shard.uri}/{rel}")
-        yield Sample(rel, shard.uri, data, caption, url)
+        if f.size is not None and f.size > max_bytes:
+            yield Sample(key, shard.uri, None, None, None, error=_too_big(key, f.size, max_bytes))
+            continue
+        stem = f.rel.rsplit(".", 1)[0]
+        paths = [_join(root, rel) for rel in (f.rel, stem + ".txt" if f.txt else None,
+                                                stem + ".json" if f.json else None) if rel is not None]
+        if real_root is not None and (bad := [p for p in paths if not _inside(os.path.realpath(p), real_root)]):
+            yield Sample(key, shard.uri, None, None, None,
+                         error=f"{name_key(os.path.relpath(bad[0], root))}: symlink outside the input "
+                               f"{name_key(shard.root)} (made since the listing): not read (pass --follow-symlinks "
+                               "to read files through such links)")
+            continue
+        try:
+            data = fs.cat_file(paths[0])
+            txt = fs.cat_file(_join(root, stem + ".txt")) if f.txt else None
+            meta = fs.cat_file(_join(root, stem + ".json")) if f.json else None
+        except OSError as e:  # one unreadable file (permissions, vanished) is this sample's problem only
+            yield Sample(key, shard.uri, None, None, None,
+                         error=f"cannot read {key}: {type(e).__name__}: {name_key(str(e))}")
+            continue
+        if len(data) > max_bytes:  # the listing gave no size (or the file grew since)
+            yield Sample(key, shard.uri, None, None, None, error=_too_big(key, len(data), max_bytes))
+            continue
+        caption, url = _caption_and_url(txt, meta, f"{shard.uri}/{key}")
+        yield Sample(key, shard.uri, data, caption, url)

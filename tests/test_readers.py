@@ -106,7 +106,7 @@ def test_folder_shard_keys_captions_and_junk(tmp_path, corpus):
     (root / "notes.md").write_text("not an image")
     (root / "._000000000.jpg").write_bytes(b"\x00\x05\x16\x07AppleDouble")  # macOS debris: skipped
     shard = _only([str(root)])
-    assert shard.format == "folder" and shard.uri == str(root) and shard.etag.startswith("listing-")
+    assert shard.format == "folder" and shard.uri == f"{root}#0000000-0000999" and shard.etag.startswith("listing-")
     assert shard.size == sum(len(c.image) + len(c.caption) for c in corpus)
     samples = _read(shard)
     assert [s.key for s in samples] == expected
@@ -151,8 +151,10 @@ def test_expand_subfolders_glob_gives_one_folder_shard_each(tmp_path, corpus):
     write_image_folder(tmp_path / "imgs" / "2021", corpus[2:4])
     assert [s.format for s in expand_inputs([str(tmp_path / "imgs")])] == ["folder"]
     per_year = expand_inputs([str(tmp_path / "imgs" / "*")])
-    assert [s.uri for s in per_year] == [str(tmp_path / "imgs" / "2020"), str(tmp_path / "imgs" / "2021")]
-    assert [len(_read(s)) for s in per_year] == [2, 2]
+    assert [s.uri for s in per_year] == [f"{tmp_path}/imgs/2020#0000000-0000999", f"{tmp_path}/imgs/2021#0000000-0000999"]
+    # keys are relative to the input root (imgs/), so the two years' files never share a key
+    assert [[x.key for x in _read(s)] for s in per_year] == [[f"2020/{c.key}.{c.ext}" for c in corpus[:2]],
+                                                            [f"2021/{c.key}.{c.ext}" for c in corpus[2:4]]]
 
 
 def test_expand_errors_name_the_url(tmp_path, corpus):
@@ -204,7 +206,7 @@ def test_tar_keys_captions_and_per_sample_errors(tmp_path, corpus):
     assert (s3.url, s3.caption) == ("http://x/3", "from json")
     assert s4.data == jpg and s4.error is None
     assert s5.data == png and s5.url is None and s5.error is None
-    assert dup.data is None and "appears again" in dup.error
+    assert dup.data is None and "duplicate key '000002'" in dup.error and "first one was kept" in dup.error
 
 
 def test_truncated_tar_yields_good_samples_then_raises(tmp_path):
@@ -314,7 +316,7 @@ def test_s3_glob_tar_parquet_and_folder(s3_bucket, corpus):
     (p,) = expand_inputs([f"s3://{s3_bucket}/pq"])
     assert p.format == "parquet" and [x.key for x in iter_samples(p)] == ["p0"]
     (folder,) = expand_inputs([f"s3://{s3_bucket}/imgs"])
-    assert folder.format == "folder" and folder.uri == f"s3://{s3_bucket}/imgs"
+    assert folder.format == "folder" and folder.uri == f"s3://{s3_bucket}/imgs#0000000-0000999"
     assert [x.key for x in iter_samples(folder)] == [f"a/{c.key}.{c.ext}" for c in corpus[:2]]
 
     with pytest.raises(InputError, match=f"s3://{s3_bucket}/nothing/\\*.tar matched nothing"):
@@ -336,3 +338,198 @@ def test_img2dataset_metadata_parquet_beside_tar_is_not_a_shard(tmp_path):
     pq.write_table(pa.table({"key": ["b"], "jpg": [b"x"]}), tmp_path / "other.parquet")
     uris = [s.uri for s in expand_inputs([str(tmp_path)])]
     assert uris == [str(tmp_path / "00000.tar"), str(tmp_path / "other.parquet")]
+
+
+# ----------------------------------------------------------------------------------------------- bad inputs (issue 18)
+
+
+SECRET = b"TOP-SECRET-" * 8  # the content of a file outside the input: no byte of it may reach any output
+
+
+def _no_secret(samples: list[Sample]) -> None:
+    for s in samples:
+        for v in (s.data, s.caption, s.url, s.error, s.key):
+            text = v if isinstance(v, bytes) else (v or "").encode("utf-8", "surrogateescape")
+            assert b"TOP-SECRET" not in text, s
+
+
+def test_folder_symlink_outside_the_input_is_refused_and_never_read(tmp_path, corpus):
+    (tmp_path / "secret.jpg").write_bytes(SECRET)
+    (tmp_path / "elsewhere").mkdir()
+    (tmp_path / "elsewhere" / "far.jpg").write_bytes(SECRET)
+    root = tmp_path / "in"
+    write_image_folder(root, corpus[:2])
+    a = f"{corpus[0].key}.{corpus[0].ext}"
+    (root / "x.jpg").symlink_to(tmp_path / "secret.jpg")  # an image linked from outside
+    (root / "y.jpg").write_bytes(corpus[2].image)
+    (root / "y.txt").symlink_to(tmp_path / "secret.jpg")  # its caption linked from outside
+    (root / "inner.jpg").symlink_to(root / a)  # a link that stays inside the input: read
+    (root / "outdir").symlink_to(tmp_path / "elsewhere")  # a folder outside: not even listed
+    (root / "loop").symlink_to(root)  # a link back up the tree: not walked twice
+    samples = _read(_only([str(root)]))
+    _no_secret(samples)
+    by_key = {s.key: s for s in samples}
+    assert sorted(by_key) == sorted([a, f"{corpus[1].key}.{corpus[1].ext}", "inner.jpg", "x.jpg", "y.jpg", "y.txt"])
+    for link in ("x.jpg", "y.txt"):
+        assert by_key[link].data is None and "symlink outside the input" in by_key[link].error
+        assert by_key[link].error.startswith(f"{link}:") and "--follow-symlinks" in by_key[link].error
+    assert (by_key["y.jpg"].data, by_key["y.jpg"].caption, by_key["y.jpg"].error) == (corpus[2].image, None, None)
+    assert by_key["inner.jpg"].data == corpus[0].image
+
+    followed = {s.key: s for s in _read(_only([str(root)], follow_symlinks=True), follow_symlinks=True)}
+    assert followed["x.jpg"].data == SECRET and followed["y.jpg"].caption == SECRET.decode()
+    assert followed["outdir/far.jpg"].data == SECRET
+
+    # A link swapped in after the listing is caught when the file is read.
+    shard = _only([str(root)])
+    (root / "y.jpg").unlink()
+    (root / "y.jpg").symlink_to(tmp_path / "secret.jpg")
+    late = {s.key: s for s in _read(shard)}
+    _no_secret(list(late.values()))
+    assert late["y.jpg"].data is None and "symlink outside the input" in late["y.jpg"].error
+
+
+def test_non_utf8_and_percent_names_become_lossless_keys(tmp_path, corpus):
+    from urllib.parse import unquote_to_bytes
+
+    root = tmp_path / "names"
+    root.mkdir()
+    names = [b"caf\xe9.jpg", b"100%.jpg", b"ok.jpg", "日本.jpg".encode()]
+    for name, c in zip(names, corpus):
+        with open(os.path.join(os.fsencode(root), name), "wb") as f:
+            f.write(c.image)
+    samples = _read(_only([str(root)]))
+    keys = [s.key for s in samples]
+    assert sorted(keys) == sorted(["caf%E9.jpg", "100%25.jpg", "ok.jpg", "日本.jpg"])
+    assert {unquote_to_bytes(s.key): s.data for s in samples} == {n: c.image for n, c in zip(names, corpus)}
+    pa.array(keys, pa.string())  # what the shard and errors/ writers do with keys: no UnicodeEncodeError
+
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.GNU_FORMAT, encoding="utf-8",
+                      errors="surrogateescape") as tf:
+        for name, data in [("a.jpg", corpus[0].image), (os.fsdecode(b"caf\xe9.jpg"), corpus[1].image),
+                           (os.fsdecode(b"caf\xe9.txt"), b"a caption"), (os.fsdecode(b"d\xff/x.bin"), b"?"),
+                           ("z.jpg", corpus[2].image)]:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tf.addfile(info, io.BytesIO(data))
+    (tmp_path / "n.tar").write_bytes(buf.getvalue())
+    samples = _read(_only([str(tmp_path / "n.tar")]))
+    assert [(s.key, s.data, s.caption) for s in samples] == [
+        ("a", corpus[0].image, None), ("caf%E9", corpus[1].image, "a caption"), ("d%FF/x", None, None),
+        ("z", corpus[2].image, None)]
+    assert "d%FF/x.bin" in samples[2].error
+    pa.array([s.key for s in samples] + [s.error or "" for s in samples], pa.string())
+
+
+class _Zeros(io.RawIOBase):
+    """A file object of ``size`` zero bytes, produced as read (so a test can write a huge member in little memory)."""
+
+    def __init__(self, size: int):
+        self.left = size
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, b) -> int:
+        n = min(len(b), self.left)
+        b[:n] = bytes(n)
+        self.left -= n
+        return n
+
+
+def test_oversize_tar_member_is_refused_from_its_header_with_flat_memory(tmp_path, corpus):
+    big = (256 << 20) + (44 << 20)  # just over the default --max-sample-bytes (256 MiB): 300 MiB of zeros, ~0.3 MB gz
+    path = tmp_path / "bomb.tar.gz"
+    with gzip.open(path, "wb", compresslevel=1) as gz, tarfile.open(fileobj=gz, mode="w|") as tf:
+        for name, size, data in [("a.jpg", len(corpus[0].image), io.BytesIO(corpus[0].image)),
+                                 ("big.jpg", big, _Zeros(big)), ("big.txt", 3, io.BytesIO(b"cap")),
+                                 ("c.jpg", len(corpus[1].image), io.BytesIO(corpus[1].image))]:
+            info = tarfile.TarInfo(name)
+            info.size = size
+            tf.addfile(info, data)
+    assert os.path.getsize(path) < 2 << 20
+    shard = _only([str(path)])
+    tracemalloc.start()
+    try:
+        samples = _read(shard)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert [s.key for s in samples] == ["a", "big", "c"]
+    a, b, c = samples
+    assert (a.data, c.data) == (corpus[0].image, corpus[1].image)
+    assert b.data is None and b.caption == "cap"
+    assert "'big.jpg'" in b.error and f"{big:,} bytes" in b.error and "--max-sample-bytes" in b.error
+    assert peak < 32 << 20, f"peak {peak / 2**20:.0f} MiB to skip a {big >> 20} MiB member: it was read"
+
+
+def test_oversize_folder_file_and_parquet_cell_are_error_samples(tmp_path, corpus):
+    write_image_folder(tmp_path / "f", corpus[:3])
+    cap = sorted(len(c.image) for c in corpus[:3])[1]  # the middle size: one image over, one at, one under
+    samples = _read(_only([str(tmp_path / "f")]), max_sample_bytes=cap)
+    over = [s for s in samples if s.error]
+    assert len(over) == 1 and over[0].data is None and "--max-sample-bytes" in over[0].error
+    assert [s.data for s in samples if not s.error] == [c.image for c in corpus[:3] if len(c.image) <= cap]
+    path = write_parquet_shard(tmp_path / "p.parquet", corpus[:3])
+    samples = _read(_only([path]), max_sample_bytes=cap)
+    assert [s.error is None for s in samples] == [len(c.image) <= cap for c in corpus[:3]]
+
+
+def _process(shard: InputShard, run) -> tuple[list[str], list[tuple[str, str]]]:
+    """Return (embedded keys, (key, error) rows) that execution.process_shard commits for ``shard``, no Ray: the
+    model is a stand-in that returns a fixed vector per image."""
+    from pipeline.config import EmbedConfig
+    from pipeline.execution import ModelFacts, process_shard
+
+    def fetch(n):
+        return {"seconds": 0.0, "embedding": np.ones((n, 4), np.float32), "complexity": np.zeros(n, np.float32),
+                "exit_layer": np.ones(n, np.int16), "gflops": np.zeros(n, np.float32)}
+
+    cfg = EmbedConfig(inputs=[], output=str(run), progress=False)
+    row = process_shard(shard, 0, cfg, ModelFacts(32, 4, 0.0), lambda pixels, keys: len(keys), fetch)
+    shards = pq.read_table(run / row["output"]).column("key").to_pylist()
+    errors = pq.read_table(run / "errors" / "part-00000.parquet").to_pylist()
+    return shards, [(e["key"], e["error"]) for e in errors]
+
+
+def test_repeated_key_in_a_tar_is_reported_like_parquet(tmp_path, corpus):
+    first, second, other = corpus[0].image, corpus[1].image, corpus[2].image
+    (tmp_path / "t.tar").write_bytes(_tar_of([("a.jpg", first), ("a.jpg", second), ("b.jpg", other)]))
+    samples = _read(_only([str(tmp_path / "t.tar")]))
+    assert [(s.key, s.data) for s in samples] == [("a", first), ("a", None), ("b", other)]  # the first one is kept
+    pq.write_table(pa.table({"key": ["a", "a", "b"], "jpg": [first, second, other]}), tmp_path / "t.parquet")
+    for name in ("t.tar", "t.parquet"):
+        shard = _only([str(tmp_path / name)])
+        keys, errors = _process(shard, tmp_path / f"run-{name}")
+        assert keys == ["a", "b"]
+        assert errors == [("a", f"duplicate key 'a' in {shard.uri}; the first one was kept")]
+
+
+def test_folder_is_cut_into_resumable_shards_and_changes_are_reported(tmp_path, corpus, caplog):
+    from pipeline.execution import assign_parts
+
+    root = tmp_path / "many"
+    keys = write_image_folder(root, corpus)  # 6 images
+    shards = expand_inputs([str(root)], folder_shard_size=4)
+    assert [s.uri for s in shards] == [f"{root}#0000000-0000003", f"{root}#0000004-0000007"]
+    assert [s.key for s in shards for s in _read(s)] == sorted(keys)
+    assert expand_inputs([str(root)], folder_shard_size=4) == shards  # a resumed run finds the same shards
+
+    class Committed:  # a manifest that committed both shards as they are now
+        rows = [{"source": s.uri, "part": i, "source_size": s.size, "source_mtime": s.mtime, "source_etag": s.etag}
+                for i, s in enumerate(shards)]
+        committed = {r["source"]: r for r in rows}
+
+        def next_part(self):
+            return 2
+
+    assert assign_parts(shards, Committed()) == []
+    (root / "0-first.jpg").write_bytes(corpus[0].image)  # sorts first: every shard's files shift by one
+    changed = expand_inputs([str(root)], folder_shard_size=4)
+    assert [s.uri for s in changed] == [s.uri for s in shards] and all(
+        a.etag != b.etag for a, b in zip(changed, shards))
+    with caplog.at_level("WARNING", logger="pipeline.execution"):
+        assert assign_parts(changed, Committed()) == []
+    assert "2 committed input shard(s) changed" in caplog.text and "--reembed-changed" in caplog.text
+    assert [p for _, p in assign_parts(changed, Committed(), reembed_changed=True)] == [0, 1]
