@@ -73,6 +73,10 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--limit-shards", type=int, default=None, help="embed at most this many pending shards")
     x.add_argument("--reembed-changed", action="store_true",
                    help="embed again committed inputs whose size, mtime or ETag changed since they were embedded")
+    x.add_argument("--break-lock", action="store_true",
+                   help="take over the output's lock (OUTPUT/icar.lock) from another run; only once you are sure it "
+                        f"is dead (a lock is taken over by itself when its holder's process on this host is gone, "
+                        f"or after {d.lock_stale_after_s:.0f}s without a heartbeat)")
     x.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p
 
@@ -88,15 +92,18 @@ def config_from_args(a: argparse.Namespace) -> EmbedConfig:
                        num_actors=a.num_actors, gpus_per_actor=a.gpus_per_actor, cpus_per_actor=a.cpus_per_actor,
                        decode_tasks=a.decode_tasks, shard_retries=a.shard_retries, shard_timeout_s=a.shard_timeout,
                        storage_options=a.storage_options, progress=not a.no_progress, limit_shards=a.limit_shards,
-                       reembed_changed=a.reembed_changed, max_sample_bytes=a.max_sample_bytes,
+                       reembed_changed=a.reembed_changed, break_lock=a.break_lock,
+                       max_sample_bytes=a.max_sample_bytes,
                        folder_shard_size=a.folder_shard_size, follow_symlinks=a.follow_symlinks)
 
 
 def main(argv: list[str] | None = None) -> int:
     """Run the embed job; return 0 when every input shard was committed, 1 when any failed (or the output ran out
-    of space, or the store kept failing), 2 on bad input (a missing bucket and denied access included), 130 when
+    of space, or the store kept failing, or another run took the output's lock over), 2 on bad input (a missing
+    bucket and denied access included) or when another run holds the output's lock, 130 when
     interrupted (Ctrl-C) and 143 when terminated (SIGTERM); committed shards are kept and a re-run resumes."""
-    from pipeline.execution import Terminated, run_embed
+    from pipeline.execution import run_embed, stop_reason
+    from pipeline.lock import LockHeld, LockLost
     from pipeline.readers import InputError
     from pipeline.shards import RunStateError
     from pipeline.storage import StorageError, StorageFullError
@@ -105,11 +112,18 @@ def main(argv: list[str] | None = None) -> int:
     cfg = config_from_args(args)
     try:
         summary = run_embed(cfg)
-    except KeyboardInterrupt as e:
-        how = "terminated (SIGTERM)" if isinstance(e, Terminated) else "interrupted"
+    except KeyboardInterrupt as e:  # Ctrl-C, or SIGTERM (which Ray may hand back as a plain KeyboardInterrupt)
+        stop = stop_reason(e)
+        how = "terminated (SIGTERM)" if stop.terminated else "interrupted"
         print(f"icar embed: {how}; the shards committed so far are recorded in {cfg.output}: run the same command "
               f"to resume", file=sys.stderr)
-        return 143 if isinstance(e, Terminated) else 130
+        return stop.exit_code
+    except LockHeld as e:  # another run writes this output: refused before Ray or a model started
+        print(f"icar embed: error: {e}", file=sys.stderr)
+        return 2
+    except LockLost as e:  # another run took the output over mid-run: this one stopped writing
+        print(f"icar embed: error: {e}; this run stopped writing {cfg.output}", file=sys.stderr)
+        return 1
     except StorageError as e:  # the message names the URL, the cause and the fix; committed work is kept
         print(f"icar embed: error: {e}", file=sys.stderr)
         return 2 if e.permanent and not isinstance(e, StorageFullError) else 1

@@ -37,6 +37,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("runs", nargs="+", help="run directories written by `icar embed` (local paths or URLs)")
     p.add_argument("--output", "-o", required=True, help="index directory to write (local path or URL)")
     p.add_argument("--overwrite", action="store_true", help="replace an index already in --output")
+    p.add_argument("--break-lock", action="store_true",
+                   help="take over the output's lock (OUTPUT/icar.lock) from another build; only once you are sure "
+                        "it is dead (a lock is taken over by itself when its holder's process on this host is gone, "
+                        f"or after {d.lock_stale_after_s:.0f}s without a heartbeat)")
     c = p.add_argument_group("index choice")
     c.add_argument("--trained-index", default=d.trained_index,
                    help="add into this trained, empty index (an earlier index's trained.faiss) instead of training; "
@@ -88,18 +92,34 @@ def config_from_args(a: argparse.Namespace) -> IndexConfig:
                        work_dir=a.work_dir, seed=a.seed, overwrite=a.overwrite, flat_below=a.flat_below,
                        max_nprobe=a.max_nprobe, task_timeout_s=a.task_timeout, device=a.device, threads=a.threads,
                        merge=a.merge, storage_options=a.storage_options, progress=not a.no_progress,
-                       trained_index=a.trained_index)
+                       trained_index=a.trained_index, break_lock=a.break_lock)
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run the index job; return 0 on success, 2 on bad input or a budget that cannot hold the index."""
+    """Run the index job; return 0 on success, 2 on bad input, a budget that cannot hold the index or an output
+    another build holds the lock of, 1 when another build took the lock over mid-build, 130 when interrupted
+    (Ctrl-C) and 143 when terminated (SIGTERM)."""
+    from pipeline.execution import stop_reason
     from pipeline.index import RunMismatchError, build_index
     from pipeline.index_params import BudgetError
+    from pipeline.lock import LockHeld, LockLost
 
     args = build_parser().parse_args(argv)
     cfg = config_from_args(args)
     try:
         summary = build_index(cfg)
+    except KeyboardInterrupt as e:  # Ctrl-C, or SIGTERM (which Ray may hand back as a plain KeyboardInterrupt)
+        stop = stop_reason(e)
+        how = "terminated (SIGTERM)" if stop.terminated else "interrupted"
+        print(f"icar index: {how}; {cfg.output} holds no complete index (index.json is written last): run the "
+              f"same command again", file=sys.stderr)
+        return stop.exit_code
+    except LockHeld as e:  # another build writes this output: refused before Ray started or anything was read
+        print(f"icar index: error: {e}", file=sys.stderr)
+        return 2
+    except LockLost as e:  # another build took the output over mid-build: this one wrote no index.json
+        print(f"icar index: error: {e}; this build stopped without writing {cfg.output}/index.json", file=sys.stderr)
+        return 1
     except (BudgetError, RunMismatchError, FileExistsError, FileNotFoundError, ValueError) as e:
         print(f"icar index: error: {e}", file=sys.stderr)
         return 2

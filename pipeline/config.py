@@ -60,6 +60,10 @@ class EmbedConfig:
     progress: bool = True  # progress bar on stderr
     limit_shards: int | None = None  # embed at most this many pending shards (smoke runs)
     reembed_changed: bool = False  # embed again committed inputs whose size/mtime/ETag changed (scheduled reindex)
+    # One writer per run directory (OUTPUT/icar.lock, pipeline/lock.py): a second run is refused at once.
+    break_lock: bool = False  # take the lock over even from a live-looking holder (only when sure it is dead)
+    lock_stale_after_s: float = 1800.0  # a lock not refreshed for this long is taken over (its holder is dead)
+    lock_heartbeat_s: float = 60.0  # the holder refreshes the lock this often (well below lock_stale_after_s)
     max_sample_bytes: int = MAX_SAMPLE_BYTES  # larger samples are error rows, skipped unread
     folder_shard_size: int = FOLDER_SHARD_SIZE  # image files per input shard of a folder (sorted listing, chunked)
     follow_symlinks: bool = False  # read folder files reached through links that leave the input root

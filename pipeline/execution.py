@@ -24,6 +24,7 @@ import numpy as np
 
 from . import storage
 from .config import EmbedConfig, ModelSpec
+from .lock import RootLock, output_lock
 from .schema import RUN_JSON, SHARD_DIR
 from .shards import (Manifest, RunStateError, ShardRows, commit_shard, manifest_row, record_duplicate_keys,
                      write_shard_failure)
@@ -208,8 +209,42 @@ def init_ray(address: str | None):
     return ray
 
 
+EXIT_INTERRUPTED = 130  # Ctrl-C (128 + SIGINT), as shells report it
+EXIT_TERMINATED = 143  # SIGTERM (128 + SIGTERM): a scheduler's stop
+
+# Set by the SIGTERM handler below. The handler's Terminated does not always reach the caller as itself: raised
+# while the driver waits inside Ray (ray.wait, ray.get), Ray turns it into a plain KeyboardInterrupt, so the
+# signal that arrived is kept here and read by ``stop_reason``.
+_sigterm_received = False
+
+
 class Terminated(KeyboardInterrupt):
     """SIGTERM (a scheduler's stop, `kill`) received by the driver during a run: it stops like Ctrl-C does."""
+
+
+@dataclass(frozen=True)
+class StopReason:
+    """How a run was stopped from outside: the exit code a shell reports and the words for it."""
+
+    exit_code: int  # EXIT_TERMINATED or EXIT_INTERRUPTED
+    status: str  # "terminated" | "interrupted"
+    signal: str  # "SIGTERM" | "Ctrl-C"
+
+    @property
+    def terminated(self) -> bool:
+        return self.exit_code == EXIT_TERMINATED
+
+
+def stop_reason(e: KeyboardInterrupt) -> StopReason:
+    """Return how the run that ``e`` stopped was stopped: terminated (143) when SIGTERM reached the driver's
+    handler, whatever exception type came out of Ray, else interrupted (130, Ctrl-C). Reading it forgets the
+    SIGTERM, so a later run in the same process starts clean."""
+    global _sigterm_received
+    terminated = isinstance(e, Terminated) or _sigterm_received
+    _sigterm_received = False
+    if terminated:
+        return StopReason(EXIT_TERMINATED, "terminated", "SIGTERM")
+    return StopReason(EXIT_INTERRUPTED, "interrupted", "Ctrl-C")
 
 
 def sigterm_as_interrupt() -> Callable[[], None]:
@@ -217,16 +252,27 @@ def sigterm_as_interrupt() -> Callable[[], None]:
 
     Python's default SIGTERM exits without unwinding and Ray's driver handler logs and exits, so the commit loop's
     ``finally`` would neither record the commits the manifest holds back (they would be redone as orphans) nor
-    stop the actors. Off the main thread (where signals cannot be handled) this does nothing.
+    stop the actors, nor release the output's lock. The restore function puts the old handler back only while
+    this one is still installed: a handler installed meanwhile (ray.init's) is left in place. Off the main thread
+    (where signals cannot be handled) this does nothing.
     """
+    global _sigterm_received
     if threading.current_thread() is not threading.main_thread():
         return lambda: None
+    _sigterm_received = False
 
     def handler(signum, frame):
+        global _sigterm_received
+        _sigterm_received = True
         raise Terminated(f"signal {signum}")
 
     previous = signal.signal(signal.SIGTERM, handler)
-    return lambda: signal.signal(signal.SIGTERM, previous)
+
+    def restore() -> None:
+        if signal.getsignal(signal.SIGTERM) is handler:
+            signal.signal(signal.SIGTERM, previous)
+
+    return restore
 
 
 def plan_resources(ray, cfg: EmbedConfig) -> dict:
@@ -265,12 +311,19 @@ def check_run_identity(run: str, description: dict, storage_options: dict) -> No
             f"never mix: write to a new --output, or delete {run} to start over")
 
 
-def remove_orphans(run: str, manifest: Manifest, storage_options: dict) -> None:
+def remove_orphans(run: str, manifest: Manifest, storage_options: dict, lock: RootLock) -> None:
     """Delete output shards that a crash left committed but unrecorded (their inputs are embedded again), and
-    the hidden temporaries of atomic writes that a killed writer left behind (no writer of this run is alive
-    yet when this runs)."""
+    the hidden temporaries of atomic writes that a killed writer left behind.
+
+    Only the holder of the run directory's ``lock`` may call this (LockLost otherwise): an unrecorded shard is
+    only a dead run's leftover when no other run can be writing, and another live run's shards look the same.
+    """
+    from .lock import OUTPUT_LOCK
     from .schema import ERROR_DIR
 
+    if lock.url != storage.join(run, OUTPUT_LOCK):
+        raise ValueError(f"remove_orphans({run!r}) needs that run directory's own lock, not {lock.url}")
+    lock.check()
     recorded = {r["output"].rsplit("/", 1)[-1] for r in manifest.rows}
     for folder in ("", SHARD_DIR, ERROR_DIR):  # one listing per folder
         fs, path = storage.filesystem(storage.join(run, folder) if folder else run, storage_options)
@@ -333,10 +386,28 @@ def run_embed(cfg: EmbedConfig) -> EmbedSummary:
 
     t_start = time.perf_counter()
     started = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
-    shards = expand_inputs(cfg.inputs, cfg.storage_options, cfg.folder_shard_size, cfg.follow_symlinks)
     # Before any cluster or model starts: a missing bucket, denied writes or a read-only or full disk end the
     # job here, in about a second, with nothing written (raises storage.StorageError).
     storage.check_writable(cfg.output, cfg.storage_options)
+    # One writer per run directory, taken before the manifest is read: a second run would plan from a manifest
+    # the first is rewriting and delete the first's unrecorded shards as orphans. Refused at once (LockHeld).
+    lock = output_lock(cfg.output, "embed", cfg.lock_stale_after_s, cfg.lock_heartbeat_s, cfg.storage_options)
+    lock.acquire(break_lock=cfg.break_lock)
+    # From here a SIGTERM unwinds (releasing the lock) instead of killing the driver; installed again after
+    # ray.init, which puts its own handler in place.
+    restore_outer = sigterm_as_interrupt()
+    try:
+        return _run_embed_locked(cfg, lock, t_start, started)
+    finally:
+        restore_outer()
+        lock.release()
+
+
+def _run_embed_locked(cfg: EmbedConfig, lock: RootLock, t_start: float, started: str) -> EmbedSummary:
+    """Do run_embed's work while holding the run directory's ``lock``; return the summary."""
+    from .readers import expand_inputs
+
+    shards = expand_inputs(cfg.inputs, cfg.storage_options, cfg.folder_shard_size, cfg.follow_symlinks)
     manifest = Manifest(cfg.output, cfg.storage_options)
     plan = assign_parts(shards, manifest, cfg.reembed_changed)
     summary = EmbedSummary(run=cfg.output, shards_skipped=len(shards) - len(plan))
@@ -347,10 +418,11 @@ def run_embed(cfg: EmbedConfig) -> EmbedSummary:
     ray = init_ray(cfg.resolved_address())
     restore_sigterm = sigterm_as_interrupt()  # after ray.init, which installs a SIGTERM handler of its own
     try:
-        full_gflops = _embed_plan(ray, cfg, plan, manifest, summary, t_start)
+        full_gflops = _embed_plan(ray, cfg, plan, manifest, summary, t_start, lock)
     finally:
         restore_sigterm()
 
+    lock.check()
     if manifest.rows:
         # Every invocation checks the whole run: one killed before its check leaves no trace of what it committed.
         summary.duplicate_keys = record_duplicate_keys(cfg.output, manifest.rows, cfg.storage_options)
@@ -361,10 +433,11 @@ def run_embed(cfg: EmbedConfig) -> EmbedSummary:
 
 
 def _embed_plan(ray, cfg: EmbedConfig, plan: list, manifest: Manifest, summary: EmbedSummary,
-                t_start: float) -> float:
+                t_start: float, lock: RootLock) -> float:
     """Embed ``plan``'s (shard, part) pairs on model actors, recording commits in ``manifest`` and ``summary``.
 
-    Return the full-depth GFLOPs per image. The actors are stopped and the manifest flushed however it ends.
+    Return the full-depth GFLOPs per image. The actors are stopped and the manifest flushed however it ends,
+    unless the run directory's ``lock`` was lost: the run that took it over owns the manifest then.
     """
     resources = plan_resources(ray, cfg)
     env = forwarded_env()
@@ -391,7 +464,7 @@ def _embed_plan(ray, cfg: EmbedConfig, plan: list, manifest: Manifest, summary: 
         run_json["spec"] = asdict(cfg.spec)
         if not storage.exists(storage.join(cfg.output, RUN_JSON), cfg.storage_options):
             storage.write_json(run_json, storage.join(cfg.output, RUN_JSON), cfg.storage_options)
-        remove_orphans(cfg.output, manifest, cfg.storage_options)
+        remove_orphans(cfg.output, manifest, cfg.storage_options, lock)
     except BaseException:
         # A refused run (another model's run directory, actors that never started) must not leave its model
         # actors holding CPUs/GPUs in a Ray that lives on (a cluster, a test session, a retry in the same driver).
@@ -412,6 +485,7 @@ def _embed_plan(ray, cfg: EmbedConfig, plan: list, manifest: Manifest, summary: 
     last_poll = 0.0
     try:
         while pending or in_flight:
+            lock.check()  # LockLost: stop before writing the manifest another run may be using now
             manifest.flush_if_due()  # commits of a quiet spell reach the file, not only those before the next
             while pending and len(in_flight) < resources["decode_tasks"]:
                 shard, part = pending.popleft()
@@ -454,14 +528,17 @@ def _embed_plan(ray, cfg: EmbedConfig, plan: list, manifest: Manifest, summary: 
                 bar.set_postfix_str(f"{images} images, {images / elapsed:.1f} img/s, {errors} errors")
     except BaseException:
         # A failing or interrupted loop (an exception, Ctrl-C) still records what it committed, so the next run
-        # redoes only what was in flight; a flush that fails too must not hide why the loop stopped.
+        # redoes only what was in flight; a flush that fails too must not hide why the loop stopped. A lost lock
+        # (LockLost, raised again here) records nothing: the run that took it over owns the manifest now.
         try:
+            lock.check()
             manifest.flush()
         except Exception as e:
             log.error("could not record the last commits in %s (%s: %s): their shards are removed and embedded "
                       "again by the next run", manifest.url, type(e).__name__, e)
         raise
     else:
+        lock.check()
         manifest.flush()
     finally:
         if bar is not None:

@@ -50,6 +50,7 @@ from .index_params import (
     nprobe_candidates,
     parse_size,
 )
+from .lock import RootLock, output_lock
 from .schema import MANIFEST, RUN_JSON, model_key  # torch-free; search imports it from here
 
 log = logging.getLogger(__name__)
@@ -104,6 +105,10 @@ class IndexConfig:
     merge: str = "auto"  # auto (in memory unless --max-build-memory cannot hold it) | memory | disk (.ivfdata)
     storage_options: dict = field(default_factory=dict)  # fsspec options for runs and output; never logged
     progress: bool = True  # progress bars on stderr
+    # One writer per index directory (OUTPUT/icar.lock, pipeline/lock.py): a second build is refused at once.
+    break_lock: bool = False  # take the lock over even from a live-looking holder (only when sure it is dead)
+    lock_stale_after_s: float = 1800.0  # a lock not refreshed for this long is taken over (its holder is dead)
+    lock_heartbeat_s: float = 60.0  # the holder refreshes the lock this often (well below lock_stale_after_s)
 
     def resolved_address(self) -> str | None:
         """Return the Ray address to join, or None for an embedded local instance."""
@@ -798,7 +803,28 @@ class _Runner:
 
 
 def build_index(cfg: IndexConfig) -> IndexSummary:
-    """Build the index directory ``cfg.output`` from ``cfg.runs``; return its summary (index.json inside)."""
+    """Build the index directory ``cfg.output`` from ``cfg.runs``; return its summary (index.json inside).
+
+    The build holds the directory's lock (``OUTPUT/icar.lock``) from before anything is read or written until it
+    ends: a second build of the same output is refused at once with LockHeld naming the holder, never left to
+    remove the first one's partials and index.json. The index is written in place (no build elsewhere that is
+    swapped in), so a lock file inside the directory stays put.
+    """
+    from .execution import sigterm_as_interrupt
+
+    lock = output_lock(cfg.output.rstrip("/"), "index", cfg.lock_stale_after_s, cfg.lock_heartbeat_s,
+                       cfg.storage_options or None)
+    lock.acquire(break_lock=cfg.break_lock)
+    restore_sigterm = sigterm_as_interrupt()  # a SIGTERM unwinds (releasing the lock) instead of killing
+    try:
+        return _build_index_locked(cfg, lock)
+    finally:
+        restore_sigterm()
+        lock.release()
+
+
+def _build_index_locked(cfg: IndexConfig, lock: RootLock) -> IndexSummary:
+    """Do build_index's work while holding the output's ``lock``; return the summary."""
     import faiss
 
     timer = PhaseTimer()
@@ -843,7 +869,7 @@ def build_index(cfg: IndexConfig) -> IndexSummary:
     with timer.phase("start_workers"):
         runner = _Runner(cfg)
     try:
-        summary = _build(cfg, plan, params, runner, timer, max_index, max_build, reasons, trained_bytes)
+        summary = _build(cfg, plan, params, runner, timer, max_index, max_build, reasons, lock, trained_bytes)
     finally:
         runner.close()
     return summary
@@ -867,7 +893,8 @@ def _read_trained(cfg: IndexConfig, dim: int, so) -> bytes:
 
 
 def _build(cfg: IndexConfig, plan: RunPlan, params: IndexParams, runner: _Runner, timer: PhaseTimer,
-           max_index: int, max_build: int, reasons: list[str], trained_bytes: bytes | None = None) -> IndexSummary:
+           max_index: int, max_build: int, reasons: list[str], lock: RootLock,
+           trained_bytes: bytes | None = None) -> IndexSummary:
     """Run the phases after planning; partials and scratch files are removed whatever happens."""
     so = cfg.storage_options or None
     out = cfg.output.rstrip("/")
@@ -908,6 +935,7 @@ def _build(cfg: IndexConfig, plan: RunPlan, params: IndexParams, runner: _Runner
         info = b.index_json()
         info["build_seconds"] = dict(timer.seconds)
         info["build_seconds"]["total"] = timer.total()
+        lock.check()  # LockLost: another build took this output over; never mark its files as this index
         storage.write_json(info, storage.join(out, INDEX_JSON), so)  # last: marks the index complete
         return IndexSummary(output=out, info=info)
     finally:

@@ -242,7 +242,8 @@ class JobConfig:
                            batches_in_flight=e.batches_in_flight, shard_retries=e.shard_retries,
                            shard_timeout_s=e.shard_timeout_s, actor_start_timeout_s=e.actor_start_timeout_s,
                            storage_options=dict(self.storage_options), progress=self.progress,
-                           reembed_changed=True)
+                           reembed_changed=True, lock_stale_after_s=self.lock.stale_after_s,
+                           lock_heartbeat_s=self.lock.heartbeat_s)
 
     def index_config(self, run: str, output: str, **overrides):
         """Return the IndexConfig that builds index directory ``output`` from run directory ``run``."""
@@ -253,7 +254,8 @@ class JobConfig:
                   factory=i.factory, target_recall=i.target_recall, k=i.k, queries=i.queries,
                   text_queries=i.text_queries, workers=self.ray.index_workers, address=self.ray.address,
                   seed=i.seed, flat_below=i.flat_below, max_nprobe=i.max_nprobe,
-                  storage_options=dict(self.storage_options), progress=self.progress)
+                  storage_options=dict(self.storage_options), progress=self.progress,
+                  lock_stale_after_s=self.lock.stale_after_s, lock_heartbeat_s=self.lock.heartbeat_s)
         kw.update(overrides)
         return IndexConfig(**kw)
 

@@ -1,7 +1,8 @@
 """A lock per output root, so that two runs of a scheduled job never write the same root at once.
 
 The lock is one small JSON object (who holds it: job, run id, host, pid, start and heartbeat times) at a
-URL such as ``ROOT/reindex.lock``. Taking it is an atomic create; the holder refreshes it every
+URL such as ``ROOT/reindex.lock`` (`icar reindex`) or ``OUTPUT/icar.lock`` (`icar embed` and `icar index`, see
+``output_lock``). Taking it is an atomic create; the holder refreshes it every
 ``heartbeat_s`` with a compare-and-swap; anyone may take over a lock that was not refreshed for
 ``stale_after_s`` (or whose holder is a dead process on this host), again with a compare-and-swap, so
 two runs that both find the same stale lock cannot both win.
@@ -41,6 +42,7 @@ from . import storage
 log = logging.getLogger(__name__)
 
 BREAKER_STALE_S = 60.0  # a local side lock older than this was left by a crashed process
+OUTPUT_LOCK = "icar.lock"  # the lock file inside an `icar embed` run directory or `icar index` index directory
 
 
 class LockHeld(RuntimeError):
@@ -122,7 +124,7 @@ class _LocalBackend:
         deadline = time.monotonic() + 10.0
         while not self._side_lock():
             if time.monotonic() > deadline:
-                raise TimeoutError(f"{self.breaker} stayed taken for 10s: remove it if no reindex is running")
+                raise TimeoutError(f"{self.breaker} stayed taken for 10s: remove it if no run holds {self.path}")
             time.sleep(0.05)
         try:
             return fn()
@@ -361,9 +363,10 @@ class RootLock:
             why = self._stale(holder, age) or ("--break-lock given" if break_lock else None)
             if why is None:
                 raise LockHeld(
-                    f"{self.url} is held by {self.describe_holder(holder, age)}: another reindex of this root is "
-                    f"running. Wait for it; a dead holder's lock is taken over after {self.stale_after_s:.0f}s "
-                    f"without heartbeat (or run with --break-lock once you are sure it is dead)", holder)
+                    f"{self.url} is held by {self.describe_holder(holder, age)}: another run is writing this "
+                    f"output. Wait for it to finish; its lock is taken over automatically once the holder's process "
+                    f"on this host is gone or it goes {self.stale_after_s:.0f}s without a heartbeat (or run again "
+                    f"with --break-lock once you are sure the holder is dead)", holder)
             log.warning("taking over the lock %s held by %s: %s", self.url, self.describe_holder(holder, age), why)
             new = self.backend.replace_if(token, data)
             if new is not None:
@@ -426,3 +429,17 @@ class RootLock:
 
     def __exit__(self, *exc) -> None:
         self.release()
+
+
+def output_lock(output: str, job: str, stale_after_s: float = 1800.0, heartbeat_s: float = 60.0,
+                storage_options: dict | None = None) -> RootLock:
+    """Return the (not yet acquired) lock of the output directory that `icar embed` or `icar index` writes.
+
+    It lives inside the output as ``OUTPUT_LOCK``: a run directory and an index directory are both written in
+    place (never built elsewhere and swapped in), so the file is never replaced along with its directory. Its
+    name is not hidden, so a run's orphan removal (which deletes hidden ``.NAME.tmp-*`` leftovers) never touches
+    it or the ``icar.lock.tmp-*`` file of a heartbeat in progress, and the readers of a run (index, report,
+    audit) only list ``shards/`` and ``errors/``.
+    """
+    return RootLock(storage.join(output, OUTPUT_LOCK), job, stale_after_s, heartbeat_s, storage_options,
+                    details={"output": output})

@@ -77,6 +77,7 @@ EXIT_VERIFY = 5
 EXIT_MODEL_CHANGED = 6
 EXIT_SAFETY = 7
 EXIT_ERROR = 8
+# Chosen by execution.stop_reason, as for `icar embed` (these equal its EXIT_INTERRUPTED, EXIT_TERMINATED).
 EXIT_INTERRUPTED = 130  # Ctrl-C (128 + SIGINT), as shells report it
 EXIT_TERMINATED = 143  # SIGTERM (128 + SIGTERM): a scheduler's stop
 EXIT_CODES = {
@@ -770,13 +771,12 @@ def run_reindex(cfg: JobConfig, break_lock: bool = False) -> ReindexResult:
     except ConfigError as e:
         exit_code, record["status"], record["error"] = EXIT_CONFIG, "config error", str(e)
         log.error("%s", e)
-    except KeyboardInterrupt as e:  # Ctrl-C, or SIGTERM during the embed step (execution.Terminated)
-        from .execution import Terminated
+    except KeyboardInterrupt as e:  # Ctrl-C, or SIGTERM during the embed step (however Ray hands it back)
+        from .execution import stop_reason
 
-        terminated = isinstance(e, Terminated)
-        exit_code = EXIT_TERMINATED if terminated else EXIT_INTERRUPTED
-        record["status"] = "terminated" if terminated else "interrupted"
-        record["error"] = f"{record['status']} ({'SIGTERM' if terminated else 'Ctrl-C'}); run again to resume"
+        stop = stop_reason(e)
+        exit_code, record["status"] = stop.exit_code, stop.status
+        record["error"] = f"{stop.status} ({stop.signal}); run again to resume"
         log.error("reindex %s %s; the lock is released and the next run resumes", rid, record["status"])
     except Exception as e:
         from .index_params import BudgetError

@@ -172,6 +172,7 @@ class Input:
 def test_shards_committed_after_the_last_flush_are_orphans_and_redone(tmp_path):
     """The crash-safety argument end to end: shards in place but not on file are removed and planned again."""
     from pipeline.execution import assign_parts, remove_orphans
+    from pipeline.lock import OUTPUT_LOCK, RootLock
 
     run = tmp_path / "run"
     inputs = [Input(f"in/{p:05d}.tar", 1000 + p, str(1.7e9 + p)) for p in range(8)]
@@ -190,7 +191,8 @@ def test_shards_committed_after_the_last_flush_are_orphans_and_redone(tmp_path):
     resumed = Manifest(str(run))
     assert [r["part"] for r in resumed.rows] == [0, 1, 2]
     assert sorted(os.listdir(run / "shards")) == [part_name(p) for p in range(6)]
-    remove_orphans(str(run), resumed, {})
+    with RootLock(str(run / OUTPUT_LOCK), "embed") as lock:  # only the run directory's lock holder may remove
+        remove_orphans(str(run), resumed, {}, lock)
     assert sorted(os.listdir(run / "shards")) == [part_name(p) for p in range(3)]
     assert [(s.uri, part) for s, part in assign_parts(inputs, resumed)] == [(s.uri, p) for p, s in
                                                                             enumerate(inputs) if p >= 3]
@@ -199,7 +201,7 @@ def test_shards_committed_after_the_last_flush_are_orphans_and_redone(tmp_path):
 def test_sigterm_raises_terminated_until_restored():
     """The driver's SIGTERM handler: a real signal to this process becomes ``Terminated`` (a KeyboardInterrupt, so
     the commit loop unwinds as for Ctrl-C), and the previous handler comes back afterwards."""
-    from pipeline.execution import Terminated, sigterm_as_interrupt
+    from pipeline.execution import Terminated, sigterm_as_interrupt, stop_reason
 
     before = signal.getsignal(signal.SIGTERM)
     restore = sigterm_as_interrupt()
@@ -210,6 +212,8 @@ def test_sigterm_raises_terminated_until_restored():
     finally:
         restore()
     assert signal.getsignal(signal.SIGTERM) is before
+    # The signal is remembered for the exit code (Ray may hand it back as a plain KeyboardInterrupt), once.
+    assert stop_reason(KeyboardInterrupt()).exit_code == 143 and stop_reason(KeyboardInterrupt()).exit_code == 130
 
 
 @pytest.mark.parametrize("stop, code, says", [("ctrl-c", 130, "icar embed: interrupted;"),
