@@ -242,3 +242,30 @@ def test_s3_input_and_output(corpus, s3_bucket, ray_session):
         manifest = pq.read_table(f)
     assert manifest.column("source").to_pylist() == [f"s3://{s3_bucket}/in/00000.tar", f"s3://{s3_bucket}/in/00002.tar"]
     assert all(manifest.column("source_etag").to_pylist())
+
+
+def test_folder_with_bad_name_and_outside_symlink_embeds_the_rest(tmp_path, ray_session):
+    """A folder with a non-UTF-8 file name and a link to a file outside it (issue 18): the good images and the
+    bad name (as an escaped key) are embedded, the link is an error row, and no byte of its target is written."""
+    rng = np.random.default_rng(7)
+    secret = b"TOP-SECRET-" * 64
+    (tmp_path / "secret.jpg").write_bytes(secret)
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    for i in range(3):
+        (folder / f"{i}.jpg").write_bytes(jpeg(rng, 80, 60))
+    with open(os.path.join(os.fsencode(folder), b"caf\xe9.jpg"), "wb") as f:
+        f.write(jpeg(rng, 80, 60))
+    (folder / "x.jpg").symlink_to(tmp_path / "secret.jpg")
+    out = tmp_path / "run"
+    summary = embed([folder], out, full_depth=True, folder_shard_size=2)
+    assert summary.exit_code == 0 and summary.shards_committed == 3 and (summary.images, summary.errors) == (4, 1)
+    manifest, table = read_run(out)
+    assert manifest.column("source").to_pylist() == [f"{folder}#{a:07d}-{a + 1:07d}" for a in (0, 2, 4)]
+    assert sorted(table.column("key").to_pylist()) == ["0.jpg", "1.jpg", "2.jpg", "caf%E9.jpg"]
+    errors = pq.read_table(out / "errors").to_pylist()
+    assert [(e["key"], e["stage"]) for e in errors] == [("x.jpg", "read")]
+    assert "symlink outside the input" in errors[0]["error"]
+    assert not [p for p in out.rglob("*") if p.is_file() and b"TOP-SECRET" in p.read_bytes()]
+    again = embed([folder], out, full_depth=True, folder_shard_size=2)  # the same shards: all skipped
+    assert (again.shards_skipped, again.shards_committed) == (3, 0)
