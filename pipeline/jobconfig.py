@@ -442,13 +442,46 @@ def load_job_config(path: str) -> JobConfig:
             text = f.read()
     except OSError as e:
         raise ConfigError(path, [f"cannot read the config file: {e.strerror or e}"]) from None
+    except UnicodeDecodeError as e:
+        raise ConfigError(path, [f"not a text file (byte {e.start} is not UTF-8): pass the YAML job config, "
+                                 f"e.g. one of jobs/examples/*.yaml"]) from None
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
         raise ConfigError(path, [f"not valid YAML{where}: {getattr(e, 'problem', None) or e}"]) from None
+    except RecursionError:  # PyYAML composes nested collections recursively
+        raise ConfigError(path, [f"nested too deeply to parse; a job config is at most {MAX_CONFIG_DEPTH} levels "
+                                 f"deep (see jobs/examples/)"]) from None
+    depth = _nesting_depth(data)
+    if depth > MAX_CONFIG_DEPTH:
+        raise ConfigError(path, [f"nested {depth} levels deep; a job config is at most {MAX_CONFIG_DEPTH} levels "
+                                 f"deep (see jobs/examples/)"])
     return parse_job_config(data, source=path)
+
+
+# Deepest nesting a job config may have: its settings are 2-3 levels deep; the bound keeps a hostile or broken file
+# from reaching the recursive validation below with thousands of levels.
+MAX_CONFIG_DEPTH = 16
+
+
+def _nesting_depth(data: Any) -> int:
+    """Return how many levels of mappings and lists ``data`` holds (0 for a scalar), without recursion."""
+    deepest, stack = 0, [(data, 0)]
+    while stack:
+        node, level = stack.pop()
+        if isinstance(node, dict):
+            children = list(node.values())
+        elif isinstance(node, list):
+            children = node
+        else:
+            deepest = max(deepest, level)
+            continue
+        deepest = max(deepest, level + 1)
+        if level + 1 <= MAX_CONFIG_DEPTH:  # deeper than the bound is already enough to refuse
+            stack.extend((c, level + 1) for c in children)
+    return deepest
 
 
 def config_summary(cfg: JobConfig) -> dict:
