@@ -103,6 +103,7 @@ def main(argv: list[str] | None = None) -> int:
     from pipeline.index import RunMismatchError, build_index
     from pipeline.index_params import BudgetError
     from pipeline.lock import LockHeld, LockLost
+    from pipeline.storage import CorruptFileError
 
     args = build_parser().parse_args(argv)
     cfg = config_from_args(args)
@@ -120,6 +121,10 @@ def main(argv: list[str] | None = None) -> int:
     except LockLost as e:  # another build took the output over mid-build: this one wrote no index.json
         print(f"icar index: error: {e}; this build stopped without writing {cfg.output}/index.json", file=sys.stderr)
         return 1
+    except CorruptFileError as e:  # a damaged shard, manifest, run.json or --trained-index: names it and the fix
+        # Raised in an add task on Ray, it arrives wrapped with the task's traceback: print the error itself.
+        print(f"icar index: error: {getattr(e, 'cause', None) or e}", file=sys.stderr)
+        return 2
     except (BudgetError, RunMismatchError, FileExistsError, FileNotFoundError, ValueError) as e:
         print(f"icar index: error: {e}", file=sys.stderr)
         return 2

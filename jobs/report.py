@@ -80,6 +80,7 @@ def main(argv: list[str] | None = None) -> int:
     """Run the report job; return 0 on success, 2 on bad input, 3 when a run fails the audit."""
     from pipeline.report import AuditError, build_report, render_text, write_report
     from pipeline.shards import RunStateError
+    from pipeline.storage import CorruptFileError
 
     args = build_parser().parse_args(argv)
     cfg = ReportConfig(gpu_hour_price=args.gpu_hour_price, currency=args.currency, compare=args.compare,
@@ -90,7 +91,7 @@ def main(argv: list[str] | None = None) -> int:
     except AuditError as e:
         print(f"icar report: REFUSED: {e}", file=sys.stderr)
         return 3
-    except (RunStateError, ValueError, FileNotFoundError) as e:
+    except (CorruptFileError, RunStateError, ValueError, FileNotFoundError) as e:  # a damaged file names itself
         print(f"icar report: error: {e}", file=sys.stderr)
         return 2
     if args.output:

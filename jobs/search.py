@@ -68,6 +68,7 @@ def main(argv: list[str] | None = None) -> int:
     """Run the search job; return 0 on success, 2 on bad input."""
     from pipeline.models import ModelLoadError
     from pipeline.search import Searcher
+    from pipeline.storage import CorruptFileError
 
     args = build_parser().parse_args(argv)
     if not args.texts and not args.image:
@@ -82,7 +83,8 @@ def main(argv: list[str] | None = None) -> int:
                 results += list(zip(args.texts, searcher.search_text(args.texts, args.k)))
             if args.image:
                 results += list(zip(args.image, searcher.search_image(args.image, args.k)))
-    except (FileNotFoundError, ValueError, ModelLoadError) as e:  # bad paths, images, mismatched models
+    except (CorruptFileError, FileNotFoundError, ValueError, ModelLoadError) as e:  # bad paths, damaged index
+        # files, images, mismatched models
         print(f"icar search: error: {e}", file=sys.stderr)
         return 2
     if args.json:

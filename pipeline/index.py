@@ -25,6 +25,7 @@ from __future__ import annotations
 import datetime as dt
 import logging
 import os
+import re
 import resource
 import shutil
 import sys
@@ -52,6 +53,8 @@ from .index_params import (
 )
 from .lock import RootLock, output_lock
 from .schema import MANIFEST, RUN_JSON, model_key  # torch-free; search imports it from here
+from .shards import open_part, read_manifest_rows, read_run_json
+from .storage import CorruptFileError
 
 log = logging.getLogger(__name__)
 
@@ -233,10 +236,9 @@ def embeddings_to_float32(column, dim: int, where: str) -> np.ndarray:
 
 
 def open_parquet(url: str, storage_options: dict | None):
-    """Return (file object, ParquetFile) for a shard; the caller closes the file."""
-    fs, path = storage.filesystem(url, storage_options)
-    f = fs.open(path, "rb")
-    return f, pq.ParquetFile(f)
+    """Return (file object, ParquetFile) for a shard; the caller closes the file. A damaged shard raises
+    CorruptFileError naming it and `icar embed --repair`."""
+    return open_part(url, storage_options)
 
 
 # ------------------------------------------------------------------------------------------------ plan
@@ -257,7 +259,7 @@ def plan_runs(runs: list[str], storage_options: dict | None = None) -> RunPlan:
         run_json = storage.join(run, RUN_JSON)
         if not storage.exists(run_json, storage_options):
             raise FileNotFoundError(f"{run} has no {RUN_JSON}: is it a run directory written by `icar embed`?")
-        identity = storage.read_json(run_json, storage_options).get("model")
+        identity = read_run_json(run, storage_options).get("model")
         if not isinstance(identity, dict) or "embed_dim" not in identity:
             raise ValueError(f"{run_json} has no model identity with embed_dim: it was not written by `icar embed`")
         this_key = model_key(identity)
@@ -271,7 +273,7 @@ def plan_runs(runs: list[str], storage_options: dict | None = None) -> RunPlan:
         manifest_url = storage.join(run, MANIFEST)
         if not storage.exists(manifest_url, storage_options):
             raise FileNotFoundError(f"{run} has no {MANIFEST}: no shard was committed yet (run `icar embed`)")
-        rows = storage.read_parquet(manifest_url, storage_options, columns=["output", "part", "rows"]).to_pylist()
+        rows = read_manifest_rows(run, storage_options, columns=["output", "part", "rows"])
         rows.sort(key=lambda row: row["part"])
         count = 0
         for row in rows:
@@ -427,6 +429,29 @@ def new_index(dim: int, factory: str, seed: int = 0):
     if hasattr(inner, "do_polysemous_training"):
         inner.do_polysemous_training = False
     return index
+
+
+def read_index_file(path: str, flags: int = 0, url: str | None = None, fix: str | None = None):
+    """Return the FAISS index in local file ``path``; raise CorruptFileError naming ``url`` (default: ``path``)
+    and ``fix`` when FAISS cannot read it (truncated, overwritten, not an index)."""
+    import faiss
+
+    try:
+        return faiss.read_index(path, flags)
+    except RuntimeError as e:
+        url = url or path
+        raise CorruptFileError(url, faiss_problem(e), fix or (
+            f"rebuild it with `icar index RUN... --output {url.rpartition('/')[0] or '.'} --overwrite` (or, for an "
+            f"`icar reindex` root, run the reindex again)")) from None
+
+
+def faiss_problem(e: BaseException) -> str:
+    """Return FAISS's complaint about a file without its C++ source location."""
+    text = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    text = re.sub(r"^Error in .*? at \S+:\d+: (Error: )?", "", text)
+    if "read error" in text:
+        return f"truncated FAISS index: {text}"
+    return f"not a FAISS index FAISS can read: {text}"[:300]
 
 
 def write_index_file(index, url: str, storage_options: dict | None = None) -> int:
@@ -885,7 +910,12 @@ def _read_trained(cfg: IndexConfig, dim: int, so) -> bytes:
     fs, path = storage.filesystem(cfg.trained_index, so)
     with fs.open(path, "rb") as f:
         data = f.read()
-    index = faiss.deserialize_index(np.frombuffer(data, dtype=np.uint8))
+    try:
+        index = faiss.deserialize_index(np.frombuffer(data, dtype=np.uint8))
+    except RuntimeError as e:
+        raise CorruptFileError(cfg.trained_index, faiss_problem(e),
+                               "pass the trained.faiss of an index directory written by `icar index`, or leave out "
+                               "--trained-index to train anew") from None
     if index.d != dim or not index.is_trained or index.ntotal != 0:
         raise ValueError(f"{cfg.trained_index} cannot be added into: dimension {index.d} (the runs have {dim}), "
                          f"trained {index.is_trained}, {index.ntotal} vectors (it must be a trained, empty index)")

@@ -591,20 +591,20 @@ def _open_ntotal(index_dir: str, info: dict, storage_options: dict | None) -> in
     """Return ntotal of the index read back from ``index_dir`` (downloaded first from an object store)."""
     import faiss
 
-    from .index import INDEX_FILE, IVFDATA_FILE
+    from .index import INDEX_FILE, IVFDATA_FILE, read_index_file
 
     fs, path = storage.filesystem(storage.join(index_dir, INDEX_FILE), storage_options)
     ondisk = bool(info.get("ivfdata"))
     flags = faiss.IO_FLAG_ONDISK_SAME_DIR if ondisk else 0
     if storage.is_local(fs):
-        return int(faiss.read_index(path, flags).ntotal)
+        return int(read_index_file(path, flags).ntotal)
     with tempfile.TemporaryDirectory(prefix="icar-verify-") as d:
         local = os.path.join(d, INDEX_FILE)
         fs.get_file(path, local)
         if ondisk:
             fs.get_file(storage.filesystem(storage.join(index_dir, IVFDATA_FILE), storage_options)[1],
                         os.path.join(d, IVFDATA_FILE))
-        return int(faiss.read_index(local, flags).ntotal)
+        return int(read_index_file(local, flags, url=storage.join(index_dir, INDEX_FILE)).ntotal)
 
 
 # ------------------------------------------------------------------------------------------- retention
@@ -717,8 +717,10 @@ def start_generation(root: str, cfg: JobConfig, reason: str) -> str:
 
 
 def _read_run_json(run: str, storage_options: dict | None) -> dict | None:
+    from .shards import read_run_json
+
     try:
-        return storage.read_json(storage.join(run, RUN_JSON), storage_options)
+        return read_run_json(run, storage_options)
     except FileNotFoundError:
         return None
 
@@ -782,7 +784,10 @@ def run_reindex(cfg: JobConfig, break_lock: bool = False) -> ReindexResult:
         from .index_params import BudgetError
         from .readers import InputError
 
-        if isinstance(e, (InputError, BudgetError)):
+        from .storage import CorruptFileError
+
+        # A damaged file (a run's shard, manifest or run.json, an index) names itself and the fix: no traceback.
+        if isinstance(e, (InputError, BudgetError, CorruptFileError)):
             exit_code, record["status"] = EXIT_CONFIG, "config error"
             log.error("%s", e)
         else:

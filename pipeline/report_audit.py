@@ -20,7 +20,7 @@ import numpy as np
 
 from . import storage
 from .schema import ERROR_DIR, MANIFEST, RUN_JSON, SHARD_DIR, model_key, part_name
-from .shards import RunStateError
+from .shards import RunStateError, read_manifest_rows, read_part, read_run_json
 
 log = logging.getLogger(__name__)
 
@@ -149,7 +149,7 @@ def _read_run_json(run: str, storage_options: dict) -> dict:
     url = storage.join(run, RUN_JSON)
     if not storage.exists(url, storage_options):
         raise AuditError(f"{run} is not a run directory: {RUN_JSON} is missing (it is written by `icar embed`)")
-    info = storage.read_json(url, storage_options)
+    info = read_run_json(run, storage_options)
     missing = [k for k in ("exits", "gflops_per_exit", "model") if k not in info]
     if missing:
         raise AuditError(f"{url} lacks {', '.join(missing)}: the report cannot price this run; re-run `icar embed` "
@@ -165,7 +165,7 @@ def _read_manifest(run: str, storage_options: dict) -> list[dict]:
     if not storage.exists(url, storage_options):
         raise AuditError(f"{run} has no {MANIFEST}: no shard was ever committed, so there is nothing to report "
                          f"(run `icar embed ... --output {run}` first)")
-    rows = storage.read_parquet(url, storage_options).to_pylist()
+    rows = read_manifest_rows(run, storage_options)
     return sorted(rows, key=lambda r: r["part"])
 
 
@@ -226,7 +226,7 @@ def load_run(run: str, storage_options: dict | None = None, since: str | None = 
     columns = SHARD_COLUMNS + (["key"] if with_keys else [])
 
     def read(r):
-        return r, storage.read_parquet(shard_files[posixpath.basename(r["output"])], so, columns)
+        return r, read_part(shard_files[posixpath.basename(r["output"])], so, columns)
 
     # Each shard is checked against its manifest row as it arrives and kept only as compact arrays
     # (exit_layer, gflops, complexity: 14 bytes a row), so memory does not hold whole tables.
@@ -298,7 +298,7 @@ def load_run(run: str, storage_options: dict | None = None, since: str | None = 
     failed_shards: list[dict] = []
     committed_sources = {r["source"] for r in manifest}
     for name, url in sorted(error_files.items()):
-        et = storage.read_parquet(url, so, ["key", "source", "stage", "error"])
+        et = read_part(url, so, ["key", "source", "stage", "error"])
         r = by_part.get(name)
         if r is not None:
             if et.num_rows != r["errors"]:

@@ -16,10 +16,13 @@ from collections import OrderedDict
 from dataclasses import dataclass
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 
 from . import storage
-from .index import IDS_FILE, INDEX_FILE, INDEX_JSON, c_stdout_to_stderr, model_key, set_search_params
+from .index import (IDS_FILE, INDEX_FILE, INDEX_JSON, c_stdout_to_stderr, model_key, read_index_file,
+                    set_search_params)
+from .storage import CorruptFileError, parquet_problem
 
 log = logging.getLogger(__name__)
 
@@ -48,7 +51,10 @@ class IdTable:
     """Row id -> (key, source, caption, url) from ids.parquet, reading only the row groups hits fall in."""
 
     def __init__(self, path: str, cache_groups: int = 16):
-        self.file = pq.ParquetFile(path)
+        try:
+            self.file = pq.ParquetFile(path)
+        except pa.ArrowException as e:
+            raise CorruptFileError(path, parquet_problem(e), "rebuild the index directory with `icar index`") from e
         sizes = [self.file.metadata.row_group(i).num_rows for i in range(self.file.num_row_groups)]
         self.starts = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
         self.num_rows = int(self.starts[-1])
@@ -101,15 +107,20 @@ class Searcher:
         if not storage.exists(json_url, so):
             raise FileNotFoundError(f"{self.index_dir} has no {INDEX_JSON}: not an index directory, or its build did "
                                     f"not finish (run `icar index RUN... --output {self.index_dir}`)")
-        self.info: dict = storage.read_json(json_url, so)
+        try:
+            self.info: dict = storage.read_json(json_url, so)
+        except CorruptFileError as e:
+            raise e.with_fix(f"rebuild the index directory with `icar index RUN... --output {self.index_dir} "
+                             f"--overwrite`") from None
         self._tmp = None
         local = self._local_dir(so, cache_dir)
         ivfdata = self.info.get("ivfdata")
         # On-disk lists: IO_FLAG_ONDISK_SAME_DIR finds the .ivfdata beside index.faiss wherever it was moved.
         # Never IO_FLAG_MMAP: searching an index read with it segfaults (faiss 1.15).
         flags = faiss.IO_FLAG_ONDISK_SAME_DIR if ivfdata else 0
+        index_url = storage.join(self.index_dir, INDEX_FILE)
         with c_stdout_to_stderr():  # FAISS prints the .ivfdata path it settles on
-            self.index = faiss.read_index(os.path.join(local, INDEX_FILE), flags)
+            self.index = read_index_file(os.path.join(local, INDEX_FILE), flags, url=index_url)
         if self.index.ntotal != self.info["ntotal"]:
             raise ValueError(f"{INDEX_FILE} holds {self.index.ntotal} vectors but {INDEX_JSON} says "
                              f"{self.info['ntotal']}: the directory mixes two builds; rebuild it")

@@ -13,13 +13,82 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from . import storage
-from .schema import ERROR_DIR, ERROR_SCHEMA, MANIFEST, MANIFEST_SCHEMA, SHARD_DIR, part_name, shard_schema
+from .schema import ERROR_DIR, ERROR_SCHEMA, MANIFEST, MANIFEST_SCHEMA, RUN_JSON, SHARD_DIR, part_name, shard_schema
+from .storage import CorruptFileError
 
 log = logging.getLogger(__name__)
+
+# Where `icar embed --repair` moves the files it cannot read (RUN/quarantine/<UTC time>/<their path in RUN>).
+QUARANTINE_DIR = "quarantine"
 
 
 class RunStateError(RuntimeError):
     """The run directory is inconsistent or belongs to a different configuration."""
+
+
+def explain_corrupt(e: CorruptFileError) -> CorruptFileError:
+    """Return ``e`` with the way out for the run-directory file it names (unchanged for any other file).
+
+    Every reader of a run directory goes through here, so a damaged file says the same thing to `icar embed`
+    (resume), `icar index`, `icar report` and `icar reindex`.
+    """
+    url = e.url.rstrip("/")
+    run, _, name = url.rpartition("/")
+    folder = run.rpartition("/")[2]
+    if folder in (SHARD_DIR, ERROR_DIR) and name.startswith("part-"):
+        run = run.rpartition("/")[0]
+        what = (f"{folder}/{name} (and the other file of its part) and drops its manifest row; the input shard it "
+                "came from is embedded again")
+    elif name == MANIFEST:
+        what = (f"{MANIFEST} and the parts it recorded, then embeds every input again (nothing records which "
+                "parts were complete)")
+    elif name == RUN_JSON:
+        return e.with_fix(
+            f"run `icar embed INPUT... --output {run} --repair` with the model arguments the run was made with: it "
+            f"checks that the committed shards' dimension, exit depths and GFLOPs fit that model, keeps the damaged "
+            f"file in {run}/{QUARANTINE_DIR}/ and writes {RUN_JSON} again (the record of earlier invocations is "
+            f"lost); or start over with a new --output")
+    else:
+        return e
+    return e.with_fix(f"run `icar embed INPUT... --output {run} --repair` with the run's own arguments: it moves "
+                      f"{what} into {run}/{QUARANTINE_DIR}/ (nothing is deleted)")
+
+
+def read_part(url: str, storage_options: dict | None = None, columns: list[str] | None = None) -> pa.Table:
+    """Return the table of a run's shard or error part at ``url``; a damaged one raises CorruptFileError with
+    the way out."""
+    try:
+        return storage.read_parquet(url, storage_options, columns)
+    except CorruptFileError as e:
+        raise explain_corrupt(e) from None
+
+
+def open_part(url: str, storage_options: dict | None = None):
+    """Return (open file object, ParquetFile) of a run's part at ``url`` (the caller closes the file); a damaged
+    one raises CorruptFileError with the way out."""
+    try:
+        return storage.open_parquet(url, storage_options)
+    except CorruptFileError as e:
+        raise explain_corrupt(e) from None
+
+
+def read_manifest_rows(run: str, storage_options: dict | None = None,
+                       columns: list[str] | None = None) -> list[dict]:
+    """Return the rows of ``run``'s manifest.parquet (in file order); a damaged one raises CorruptFileError."""
+    return read_part(storage.join(run, MANIFEST), storage_options, columns).to_pylist()
+
+
+def read_run_json(run: str, storage_options: dict | None = None) -> dict:
+    """Return ``run``'s run.json; a damaged one (or one that is no JSON object) raises CorruptFileError."""
+    url = storage.join(run, RUN_JSON)
+    try:
+        doc = storage.read_json(url, storage_options)
+    except CorruptFileError as e:
+        raise explain_corrupt(e) from None
+    if not isinstance(doc, dict):
+        raise explain_corrupt(CorruptFileError(url, f"a JSON {type(doc).__name__}, not the object `icar embed` "
+                                                    f"writes"))
+    return doc
 
 
 @dataclass
@@ -194,7 +263,7 @@ class Manifest:
         self._sources: set[str] = set()
         self._sorted = True
         if storage.exists(self.url, storage_options):
-            self._set_rows(storage.read_parquet(self.url, storage_options).to_pylist())
+            self._set_rows(read_manifest_rows(run, storage_options))
 
     def _set_rows(self, rows: list[dict]) -> None:
         self._rows = list(rows)
@@ -280,7 +349,7 @@ def find_duplicate_keys(run: str, rows: list[dict], storage_options: dict | None
     """
     pieces = []
     for r in sorted(rows, key=lambda r: r["part"]):
-        keys = storage.read_parquet(storage.join(run, r["output"]), storage_options, ["key"]).column("key")
+        keys = read_part(storage.join(run, r["output"]), storage_options, ["key"]).column("key")
         pieces.append(pa.table({"key": keys, "source": pa.array([r["source"]] * len(keys), pa.string())}))
     empty = pa.Table.from_pylist([], schema=ERROR_SCHEMA)
     if not pieces:
@@ -322,7 +391,7 @@ def read_run_table(run: str, columns: list[str] | None = None, storage_options: 
     manifest = Manifest(run, storage_options)
     if not manifest.rows:
         raise RunStateError(f"{run} has no committed shards (no {MANIFEST} or it is empty): run `icar embed` first")
-    tables = [storage.read_parquet(storage.join(run, r["output"]), storage_options, columns) for r in manifest.rows]
+    tables = [read_part(storage.join(run, r["output"]), storage_options, columns) for r in manifest.rows]
     return pa.concat_tables(tables)
 
 

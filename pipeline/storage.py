@@ -71,6 +71,29 @@ class StorageError(OSError):
         return (type(self), (self.strerror, self.permanent, self.errno))
 
 
+class CorruptFileError(ValueError):
+    """A file that exists but cannot be parsed: truncated, overwritten, or not the format its name says.
+
+    ``url`` names the file, ``problem`` what is wrong with it and ``fix`` what the user can do; the message says
+    all three on one line. A ValueError, so callers that refuse bad input with exit 2 keep doing so; the jobs
+    name it explicitly. Readers that know what the file is for (pipeline.shards for a run directory) replace
+    the generic fix with the real way out (``with_fix``).
+    """
+
+    GENERIC_FIX = "restore it, or write it again with the command that made it"
+
+    def __init__(self, url: str, problem: str, fix: str | None = None):
+        self.url, self.problem, self.fix = url, problem, fix or self.GENERIC_FIX
+        super().__init__(f"{url} is unreadable ({problem}): {self.fix}")
+
+    def with_fix(self, fix: str) -> "CorruptFileError":
+        """Return the same error with ``fix`` as its way out."""
+        return CorruptFileError(self.url, self.problem, fix)
+
+    def __reduce__(self):  # pickled across Ray tasks: rebuild from our own arguments
+        return (type(self), (self.url, self.problem, self.fix))
+
+
 class MissingBucketError(StorageError, FileNotFoundError):
     """The bucket in the URL does not exist (still a FileNotFoundError, as s3fs raises it)."""
 
@@ -155,14 +178,41 @@ def write_parquet(table: pa.Table, url: str, storage_options: dict | None = None
 
 
 def read_parquet(url: str, storage_options: dict | None = None, columns: list[str] | None = None) -> pa.Table:
-    """Return the Parquet table at ``url``."""
+    """Return the Parquet table at ``url``; raise CorruptFileError naming it when it cannot be parsed."""
     fs, path = fresh_filesystem(url, storage_options)
 
     def read() -> pa.Table:
         with fs.open(path, "rb") as f:
-            return pq.read_table(f, columns=columns)
+            try:
+                return pq.read_table(f, columns=columns)
+            except pa.ArrowException as e:  # pyarrow names a file object '<Buffer>': say which file it was
+                raise CorruptFileError(url, parquet_problem(e)) from e
 
     return read() if is_local(fs) else with_retries("read", url, read)
+
+
+def open_parquet(url: str, storage_options: dict | None = None):
+    """Return (open file object, ParquetFile) for ``url``, the caller closes the file; raise CorruptFileError
+    naming it when its footer cannot be parsed (a truncated file loses its footer first)."""
+    fs, path = fresh_filesystem(url, storage_options)
+    f = fs.open(path, "rb")
+    try:
+        return f, pq.ParquetFile(f)
+    except pa.ArrowException as e:
+        f.close()
+        raise CorruptFileError(url, parquet_problem(e)) from e
+    except BaseException:
+        f.close()
+        raise
+
+
+def parquet_problem(e: BaseException) -> str:
+    """Return what pyarrow found wrong with a Parquet file, without its '<Buffer>' preamble."""
+    text = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    text = text.replace("Could not open Parquet input source '<Buffer>': ", "")
+    if "magic bytes not found" in text or "file size is 0" in text:
+        return f"not a complete Parquet file, truncated or overwritten: {text}"
+    return f"not a valid Parquet file: {text}"
 
 
 def write_json(obj: Any, url: str, storage_options: dict | None = None) -> None:
@@ -171,14 +221,24 @@ def write_json(obj: Any, url: str, storage_options: dict | None = None) -> None:
 
 
 def read_json(url: str, storage_options: dict | None = None) -> Any:
-    """Return the JSON document at ``url``."""
+    """Return the JSON document at ``url``; raise CorruptFileError naming it when it is not valid JSON."""
     fs, path = fresh_filesystem(url, storage_options)
 
     def read() -> bytes:
         with fs.open(path, "rb") as f:
             return f.read()
 
-    return json.loads(read() if is_local(fs) else with_retries("read", url, read))
+    data = read() if is_local(fs) else with_retries("read", url, read)
+    try:
+        return json.loads(data)
+    except (ValueError, RecursionError) as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        if not data.strip():
+            problem = "empty file"
+        elif isinstance(e, json.JSONDecodeError) and e.pos >= len(data.rstrip()) - 1:
+            problem = f"truncated JSON: it ends at byte {len(data)} in the middle of a document"
+        else:
+            problem = f"not valid JSON: {e}"[:300]
+        raise CorruptFileError(url, problem) from None
 
 
 def exists(url: str, storage_options: dict | None = None) -> bool:
