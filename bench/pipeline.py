@@ -50,7 +50,7 @@ import numpy as np  # noqa: E402
 from bench.common import (interleaved, load_average, machine_facts, make_corpus, median, print_facts,  # noqa: E402
                           same_priority_as_peers, spread, timed, timed_run_embed, write_json)
 
-# Target of issue 10: end-to-end >= 0.85 of the bare model's rate once decode capacity matches.
+# Target: end-to-end >= 0.85 of the bare model's rate once decode capacity matches.
 BUSY_TARGET = 0.85
 
 
@@ -252,7 +252,7 @@ def profile_shard(worker, corpus, cfg_kwargs: dict, workdir: str, image_size: in
     out = {}
     for label, pred in PROFILE_BUCKETS:
         # sum over matching entries (e.g. np.stack is called from one place per batch); cumulative time.
-        # Recursion is not an issue for these functions.
+        # Recursion is not a concern for these functions.
         ct = [v[3] for (f, line, fn), v in st.stats.items() if pred(f, line, fn)]
         out[label] = 1e3 * sum(ct) / images if ct else 0.0
     # the scorer's internals are inside embed; decode parts are inside decode total; the rest of the task:
