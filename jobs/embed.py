@@ -71,6 +71,10 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--shard-timeout", type=float, default=d.shard_timeout_s, help="seconds before a shard task is cancelled")
     x.add_argument("--storage-options", type=json_object, default={}, help="fsspec storage options as JSON (never logged)")
     x.add_argument("--limit-shards", type=int, default=None, help="embed at most this many pending shards")
+    x.add_argument("--repair", action="store_true",
+                   help="move unreadable parts, manifest or run.json of OUTPUT into OUTPUT/quarantine/ (nothing is "
+                        "deleted) and embed their inputs again; a damaged run.json is written anew only when the "
+                        "committed shards fit the model given")
     x.add_argument("--reembed-changed", action="store_true",
                    help="embed again committed inputs whose size, mtime or ETag changed since they were embedded")
     x.add_argument("--break-lock", action="store_true",
@@ -92,7 +96,7 @@ def config_from_args(a: argparse.Namespace) -> EmbedConfig:
                        num_actors=a.num_actors, gpus_per_actor=a.gpus_per_actor, cpus_per_actor=a.cpus_per_actor,
                        decode_tasks=a.decode_tasks, shard_retries=a.shard_retries, shard_timeout_s=a.shard_timeout,
                        storage_options=a.storage_options, progress=not a.no_progress, limit_shards=a.limit_shards,
-                       reembed_changed=a.reembed_changed, break_lock=a.break_lock,
+                       reembed_changed=a.reembed_changed, break_lock=a.break_lock, repair=a.repair,
                        max_sample_bytes=a.max_sample_bytes,
                        folder_shard_size=a.folder_shard_size, follow_symlinks=a.follow_symlinks)
 
@@ -106,7 +110,7 @@ def main(argv: list[str] | None = None) -> int:
     from pipeline.lock import LockHeld, LockLost
     from pipeline.readers import InputError
     from pipeline.shards import RunStateError
-    from pipeline.storage import StorageError, StorageFullError
+    from pipeline.storage import CorruptFileError, StorageError, StorageFullError
 
     args = build_parser().parse_args(argv)
     cfg = config_from_args(args)
@@ -127,6 +131,9 @@ def main(argv: list[str] | None = None) -> int:
     except StorageError as e:  # the message names the URL, the cause and the fix; committed work is kept
         print(f"icar embed: error: {e}", file=sys.stderr)
         return 2 if e.permanent and not isinstance(e, StorageFullError) else 1
+    except CorruptFileError as e:  # names the file, what is wrong and the way out (--repair)
+        print(f"icar embed: error: {e}", file=sys.stderr)
+        return 2
     except (InputError, RunStateError, ValueError, FileNotFoundError) as e:
         print(f"icar embed: error: {e}", file=sys.stderr)
         return 2
@@ -142,6 +149,7 @@ def print_report_summary(cfg: EmbedConfig) -> int:
     """Print the cost report's one-line summary of the whole run directory; return 3 if the audit refuses it."""
     from pipeline.report import AuditError, ReportConfig, build_report, summary_line
     from pipeline.shards import RunStateError
+    from pipeline.storage import CorruptFileError
 
     try:
         report = build_report([cfg.output], ReportConfig(storage_options=cfg.storage_options))
@@ -151,6 +159,9 @@ def print_report_summary(cfg: EmbedConfig) -> int:
     except RunStateError as e:  # nothing committed yet: there is nothing to report
         print(f"report: {e}")
         return 0
+    except CorruptFileError as e:  # a part that cannot be read: it names the file and `--repair`
+        print(f"icar embed: error: the cost report cannot read this run directory: {e}", file=sys.stderr)
+        return 2
     print(f"report: {summary_line(report)}")
     return 0
 

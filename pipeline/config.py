@@ -60,6 +60,9 @@ class EmbedConfig:
     progress: bool = True  # progress bar on stderr
     limit_shards: int | None = None  # embed at most this many pending shards (smoke runs)
     reembed_changed: bool = False  # embed again committed inputs whose size/mtime/ETag changed (scheduled reindex)
+    # Move unreadable parts, manifest or run.json into OUTPUT/quarantine/ and embed their inputs again
+    # (pipeline/repair.py says what is safe to repair and how).
+    repair: bool = False
     # One writer per run directory (OUTPUT/icar.lock, pipeline/lock.py): a second run is refused at once.
     break_lock: bool = False  # take the lock over even from a live-looking holder (only when sure it is dead)
     lock_stale_after_s: float = 1800.0  # a lock not refreshed for this long is taken over (its holder is dead)

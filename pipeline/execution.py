@@ -26,8 +26,9 @@ from . import storage
 from .config import EmbedConfig, ModelSpec
 from .lock import RootLock, output_lock
 from .schema import RUN_JSON, SHARD_DIR
-from .shards import (Manifest, RunStateError, ShardRows, commit_shard, manifest_row, record_duplicate_keys,
-                     write_shard_failure)
+from .repair import rederive_run_json, repair_run, run_json_damaged
+from .shards import (Manifest, RunStateError, ShardRows, commit_shard, manifest_row, read_run_json,
+                     record_duplicate_keys, write_shard_failure)
 
 log = logging.getLogger(__name__)
 
@@ -297,12 +298,20 @@ def plan_resources(ray, cfg: EmbedConfig) -> dict:
             "cpus_per_actor": actor_cpus, "decode_tasks": decode, "cluster_cpus": cpus, "cluster_gpus": gpus}
 
 
-def check_run_identity(run: str, description: dict, storage_options: dict) -> None:
-    """Refuse to add shards to a run directory made with another model, exits, heads, router or scorer."""
+def check_run_identity(run: str, description: dict, storage_options: dict, rows: list[dict] | None = None,
+                       repair: bool = False) -> None:
+    """Refuse to add shards to a run directory made with another model, exits, heads, router or scorer.
+
+    With ``repair``, a damaged run.json is moved aside (for the caller to write anew from ``description``) once
+    the committed shards (manifest ``rows``) fit the model described; see pipeline/repair.py.
+    """
     url = storage.join(run, RUN_JSON)
     if not storage.exists(url, storage_options):
         return
-    old = storage.read_json(url, storage_options)
+    if repair and run_json_damaged(run, storage_options):
+        rederive_run_json(run, description, rows or [], storage_options)
+        return
+    old = read_run_json(run, storage_options)
     diffs = [f for f in IDENTITY_FIELDS if old.get(f) != description.get(f)]
     if diffs:
         raise RunStateError(
@@ -408,6 +417,10 @@ def _run_embed_locked(cfg: EmbedConfig, lock: RootLock, t_start: float, started:
     from .readers import expand_inputs
 
     shards = expand_inputs(cfg.inputs, cfg.storage_options, cfg.folder_shard_size, cfg.follow_symlinks)
+    if cfg.repair:  # under the lock: no other run reads or writes the parts being moved aside
+        repair_run(cfg.output, cfg.storage_options)
+    elif storage.exists(storage.join(cfg.output, RUN_JSON), cfg.storage_options):
+        read_run_json(cfg.output, cfg.storage_options)  # a damaged one fails here, before Ray and the models start
     manifest = Manifest(cfg.output, cfg.storage_options)
     plan = assign_parts(shards, manifest, cfg.reembed_changed)
     summary = EmbedSummary(run=cfg.output, shards_skipped=len(shards) - len(plan))
@@ -459,7 +472,7 @@ def _embed_plan(ray, cfg: EmbedConfig, plan: list, manifest: Manifest, summary: 
                 f"{resources['cluster_cpus']:g} CPUs, {resources['cluster_gpus']:g} GPUs "
                 f"(see `ray status`; raise --actor-start-timeout for slow model downloads)") from None
         description = descriptions[0]
-        check_run_identity(cfg.output, description, cfg.storage_options)
+        check_run_identity(cfg.output, description, cfg.storage_options, manifest.rows, cfg.repair)
         run_json = dict(description, inputs=list(cfg.inputs), resources=resources)
         run_json["spec"] = asdict(cfg.spec)
         if not storage.exists(storage.join(cfg.output, RUN_JSON), cfg.storage_options):
@@ -552,7 +565,7 @@ def _embed_plan(ray, cfg: EmbedConfig, plan: list, manifest: Manifest, summary: 
 def record_invocation(cfg: EmbedConfig, summary: EmbedSummary, started: str) -> None:
     """Append this invocation's measured figures to run.json (the report's throughput comes from these)."""
     url = storage.join(cfg.output, RUN_JSON)
-    run_json = storage.read_json(url, cfg.storage_options)
+    run_json = read_run_json(cfg.output, cfg.storage_options)
     run_json.setdefault("invocations", []).append({
         "started": started,
         "finished": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
