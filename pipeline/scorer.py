@@ -30,6 +30,9 @@ from torch import nn
 
 from . import storage
 from .flops import count_gflops
+from .scorer_identity import (CARD_KEY, HEURISTIC_EDGE_THRESHOLD, HEURISTIC_INPUT_SIZE, SCORE_DEFINING,  # noqa: F401
+                              SHIPPED_NAME, demo_scorer_choice, describe_scorer, heuristic_identity,
+                              scorer_differences)
 
 log = logging.getLogger(__name__)
 
@@ -37,7 +40,6 @@ DEFAULT_CHECKPOINT = Path(__file__).parent / "assets" / "scorer" / "default.safe
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 CARD_FORMAT = 1  # version of the checkpoint card
-CARD_KEY = "icar_card"  # safetensors metadata key holding the card as JSON
 
 
 # ----------------------------------------------------------------------------------------- preprocessing
@@ -109,8 +111,8 @@ class HeuristicScorer:
 
     kind = "heuristic"
 
-    def __init__(self, input_size: int = 128, edge_threshold: float = 0.1, device: str = "cpu",
-                 source_size: int = 224):
+    def __init__(self, input_size: int = HEURISTIC_INPUT_SIZE, edge_threshold: float = HEURISTIC_EDGE_THRESHOLD,
+                 device: str = "cpu", source_size: int = 224):
         if int(input_size) < 3:
             raise ValueError(f"heuristic input_size must be at least 3 px (a 3x3 Sobel needs an interior), "
                              f"got {input_size}")
@@ -120,9 +122,7 @@ class HeuristicScorer:
         self.edge_threshold = float(edge_threshold)  # luminance step (0..1) that counts as an edge
         self.device = torch.device(device)
         self.name = "heuristic-edge-density"
-        self.identity = {"kind": self.kind, "name": self.name, "method": "sobel_edge_density",
-                         "input_size": self.input_size, "edge_threshold": self.edge_threshold,
-                         "backbone": None, "sha256": None, "bins": None}
+        self.identity = heuristic_identity(self.input_size, self.edge_threshold)
         self.source_size = int(source_size)  # the typical decoded size S, for the cost estimate only
         self.gflops_per_image = self.estimate_gflops(self.source_size)
         # Luminance weights with the 1/255 of uint8 -> [0, 1] folded in.
@@ -488,7 +488,7 @@ def load_scorer(kind: str = "default", checkpoint: str | None = None, device: st
             # The shipped file is named by its place in the package, not this checkout's absolute path, so a run
             # resumed from another checkout or cluster node has the same scorer identity (the sha256 pins it).
             shipped = checkpoint is None and Path(path) == DEFAULT_CHECKPOINT
-            scorer = TrainedScorer(model, card, "pipeline/assets/scorer/default.safetensors" if shipped else path,
+            scorer = TrainedScorer(model, card, SHIPPED_NAME if shipped else path,
                                    sha, device)
     else:
         raise ValueError(f"unknown scorer kind {kind!r}; choose default, heuristic, convnext or none")
@@ -510,33 +510,9 @@ def scorer_for_model(model_name: str, kind: str = "default", checkpoint: str | N
     from .models import DEMO_DIR
 
     options: dict = {}
-    choice_path = DEMO_DIR / "scorer.json"
-    if model_name == "demo" and kind == "default" and checkpoint is None and choice_path.exists():
-        choice = json.loads(choice_path.read_text())
-        unknown = sorted(set(choice) - {"kind", "checkpoint", "input_size", "edge_threshold"})
-        if unknown or "kind" not in choice:
-            raise ValueError(f"{choice_path} must hold kind and optionally checkpoint, input_size, edge_threshold; "
-                             f"got {sorted(choice)}; rewrite it, e.g. {{\"kind\": \"heuristic\", \"input_size\": 64}}")
+    choice = demo_scorer_choice() if model_name == "demo" and kind == "default" and checkpoint is None else None
+    if choice is not None:
         kind = choice["kind"]
         checkpoint = str(DEMO_DIR / choice["checkpoint"]) if choice.get("checkpoint") else None
         options = {k: choice[k] for k in ("input_size", "edge_threshold") if k in choice}
     return load_scorer(kind, checkpoint, device=device, source_size=image_size, **options)
-
-
-# What defines a scorer's scores (two scorers equal in these score every image alike); not its file path or label.
-SCORE_DEFINING = ("kind", "method", "input_size", "edge_threshold", "sha256", "bins", "backbone")
-
-
-def scorer_differences(recorded: dict, identity: dict) -> list[str]:
-    """Return the score-defining fields (SCORE_DEFINING) in which two scorer identities differ; [] when alike."""
-    return [k for k in SCORE_DEFINING if recorded.get(k) != identity.get(k)]
-
-
-def describe_scorer(identity: dict) -> str:
-    """Return a scorer identity in a few words, e.g. "heuristic (sobel_edge_density, 64 px, edge threshold 0.1)"."""
-    if identity.get("kind") == "heuristic":
-        return (f"heuristic ({identity.get('method')}, {identity.get('input_size')} px, edge threshold "
-                f"{identity.get('edge_threshold')})")
-    sha = identity.get("sha256") or "?"
-    return (f"{identity.get('kind')} ({identity.get('backbone')}, {identity.get('input_size')} px, "
-            f"{identity.get('bins')} bins, checkpoint {identity.get('checkpoint')} sha256 {sha[:12]})")

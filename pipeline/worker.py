@@ -135,27 +135,18 @@ class ModelWorker:
 
         Its thresholds are quantiles of that scorer's scores (and its cost plan counted that scorer's GFLOPs), so
         with another scorer the exit mix and the GFLOPs budget silently stop holding. Only what defines the
-        scores is compared (scorer.SCORE_DEFINING), not where a checkpoint lies. Routers that record no scorer,
-        or route without scores, pass.
+        scores is compared (scorer_identity.SCORE_DEFINING), not where a checkpoint lies. Routers that record no
+        scorer, or route without scores, pass. The driver runs the same check before Ray (pipeline.validate).
         """
-        from . import scorer
+        from .scorer_identity import router_scorer_mismatch
 
         recorded = getattr(self.router, "scorer_identity", None)
         if not recorded or not getattr(self.router, "needs_scores", False) or self.scorer is None:
             return
-        differ = scorer.scorer_differences(recorded, self.scorer.identity)
-        if not differ:
-            return
         where = self.spec.router or "the demo's shipped router (pipeline/assets/demo/router.json)"
-        checkpoint = f" --checkpoint FILE with sha256 {recorded['sha256']}" if recorded.get("sha256") else ""
-        own = (" (for --model demo, --scorer default runs the demo's own scorer, pipeline/assets/demo/scorer.json)"
-               if self.spec.model == "demo" and self.spec.scorer != "default" else "")
-        raise ValueError(
-            f"router {where} was calibrated for scorer {scorer.describe_scorer(recorded)}, but this run scores with "
-            f"{scorer.describe_scorer(self.scorer.identity)} (they differ in {', '.join(differ)}): its thresholds "
-            f"would route on another scale and miss its GFLOPs budget. Recalibrate for this scorer with `icar "
-            f"calibrate ... --model {self.spec.model} --scorer {self.spec.scorer}`, or pass the scorer the router was "
-            f"calibrated for (--scorer {recorded.get('kind')}{checkpoint}){own}")
+        problem = router_scorer_mismatch(where, recorded, self.scorer.identity, self.spec.model, self.spec.scorer)
+        if problem:
+            raise ValueError(problem)
 
     def _setup_profiles(self, exits: list[int]) -> list[dict] | None:
         """Rebuild the encoder for a profile router's merge schedules; return run.json's profile list.
