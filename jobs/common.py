@@ -35,3 +35,34 @@ def json_object(text: str) -> dict:
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
     """Shows defaults and keeps the description's line breaks."""
+
+
+def positive_int(text: str) -> int:
+    """Parse a whole number of at least 1 (a batch size, a count of actors or tasks)."""
+    return _bounded_int(text, 1)
+
+
+def nonnegative_int(text: str) -> int:
+    """Parse a whole number of at least 0 (a count of retries)."""
+    return _bounded_int(text, 0)
+
+
+def _bounded_int(text: str, low: int) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = None
+    if value is None or value < low:
+        raise argparse.ArgumentTypeError(f"expected a whole number of at least {low}, got {text!r}")
+    return value
+
+
+def positive_float(text: str) -> float:
+    """Parse a number above 0 (a timeout in seconds)."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = None
+    if value is None or not value > 0 or value != value:
+        raise argparse.ArgumentTypeError(f"expected a number above 0, got {text!r}")
+    return value

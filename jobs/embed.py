@@ -8,7 +8,7 @@ import sys
 
 from pipeline.config import EmbedConfig, ModelSpec
 
-from .common import HelpFormatter, float_list, int_list, json_object
+from .common import HelpFormatter, float_list, int_list, json_object, nonnegative_int, positive_float, positive_int
 
 log = logging.getLogger("icar.embed")
 
@@ -52,9 +52,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--checkpoint", dest="scorer_checkpoint", default=m.scorer_checkpoint,
                    help="ConvNeXt-IC checkpoint for --scorer convnext")
     x = p.add_argument_group("execution")
-    x.add_argument("--batch-size", type=int, default=d.batch_size, help="images per model call")
+    x.add_argument("--batch-size", type=positive_int, default=d.batch_size, help="images per model call")
     x.add_argument("--image-column", default=d.image_column, help="Parquet column with image bytes (default: auto)")
-    x.add_argument("--max-pixels", type=int, default=d.max_pixels, help="larger images are refused as decompression bombs")
+    x.add_argument("--max-pixels", type=positive_int, default=d.max_pixels, help="larger images are refused as decompression bombs")
     x.add_argument("--max-sample-bytes", type=int, default=d.max_sample_bytes,
                    help="a larger sample (tar member, image file, Parquet cell) is an error row, skipped unread")
     x.add_argument("--folder-shard-size", type=int, default=d.folder_shard_size,
@@ -63,12 +63,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="read folder files reached through symbolic links that leave the input root (default: an "
                         "error row names each such link, and nothing is read through it)")
     x.add_argument("--address", default=d.address, help="Ray cluster to join (default: $RAY_ADDRESS, else embedded local Ray)")
-    x.add_argument("--num-actors", type=int, default=d.num_actors, help="model actors (default: one per GPU, 1 on CPU)")
+    x.add_argument("--num-actors", type=positive_int, default=d.num_actors, help="model actors (default: one per GPU, 1 on CPU)")
     x.add_argument("--gpus-per-actor", type=float, default=d.gpus_per_actor, help="GPU share per model actor")
     x.add_argument("--cpus-per-actor", type=float, default=d.cpus_per_actor, help="CPUs reserved per model actor")
-    x.add_argument("--decode-tasks", type=int, default=d.decode_tasks, help="input shards read+decoded at once (default: free CPUs)")
-    x.add_argument("--shard-retries", type=int, default=d.shard_retries, help="retries of a failing input shard")
-    x.add_argument("--shard-timeout", type=float, default=d.shard_timeout_s, help="seconds before a shard task is cancelled")
+    x.add_argument("--decode-tasks", type=positive_int, default=d.decode_tasks, help="input shards read+decoded at once (default: free CPUs)")
+    x.add_argument("--shard-retries", type=nonnegative_int, default=d.shard_retries, help="retries of a failing input shard")
+    x.add_argument("--shard-timeout", type=positive_float, default=d.shard_timeout_s, help="seconds before a shard task is cancelled")
     x.add_argument("--storage-options", type=json_object, default={}, help="fsspec storage options as JSON (never logged)")
     x.add_argument("--limit-shards", type=int, default=None, help="embed at most this many pending shards")
     x.add_argument("--repair", action="store_true",
@@ -111,9 +111,15 @@ def main(argv: list[str] | None = None) -> int:
     from pipeline.readers import InputError
     from pipeline.shards import RunStateError
     from pipeline.storage import CorruptFileError, StorageError, StorageFullError
+    from pipeline.validate import ArgumentProblem, check_embed
 
     args = build_parser().parse_args(argv)
     cfg = config_from_args(args)
+    try:  # values that would fail on the model actors are refused here, before Ray and a model start
+        check_embed(cfg)
+    except ArgumentProblem as e:
+        print(f"icar embed: error: {e}", file=sys.stderr)
+        return 2
     try:
         summary = run_embed(cfg)
     except KeyboardInterrupt as e:  # Ctrl-C, or SIGTERM (which Ray may hand back as a plain KeyboardInterrupt)

@@ -67,7 +67,7 @@ DRIVER = """
 import pickle, sys
 import ray
 import jobs.embed
-from pipeline import cli, execution, readers, report, shards, storage
+from pipeline import cli, execution, readers, report, shards, storage, validate
 description = pickle.loads(open(sys.argv[1], "rb").read())
 report.model_key(description["model"])
 loaded = sorted({m.split(".")[0] for m in sys.modules} & {"torch", "open_clip", "timm"})
