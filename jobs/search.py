@@ -6,6 +6,7 @@ import argparse
 import json
 import shutil
 import sys
+import unicodedata
 
 from .common import HelpFormatter, json_object
 
@@ -26,7 +27,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("index", help="index directory written by `icar index` (local path or URL)")
     p.add_argument("texts", nargs="*", help="text queries")
     p.add_argument("--image", action="append", default=[], help="image query (path or URL); repeatable")
-    p.add_argument("-k", type=int, default=10, help="results per query")
+    p.add_argument("-k", type=int, default=10, help="results per query (1..100000; at most the index's vectors)")
     p.add_argument("--nprobe", type=int, default=None, help="inverted lists to visit (default: the tuned value in index.json)")
     p.add_argument("--device", default="cpu", help="device of the query encoder")
     p.add_argument("--json", action="store_true", help="JSON for machines instead of a table")
@@ -34,20 +35,35 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+# Invisible characters that reorder or hide the text around them (bidi embeddings, overrides, isolates; line and
+# paragraph separators): a key could otherwise show as another key. Zero-width joiners stay (emoji need them).
+_DECEPTIVE = frozenset([0x061C, 0x200E, 0x200F, 0x2028, 0x2029, *range(0x202A, 0x202F), *range(0x2066, 0x206A)])
+
+
+def printable(text: str | None) -> str:
+    """Return ``text`` safe to show on a terminal: control characters (C0, DEL, C1: the escape sequences that set
+    a window title or clear the screen), lone surrogates and bidi overrides written as escapes like \\x1b."""
+    text = text or ""
+    if text.isprintable():  # the common case, at C speed: none of the characters below is printable
+        return text
+    return "".join(ascii(ch)[1:-1] if unicodedata.category(ch) in ("Cc", "Cs") or ord(ch) in _DECEPTIVE else ch
+                   for ch in text)
+
+
 def _clip(text: str | None, width: int) -> str:
-    text = (text or "").replace("\n", " ")
+    text = printable(text)
     return text if len(text) <= width else text[: max(0, width - 1)] + "…"
 
 
 def format_table(query: str, hits: list) -> str:
     """Return a readable table of ``hits`` for one query."""
     width = shutil.get_terminal_size((120, 20)).columns
-    key_w = min(32, max([3] + [len(h.key) for h in hits]))
+    key_w = min(32, max([3] + [len(printable(h.key)) for h in hits]))
     cap_w = max(20, (width - key_w - 18) // 2)
-    lines = [f"query: {query}", f"{'#':>3}  {'score':>6}  {'key':<{key_w}}  {'caption':<{cap_w}}  url"]
+    lines = [f"query: {printable(query)}", f"{'#':>3}  {'score':>6}  {'key':<{key_w}}  {'caption':<{cap_w}}  url"]
     for rank, h in enumerate(hits, 1):
         lines.append(f"{rank:>3}  {h.score:6.3f}  {_clip(h.key, key_w):<{key_w}}  {_clip(h.caption, cap_w):<{cap_w}}  "
-                     f"{h.url or ''}")
+                     f"{printable(h.url)}")
     if not hits:
         lines.append("  (no results)")
     return "\n".join(lines)
@@ -68,11 +84,18 @@ def main(argv: list[str] | None = None) -> int:
     """Run the search job; return 0 on success, 2 on bad input."""
     from pipeline.models import ModelLoadError
     from pipeline.search import Searcher
+    from pipeline.validate import ArgumentProblem, check_k, check_nprobe
     from pipeline.storage import CorruptFileError
 
     args = build_parser().parse_args(argv)
     if not args.texts and not args.image:
         print("icar search: error: give a text query or --image PATH", file=sys.stderr)
+        return 2
+    try:
+        check_k(args.k)
+        check_nprobe(args.nprobe)
+    except ArgumentProblem as e:
+        print(f"icar search: error: {e}", file=sys.stderr)
         return 2
     try:
         index_dir = resolve_index_dir(args.index, args.storage_options)

@@ -27,6 +27,16 @@ from .storage import CorruptFileError, parquet_problem
 log = logging.getLogger(__name__)
 
 
+# Bytes of FAISS results one batch of queries may take: queries x k x (distance + id), 8 + 8 bytes counted.
+QUERY_BATCH_BYTES = 256 * 2**20
+
+
+def query_batch(k: int) -> int:
+    """Return how many queries to search at once with ``k`` results each, keeping their results within
+    QUERY_BATCH_BYTES."""
+    return max(1, QUERY_BATCH_BYTES // (16 * max(1, k)))
+
+
 class IndexModelMismatchError(ValueError):
     """The query encoder is not the model the index was built with."""
 
@@ -191,15 +201,21 @@ class Searcher:
             raise ValueError(f"query embeddings have shape {q.shape}, the index holds dimension {self.info['dim']}")
         if k <= 0:
             raise ValueError(f"k must be positive, got {k}")
+        # FAISS allocates queries x k results up front whatever the index holds (k = 10^9 asked for 22 GB on 192
+        # vectors): no query has more hits than the index has vectors, and queries go in batches of bounded size.
+        k = min(int(k), max(1, int(self.index.ntotal)))
         # The index holds L2-normalised embeddings; normalising queries makes scores cosines.
         q = q / np.maximum(np.linalg.norm(q, axis=1, keepdims=True), 1e-12)
-        scores, ids = self.index.search(np.ascontiguousarray(q), k)
         out = []
-        for srow, irow in zip(scores, ids):
-            keep = irow >= 0
-            rows = self.ids.rows(irow[keep])
-            out.append([Hit(key=r["key"], score=float(s), caption=r["caption"], url=r["url"], source=r["source"],
-                            row_id=int(i)) for r, s, i in zip(rows, srow[keep], irow[keep])])
+        step = query_batch(k)
+        for start in range(0, len(q), step):
+            batch = np.ascontiguousarray(q[start:start + step])
+            scores, ids = self.index.search(batch, k)
+            for srow, irow in zip(scores, ids):
+                keep = irow >= 0
+                rows = self.ids.rows(irow[keep])
+                out.append([Hit(key=r["key"], score=float(s), caption=r["caption"], url=r["url"],
+                                source=r["source"], row_id=int(i)) for r, s, i in zip(rows, srow[keep], irow[keep])])
         return out
 
     def encode_text(self, texts: list[str]) -> np.ndarray:
