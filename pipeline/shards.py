@@ -37,11 +37,11 @@ def explain_corrupt(e: CorruptFileError) -> CorruptFileError:
     folder = run.rpartition("/")[2]
     if folder in (SHARD_DIR, ERROR_DIR) and name.startswith("part-"):
         run = run.rpartition("/")[0]
-        what = (f"{folder}/{name} (and the other file of its part) and drops its manifest row; the input shard it "
-                "came from is embedded again")
+        what = f"{folder}/{name} and the other file of its part"
+        then = "drops the part's manifest row and embeds the input shard it came from again"
     elif name == MANIFEST:
-        what = (f"{MANIFEST} and the parts it recorded, then embeds every input again (nothing records which "
-                "parts were complete)")
+        what = f"{MANIFEST} and every part"
+        then = "embeds every input again (nothing records which parts were complete)"
     elif name == RUN_JSON:
         return e.with_fix(
             f"run `icar embed INPUT... --output {run} --repair` with the model arguments the run was made with: it "
@@ -51,7 +51,7 @@ def explain_corrupt(e: CorruptFileError) -> CorruptFileError:
     else:
         return e
     return e.with_fix(f"run `icar embed INPUT... --output {run} --repair` with the run's own arguments: it moves "
-                      f"{what} into {run}/{QUARANTINE_DIR}/ (nothing is deleted)")
+                      f"{what} into {run}/{QUARANTINE_DIR}/ (nothing is deleted), then {then}")
 
 
 def read_part(url: str, storage_options: dict | None = None, columns: list[str] | None = None) -> pa.Table:
