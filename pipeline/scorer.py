@@ -510,7 +510,7 @@ def scorer_for_model(model_name: str, kind: str = "default", checkpoint: str | N
     from .models import DEMO_DIR
 
     options: dict = {}
-    choice = demo_scorer_choice() if model_name == "demo" and kind == "default" and checkpoint is None else None
+    choice = demo_scorer_choice(DEMO_DIR) if model_name == "demo" and kind == "default" and checkpoint is None else None
     if choice is not None:
         kind = choice["kind"]
         checkpoint = str(DEMO_DIR / choice["checkpoint"]) if choice.get("checkpoint") else None

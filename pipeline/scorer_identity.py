@@ -16,7 +16,7 @@ import struct
 from pathlib import Path
 
 ASSETS = Path(__file__).parent / "assets"
-DEMO_SCORER_CHOICE = ASSETS / "demo" / "scorer.json"  # the demo model's own --scorer default
+DEMO_DIR = ASSETS / "demo"  # the demo model (pipeline.models.DEMO_DIR); its scorer.json is its own --scorer default
 DEFAULT_CHECKPOINT = ASSETS / "scorer" / "default.safetensors"  # every other model's --scorer default
 SHIPPED_NAME = "pipeline/assets/scorer/default.safetensors"  # the shipped file's name in identities
 CARD_KEY = "icar_card"  # safetensors metadata key holding a trained scorer's card as JSON
@@ -52,18 +52,19 @@ def heuristic_identity(input_size: int = HEURISTIC_INPUT_SIZE,
             "backbone": None, "sha256": None, "bins": None}
 
 
-def demo_scorer_choice() -> dict | None:
-    """Return the demo model's scorer choice (assets/demo/scorer.json), or None when it ships none.
+def demo_scorer_choice(demo_dir: Path = DEMO_DIR) -> dict | None:
+    """Return the demo model's scorer choice (``demo_dir``/scorer.json), or None when it ships none.
 
     ``{"kind": ..., "checkpoint"?: file beside it, "input_size"?, "edge_threshold"?}``: a 0.3-GFLOP trained
     scorer would cost 5x a tower as small as the demo's, so the demo scores with the heuristic at 64 px.
     """
-    if not DEMO_SCORER_CHOICE.exists():
+    path = Path(demo_dir) / "scorer.json"
+    if not path.exists():
         return None
-    choice = json.loads(DEMO_SCORER_CHOICE.read_text())
+    choice = json.loads(path.read_text())
     unknown = sorted(set(choice) - {"kind", "checkpoint", "input_size", "edge_threshold"})
     if unknown or "kind" not in choice:
-        raise ValueError(f"{DEMO_SCORER_CHOICE} must hold kind and optionally checkpoint, input_size, edge_threshold; "
+        raise ValueError(f"{path} must hold kind and optionally checkpoint, input_size, edge_threshold; "
                          f"got {sorted(choice)}; rewrite it, e.g. {{\"kind\": \"heuristic\", \"input_size\": 64}}")
     return choice
 
@@ -96,7 +97,7 @@ def expected_identity(model: str, kind: str, checkpoint: str | None) -> dict | N
         choice = demo_scorer_choice()
         if choice is not None:
             kind = choice["kind"]
-            checkpoint = str(DEMO_SCORER_CHOICE.parent / choice["checkpoint"]) if choice.get("checkpoint") else None
+            checkpoint = str(DEMO_DIR / choice["checkpoint"]) if choice.get("checkpoint") else None
             options = {k: choice[k] for k in ("input_size", "edge_threshold") if k in choice}
     if kind == "heuristic":
         return heuristic_identity(**options)
