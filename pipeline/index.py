@@ -837,8 +837,10 @@ def build_index(cfg: IndexConfig) -> IndexSummary:
     """
     from .execution import sigterm_as_interrupt
 
-    lock = output_lock(cfg.output.rstrip("/"), "index", cfg.lock_stale_after_s, cfg.lock_heartbeat_s,
-                       cfg.storage_options or None)
+    out = cfg.output.rstrip("/")
+    fs, path = storage.filesystem(out, cfg.storage_options or None)
+    new_dir = storage.is_local(fs) and not os.path.exists(path)  # the lock file creates it
+    lock = output_lock(out, "index", cfg.lock_stale_after_s, cfg.lock_heartbeat_s, cfg.storage_options or None)
     lock.acquire(break_lock=cfg.break_lock)
     restore_sigterm = sigterm_as_interrupt()  # a SIGTERM unwinds (releasing the lock) instead of killing
     try:
@@ -846,6 +848,8 @@ def build_index(cfg: IndexConfig) -> IndexSummary:
     finally:
         restore_sigterm()
         lock.release()
+        if new_dir and os.path.isdir(path) and not os.listdir(path):
+            os.rmdir(path)  # a build refused before writing anything leaves no empty output behind
 
 
 def _build_index_locked(cfg: IndexConfig, lock: RootLock) -> IndexSummary:
