@@ -55,9 +55,9 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--batch-size", type=positive_int, default=d.batch_size, help="images per model call")
     x.add_argument("--image-column", default=d.image_column, help="Parquet column with image bytes (default: auto)")
     x.add_argument("--max-pixels", type=positive_int, default=d.max_pixels, help="larger images are refused as decompression bombs")
-    x.add_argument("--max-sample-bytes", type=int, default=d.max_sample_bytes,
+    x.add_argument("--max-sample-bytes", type=positive_int, default=d.max_sample_bytes,
                    help="a larger sample (tar member, image file, Parquet cell) is an error row, skipped unread")
-    x.add_argument("--folder-shard-size", type=int, default=d.folder_shard_size,
+    x.add_argument("--folder-shard-size", type=positive_int, default=d.folder_shard_size,
                    help="image files per input shard of a folder (its sorted listing, cut into committed pieces)")
     x.add_argument("--follow-symlinks", action="store_true",
                    help="read folder files reached through symbolic links that leave the input root (default: an "
@@ -97,8 +97,8 @@ def config_from_args(a: argparse.Namespace) -> EmbedConfig:
                        decode_tasks=a.decode_tasks, shard_retries=a.shard_retries, shard_timeout_s=a.shard_timeout,
                        storage_options=a.storage_options, progress=not a.no_progress, limit_shards=a.limit_shards,
                        reembed_changed=a.reembed_changed, break_lock=a.break_lock, repair=a.repair,
-                       max_sample_bytes=a.max_sample_bytes,
-                       folder_shard_size=a.folder_shard_size, follow_symlinks=a.follow_symlinks)
+                       max_sample_bytes=a.max_sample_bytes, folder_shard_size=a.folder_shard_size,
+                       follow_symlinks=a.follow_symlinks)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -15,7 +15,6 @@ MAX_SAMPLE_BYTES = 256 << 20
 FOLDER_SHARD_SIZE = 1000
 
 
-
 @dataclass
 class ModelSpec:
     """Which CLIP, which exits, how images are routed and scored."""
@@ -63,13 +62,13 @@ class EmbedConfig:
     # Move unreadable parts, manifest or run.json into OUTPUT/quarantine/ and embed their inputs again
     # (pipeline/repair.py says what is safe to repair and how).
     repair: bool = False
+    max_sample_bytes: int = MAX_SAMPLE_BYTES  # larger samples are error rows, skipped unread
+    folder_shard_size: int = FOLDER_SHARD_SIZE  # image files per input shard of a folder (sorted listing, chunked)
+    follow_symlinks: bool = False  # read folder files reached through links that leave the input root
     # One writer per run directory (OUTPUT/icar.lock, pipeline/lock.py): a second run is refused at once.
     break_lock: bool = False  # take the lock over even from a live-looking holder (only when sure it is dead)
     lock_stale_after_s: float = 1800.0  # a lock not refreshed for this long is taken over (its holder is dead)
     lock_heartbeat_s: float = 60.0  # the holder refreshes the lock this often (well below lock_stale_after_s)
-    max_sample_bytes: int = MAX_SAMPLE_BYTES  # larger samples are error rows, skipped unread
-    folder_shard_size: int = FOLDER_SHARD_SIZE  # image files per input shard of a folder (sorted listing, chunked)
-    follow_symlinks: bool = False  # read folder files reached through links that leave the input root
 
     def resolved_address(self) -> str | None:
         """Return the Ray address to join, or None for an embedded local instance."""
