@@ -348,7 +348,7 @@ def timed_actor_class(log_path: str):
     Each line also names the actor's process id, so several actors' busy time can be told apart, and the actor
     process's CPU seconds during the call (the model's work, comparable with the bare model's CPU time).
     """
-    from pipeline.execution import ModelActor
+    from pipeline.embed.execution import ModelActor
 
     class TimedModelActor(ModelActor):
         def embed(self, pixels, keys):
@@ -370,7 +370,7 @@ def timed_embed_main(argv: list[str]) -> int:
     import logging
 
     from jobs import embed
-    from pipeline import execution
+    from pipeline.embed import execution
 
     log_path, args = argv[0], argv[1:]
     logging.basicConfig(level=logging.WARNING)
@@ -390,13 +390,13 @@ def batch_window(log_path: str) -> dict:
 
 
 def timed_run_embed(cfg, log_path: str) -> dict:
-    """Run pipeline.execution.run_embed(cfg) in this process with timed model actors; return its costs.
+    """Run pipeline.embed.execution.run_embed(cfg) in this process with timed model actors; return its costs.
 
     Returned: whole-run wall and CPU (this process tree: the driver, and Ray's processes when this driver started
     them), the model window (first batch start to last batch end over all actors) with its wall and CPU, the actors'
     busy seconds, and the summary. Ray must already be initialised by the caller (its start is not the run's work).
     """
-    from pipeline import execution
+    from pipeline.embed import execution
 
     original = execution.ModelActor
     execution.ModelActor = timed_actor_class(os.path.abspath(log_path))

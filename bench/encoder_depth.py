@@ -10,7 +10,7 @@ load hits them alike, and reports medians:
 
 On CPU it also reports process CPU time, which other processes on a shared machine disturb less than wall time.
 
-The GFLOP-allowed speedup is full-depth GFLOPs ÷ the mix's mean GFLOPs (pipeline.flops, counted); the
+The GFLOP-allowed speedup is full-depth GFLOPs ÷ the mix's mean GFLOPs (pipeline.model.flops, counted); the
 realisation ratio is measured speedup ÷ allowed speedup (1.0 = every saved FLOP turned into time; the
 target on CPU is >= 0.9). Default: ViT-B-32 random init, batch 32, runtime well under 3 minutes on 2 cores.
 
@@ -65,8 +65,8 @@ def _sync(device: str) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    from pipeline import encoder as enc
-    from pipeline import flops, models
+    from pipeline.model import encoder as enc
+    from pipeline.model import flops, models
 
     device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
     if args.threads and device == "cpu":

@@ -31,9 +31,9 @@ import pyarrow as pa
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from pipeline import storage  # noqa: E402
-from pipeline.index_params import format_size, parse_size  # noqa: E402
-from pipeline.schema import MANIFEST, MANIFEST_SCHEMA, RUN_JSON, part_name, shard_schema  # noqa: E402
+from pipeline.io import storage  # noqa: E402
+from pipeline.index.params import format_size, parse_size  # noqa: E402
+from pipeline.io.schema import MANIFEST, MANIFEST_SCHEMA, RUN_JSON, part_name, shard_schema  # noqa: E402
 
 AUTOFAISS_VENV = os.path.join(ROOT, "bench", ".venvs", "autofaiss")
 AUTOFAISS_PINS = ["autofaiss==2.18.0", "numpy<2", "pyarrow<26", "faiss-cpu==1.13.2"]

@@ -79,7 +79,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m bench.merging", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--corpus", default=str(ROOT.parent / "demo-corpus"), help="demo corpus (icar make-demo-corpus)")
-    p.add_argument("--merge", default="r2", help="merge schedule of the main merging-only row (pipeline/merging.py)")
+    p.add_argument("--merge", default="r2", help="merge schedule of the main merging-only row (pipeline/model/merging.py)")
     p.add_argument("--candidates", default="4,6,4@keep0.8,6@keep0.8,6@r2,8@keep0.7,8@keep0.8,8@r2,8@keep0.9,8@r1,8",
                    help="profiles the router's set is chosen from (the val split's recall@1-vs-GFLOPs Pareto front)")
     p.add_argument("--min-profile-recall", type=float, default=0.9,
@@ -120,7 +120,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def merged_heads(a: argparse.Namespace, schedule) -> str:
     """Return the path of exit heads trained under ``schedule`` with the shipped heads' recipe (trained once)."""
-    from pipeline import exit_training as et
+    from pipeline.training import exits as et
 
     recipe = json.loads((DEMO / "exit_heads.metrics.json").read_text())["config"]
     out = os.path.join(a.cache_dir, f"heads-{schedule.spec.replace(':', '_')}")
@@ -145,10 +145,10 @@ RECIPE_KEYS = ("epochs", "batch_size", "lr", "min_lr_ratio", "warmup_steps", "we
 def static_tower(a: argparse.Namespace) -> str | None:
     """Return the directory of the static smaller tower: the demo model's recipe with fewer vision blocks.
 
-    Trained with ``icar train-demo`` (pipeline.demo_training.train_demo) into the directory when it holds no model;
+    Trained with ``icar train-demo`` (pipeline.demo.training.train_demo) into the directory when it holds no model;
     an existing model whose card differs from the demo card's recipe in anything but the vision depth is refused.
     """
-    from pipeline.demo_training import DemoModelConfig, DemoTrainConfig, train_demo
+    from pipeline.demo.training import DemoModelConfig, DemoTrainConfig, train_demo
 
     if a.static_model is not None and a.static_model.lower() == "none":
         return None
@@ -184,8 +184,8 @@ def embed_profiles(encoder, bundle, pixels: np.ndarray, profiles, batch: int = 2
     """Return {profile spec: float32 L2-normalised embeddings (N, D)} with every image under every profile."""
     import torch
 
-    from pipeline import merging
-    from pipeline.models import pixels_to_tensor
+    from pipeline.model import merging
+    from pipeline.model.models import pixels_to_tensor
 
     out: dict[str, list] = {p.spec: [] for p in profiles}
     with torch.inference_mode():
@@ -210,7 +210,7 @@ class HashProfileRouter:
         self._edges = np.cumsum(self.fractions)[:-1]
 
     def route_profiles(self, scores, keys) -> np.ndarray:
-        from pipeline.router import stable_unit_hash
+        from pipeline.model.router import stable_unit_hash
 
         return np.searchsorted(self._edges, stable_unit_hash(keys, "bench-merging"), side="right").astype(np.int16)
 
@@ -222,7 +222,7 @@ class HashProfileRouter:
 
 
 def recall_row(text, groups, chosen: np.ndarray) -> dict:
-    from pipeline.exit_training import _recall_table
+    from pipeline.training.exits import _recall_table
 
     return _recall_table(text, chosen, groups)["t2i"]
 
@@ -232,7 +232,7 @@ def hits_at_1(text: np.ndarray, images: np.ndarray, groups: np.ndarray) -> np.nd
 
     The mean is ``recall_row(...)[1]``; kept per query so two methods can be compared on the same queries.
     """
-    from pipeline.exit_training import caption_queries
+    from pipeline.training.exits import caption_queries
     from pipeline.metrics import best_relevant_rank
 
     first, images_of = caption_queries(groups)
@@ -283,13 +283,13 @@ def run(a: argparse.Namespace) -> dict:
 
     from bench.common import load_average, machine_facts
     from bench.quality import read_split
-    from pipeline import encoder as enc
-    from pipeline import flops, merging, models
-    from pipeline import router as routers
-    from pipeline.config import ModelSpec
-    from pipeline.exit_training import caption_groups
-    from pipeline.scorer import scorer_for_model
-    from pipeline.worker import ModelWorker
+    from pipeline.model import encoder as enc
+    from pipeline.model import flops, merging, models
+    from pipeline.model import router as routers
+    from pipeline.model.spec import ModelSpec
+    from pipeline.training.exits import caption_groups
+    from pipeline.model.scorer import scorer_for_model
+    from pipeline.model.worker import ModelWorker
 
     torch.set_num_threads(1)
     facts = machine_facts()
@@ -494,7 +494,7 @@ def run(a: argparse.Namespace) -> dict:
         else:
             want = np.stack([emb[c][i] for i, c in enumerate(chosen)])
         checks.append(float(np.abs(out["embedding"].astype(np.float32) - want).max()))
-    from pipeline.models import pixels_to_tensor
+    from pipeline.model.models import pixels_to_tensor
 
     tensors = [pixels_to_tensor(bundle, px[j:j + a.batch_size]) for j in range(0, len(px), a.batch_size)]
     routed = []  # per variant, per batch: (exit depths, merge ids) as its worker's encoder takes them
@@ -546,8 +546,8 @@ def time_vit(a: argparse.Namespace) -> dict:
     """Return images/s of the adaptive encoder alone on a random-init ViT under each of --vit-profiles."""
     import torch
 
-    from pipeline import encoder as enc
-    from pipeline import merging, models
+    from pipeline.model import encoder as enc
+    from pipeline.model import merging, models
 
     bundle = models.load_clip(a.vit, "none", seed=0)
     profiles = merging.parse_profiles(a.vit_profiles)
@@ -642,7 +642,7 @@ METHOD_STYLE = {  # method: (colour, marker) in the trade-off figure
 
 
 def _marker(kind: str, x: float, y: float, colour: str, tip: str) -> str:
-    from pipeline.report_html import _e
+    from pipeline.report.html import _e
 
     r = 4.5
     if kind == "circle":
@@ -666,7 +666,7 @@ def plot_tradeoff(r: dict) -> str:
     Every point is a row of ``r["rows"]`` (one run); a method's points are joined in order of counted GFLOPs (its
     knob: budget or schedule).
     """
-    from pipeline.report_html import _e, _tick_label, _ticks
+    from pipeline.report.html import _e, _tick_label, _ticks
 
     rows = [row for row in r["rows"] if row.get("method")]
     xs = [row["speedup"] for row in rows] + [1.0]
@@ -745,7 +745,7 @@ def plot_tradeoff(r: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from pipeline.cli import setup_logging
+    from pipeline.logs import setup_logging
 
     setup_logging()
     a = parse_args(argv)

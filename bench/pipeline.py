@@ -78,7 +78,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def spec_from(args):
-    from pipeline.config import ModelSpec
+    from pipeline.model.spec import ModelSpec
 
     fractions = [float(f) for f in args.route_fractions.split(",")] if args.route_fractions else None
     return ModelSpec(model=args.model, pretrained=args.pretrained, scorer=args.scorer, route_fractions=fractions,
@@ -88,7 +88,7 @@ def spec_from(args):
 
 def decoded_batches(corpus, image_size: int, batch_size: int) -> list[tuple[np.ndarray, list[str]]]:
     """Return the corpus decoded and grouped into batches the way shard tasks group them (per shard, in order)."""
-    from pipeline.decode import DecodeConfig, decode_image
+    from pipeline.io.decode import DecodeConfig, decode_image
 
     cfg = DecodeConfig(image_size=image_size)
     per_shard: dict[str, list[str]] = {}
@@ -122,7 +122,7 @@ def e2e_pass(cfg_kwargs: dict, workdir: str, index: int) -> dict:
     The model window runs from the start of the actor's first batch to the end of its last: the steady state,
     without the fixed costs of a run (actor start, first decode, last commit) that a large corpus amortises.
     """
-    from pipeline.config import EmbedConfig
+    from pipeline.embed.config import EmbedConfig
 
     out_dir = os.path.join(workdir, f"e2e-{index}")
     result = timed_run_embed(EmbedConfig(output=out_dir, **cfg_kwargs), os.path.join(workdir, f"e2e-{index}.batches"))
@@ -157,7 +157,7 @@ def decode_timing(corpus, image_size: int, limit: int = 128) -> dict:
     """
     from PIL import Image
 
-    from pipeline.decode import DecodeConfig, decode_image, resize_center_crop
+    from pipeline.io.decode import DecodeConfig, decode_image, resize_center_crop
 
     cfg = DecodeConfig(image_size=image_size)
     keys = corpus.keys[:limit]
@@ -188,7 +188,7 @@ def decode_timing(corpus, image_size: int, limit: int = 128) -> dict:
 
 def read_timing(corpus) -> dict:
     """Return CPU ms per image to stream the samples out of the tars (iter_samples, no decoding), no profiler."""
-    from pipeline.readers import expand_inputs, iter_samples
+    from pipeline.io.readers import expand_inputs, iter_samples
 
     with timed() as t:
         images = sum(1 for shard in expand_inputs(corpus.tars) for _ in iter_samples(shard))
@@ -206,35 +206,35 @@ def ray_idle_cost(seconds: float = 10.0) -> float:
 
 def _encoder_forward_line() -> int:
     """Return the first line of AdaptiveEncoder.forward (ExitHead defines a forward in the same file too)."""
-    from pipeline.encoder import AdaptiveEncoder
+    from pipeline.model.encoder import AdaptiveEncoder
 
     return AdaptiveEncoder.forward.__code__.co_firstlineno
 
 
 # Profile buckets: (label, predicate on (file, line, function)); the cumulative CPU time of the matches is summed.
 PROFILE_BUCKETS = [
-    ("read (tar, fsspec)", lambda f, line, fn: f.endswith("pipeline/readers.py") and fn == "_iter_tar"),
-    ("decode total", lambda f, line, fn: f.endswith("pipeline/decode.py") and fn == "decode_image"),
+    ("read (tar, fsspec)", lambda f, line, fn: f.endswith("pipeline/io/readers.py") and fn == "_iter_tar"),
+    ("decode total", lambda f, line, fn: f.endswith("pipeline/io/decode.py") and fn == "decode_image"),
     ("  JPEG decode (PIL load)", lambda f, line, fn: f.endswith("PIL/ImageFile.py") and fn == "load"),
-    ("  header parse (PIL open)", lambda f, line, fn: f.endswith("pipeline/decode.py") and fn == "_open"),
-    ("  resize + crop", lambda f, line, fn: f.endswith("pipeline/decode.py") and fn == "resize_center_crop"),
-    ("  EXIF / RGB", lambda f, line, fn: f.endswith("pipeline/decode.py") and fn in ("_orientation", "to_rgb")),
+    ("  header parse (PIL open)", lambda f, line, fn: f.endswith("pipeline/io/decode.py") and fn == "_open"),
+    ("  resize + crop", lambda f, line, fn: f.endswith("pipeline/io/decode.py") and fn == "resize_center_crop"),
+    ("  EXIF / RGB", lambda f, line, fn: f.endswith("pipeline/io/decode.py") and fn in ("_orientation", "to_rgb")),
     ("batch assembly (np.stack)", lambda f, line, fn: fn == "stack" and "numpy" in f),
-    ("model total (ModelWorker.embed)", lambda f, line, fn: f.endswith("pipeline/worker.py") and fn == "embed"),
-    ("  scorer", lambda f, line, fn: f.endswith("pipeline/scorer.py") and fn == "score"),
-    ("  pixels -> tensor", lambda f, line, fn: f.endswith("pipeline/models.py") and fn == "pixels_to_tensor"),
-    ("  encoder", lambda f, line, fn: f.endswith("pipeline/encoder.py") and fn == "forward"
+    ("model total (ModelWorker.embed)", lambda f, line, fn: f.endswith("pipeline/model/worker.py") and fn == "embed"),
+    ("  scorer", lambda f, line, fn: f.endswith("pipeline/model/scorer.py") and fn == "score"),
+    ("  pixels -> tensor", lambda f, line, fn: f.endswith("pipeline/model/models.py") and fn == "pixels_to_tensor"),
+    ("  encoder", lambda f, line, fn: f.endswith("pipeline/model/encoder.py") and fn == "forward"
      and line == _encoder_forward_line()),
-    ("write (commit_shard)", lambda f, line, fn: f.endswith("pipeline/shards.py") and fn == "commit_shard"),
-    ("shard task total", lambda f, line, fn: f.endswith("pipeline/execution.py") and fn == "process_shard"),
+    ("write (commit_shard)", lambda f, line, fn: f.endswith("pipeline/io/shards.py") and fn == "commit_shard"),
+    ("shard task total", lambda f, line, fn: f.endswith("pipeline/embed/execution.py") and fn == "process_shard"),
 ]
 
 
 def profile_shard(worker, corpus, cfg_kwargs: dict, workdir: str, image_size: int, embed_dim: int) -> dict:
     """Profile process_shard in-process on the first input shard with a local model; return CPU ms/img by stage."""
-    from pipeline.config import EmbedConfig
-    from pipeline.execution import ModelFacts, process_shard
-    from pipeline.readers import expand_inputs
+    from pipeline.embed.config import EmbedConfig
+    from pipeline.embed.execution import ModelFacts, process_shard
+    from pipeline.io.readers import expand_inputs
 
     cfg = EmbedConfig(output=os.path.join(workdir, "profile"), **cfg_kwargs)
     shard = expand_inputs([corpus.tars[0]])[0]
@@ -270,8 +270,8 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     import torch
 
-    from pipeline import execution
-    from pipeline.worker import ModelWorker
+    from pipeline.embed import execution
+    from pipeline.model.worker import ModelWorker
 
     facts = machine_facts()
     print_facts(facts)

@@ -7,7 +7,7 @@ demo CLIP (8 blocks, exit heads at 4/6/8):
   trained scorer, (d) ICAR routing by the training-free heuristic (the shipped router.json), (e) random routing
   at (c)'s GFLOPs, (f) routing by the ground-truth complexity (an oracle scorer that costs nothing), and, for
   reference, routing by the shipped SAVOIAS scorer (made for real photos and real-size models);
-- each row's mean counted GFLOPs per image (image tower up to the exit + scorer; pipeline/flops.py) and its
+- each row's mean counted GFLOPs per image (image tower up to the exit + scorer; pipeline/model/flops.py) and its
   recall as a percentage of full depth's;
 - each scorer's PLCC/SRCC against the corpus's ground-truth complexity;
 - the trade-off curve: recall@1 of every routing policy at GFLOP budgets from 0.55 to 1.0 of full depth, with
@@ -136,7 +136,7 @@ def ensure_corpus(corpus: str, cache_dir: str) -> tuple[str, dict]:
 
 def read_split(corpus: str, doc: dict, split: str, image_size: int, limit: int | None):
     """Return (keys, uint8 pixels (N, S, S, 3), captions) of a split, decoded as the pipeline decodes them."""
-    from pipeline.exit_training import PairStats, iter_pairs
+    from pipeline.training.exits import PairStats, iter_pairs
 
     shards = [os.path.join(corpus, s) for s in doc.get("splits", {}).get(split, {}).get("shards", [])]
     missing = [s for s in shards if not os.path.exists(s)]
@@ -175,7 +175,7 @@ def ground_truth(corpus: str, keys: list[str]) -> np.ndarray:
 def trained_scorer_checkpoint(a: argparse.Namespace, corpus: str, test_keys: list[str], decode_size: int) -> str:
     """Return the checkpoint of the demo-trained scorer: given, cached, or trained now with `icar train-complexity`."""
     from jobs.train_complexity import build_parser, config_from_args
-    from pipeline.complexity_training import train_complexity
+    from pipeline.training.complexity import train_complexity
 
     if a.scorer_checkpoint:
         return a.scorer_checkpoint
@@ -225,7 +225,7 @@ def embed_all_exits(worker, pixels: np.ndarray, batch_size: int) -> dict[int, np
     """Return {exit: float32 L2-normalised embeddings (N, D)}: every image through every exit, in one pass."""
     import torch
 
-    from pipeline.models import pixels_to_tensor
+    from pipeline.model.models import pixels_to_tensor
 
     out: dict[int, list] = {e: [] for e in worker.exits}
     with torch.inference_mode():
@@ -247,7 +247,7 @@ class Evaluator:
 
     def __init__(self, exit_embeddings: dict[int, np.ndarray], text: np.ndarray, captions: list[str],
                  gflops_per_exit: dict[int, float]):
-        from pipeline.exit_training import caption_groups
+        from pipeline.training.exits import caption_groups
 
         self.exit_embeddings = exit_embeddings
         self.exits = sorted(exit_embeddings)
@@ -273,14 +273,14 @@ class Evaluator:
 
     def recall(self, depth: np.ndarray) -> dict:
         """Return {"t2i": {k: r}, "i2t": {k: r}} of the embeddings chosen by ``depth``."""
-        from pipeline.exit_training import _recall_table
-        from pipeline.router import routed_embeddings
+        from pipeline.training.exits import _recall_table
+        from pipeline.model.router import routed_embeddings
 
         return _recall_table(self.text, routed_embeddings(np.asarray(depth), self.exit_embeddings), self.groups)
 
     def row(self, name: str, depth: np.ndarray, scorer_gflops: float, **extra) -> dict:
         """Return one result row: recall, % of full depth, exit mix and mean GFLOPs per image (scorer included)."""
-        from pipeline.router import routed_embeddings
+        from pipeline.model.router import routed_embeddings
 
         depth = np.asarray(depth)
         recall = self.recall(depth)
@@ -321,7 +321,7 @@ def random_fractions(exits: list[int], gflops_per_exit: dict[int, float], budget
     Random routing needs no scorer, so the whole budget goes to the tower. None when even the shallowest exit
     for every image costs more than the budget.
     """
-    from pipeline.router import exit_fractions
+    from pipeline.model.router import exit_fractions
 
     n, full = len(exits), gflops_per_exit[exits[-1]]
 
@@ -342,7 +342,7 @@ def random_fractions(exits: list[int], gflops_per_exit: dict[int, float], budget
 def random_rows(ev: Evaluator, keys: list[str], budget: float, seeds: int, shares: list[float] | None = None
                 ) -> dict | None:
     """Return random routing (``FractionRouter`` by key hash, ``seeds`` salts averaged) at ``budget``."""
-    from pipeline import router as routers
+    from pipeline.model import router as routers
 
     fractions = random_fractions(ev.exits, ev.gflops_per_exit, budget, shares)
     if fractions is None:
@@ -362,7 +362,7 @@ def threshold_row(ev: Evaluator, name: str, val_scores: np.ndarray, test_scores:
     ``calibration_gflops`` overrides the scorer cost the calibration plans with (the SAVOIAS scorer alone costs
     more than the demo tower, so its thresholds are set for the tower's budget and its cost is only reported).
     """
-    from pipeline import router as routers
+    from pipeline.model import router as routers
 
     plan = scorer_gflops if calibration_gflops is None else calibration_gflops
     try:
@@ -375,7 +375,7 @@ def threshold_row(ev: Evaluator, name: str, val_scores: np.ndarray, test_scores:
 
 def pipeline_check(worker, pixels: np.ndarray, keys: list[str], exit_embeddings: dict, router) -> dict:
     """Return how far ``ModelWorker.embed`` (what `icar embed` runs) is from the per-exit combination used here."""
-    from pipeline.router import routed_embeddings
+    from pipeline.model.router import routed_embeddings
 
     worker.router = router
     got = [worker.embed(pixels[i:i + 128], keys[i:i + 128]) for i in range(0, len(keys), 128)]
@@ -390,11 +390,12 @@ def run(a: argparse.Namespace) -> dict:
     """Measure everything; return the result document."""
     import torch
 
-    from pipeline import metrics, models
-    from pipeline import router as routers
-    from pipeline.config import ModelSpec
-    from pipeline.scorer import load_scorer
-    from pipeline.worker import DEMO_ASSETS, ModelWorker
+    from pipeline import metrics
+    from pipeline.model import models
+    from pipeline.model import router as routers
+    from pipeline.model.spec import ModelSpec
+    from pipeline.model.scorer import load_scorer
+    from pipeline.model.worker import DEMO_ASSETS, ModelWorker
 
     t0 = time.perf_counter()
     if a.threads:
@@ -654,10 +655,10 @@ def format_report(r: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from pipeline.cli import setup_logging
+    from pipeline.logs import setup_logging
 
     setup_logging()
-    logging.getLogger("pipeline.router").setLevel(logging.WARNING)  # one line per calibration of the sweep
+    logging.getLogger("pipeline.model.router").setLevel(logging.WARNING)  # one line per calibration of the sweep
     a = parse_args(argv)
     try:
         result = run(a)
@@ -666,7 +667,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     print(format_report(result))
     if a.json:
-        from pipeline import storage
+        from pipeline.io import storage
 
         storage.write_json(result, a.json)
     return 0

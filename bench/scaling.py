@@ -78,7 +78,8 @@ def start_cluster(nodes: int, cpus: int):
 
 
 def embed_cfg(args, tars: list[str], output: str, actors: int):
-    from pipeline.config import EmbedConfig, ModelSpec
+    from pipeline.embed.config import EmbedConfig
+    from pipeline.model.spec import ModelSpec
 
     spec = ModelSpec(model=args.model, pretrained="none", scorer="none", exit_at=args.exit_at, device="cpu",
                      torch_threads=1)
@@ -154,7 +155,7 @@ def manifest_section(args, work: Path) -> dict:
     rewrites the file (commits arrive faster than the bench can wait ``flush_seconds``; slower ones are rewritten
     every ``flush_seconds``, so fewer times still).
     """
-    from pipeline.shards import Manifest
+    from pipeline.io.shards import Manifest
 
     out = {}
     for k in (int(x) for x in args.manifest_sizes.split(",")):

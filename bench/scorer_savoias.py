@@ -54,7 +54,7 @@ def train_demo_scorer(demo: str, cfg_template, n: int, n_val: int, cache_dir: st
     """Return the checkpoint of the recipe trained on the demo corpus (trained once, then reused)."""
     from dataclasses import replace
 
-    from pipeline.complexity_training import read_labels, train_complexity
+    from pipeline.training.complexity import read_labels, train_complexity
 
     out = os.path.join(cache_dir, f"demo-scorer-n{n}-v{n_val}-s{cfg_template.seed}")
     os.makedirs(out, exist_ok=True)
@@ -77,8 +77,8 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     from jobs.train_scorer import cached_evaluation, format_table, locate_weights, prepare, recipe, savoias_paths
-    from pipeline.complexity_training import category_folds, summarise_folds
-    from pipeline.scorer import load_scorer
+    from pipeline.training.complexity import category_folds, summarise_folds
+    from pipeline.model.scorer import load_scorer
 
     a = parse_args(argv)
     if a.threads:

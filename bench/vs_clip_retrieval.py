@@ -292,7 +292,7 @@ def save_checkpoint(model: str) -> str:
     """Save ICAR's seeded random init (seed 0) of ``model`` as a state_dict .pt; return its absolute path."""
     import torch
 
-    from pipeline.models import load_clip
+    from pipeline.model.models import load_clip
 
     path = CACHE_DIR / f"{model}-none-seed0.pt"
     if not path.exists():
@@ -320,7 +320,7 @@ def peer_embeddings(out: Path, kind: str) -> dict[str, np.ndarray]:
 
 
 def icar_embeddings(out: Path) -> dict[str, np.ndarray]:
-    from pipeline.shards import read_run_table
+    from pipeline.io.shards import read_run_table
 
     t = read_run_table(str(out / "run"), columns=["key", "embedding"])
     emb = np.asarray(t.column("embedding").combine_chunks().flatten(), np.float32).reshape(t.num_rows, -1)

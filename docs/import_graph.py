@@ -42,7 +42,7 @@ def imports_of(path: Path, modules: set[str]) -> dict[str, str]:
 
     def resolve(candidates: list[str], kind: str) -> None:
         for cand in candidates:
-            while cand and cand not in modules:  # `pipeline.encoder.ExitHead` -> `pipeline.encoder`
+            while cand and cand not in modules:  # `pipeline.model.encoder.ExitHead` -> `pipeline.model.encoder`
                 cand = cand.rpartition(".")[0]
             if cand and cand != name and not (cand == PACKAGE and name.startswith(PACKAGE + ".")):
                 if found.get(cand) != "top":

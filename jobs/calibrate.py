@@ -1,6 +1,6 @@
 """`icar calibrate`: pick the router's complexity thresholds on a sample, for a GFLOP budget or a recall floor.
 
-Two modes (pipeline/router.py explains the family of exit mixes both move along):
+Two modes (pipeline/model/router.py explains the family of exit mixes both move along):
 
   --gflops-budget 0.7   expected cost per image (scorer + encoder up to its exit) <= 0.7 × full-depth cost;
                         needs only complexity scores: from a run (--scores-from RUN) or scored here from inputs.
@@ -9,7 +9,7 @@ Two modes (pipeline/router.py explains the family of exit mixes both move along)
                         (every sample image is embedded at every exit, and its caption with the text tower).
 
 With --profiles (e.g. 4,6,8@keep0.8,8) the router chooses among profiles, each an exit depth plus a token-merging
-schedule (pipeline/merging.py), ordered by their counted GFLOPs; both modes work the same way over them. The list
+schedule (pipeline/model/merging.py), ordered by their counted GFLOPs; both modes work the same way over them. The list
 must hold the unmerged full depth (the cost reference and the fallback for unscorable images). --merge-heads
 SPEC=FILE names exit heads trained under a schedule (`icar train-exits --merge SPEC`); the router file records them.
 
@@ -44,7 +44,7 @@ examples:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from pipeline.config import ModelSpec
+    from pipeline.model.spec import ModelSpec
 
     m = ModelSpec()
     p = argparse.ArgumentParser(prog="icar calibrate", description=__doc__, epilog=EXAMPLES,
@@ -83,7 +83,7 @@ def scores_from_run(run: str, sample: int, seed: int, storage_options: dict | No
     """Return (a seeded sample of the run's complexity scores, its run.json)."""
     import pyarrow.compute as pc
 
-    from pipeline import schema, storage
+    from pipeline.io import schema, storage
 
     run_json = storage.read_json(storage.join(run, schema.RUN_JSON), storage_options)
     fs, root = storage.filesystem(storage.join(run, schema.SHARD_DIR), storage_options)
@@ -107,8 +107,8 @@ def sample_inputs(inputs: list[str], size: int, sample: int, seed: int, storage_
     Shards are visited in a seeded random order and read from the start until the sample is full, so a large
     corpus is never read whole; unreadable and undecodable samples are skipped (and counted in the log).
     """
-    from pipeline.decode import DecodeConfig, DecodeError, decode_image
-    from pipeline.readers import expand_inputs, iter_samples
+    from pipeline.io.decode import DecodeConfig, DecodeError, decode_image
+    from pipeline.io.readers import expand_inputs, iter_samples
 
     shards = expand_inputs(inputs, storage_options)
     random.Random(seed).shuffle(shards)
@@ -157,7 +157,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def calibrate(a: argparse.Namespace):
     """Return the calibrated ThresholdRouter for parsed arguments (and write it to a.output)."""
-    from pipeline import router as routers
+    from pipeline.model import router as routers
 
     if bool(a.scores_from) == bool(a.inputs):
         raise ValueError("give either --scores-from RUN or input shards to sample, not both or neither")
@@ -187,10 +187,10 @@ def _calibrate_from_inputs(a: argparse.Namespace):
     """Return the router calibrated on a sample of input images scored (and, for recall, embedded) here."""
     import torch
 
-    from pipeline import encoder as enc
-    from pipeline import flops, models
-    from pipeline import router as routers
-    from pipeline.scorer import scorer_for_model
+    from pipeline.model import encoder as enc
+    from pipeline.model import flops, models
+    from pipeline.model import router as routers
+    from pipeline.model.scorer import scorer_for_model
 
     device = "cuda" if a.device == "auto" and torch.cuda.is_available() else ("cpu" if a.device == "auto" else a.device)
     bundle = models.load_clip(a.model, a.pretrained, seed=a.seed, device=device)
@@ -241,9 +241,9 @@ def _calibrate_profiles(a: argparse.Namespace, bundle, heads, exits, scorer, pix
     """Return the ProfileRouter calibrated on the sample: every image embedded under every profile for recall."""
     import torch
 
-    from pipeline import encoder as enc
-    from pipeline import merging, models
-    from pipeline import router as routers
+    from pipeline.model import encoder as enc
+    from pipeline.model import merging, models
+    from pipeline.model import router as routers
 
     profiles = merging.parse_profiles(a.profiles)
     full = f"{bundle.num_blocks}"
@@ -302,7 +302,7 @@ def _calibrate_profiles(a: argparse.Namespace, bundle, heads, exits, scorer, pix
 
 
 if __name__ == "__main__":
-    from pipeline.cli import setup_logging
+    from pipeline.logs import setup_logging
 
     setup_logging()
     raise SystemExit(main())

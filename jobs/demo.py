@@ -35,7 +35,7 @@ def step(title: str) -> None:
 def main(argv: list[str] | None = None) -> int:
     """Run the demo; return the first failing step's exit code, else 0."""
     from jobs import embed, index, make_demo_corpus, report, search
-    from pipeline.cli import setup_logging
+    from pipeline.logs import setup_logging
 
     setup_logging()
     args = build_parser().parse_args(argv)

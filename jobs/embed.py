@@ -6,7 +6,8 @@ import argparse
 import logging
 import sys
 
-from pipeline.config import EmbedConfig, ModelSpec
+from pipeline.embed.config import EmbedConfig
+from pipeline.model.spec import ModelSpec
 
 from .common import HelpFormatter, float_list, int_list, json_object, nonnegative_int, positive_float, positive_int
 
@@ -106,12 +107,13 @@ def main(argv: list[str] | None = None) -> int:
     of space, or the store kept failing, or another run took the output's lock over), 2 on bad input (a missing
     bucket and denied access included) or when another run holds the output's lock, 130 when
     interrupted (Ctrl-C) and 143 when terminated (SIGTERM); committed shards are kept and a re-run resumes."""
-    from pipeline.execution import run_embed, stop_reason
-    from pipeline.lock import LockHeld, LockLost
-    from pipeline.readers import InputError
-    from pipeline.shards import RunStateError
-    from pipeline.storage import CorruptFileError, StorageError, StorageFullError
-    from pipeline.validate import ArgumentProblem, check_embed
+    from pipeline.embed.execution import run_embed
+    from pipeline.runtime import stop_reason
+    from pipeline.io.lock import LockHeld, LockLost
+    from pipeline.io.readers import InputError
+    from pipeline.io.shards import RunStateError
+    from pipeline.io.storage import CorruptFileError, StorageError, StorageFullError
+    from pipeline.embed.validate import ArgumentProblem, check_embed
 
     args = build_parser().parse_args(argv)
     cfg = config_from_args(args)
@@ -153,9 +155,9 @@ def main(argv: list[str] | None = None) -> int:
 
 def print_report_summary(cfg: EmbedConfig) -> int:
     """Print the cost report's one-line summary of the whole run directory; return 3 if the audit refuses it."""
-    from pipeline.report import AuditError, ReportConfig, build_report, summary_line
-    from pipeline.shards import RunStateError
-    from pipeline.storage import CorruptFileError
+    from pipeline.report.build import AuditError, ReportConfig, build_report, summary_line
+    from pipeline.io.shards import RunStateError
+    from pipeline.io.storage import CorruptFileError
 
     try:
         report = build_report([cfg.output], ReportConfig(storage_options=cfg.storage_options))
@@ -173,7 +175,7 @@ def print_report_summary(cfg: EmbedConfig) -> int:
 
 
 if __name__ == "__main__":
-    from pipeline.cli import setup_logging
+    from pipeline.logs import setup_logging
 
     setup_logging()
     raise SystemExit(main())

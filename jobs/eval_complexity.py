@@ -12,7 +12,7 @@ import argparse
 import json
 import sys
 
-from pipeline.complexity_training import EvalConfig
+from pipeline.training.complexity import EvalConfig
 
 from .common import HelpFormatter
 
@@ -61,7 +61,7 @@ def _fmt(v) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     """Evaluate; return 0 on success, 2 on bad input (the message says what to fix)."""
-    from pipeline.complexity_training import evaluate_complexity
+    from pipeline.training.complexity import evaluate_complexity
 
     a = build_parser().parse_args(argv)
     cfg = EvalConfig(images=a.images, labels=a.labels, output=a.output, scorer=a.scorer, checkpoint=a.checkpoint,
@@ -90,7 +90,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    from pipeline.cli import setup_logging
+    from pipeline.logs import setup_logging
 
     setup_logging()
     raise SystemExit(main())

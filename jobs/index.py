@@ -7,7 +7,7 @@ import json
 import logging
 import sys
 
-from pipeline.index import IndexConfig
+from pipeline.index.build import IndexConfig
 
 from .common import HelpFormatter, json_object
 
@@ -99,11 +99,11 @@ def main(argv: list[str] | None = None) -> int:
     """Run the index job; return 0 on success, 2 on bad input, a budget that cannot hold the index or an output
     another build holds the lock of, 1 when another build took the lock over mid-build, 130 when interrupted
     (Ctrl-C) and 143 when terminated (SIGTERM)."""
-    from pipeline.execution import stop_reason
-    from pipeline.index import RunMismatchError, build_index
-    from pipeline.index_params import BudgetError
-    from pipeline.lock import LockHeld, LockLost
-    from pipeline.storage import CorruptFileError
+    from pipeline.runtime import stop_reason
+    from pipeline.index.build import RunMismatchError, build_index
+    from pipeline.index.params import BudgetError
+    from pipeline.io.lock import LockHeld, LockLost
+    from pipeline.io.storage import CorruptFileError
 
     args = build_parser().parse_args(argv)
     cfg = config_from_args(args)
@@ -145,7 +145,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    from pipeline.cli import setup_logging
+    from pipeline.logs import setup_logging
 
     setup_logging()
     raise SystemExit(main())

@@ -6,7 +6,7 @@ import argparse
 import json
 import logging
 
-from pipeline.democorpus import DemoCorpusConfig, make_demo_corpus
+from pipeline.demo.corpus import DemoCorpusConfig, make_demo_corpus
 
 _D = DemoCorpusConfig(output="")
 

@@ -12,14 +12,14 @@ log = logging.getLogger("icar.reindex")
 
 
 def _epilog() -> str:
-    from pipeline.reindex import EXIT_CODES
+    from pipeline.reindex.run import EXIT_CODES
 
     codes = "\n".join(f"  {code}  {text}" for code, text in sorted(EXIT_CODES.items()))
     return f"""
 Each run, under a lock on ROOT: embeds the inputs not yet committed (and those whose size/mtime/ETag changed),
 retires inputs that disappeared (their keys leave the next index), builds ROOT/indexes/vNNNN, verifies it
 (opens, row counts, model, recall >= target) and only then moves ROOT/indexes/LATEST to it. A record of every
-run is written to ROOT/reindex-log/. Readers: pipeline.reindex.resolve_latest(ROOT) gives the index directory.
+run is written to ROOT/reindex-log/. Readers: pipeline.reindex.run.resolve_latest(ROOT) gives the index directory.
 
 exit codes (for schedulers):
 {codes}
@@ -55,9 +55,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     """Run the reindex job; return its exit code (see --help)."""
-    from pipeline.cli import setup_logging
-    from pipeline.jobconfig import ConfigError, load_job_config
-    from pipeline.reindex import EXIT_CONFIG
+    from pipeline.logs import setup_logging
+    from pipeline.reindex.jobconfig import ConfigError, load_job_config
+    from pipeline.reindex.run import EXIT_CONFIG
 
     args = build_parser().parse_args(argv)
     if args.log_format:
@@ -72,8 +72,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{args.config}: ok (job {cfg.name}, root {cfg.root}, {len(cfg.inputs)} input pattern(s))")
         return 0
     if args.dry_run or args.status:
-        from pipeline.readers import InputError
-        from pipeline.reindex import plan_reindex, reindex_status
+        from pipeline.io.readers import InputError
+        from pipeline.reindex.run import plan_reindex, reindex_status
 
         try:
             out = plan_reindex(cfg) if args.dry_run else reindex_status(cfg.root.rstrip("/"), cfg.storage_options)
@@ -83,7 +83,7 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(out, indent=2, default=str))
         return 0
 
-    from pipeline.reindex import run_reindex
+    from pipeline.reindex.run import run_reindex
 
     result = run_reindex(cfg, break_lock=args.break_lock)
     if args.json:
@@ -95,7 +95,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    from pipeline.cli import setup_logging
+    from pipeline.logs import setup_logging
 
     setup_logging()
     raise SystemExit(main())

@@ -7,7 +7,7 @@ import json
 import logging
 import sys
 
-from pipeline.report import ReportConfig
+from pipeline.report.build import ReportConfig
 
 from .common import HelpFormatter, json_object
 
@@ -61,7 +61,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def expand_runs(patterns: list[str], storage_options: dict) -> list[str]:
     """Return the run directories named by ``patterns``, globs expanded (sorted), each must hold a run.json."""
-    from pipeline import storage
+    from pipeline.io import storage
 
     runs: list[str] = []
     for pattern in patterns:
@@ -78,9 +78,9 @@ def expand_runs(patterns: list[str], storage_options: dict) -> list[str]:
 
 def main(argv: list[str] | None = None) -> int:
     """Run the report job; return 0 on success, 2 on bad input, 3 when a run fails the audit."""
-    from pipeline.report import AuditError, build_report, render_text, write_report
-    from pipeline.shards import RunStateError
-    from pipeline.storage import CorruptFileError
+    from pipeline.report.build import AuditError, build_report, render_text, write_report
+    from pipeline.io.shards import RunStateError
+    from pipeline.io.storage import CorruptFileError
 
     args = build_parser().parse_args(argv)
     cfg = ReportConfig(gpu_hour_price=args.gpu_hour_price, currency=args.currency, compare=args.compare,
@@ -107,7 +107,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    from pipeline.cli import setup_logging
+    from pipeline.logs import setup_logging
 
     setup_logging()
     raise SystemExit(main())

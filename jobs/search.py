@@ -71,8 +71,8 @@ def format_table(query: str, hits: list) -> str:
 
 def resolve_index_dir(path: str, storage_options: dict) -> str:
     """Return ``path``, or the index its ROOT/indexes/LATEST points to when ``path`` is an `icar reindex` root."""
-    from pipeline import storage
-    from pipeline.reindex import INDEXES, LATEST, resolve_latest
+    from pipeline.io import storage
+    from pipeline.reindex.run import INDEXES, LATEST, resolve_latest
 
     if not storage.exists(storage.join(path, "index.json"), storage_options) and \
             storage.exists(storage.join(path, INDEXES, LATEST), storage_options):
@@ -82,10 +82,10 @@ def resolve_index_dir(path: str, storage_options: dict) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     """Run the search job; return 0 on success, 2 on bad input."""
-    from pipeline.models import ModelLoadError
-    from pipeline.search import Searcher
-    from pipeline.validate import ArgumentProblem, check_k, check_nprobe
-    from pipeline.storage import CorruptFileError
+    from pipeline.model.models import ModelLoadError
+    from pipeline.index.search import Searcher
+    from pipeline.embed.validate import ArgumentProblem, check_k, check_nprobe
+    from pipeline.io.storage import CorruptFileError
 
     args = build_parser().parse_args(argv)
     if not args.texts and not args.image:
@@ -119,7 +119,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    from pipeline.cli import setup_logging
+    from pipeline.logs import setup_logging
 
     setup_logging()
     raise SystemExit(main())

@@ -3,7 +3,7 @@
 The model classifies each image into K ordered complexity bins; its score is the expected bin value in
 [0, 1]. Training is two-hot cross-entropy (+ MSE on the expected value), mild augmentation only (flips and
 crops keeping >= 85 % of the area: zooming changes how complex an image looks); see
-pipeline/complexity_training.py for every choice and why. The best epoch by validation (PLCC+SRCC)/2 is
+pipeline/training/complexity.py for every choice and why. The best epoch by validation (PLCC+SRCC)/2 is
 kept as OUTPUT/best.safetensors with a JSON card; re-running the same command resumes after the last
 finished epoch.
 """
@@ -14,7 +14,7 @@ import argparse
 import json
 import sys
 
-from pipeline.complexity_training import TrainConfig
+from pipeline.training.complexity import TrainConfig
 
 from .common import HelpFormatter
 
@@ -95,7 +95,7 @@ def config_from_args(a: argparse.Namespace) -> TrainConfig:
 
 def main(argv: list[str] | None = None) -> int:
     """Train; return 0 on success, 2 on bad input (the message says what to fix)."""
-    from pipeline.complexity_training import train_complexity
+    from pipeline.training.complexity import train_complexity
 
     cfg = config_from_args(build_parser().parse_args(argv))
     try:
@@ -111,7 +111,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    from pipeline.cli import setup_logging
+    from pipeline.logs import setup_logging
 
     setup_logging()
     raise SystemExit(main())

@@ -6,7 +6,7 @@ import argparse
 import json
 import logging
 
-from pipeline.demo_training import DemoModelConfig, DemoTrainConfig, train_demo
+from pipeline.demo.training import DemoModelConfig, DemoTrainConfig, train_demo
 
 _D = DemoTrainConfig(corpus="")
 

@@ -1,6 +1,6 @@
 """`icar train-exits INPUT... --output DIR`: train early-exit heads so early embeddings answer the same text queries.
 
-Dual-path training (pipeline/exit_training.py). By default the backbone and the text tower stay frozen and only
+Dual-path training (pipeline/training/exits.py). By default the backbone and the text tower stay frozen and only
 the exit heads (LayerNorm + projection per early exit) and their temperatures train, on features computed once
 per image: loss per exit = contrastive loss against the frozen caption embeddings + distillation toward the
 full-depth embedding of the same image. Full-depth embeddings stay identical to the model's, so existing
@@ -16,7 +16,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from pipeline.exit_training import ExitTrainConfig, TrainExitsError, train_exits
+from pipeline.training.exits import ExitTrainConfig, TrainExitsError, train_exits
 
 from .common import HelpFormatter, int_list, json_object
 
@@ -66,7 +66,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="data-parallel processes to start on this machine (one GPU each on CUDA); under torchrun "
                         "leave it at 1")
     m.add_argument("--merge", default=d.merge,
-                   help="token-merging schedule the heads will serve under (e.g. keep0.8, r2; see pipeline/merging.py): "
+                   help="token-merging schedule the heads will serve under (e.g. keep0.8, r2; see pipeline/model/merging.py): "
                         "early-exit features are taken from merged tokens; the heads file records it")
     v = p.add_argument_group("validation")
     v.add_argument("--val", dest="val_inputs", nargs="+", default=d.val_inputs,
@@ -112,8 +112,8 @@ def main(argv: list[str] | None = None) -> int:
 
     Under torchrun every process runs this; the process group comes from the environment torchrun sets.
     """
-    from pipeline.models import ModelLoadError
-    from pipeline.readers import InputError
+    from pipeline.model.models import ModelLoadError
+    from pipeline.io.readers import InputError
 
     args = build_parser().parse_args(argv)
     try:
@@ -125,7 +125,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    from pipeline.cli import setup_logging
+    from pipeline.logs import setup_logging
 
     setup_logging()
     raise SystemExit(main())

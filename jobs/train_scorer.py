@@ -16,7 +16,7 @@ What it does, in order:
    fourth) and k-fold within each category, PLCC/SRCC per category and their mean, beside the training-free
    heuristic on the same test images. These numbers go into the card.
 4. Trains the final model on all four categories (10 % held out, seeded, to choose the epoch) with the same
-   loop as `icar train-complexity` (`pipeline.complexity_training.fit`: ordered bins, two-hot + MSE loss,
+   loop as `icar train-complexity` (`pipeline.training.complexity.fit`: ordered bins, two-hot + MSE loss,
    expected bin value as the score), writes it with the card (backbone, its source and licence,
    training data and its licence note, metrics, counted GFLOPs per image, this command), and checks that
    the file scores like the model it came from.
@@ -84,7 +84,7 @@ def recipe(images: str, labels: str, weights: str, seed: int = 0, device: str = 
     - 10 epochs, batch 32, the project's defaults otherwise (AdamW lr 4e-4, backbone 0.1x, 10 bins, two-hot+MSE);
       the epoch kept is the best on a 10% inner validation split.
     """
-    from pipeline.complexity_training import TrainConfig
+    from pipeline.training.complexity import TrainConfig
 
     return TrainConfig(images=images, train_labels=labels, output="", backbone="torchvision:mobilenet_v2",
                        backbone_weights=weights, bins=10, input_size=160, decode_size=224, epochs=10, batch_size=32,
@@ -154,7 +154,7 @@ def prepare(cfg, cache_dir: str | None = None, threads: int | None = None) -> di
     """
     import torch
 
-    from pipeline.complexity_training import (build_model, file_sha256, frozen_views, load_images, read_labels,
+    from pipeline.training.complexity import (build_model, file_sha256, frozen_views, load_images, read_labels,
                                               resolve_score_scale)
 
     pairs = read_labels(cfg.train_labels)
@@ -199,8 +199,8 @@ def prepare(cfg, cache_dir: str | None = None, threads: int | None = None) -> di
 
 def evaluate_recipe(cfg, data: dict, k: int = 5) -> dict:
     """Return leave-one-category-out and k-fold metrics of the recipe and of the heuristic on the same splits."""
-    from pipeline.complexity_training import category_folds, cross_validate, summarise_folds
-    from pipeline.scorer import HeuristicScorer
+    from pipeline.training.complexity import category_folds, cross_validate, summarise_folds
+    from pipeline.model.scorer import HeuristicScorer
 
     heuristic = HeuristicScorer().score(data["pixels"])
     out = {"protocol": {"loco": "train on three categories, test on the fourth; metrics on all of it",
@@ -272,9 +272,9 @@ def train_final(cfg, data: dict, output: str, metrics: dict | None) -> dict:
     import torch
 
     from pipeline import __version__
-    from pipeline.complexity_training import backbone_lr_mult_of, build_model, file_sha256, fit, predict_frozen
-    from pipeline.flops import count_gflops
-    from pipeline.scorer import IMAGENET_MEAN, IMAGENET_STD, load_scorer, save_checkpoint
+    from pipeline.training.complexity import backbone_lr_mult_of, build_model, file_sha256, fit, predict_frozen
+    from pipeline.model.flops import count_gflops
+    from pipeline.model.scorer import IMAGENET_MEAN, IMAGENET_STD, load_scorer, save_checkpoint
 
     n = len(data["y"])
     train, val = final_split(n, cfg.seed, cfg.val_fraction)
@@ -294,7 +294,7 @@ def train_final(cfg, data: dict, output: str, metrics: dict | None) -> dict:
                  "complexity like SAVOIAS raters (scores are comparable within a kind of image, see metrics)",
         "backbone_weights": {**WEIGHTS_CARD, "loaded": weights_info["loaded"] if weights_info else None},
         "gflops_per_image": gflops,
-        "gflops_note": f"counted with pipeline.flops.count_gflops at {cfg.input_size} px (multiply-add = 2 FLOPs); "
+        "gflops_note": f"counted with pipeline.model.flops.count_gflops at {cfg.input_size} px (multiply-add = 2 FLOPs); "
                        "the resize from the decoded batch is extra and small",
         "training": {
             "data": DATA_NOTE, "licence_note": "see data: images keep their owners' terms, some non-commercial "
@@ -306,7 +306,7 @@ def train_final(cfg, data: dict, output: str, metrics: dict | None) -> dict:
                                        "decode_workers", "data_note", "restart", "val_labels")},
                        "backbone_lr_mult": backbone_lr_mult_of(cfg)},
             "best_epoch": result["best"]["epoch"], "val": result["best"]["val"],
-            "loop": "pipeline.complexity_training.fit (the loop of `icar train-complexity`)",
+            "loop": "pipeline.training.complexity.fit (the loop of `icar train-complexity`)",
         },
         "metrics": metrics if metrics is not None else {"note": "not measured in this run (--skip-eval)"},
         "reproduce": REPRODUCE,
@@ -384,7 +384,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    from pipeline.cli import setup_logging
+    from pipeline.logs import setup_logging
 
     setup_logging()
     raise SystemExit(main())

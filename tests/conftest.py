@@ -5,8 +5,12 @@ from __future__ import annotations
 import logging
 import os
 import socket
+import sys
 
 import pytest
+
+# Test helpers (the zoo of broken files, the tiny CLIP, the fault proxy) import by their module names.
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "helpers"))
 
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")

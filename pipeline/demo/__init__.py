@@ -1,0 +1,1 @@
+"""The shipped demo: the seeded synthetic corpus and the small CLIP trained on it."""

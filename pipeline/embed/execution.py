@@ -1,0 +1,442 @@
+"""Wires the stages onto Ray: CPU shard tasks read and decode, model actors score, route and embed.
+
+One input shard is the unit of work. A shard task streams its input, decodes batches on a CPU and keeps a
+few of them queued at a model actor, then commits the output shard atomically and returns the manifest row;
+the driver records it in the manifest. Everything Ray-specific lives here; the stages are plain Python.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import logging
+import math
+import sys
+import time
+from collections import deque
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+
+from pipeline.io import storage
+from pipeline.embed.config import EmbedConfig
+from pipeline.model.spec import ModelSpec
+from pipeline.io.lock import RootLock, output_lock
+from pipeline.io.schema import RUN_JSON, SHARD_DIR
+from pipeline.io.rundir import assign_parts, check_run_identity, record_invocation, remove_orphans
+from pipeline.io.repair import repair_run
+from pipeline.io.shards import (Manifest, RunStateError, ShardRows, commit_shard, manifest_row, read_run_json,
+                     record_duplicate_keys, write_shard_failure)
+from pipeline.runtime import apply_secrets, forwarded_env, forwarded_secrets, init_ray, sigterm_as_interrupt
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class EmbedSummary:
+    """What an embed run did; `line()` is the one-line summary printed at the end."""
+
+    run: str
+    images: int = 0
+    errors: int = 0
+    shards_committed: int = 0
+    shards_skipped: int = 0
+    shards_failed: list[tuple[str, str]] = field(default_factory=list)  # (input shard, message)
+    gflops: float = 0.0
+    full_depth_gflops: float = 0.0  # the same images at full depth with no scorer
+    seconds: float = 0.0
+    model_seconds: float = 0.0
+    exit_counts: dict[int, int] = field(default_factory=dict)
+    duplicate_keys: int = 0  # rows whose key another input shard committed first (RUN/duplicates.parquet)
+
+    @property
+    def exit_code(self) -> int:
+        """Return 0 when every input shard was committed, 1 when any failed."""
+        return 1 if self.shards_failed else 0
+
+    def line(self) -> str:
+        """Return the one-line summary of the run."""
+        saved = (1 - self.gflops / self.full_depth_gflops) * 100 if self.full_depth_gflops else 0.0
+        mix = ", ".join(f"{d}:{c}" for d, c in sorted(self.exit_counts.items())) or "-"
+        rate = self.images / self.seconds if self.seconds else 0.0
+        return (f"icar embed: {self.images} images, {self.errors} errors, {self.shards_committed} shards committed "
+                f"({self.shards_skipped} already done, {len(self.shards_failed)} failed), "
+                f"{self.gflops:.1f} GFLOPs ({saved:.1f}% below full depth), exits {mix}, "
+                f"{self.seconds:.1f}s wall, {rate:.1f} images/s"
+                + (f"; {self.duplicate_keys} duplicate keys across shards (duplicates.parquet)"
+                   if self.duplicate_keys else ""))
+
+
+def process_shard(shard, part: int, cfg: EmbedConfig, facts: ModelFacts, submit, fetch, on_batch=None) -> dict:
+    """Embed one input shard and commit it; return its manifest row.
+
+    ``submit(pixels, keys)`` queues a batch at a model and returns a handle; ``fetch(handle)`` returns the
+    model's result dict. At most ``cfg.batches_in_flight`` batches are queued, so decoding the next batch
+    overlaps with the model working on the previous ones, and memory stays bounded by configuration.
+    """
+    from pipeline.io.decode import DecodeConfig, DecodeError, decode_image
+    from pipeline.io.readers import iter_samples
+
+    t0 = time.perf_counter()
+    dcfg = DecodeConfig(image_size=facts.image_size, max_pixels=cfg.max_pixels)
+    rows = ShardRows(source=shard.uri)
+    seen: set[str] = set()
+    in_flight: deque = deque()
+    model_seconds = 0.0
+    batch_meta: list = []
+    batch_pixels: list[np.ndarray] = []
+    dim = None
+
+    def collect(entry):
+        nonlocal model_seconds, dim
+        meta, handle = entry
+        result = fetch(handle)
+        model_seconds += float(result["seconds"])
+        dim = result["embedding"].shape[1]
+        for key, caption, url, width, height in meta:
+            rows.keys.append(key)
+            rows.captions.append(caption)
+            rows.urls.append(url)
+            rows.widths.append(width)
+            rows.heights.append(height)
+        rows.complexity.append(result["complexity"])
+        rows.exit_layer.append(result["exit_layer"])
+        rows.gflops.append(result["gflops"])
+        rows.embeddings.append(result["embedding"])
+        if on_batch is not None:
+            on_batch(len(meta))
+
+    def flush():
+        if not batch_meta:
+            return
+        keys = [m[0] for m in batch_meta]
+        in_flight.append((list(batch_meta), submit(np.stack(batch_pixels), keys)))
+        batch_meta.clear()
+        batch_pixels.clear()
+        while len(in_flight) > cfg.batches_in_flight:
+            collect(in_flight.popleft())
+
+    for sample in iter_samples(shard, cfg.storage_options, image_column=cfg.image_column,
+                               max_sample_bytes=cfg.max_sample_bytes, follow_symlinks=cfg.follow_symlinks):
+        if sample.key in seen:
+            rows.add_error(sample.key, "read", f"duplicate key {sample.key!r} in {shard.uri}; the first one was kept")
+            continue
+        seen.add(sample.key)
+        if sample.error is not None or sample.data is None:
+            rows.add_error(sample.key, "read", sample.error or "no image data")
+            continue
+        try:
+            decoded = decode_image(sample.data, dcfg)
+        except DecodeError as e:
+            rows.add_error(sample.key, "decode", str(e))
+            continue
+        batch_meta.append((sample.key, sample.caption, sample.url, decoded.width, decoded.height))
+        batch_pixels.append(decoded.pixels)
+        if len(batch_meta) >= cfg.batch_size:
+            flush()
+    flush()
+    while in_flight:
+        collect(in_flight.popleft())
+
+    if dim is None:  # no image in this shard embedded: an empty shard still needs the schema's dimension
+        dim = facts.embed_dim
+    commit_shard(cfg.output, part, rows, dim, cfg.storage_options)
+    fingerprint = {"size": shard.size, "mtime": shard.mtime, "etag": shard.etag}
+    return manifest_row(shard.uri, part, rows, time.perf_counter() - t0, model_seconds,
+                        facts.scorer_gflops, fingerprint)
+
+
+@dataclass(frozen=True)
+class ModelFacts:
+    """What a shard task needs to know of the model, taken from the actors' description (no model loaded)."""
+
+    image_size: int
+    embed_dim: int
+    scorer_gflops: float
+
+    @classmethod
+    def from_description(cls, d: dict) -> "ModelFacts":
+        return cls(int(d["image_size"]), int(d["embed_dim"]), float(d["scorer_gflops"]))
+
+
+def plan_resources(ray, cfg: EmbedConfig) -> dict:
+    """Return how many model actors and concurrent shard tasks fit the cluster, and what each reserves."""
+    res = ray.cluster_resources()
+    cpus, gpus = float(res.get("CPU", 0)), float(res.get("GPU", 0))
+    use_gpu = gpus > 0 and cfg.spec.device in ("auto", "cuda")
+    if cfg.num_actors is not None:
+        actors = cfg.num_actors
+    elif use_gpu:
+        actors = max(1, int(gpus / cfg.gpus_per_actor))
+    else:
+        actors = 1
+    actor_cpus = cfg.cpus_per_actor
+    free_cpus = cpus - actors * actor_cpus
+    if free_cpus < 1:
+        raise RuntimeError(
+            f"the Ray cluster has {cpus:g} CPUs; {actors} model actor(s) x {actor_cpus:g} CPUs leave {free_cpus:g} "
+            f"for reading and decoding, and at least 1 is needed (fewer --num-actors or --cpus-per-actor)")
+    decode = cfg.decode_tasks or max(1, int(free_cpus))
+    return {"actors": actors, "gpus_per_actor": cfg.gpus_per_actor if use_gpu else 0.0,
+            "cpus_per_actor": actor_cpus, "decode_tasks": decode, "cluster_cpus": cpus, "cluster_gpus": gpus}
+
+
+def run_embed(cfg: EmbedConfig) -> EmbedSummary:
+    """Embed every input shard of ``cfg`` not yet committed in its run directory; return the summary."""
+    from pipeline.io.readers import expand_inputs
+
+    t_start = time.perf_counter()
+    started = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+    # Before any cluster or model starts: a missing bucket, denied writes or a read-only or full disk end the
+    # job here, in about a second, with nothing written (raises storage.StorageError).
+    storage.check_writable(cfg.output, cfg.storage_options)
+    # One writer per run directory, taken before the manifest is read: a second run would plan from a manifest
+    # the first is rewriting and delete the first's unrecorded shards as orphans. Refused at once (LockHeld).
+    lock = output_lock(cfg.output, "embed", cfg.lock_stale_after_s, cfg.lock_heartbeat_s, cfg.storage_options)
+    lock.acquire(break_lock=cfg.break_lock)
+    # From here a SIGTERM unwinds (releasing the lock) instead of killing the driver; installed again after
+    # ray.init, which puts its own handler in place.
+    restore_outer = sigterm_as_interrupt()
+    try:
+        return _run_embed_locked(cfg, lock, t_start, started)
+    finally:
+        restore_outer()
+        lock.release()
+
+
+def _run_embed_locked(cfg: EmbedConfig, lock: RootLock, t_start: float, started: str) -> EmbedSummary:
+    """Do run_embed's work while holding the run directory's ``lock``; return the summary."""
+    from pipeline.io.readers import expand_inputs
+
+    shards = expand_inputs(cfg.inputs, cfg.storage_options, cfg.folder_shard_size, cfg.follow_symlinks)
+    if cfg.repair:  # under the lock: no other run reads or writes the parts being moved aside
+        repair_run(cfg.output, cfg.storage_options)
+    elif storage.exists(storage.join(cfg.output, RUN_JSON), cfg.storage_options):
+        read_run_json(cfg.output, cfg.storage_options)  # a damaged one fails here, before Ray and the models start
+    manifest = Manifest(cfg.output, cfg.storage_options)
+    plan = assign_parts(shards, manifest, cfg.reembed_changed)
+    summary = EmbedSummary(run=cfg.output, shards_skipped=len(shards) - len(plan))
+    if cfg.limit_shards is not None:
+        plan = plan[: cfg.limit_shards]
+    log.info("%d input shards: %d already committed, %d to embed", len(shards), summary.shards_skipped, len(plan))
+
+    ray = init_ray(cfg.resolved_address())
+    restore_sigterm = sigterm_as_interrupt()  # after ray.init, which installs a SIGTERM handler of its own
+    try:
+        full_gflops = _embed_plan(ray, cfg, plan, manifest, summary, t_start, lock)
+    finally:
+        restore_sigterm()
+
+    lock.check()
+    if manifest.rows:
+        # Every invocation checks the whole run: one killed before its check leaves no trace of what it committed.
+        summary.duplicate_keys = record_duplicate_keys(cfg.output, manifest.rows, cfg.storage_options)
+    summary.full_depth_gflops = full_gflops * summary.images
+    summary.seconds = time.perf_counter() - t_start
+    record_invocation(cfg.output, cfg.storage_options, started, invocation_figures(summary))
+    return summary
+
+
+def _embed_plan(ray, cfg: EmbedConfig, plan: list, manifest: Manifest, summary: EmbedSummary,
+                t_start: float, lock: RootLock) -> float:
+    """Embed ``plan``'s (shard, part) pairs on model actors, recording commits in ``manifest`` and ``summary``.
+
+    Return the full-depth GFLOPs per image. The actors are stopped and the manifest flushed however it ends,
+    unless the run directory's ``lock`` was lost: the run that took it over owns the manifest then.
+    """
+    resources = plan_resources(ray, cfg)
+    env = forwarded_env()
+    runtime_env = {"env_vars": env} if env else None
+    secrets = forwarded_secrets()
+    actor_cls = ray.remote(ModelActor)
+    actors = [
+        actor_cls.options(num_cpus=resources["cpus_per_actor"], num_gpus=resources["gpus_per_actor"],
+                          max_restarts=-1, max_task_retries=-1, runtime_env=runtime_env).remote(cfg.spec, secrets)
+        for _ in range(resources["actors"])
+    ]
+    try:
+        try:
+            descriptions = ray.get([a.describe.remote() for a in actors], timeout=cfg.actor_start_timeout_s)
+        except ray.exceptions.GetTimeoutError:
+            raise RuntimeError(
+                f"model actors did not start within {cfg.actor_start_timeout_s:.0f}s; each asks for "
+                f"{resources['cpus_per_actor']:g} CPU and {resources['gpus_per_actor']:g} GPU and the cluster has "
+                f"{resources['cluster_cpus']:g} CPUs, {resources['cluster_gpus']:g} GPUs "
+                f"(see `ray status`; raise --actor-start-timeout for slow model downloads)") from None
+        description = descriptions[0]
+        check_run_identity(cfg.output, description, cfg.storage_options, manifest.rows, cfg.repair)
+        run_json = dict(description, inputs=list(cfg.inputs), resources=resources)
+        run_json["spec"] = asdict(cfg.spec)
+        if not storage.exists(storage.join(cfg.output, RUN_JSON), cfg.storage_options):
+            storage.write_json(run_json, storage.join(cfg.output, RUN_JSON), cfg.storage_options)
+        remove_orphans(cfg.output, manifest, cfg.storage_options, lock)
+    except BaseException:
+        # A refused run (another model's run directory, actors that never started) must not leave its model
+        # actors holding CPUs/GPUs in a Ray that lives on (a cluster, a test session, a retry in the same driver).
+        for a in actors:
+            ray.kill(a)
+        raise
+
+    facts = ModelFacts.from_description(description)
+    full_gflops = float(description["gflops_per_exit"][str(description["exits"][-1])])
+
+    counter = ray.remote(ProgressCounter).options(num_cpus=0).remote()
+    task = ray.remote(shard_task).options(num_cpus=1, max_retries=cfg.shard_retries, retry_exceptions=True,
+                                          runtime_env=runtime_env)
+    bar = progress_bar(len(plan), cfg.progress)
+    pending = deque(plan)
+    in_flight: dict = {}
+    next_actor = 0
+    last_poll = 0.0
+    try:
+        while pending or in_flight:
+            lock.check()  # LockLost: stop before writing the manifest another run may be using now
+            manifest.flush_if_due()  # commits of a quiet spell reach the file, not only those before the next
+            while pending and len(in_flight) < resources["decode_tasks"]:
+                shard, part = pending.popleft()
+                ref = task.remote(shard, part, cfg, facts, actors[next_actor % len(actors)], counter, secrets)
+                next_actor += 1
+                in_flight[ref] = (shard, part, time.monotonic())
+            ready, _ = ray.wait(list(in_flight), num_returns=1, timeout=2.0)
+            for ref in ready:
+                shard, part, _ = in_flight.pop(ref)
+                try:
+                    row = ray.get(ref)
+                except Exception as e:  # the shard failed after its retries: report it, finish the rest
+                    message = failure_message(e)
+                    log.error("input shard %s failed after %d retries: %s", shard.uri, cfg.shard_retries, message)
+                    write_shard_failure(cfg.output, part, shard.uri, message, cfg.storage_options)
+                    summary.shards_failed.append((shard.uri, message))
+                else:
+                    manifest.add(row)
+                    summary.shards_committed += 1
+                    summary.images += row["rows"]
+                    summary.errors += row["errors"]
+                    summary.gflops += row["gflops"]
+                    summary.model_seconds += row["model_seconds"]
+                    for depth, count in json.loads(row["exit_counts"]).items():
+                        summary.exit_counts[int(depth)] = summary.exit_counts.get(int(depth), 0) + count
+                if bar is not None:
+                    bar.update(1)
+            now = time.monotonic()
+            for ref, (shard, part, submitted) in list(in_flight.items()):
+                if now - submitted > cfg.shard_timeout_s:
+                    ray.cancel(ref, force=True)
+                    in_flight.pop(ref)
+                    message = f"timed out after {cfg.shard_timeout_s:.0f}s (--shard-timeout)"
+                    write_shard_failure(cfg.output, part, shard.uri, message, cfg.storage_options)
+                    summary.shards_failed.append((shard.uri, message))
+            if bar is not None and now - last_poll > 1.0:
+                last_poll = now
+                images, errors = ray.get(counter.totals.remote(), timeout=60)
+                elapsed = time.perf_counter() - t_start
+                bar.set_postfix_str(f"{images} images, {images / elapsed:.1f} img/s, {errors} errors")
+    except BaseException:
+        # A failing or interrupted loop (an exception, Ctrl-C) still records what it committed, so the next run
+        # redoes only what was in flight; a flush that fails too must not hide why the loop stopped. A lost lock
+        # (LockLost, raised again here) records nothing: the run that took it over owns the manifest now.
+        try:
+            lock.check()
+            manifest.flush()
+        except Exception as e:
+            log.error("could not record the last commits in %s (%s: %s): their shards are removed and embedded "
+                      "again by the next run", manifest.url, type(e).__name__, e)
+        raise
+    else:
+        lock.check()
+        manifest.flush()
+    finally:
+        if bar is not None:
+            bar.close()
+        for a in actors:
+            ray.kill(a)
+        ray.kill(counter)
+    return full_gflops
+
+
+def invocation_figures(summary: EmbedSummary) -> dict:
+    """Return the figures of one invocation that run.json records (the report's throughput comes from these)."""
+    return {
+        "wall_seconds": round(summary.seconds, 3),
+        "images": summary.images,
+        "errors": summary.errors,
+        "shards_committed": summary.shards_committed,
+        "shards_skipped": summary.shards_skipped,
+        "shards_failed": len(summary.shards_failed),
+        "duplicate_keys": summary.duplicate_keys,
+        "gflops": summary.gflops,
+        "model_seconds": round(summary.model_seconds, 3),
+    }
+
+
+def failure_message(e: Exception) -> str:
+    """Return the message of the error that failed a shard task, without Ray's traceback wrapping."""
+    cause = getattr(e, "cause", None)
+    if cause is not None:
+        return f"{type(cause).__name__}: {cause}"
+    text = str(e).strip().splitlines()
+    return text[-1] if text else type(e).__name__
+
+
+def progress_bar(total: int, enabled: bool):
+    """Return a tqdm bar over shards, or None when progress is off or stderr is not for people."""
+    if not enabled:
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, unit="shard", desc="embed", file=sys.stderr, dynamic_ncols=True)
+
+
+class ModelActor:
+    """A model worker on a Ray actor (one per GPU, or a CPU actor on CPU-only clusters)."""
+
+    def __init__(self, spec: ModelSpec, secrets: dict[str, str] | None = None):
+        from pipeline.model.worker import ModelWorker
+
+        apply_secrets(secrets)  # checkpoints may live on S3
+        logging.basicConfig(level=logging.WARNING)
+        logging.getLogger("pipeline").setLevel(logging.INFO)
+        self.worker = ModelWorker(spec)
+
+    def describe(self) -> dict:
+        return self.worker.describe()
+
+    def embed(self, pixels: np.ndarray, keys: list[str]) -> dict:
+        return self.worker.embed(pixels, keys)
+
+
+class ProgressCounter:
+    """Counts images embedded and samples failed across all shard tasks, for the progress bar."""
+
+    def __init__(self):
+        self.images = 0
+        self.errors = 0
+
+    def add(self, images: int, errors: int = 0) -> None:
+        self.images += images
+        self.errors += errors
+
+    def totals(self) -> tuple[int, int]:
+        return self.images, self.errors
+
+
+def shard_task(shard, part: int, cfg: EmbedConfig, facts: ModelFacts, actor, counter,
+               secrets: dict[str, str] | None = None) -> dict:
+    """Ray task: embed one input shard through ``actor`` and commit it; returns the manifest row."""
+    import ray
+
+    apply_secrets(secrets)
+
+    def fetch(ref):
+        # A batch that takes this long means a hung actor: fail the shard (it is retried) instead of waiting.
+        return ray.get(ref, timeout=max(600.0, cfg.shard_timeout_s / 4))
+
+    row = process_shard(shard, part, cfg, facts, submit=lambda px, keys: actor.embed.remote(px, keys), fetch=fetch,
+                        on_batch=lambda n: counter.add.remote(n))
+    counter.add.remote(0, row["errors"])
+    return row
+
+
+def embed_gflops_ratio(summary: EmbedSummary) -> float:
+    """Return GFLOPs spent divided by the full-depth cost of the same images (nan for an empty run)."""
+    return summary.gflops / summary.full_depth_gflops if summary.full_depth_gflops else math.nan

@@ -1,0 +1,1 @@
+"""FAISS index directories: parameter choice, build (train, add, merge), nprobe tuning and search."""

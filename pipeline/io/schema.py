@@ -1,0 +1,81 @@
+"""The Parquet schemas of a run directory: the one place they are defined (DESIGN.md, data contracts)."""
+
+from __future__ import annotations
+
+import pyarrow as pa
+
+SHARD_DIR = "shards"
+ERROR_DIR = "errors"
+MANIFEST = "manifest.parquet"
+RUN_JSON = "run.json"
+
+
+def shard_schema(dim: int) -> pa.Schema:
+    """Return the embedding shard schema for embeddings of dimension ``dim`` (contract)."""
+    return pa.schema(
+        [
+            pa.field("key", pa.string(), nullable=False),
+            pa.field("source", pa.string(), nullable=False),
+            pa.field("caption", pa.string()),
+            pa.field("url", pa.string()),
+            pa.field("width", pa.int32(), nullable=False),
+            pa.field("height", pa.int32(), nullable=False),
+            # Null only when the run was made with no scorer (--scorer none): never a made-up value.
+            pa.field("complexity", pa.float32()),
+            pa.field("exit_layer", pa.int16(), nullable=False),
+            pa.field("gflops", pa.float32(), nullable=False),
+            pa.field("embedding", pa.list_(pa.float16(), dim), nullable=False),
+        ]
+    )
+
+
+ERROR_SCHEMA = pa.schema(
+    [
+        pa.field("key", pa.string()),  # empty when the whole input shard failed
+        pa.field("source", pa.string(), nullable=False),
+        pa.field("stage", pa.string(), nullable=False),  # read | decode | model | shard
+        pa.field("error", pa.string(), nullable=False),
+    ]
+)
+
+MANIFEST_SCHEMA = pa.schema(
+    [
+        pa.field("source", pa.string(), nullable=False),  # input shard URI
+        pa.field("output", pa.string(), nullable=False),  # shards/part-NNNNN.parquet, relative to RUN
+        pa.field("part", pa.int32(), nullable=False),
+        pa.field("rows", pa.int64(), nullable=False),
+        pa.field("errors", pa.int64(), nullable=False),
+        pa.field("gflops", pa.float64(), nullable=False),
+        pa.field("scorer_gflops", pa.float64(), nullable=False),
+        pa.field("seconds", pa.float64(), nullable=False),  # wall time of the shard task
+        pa.field("model_seconds", pa.float64(), nullable=False),  # time inside the model actor
+        # Fingerprint of the input when it was embedded, so a scheduled reindex can see changed inputs.
+        pa.field("source_size", pa.int64()),
+        pa.field("source_mtime", pa.string()),
+        pa.field("source_etag", pa.string()),
+        # Routing seen in this shard: exit depth -> image count, and the score distribution.
+        pa.field("exit_counts", pa.string(), nullable=False),  # JSON object {"12": 40, "24": 60}
+        pa.field("complexity_mean", pa.float32()),
+        pa.field("complexity_p10", pa.float32()),
+        pa.field("complexity_p50", pa.float32()),
+        pa.field("complexity_p90", pa.float32()),
+        pa.field("committed_at", pa.string(), nullable=False),  # ISO-8601 UTC
+    ]
+)
+
+
+def part_name(part: int) -> str:
+    """Return the file name of output part ``part``: part-NNNNN.parquet."""
+    return f"part-{part:05d}.parquet"
+
+
+def model_key(identity: dict) -> str:
+    """Return "name:weights_sha256", the key that must match between runs indexed together and a query encoder.
+
+    ``identity`` is run.json's ``model`` (what pipeline.model.models.load_clip describes). Defined here, torch-free,
+    so that the index, the searcher and the report can check it without importing torch.
+    """
+    missing = [k for k in ("name", "weights_sha256") if not identity.get(k)]
+    if missing:
+        raise ValueError(f"model identity lacks {missing}: {identity!r}; it must come from pipeline.model.models.load_clip")
+    return f"{identity['name']}:{identity['weights_sha256']}"

@@ -1,0 +1,422 @@
+"""Adaptive-depth CLIP image encoder: each image runs only as many transformer blocks as its exit depth.
+
+One forward pass per batch runs open_clip's ViT blocks in order on the whole batch. After each exit depth
+the rows routed there leave through that exit's head and only the rest go on: no block is computed twice,
+and no image computes a block past its exit. The rows are sorted by exit depth first (deepest first), so the
+images leaving at a depth are always the tail of the batch and what continues is a contiguous slice, not a
+copy. The last depth is the unmodified tower (``ln_post``, pooling and ``proj`` of open_clip), so full-depth
+embeddings equal ``model.encode_image``.
+
+An exit head is LayerNorm + projection into the joint space, initialised from the tower's own
+``ln_post``/``proj`` and trained by ``icar train-exits`` (pipeline/training/exits.py). Early exits pool the
+CLASS token (pool_type 'tok') or the mean of the patch tokens (pool_type 'avg') exactly as the tower does
+at full depth. (The paper's released code used open_clip's ``forward_intermediates``, which drops the class
+token, and so pooled the top-left patch token instead.)
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import logging
+import struct
+from typing import Iterable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+log = logging.getLogger(__name__)
+
+HEADS_FORMAT = "icar-exit-heads"
+HEADS_VERSION = "1"
+
+
+class HeadsMismatchError(ValueError):
+    """Exit heads were trained for another backbone (or other exits) than the one they are loaded onto."""
+
+
+def default_exits(num_blocks: int) -> list[int]:
+    """Return the default exit depths for a tower of ``num_blocks`` blocks: half, three quarters, all (24 -> [12, 18, 24])."""
+    if num_blocks < 1:
+        raise ValueError(f"a tower needs at least one block, got num_blocks={num_blocks}")
+    return sorted({max(1, round(num_blocks / 2)), max(1, round(3 * num_blocks / 4)), num_blocks})
+
+
+def validate_exits(exits: Iterable[int], num_blocks: int) -> list[int]:
+    """Return ``exits`` as a list of ints, or raise ValueError saying what is wrong with them."""
+    try:
+        out = [int(e) for e in exits]
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"exits must be integers (block counts), got {exits!r}") from e
+    if not out:
+        raise ValueError(f"exits must not be empty; e.g. {default_exits(num_blocks)}")
+    if out != sorted(out) or len(set(out)) != len(out):
+        raise ValueError(f"exits must be sorted and unique, got {out}; e.g. {sorted(set(out))}")
+    if out[0] < 1 or out[-1] > num_blocks:
+        raise ValueError(f"exits must lie in 1..{num_blocks} (blocks of this tower), got {out}")
+    if out[-1] != num_blocks:
+        raise ValueError(f"the last exit must be the full depth {num_blocks} (the unmodified tower), got {out}; "
+                         f"e.g. {out + [num_blocks]}")
+    return out
+
+
+def _check_visual(visual: nn.Module, exits: list[int]) -> None:
+    """Raise a clear error when ``visual`` is not an open_clip ViT tower we can exit early from."""
+    from open_clip.transformer import VisionTransformer
+
+    if not isinstance(visual, VisionTransformer):
+        raise TypeError(f"adaptive depth needs an open_clip VisionTransformer image tower (ViT-*), got "
+                        f"{type(visual).__name__}; timm and ResNet towers are not supported")
+    early = exits[:-1]
+    if early and getattr(visual, "attn_pool", None) is not None:
+        raise NotImplementedError(
+            f"this tower pools with an attentional pooler (CoCa-style attn_pool); early exits {early} would need "
+            f"their own trained poolers, which ICAR does not build. Use full depth only (exits={exits[-1:]}) or a "
+            f"CLIP ViT with class-token or average pooling")
+    if early and visual.pool_type not in ("tok", "avg"):
+        raise NotImplementedError(f"pool_type {visual.pool_type!r} gives token maps, not embeddings; early exits "
+                                  f"need 'tok' (class token) or 'avg' pooling")
+
+
+class ExitHead(nn.Module):
+    """LayerNorm + projection for one early exit, pooling the way the tower pools at full depth.
+
+    Split in two so trainers can cache what does not learn: ``pool_features`` (no parameters) and
+    ``from_features`` (the LayerNorm affine and projection). ``forward(tokens) = from_features(pool_features(tokens))``.
+    """
+
+    def __init__(self, visual: nn.Module):
+        super().__init__()
+        self.pool_type = visual.pool_type
+        self.final_ln_after_pool = bool(getattr(visual, "final_ln_after_pool", False))
+        self.ln = copy.deepcopy(visual.ln_post)  # keeps open_clip's LayerNorm/LayerNormFp32 class and eps
+        for p in self.ln.parameters():  # the tower may be frozen; its copy is what trains
+            p.requires_grad_(True)
+        proj = getattr(visual, "proj", None)
+        self.proj = nn.Parameter(proj.detach().clone()) if proj is not None else None
+
+    def pool_features(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Return the parameter-free pooled features (N, width) of block outputs ``tokens`` (N, L, width)."""
+        if self.pool_type == "tok":
+            return tokens[:, 0]  # the class token (LayerNorm is per token, so pooling first changes nothing)
+        if self.final_ln_after_pool:
+            return tokens[:, 1:].mean(dim=1)
+        # avg of LayerNorm(token): normalise each patch token (without the affine, which is the learnable part)
+        # then average; the affine commutes with the mean and is applied in from_features.
+        normed = F.layer_norm(tokens[:, 1:].float(), self.ln.normalized_shape, None, None, self.ln.eps)
+        return normed.mean(dim=1).to(tokens.dtype)
+
+    def from_features(self, features: torch.Tensor) -> torch.Tensor:
+        """Return the (unnormalised) embeddings (N, D) for pooled ``features`` (N, width)."""
+        if self.pool_type == "avg" and not self.final_ln_after_pool:
+            x = features * self.ln.weight + self.ln.bias
+        else:
+            x = self.ln(features)
+        return x @ self.proj if self.proj is not None else x
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Return the (unnormalised) embeddings (N, D) of block outputs ``tokens`` (N, L, width)."""
+        return self.from_features(self.pool_features(tokens))
+
+
+def _tensor_hash(tensors: dict[str, torch.Tensor], extra: dict) -> str:
+    """Return a SHA-256 over sorted tensor names, dtypes, shapes and bytes, plus a JSON of ``extra``."""
+    h = hashlib.sha256(json.dumps(extra, sort_keys=True).encode())
+    for key in sorted(tensors):
+        t = tensors[key].detach().to("cpu").contiguous().reshape(-1)
+        h.update(f"{key}|{t.dtype}|{tuple(tensors[key].shape)}|".encode())
+        if t.numel():
+            h.update(t.view(torch.uint8).numpy().data)
+    return h.hexdigest()
+
+
+def _safetensors_metadata(data: bytes) -> dict:
+    """Return the ``__metadata__`` of a safetensors blob (header: u64 little-endian length, then JSON)."""
+    if len(data) < 8:
+        raise ValueError("not a safetensors file (shorter than its header)")
+    (n,) = struct.unpack("<Q", data[:8])
+    if n > len(data) - 8:
+        raise ValueError("not a safetensors file (header length beyond the end)")
+    return json.loads(data[8:8 + n]).get("__metadata__") or {}
+
+
+class ExitHeads(nn.Module):
+    """One ExitHead per early exit of a backbone, saved as safetensors together with that backbone's identity."""
+
+    def __init__(self, visual: nn.Module, exits: list[int], backbone: str | None = None):
+        super().__init__()
+        num_blocks = len(visual.transformer.resblocks)
+        self.exits = validate_exits(exits, num_blocks)  # all exit depths, the last = full depth (no head)
+        _check_visual(visual, self.exits)
+        self.num_blocks = num_blocks
+        self.backbone = backbone  # model_key of the backbone; None until known (required to save)
+        self.heads = nn.ModuleDict({str(e): ExitHead(visual) for e in self.early_exits})
+        self.path: str | None = None  # where these heads were last saved or loaded from
+        self.merge = "none"  # the token-merging schedule (pipeline.model.merging spec) the heads were trained under
+
+    @classmethod
+    def for_bundle(cls, bundle, exits: list[int] | None = None) -> "ExitHeads":
+        """Return fresh heads for ``bundle``'s tower (init from ln_post/proj), tied to its identity."""
+        from pipeline.model.models import model_key
+
+        exits = list(exits) if exits is not None else default_exits(bundle.num_blocks)
+        return cls(bundle.model.visual, exits, backbone=model_key(bundle.identity))
+
+    @property
+    def early_exits(self) -> list[int]:
+        """Return the exits that have a head (all but the full depth)."""
+        return self.exits[:-1]
+
+    def head(self, depth: int) -> ExitHead:
+        """Return the head of exit ``depth``."""
+        return self.heads[str(depth)]
+
+    def sha256(self) -> str:
+        """Return a hash of the heads' tensors, exits and backbone (stable across save/load and processes)."""
+        return _tensor_hash(self.heads.state_dict(), {"exits": self.exits, "backbone": self.backbone})
+
+    @property
+    def identity(self) -> dict:
+        """Return {"sha256", "path", "exits", "backbone"}: what run.json records under "heads"."""
+        ident = {"sha256": self.sha256(), "path": self.path, "exits": list(self.exits), "backbone": self.backbone}
+        return ident if self.merge == "none" else {**ident, "merge": self.merge}
+
+    def to_bytes(self, extra_metadata: dict | None = None) -> bytes:
+        """Return these heads serialised as safetensors, with backbone and exits in the metadata."""
+        from safetensors.torch import save
+
+        if not self.backbone:
+            raise ValueError("these heads do not know their backbone; create them with "
+                             "ExitHeads.for_bundle(bundle, exits) (or pass backbone=model_key(identity))")
+        tensors = {k: v.detach().to("cpu", torch.float32).contiguous().clone()
+                   for k, v in self.heads.state_dict().items()}
+        meta = {"format": HEADS_FORMAT, "version": HEADS_VERSION, "backbone": self.backbone,
+                "exits": json.dumps(self.exits), "sha256": self.sha256()}
+        if self.merge != "none":
+            meta["merge"] = self.merge
+        meta.update({k: str(v) for k, v in (extra_metadata or {}).items()})
+        return save(tensors, metadata=meta)
+
+    def save(self, path: str, extra_metadata: dict | None = None) -> dict:
+        """Write the heads to ``path`` (local or fsspec URL) atomically; return their identity."""
+        from pipeline.io.storage import atomic_write_bytes
+
+        atomic_write_bytes(path, self.to_bytes(extra_metadata))
+        self.path = path
+        log.info("saved exit heads %s (exits %s) for %s", path, self.exits, self.backbone)
+        return self.identity
+
+    @classmethod
+    def load(cls, path: str, bundle) -> "ExitHeads":
+        """Return the heads saved at ``path`` for ``bundle``'s tower; raise HeadsMismatchError for another backbone."""
+        from safetensors.torch import load as st_load
+
+        from pipeline.model.models import _read_bytes, model_key
+
+        data = _read_bytes(path)
+        try:
+            meta = _safetensors_metadata(data)
+        except ValueError as e:
+            raise ValueError(f"{path} is not an exit-heads safetensors file: {e}") from e
+        if meta.get("format") != HEADS_FORMAT:
+            raise ValueError(f"{path} is not an ICAR exit-heads file (metadata format={meta.get('format')!r}); "
+                             "train heads with `icar train-exits`")
+        want = model_key(bundle.identity)
+        if meta.get("backbone") != want:
+            raise HeadsMismatchError(
+                f"exit heads {path} were trained for backbone {meta.get('backbone')} but the model loaded is {want}; "
+                f"load the model they belong to, or train heads for this one with `icar train-exits`")
+        exits = json.loads(meta["exits"])
+        heads = cls(bundle.model.visual, exits, backbone=want)
+        state = st_load(data)
+        try:
+            heads.heads.load_state_dict(state, strict=True)
+        except RuntimeError as e:
+            raise ValueError(f"exit heads {path} do not fit {want}'s tower: {e}") from e
+        like = next(bundle.model.visual.parameters())
+        heads.to(device=like.device, dtype=like.dtype)
+        heads.path = path
+        heads.merge = meta.get("merge") or "none"
+        return heads
+
+
+class AdaptiveEncoder(nn.Module):
+    """open_clip ViT image tower that stops each image at its own exit depth (see the module docstring)."""
+
+    def __init__(self, visual: nn.Module, exits: list[int], heads: ExitHeads | None = None,
+                 schedules: Iterable | None = None, merge_heads: dict | None = None):
+        """``schedules``: the token-merging schedules (pipeline.model.merging) rows may ask for by index in ``forward``'s
+        ``merge_ids``; index 0 is always no merging. ``merge_heads``: {schedule spec: ExitHeads trained under that
+        schedule}; an early exit of a schedule without its own heads uses ``heads``."""
+        super().__init__()
+        blocks = getattr(getattr(visual, "transformer", None), "resblocks", None)
+        if blocks is None:
+            raise TypeError(f"adaptive depth needs an open_clip VisionTransformer (ViT-*), got {type(visual).__name__}")
+        self.num_blocks = len(blocks)
+        self.exits = validate_exits(exits, self.num_blocks)
+        _check_visual(visual, self.exits)
+        self.visual = visual
+        if heads is None:
+            heads = ExitHeads(visual, self.exits)
+            if self.exits[:-1]:
+                log.info("no trained exit heads: early exits %s use copies of the tower's ln_post/proj",
+                         self.exits[:-1])
+        missing = [e for e in self.exits[:-1] if str(e) not in heads.heads]
+        if missing:
+            raise ValueError(f"exit heads (trained for exits {heads.exits}) have no head for exits {missing}; "
+                             f"choose exits among {heads.exits} or train heads for {self.exits}")
+        if heads.num_blocks != self.num_blocks:
+            raise HeadsMismatchError(f"exit heads are for a {heads.num_blocks}-block tower, this one has "
+                                     f"{self.num_blocks}")
+        self.heads = heads
+        from pipeline.model import merging
+
+        self.schedules = [None] + [s for s in dict.fromkeys(merging.parse_merge(x) for x in schedules or ()) if s]
+        if len(self.schedules) > 1:
+            merging.check_mergeable(visual)
+        self.merge_heads = {merging.parse_merge(k).spec: v for k, v in (merge_heads or {}).items()}
+        self._merge_head_modules = nn.ModuleList(self.merge_heads.values())  # so .to(device) moves them too
+        for spec, mh in self.merge_heads.items():
+            lacking = [e for e in self.exits[:-1] if str(e) not in mh.heads]
+            if lacking or mh.num_blocks != self.num_blocks:
+                raise ValueError(f"exit heads for merge schedule {spec} (exits {mh.exits}) do not cover exits {lacking} "
+                                 f"of this {self.num_blocks}-block encoder; train them with `icar train-exits --merge`")
+
+    def _final(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Return the unmodified tower's output for full-depth tokens (its own ln_post, pooling, proj)."""
+        pooled, _ = self.visual._pool(tokens)
+        return pooled @ self.visual.proj if self.visual.proj is not None else pooled
+
+    def _exit(self, depth: int, tokens: torch.Tensor, size: torch.Tensor | None = None, schedule=None) -> torch.Tensor:
+        """Return the unnormalised embeddings of ``tokens`` leaving at ``depth`` (``size``: merged token sizes)."""
+        from pipeline.model import merging
+
+        if depth == self.num_blocks:
+            return self._final(tokens) if size is None else merging.pool_tower(self.visual, tokens, size)
+        head = self.head_for(depth, schedule)
+        return head(tokens) if size is None else head.from_features(merging.pool_head(head, tokens, size))
+
+    def head_for(self, depth: int, schedule=None) -> ExitHead:
+        """Return the head of early exit ``depth`` for images merged by ``schedule`` (its own heads, if trained)."""
+        spec = getattr(schedule, "spec", None)
+        if spec is not None and spec in self.merge_heads:
+            return self.merge_heads[spec].head(depth)
+        return self.heads.head(depth)
+
+    def _blocks(self, x: torch.Tensor, size, start: int, stop: int, schedule, num_tokens: int):
+        """Return (tokens, sizes) after blocks start..stop-1; ``schedule`` None runs the blocks as they are."""
+        if schedule is None:
+            for blk in self.visual.transformer.resblocks[start:stop]:
+                x = blk(x)
+            return x, size
+        from pipeline.model import merging
+
+        return merging.run_blocks(self.visual.transformer.resblocks, x, size, schedule, start, stop, num_tokens)
+
+    def _dtype(self) -> torch.dtype:
+        return self.visual.conv1.weight.dtype
+
+    def forward(self, pixels: torch.Tensor, exit_layers: torch.Tensor, merge_ids: torch.Tensor | None = None
+                ) -> torch.Tensor:
+        """Return float32 L2-normalised embeddings (N, D); row i leaves the tower after ``exit_layers[i]`` blocks.
+
+        ``pixels``: normalised float (N, 3, S, S); ``exit_layers``: ints (N,), each one of ``self.exits``;
+        ``merge_ids``: optional ints (N,) indexing ``self.schedules`` (0 = no merging). Rows are grouped by
+        schedule (merged token counts differ, so schedules cannot share a batch); each group runs on its own,
+        still leaving at its rows' exits.
+        """
+        n = pixels.shape[0]
+        depths = torch.as_tensor(exit_layers).reshape(-1).to("cpu", torch.long)  # one host sync at most
+        if depths.numel() != n:
+            raise ValueError(f"exit_layers has {depths.numel()} entries for a batch of {n} images")
+        if n == 0:
+            return torch.empty(0, self.visual.output_dim, dtype=torch.float32, device=pixels.device)
+        bad = sorted(set(depths.unique().tolist()) - set(self.exits))
+        if bad:
+            raise ValueError(f"exit_layers holds depths {bad} that are not exits of this encoder {self.exits}")
+        if merge_ids is None:
+            return self._forward_group(pixels, depths, None)
+        ids = torch.as_tensor(merge_ids).reshape(-1).to("cpu", torch.long)
+        if ids.numel() != n:
+            raise ValueError(f"merge_ids has {ids.numel()} entries for a batch of {n} images")
+        groups = ids.unique().tolist()
+        if groups[0] < 0 or groups[-1] >= len(self.schedules):
+            raise ValueError(f"merge_ids holds {groups}, but this encoder has schedules 0..{len(self.schedules) - 1} "
+                             f"({[getattr(s, 'spec', 'none') for s in self.schedules]})")
+        if len(groups) == 1:
+            return self._forward_group(pixels, depths, self.schedules[groups[0]])
+        out = torch.empty(n, self.visual.output_dim, dtype=torch.float32, device=pixels.device)
+        for g in groups:
+            rows = (ids == g).nonzero().squeeze(1)
+            on = rows.to(pixels.device)
+            out[on] = self._forward_group(pixels[on], depths[rows], self.schedules[g])
+        return out
+
+    def _forward_group(self, pixels: torch.Tensor, depths: torch.Tensor, schedule) -> torch.Tensor:
+        """Return the embeddings of rows that share one merge schedule (``depths``: their exits, on the CPU)."""
+        n = pixels.shape[0]
+        counts = torch.bincount(depths, minlength=self.num_blocks + 1).tolist()
+        # Deepest first: rows leaving at each exit are then the tail of what is left, and what continues is a
+        # contiguous prefix (a view). The gather happens once, on the input.
+        order = torch.argsort(depths, descending=True, stable=True)
+        presorted = bool(torch.equal(order, torch.arange(n)))
+        x = pixels if presorted else pixels[order.to(pixels.device)]
+        x = self.visual._embeds(x.to(self._dtype()))
+        num_tokens, size = x.shape[1], None
+        pieces: list[torch.Tensor] = []  # per exit, shallowest first; each is the tail of the sorted batch
+        remaining, depth = n, 0
+        for e in self.exits:
+            if remaining == 0:
+                break
+            x, size = self._blocks(x, size, depth, e, schedule, num_tokens)
+            depth = e
+            k = counts[e]
+            if k:
+                pieces.append(self._exit(e, x[remaining - k:], None if size is None else size[remaining - k:],
+                                         schedule))
+                x = x[:remaining - k]
+                size = None if size is None else size[:remaining - k]
+                remaining -= k
+        emb = F.normalize(torch.cat(pieces[::-1]).float(), dim=-1)  # back in sorted (deepest-first) order
+        if presorted:
+            return emb
+        inverse = torch.empty_like(order)
+        inverse[order] = torch.arange(n)
+        return emb[inverse.to(emb.device)]
+
+    def forward_all_exits(self, pixels: torch.Tensor, schedule=None) -> dict[int, torch.Tensor]:
+        """Return {exit: float32 L2-normalised embeddings (N, D)} with every image taken through every exit.
+
+        ``schedule``: a token-merging schedule (pipeline.model.merging; a spec string or MergeSchedule) or None.
+        """
+        from pipeline.model import merging
+
+        schedule = merging.parse_merge(schedule)
+        x = self.visual._embeds(pixels.to(self._dtype()))
+        out, depth, num_tokens, size = {}, 0, x.shape[1], None
+        for e in self.exits:
+            x, size = self._blocks(x, size, depth, e, schedule, num_tokens)
+            depth = e
+            out[e] = F.normalize(self._exit(e, x, size, schedule).float(), dim=-1)
+        return out
+
+    def exit_features(self, pixels: torch.Tensor, schedule=None) -> tuple[dict[int, torch.Tensor], torch.Tensor]:
+        """Return ({early exit: pooled features (N, width)}, full-depth embeddings (N, D) L2-normalised).
+
+        The features are what the heads' trainable part takes (``ExitHead.from_features``): trainers with a
+        frozen backbone compute them once and train on them for many epochs. ``schedule``: token merging
+        (pipeline.model.merging) applied on the way, for heads that will serve merged images.
+        """
+        from pipeline.model import merging
+
+        schedule = merging.parse_merge(schedule)
+        x = self.visual._embeds(pixels.to(self._dtype()))
+        feats, depth, num_tokens, size = {}, 0, x.shape[1], None
+        for e in self.exits:
+            x, size = self._blocks(x, size, depth, e, schedule, num_tokens)
+            depth = e
+            if e < self.num_blocks:
+                feats[e] = merging.pool_head(self.heads.head(e), x, size)
+        return feats, F.normalize(self._exit(self.num_blocks, x, size).float(), dim=-1)

@@ -1,0 +1,570 @@
+"""Routing: which exit depth each image runs to, and the calibration that picks the thresholds.
+
+A router maps complexity scores (and sample keys) to exit depths. Three policies:
+
+- ``FixedRouter(depth)``: every image to one depth (baselines, full-depth runs).
+- ``FractionRouter(exits, fractions)``: a fixed share of images per exit, chosen by a stable hash of the
+  key (benchmarks that need a known mix without a scorer); the same key always gets the same exit, on
+  every process and every run.
+- ``ThresholdRouter(exits, thresholds)``: score <= thresholds[0] -> exits[0], ..., > thresholds[-1] ->
+  exits[-1]. Simple images leave early; any number of exits (the paper's binary router is two exits).
+
+Calibration is pure functions over a sample of scores: ``calibrate_budget`` (a GFLOP budget as a share of
+full-depth cost, scorer included) and ``calibrate_recall`` (the cheapest thresholds whose text→image
+recall@10 stays above a floor). Both move along the same one-parameter family of exit mixes, described in
+``exit_fractions``, and record what they chose and why in ``router.calibration``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+from collections.abc import Sequence
+
+import numpy as np
+
+from pipeline.io import storage
+
+log = logging.getLogger(__name__)
+
+ROUTER_FORMAT = 1  # version of the router JSON document
+
+
+def _check_exits(exits: Sequence[int]) -> list[int]:
+    """Return ``exits`` as a list of ints, or raise unless they are positive and strictly increasing."""
+    out = [int(e) for e in exits]
+    if not out:
+        raise ValueError("a router needs at least one exit depth")
+    if any(e <= 0 for e in out) or any(b <= a for a, b in zip(out, out[1:])):
+        raise ValueError(f"exits must be positive block counts in increasing order, got {list(exits)}")
+    return out
+
+
+def _encode_float(x: float) -> float | str:
+    """Return ``x`` for JSON: strict JSON has no infinities, so they are written as "inf"/"-inf"."""
+    x = float(x)
+    if math.isinf(x):
+        return "inf" if x > 0 else "-inf"
+    return x
+
+
+class FixedRouter:
+    """Routes every image to one depth."""
+
+    kind = "fixed"
+    needs_scores = False
+
+    def __init__(self, depth: int):
+        self.depth = int(depth)
+        if self.depth <= 0:
+            raise ValueError(f"FixedRouter depth must be a positive block count, got {depth}")
+
+    def route(self, scores: np.ndarray | None, keys: list[str]) -> np.ndarray:
+        """Return the exit depth (int16) of each of ``keys``: always ``depth``."""
+        return np.full(len(keys), self.depth, np.int16)
+
+    def to_dict(self) -> dict:
+        """Return the JSON-ready description of this router."""
+        return {"format": ROUTER_FORMAT, "kind": self.kind, "depth": self.depth}
+
+
+def stable_unit_hash(keys: Sequence[str], salt: str = "") -> np.ndarray:
+    """Return a float64 in [0, 1) per key from blake2b of salt+key: identical on every process and run.
+
+    Python's hash() is salted per process, so it would route the same key differently on each actor.
+    """
+    out = np.empty(len(keys), np.float64)
+    for i, key in enumerate(keys):
+        digest = hashlib.blake2b((salt + key).encode("utf-8"), digest_size=8).digest()
+        out[i] = int.from_bytes(digest, "big") / 2.0**64
+    return out
+
+
+class FractionRouter:
+    """Sends a fixed share of images to each exit, chosen by a stable hash of the key (no scorer needed)."""
+
+    kind = "fraction"
+    needs_scores = False
+
+    def __init__(self, exits: Sequence[int], fractions: Sequence[float], salt: str = ""):
+        self.exits = _check_exits(exits)
+        self.fractions = [float(f) for f in fractions]
+        self.salt = salt  # changes which keys land where, keeping the shares
+        if len(self.fractions) != len(self.exits):
+            raise ValueError(f"FractionRouter needs one fraction per exit: {len(self.exits)} exits {self.exits} "
+                             f"but {len(self.fractions)} fractions {self.fractions}")
+        if any(f < 0 or not math.isfinite(f) for f in self.fractions):
+            raise ValueError(f"route fractions must be finite and >= 0, got {self.fractions}")
+        total = sum(self.fractions)
+        if abs(total - 1.0) > 1e-6:
+            raise ValueError(f"route fractions must sum to 1, got {self.fractions} (sum {total:.6g}); "
+                             "e.g. --route-fractions 0.5,0.5 for two exits")
+        self._edges = np.cumsum(self.fractions)[:-1]
+
+    def route(self, scores: np.ndarray | None, keys: list[str]) -> np.ndarray:
+        """Return the exit depth (int16) of each key; the scores are ignored."""
+        u = stable_unit_hash(keys, self.salt)
+        idx = np.searchsorted(self._edges, u, side="right")
+        return np.asarray(self.exits, np.int16)[idx]
+
+    def to_dict(self) -> dict:
+        """Return the JSON-ready description of this router."""
+        return {"format": ROUTER_FORMAT, "kind": self.kind, "exits": self.exits, "fractions": self.fractions,
+                "salt": self.salt}
+
+
+class ThresholdRouter:
+    """Routes by complexity: score <= thresholds[i] -> exits[i] (first match), above all -> exits[-1].
+
+    NaN scores (a scorer that failed on an image) go to full depth, never to an early exit, and are
+    counted in ``nan_routed`` so a run can report them.
+    """
+
+    kind = "threshold"
+    needs_scores = True
+
+    def __init__(self, exits: Sequence[int], thresholds: Sequence[float | str],
+                 scorer_identity: dict | None = None, calibration: dict | None = None):
+        self.exits = _check_exits(exits)
+        self.thresholds = [float(t) for t in thresholds]
+        if len(self.thresholds) != len(self.exits) - 1:
+            raise ValueError(f"{len(self.exits)} exits {self.exits} need {len(self.exits) - 1} thresholds, "
+                             f"got {len(self.thresholds)}: {self.thresholds}")
+        if any(math.isnan(t) for t in self.thresholds) or any(
+                b < a for a, b in zip(self.thresholds, self.thresholds[1:])):
+            raise ValueError(f"thresholds must be non-decreasing numbers, got {self.thresholds}")
+        self.scorer_identity = scorer_identity  # the scorer the thresholds were calibrated for
+        self.calibration = dict(calibration or {})  # how the thresholds were chosen (mode, target, sample, ...)
+        self.nan_routed = 0  # NaN scores sent to full depth so far
+
+    def route(self, scores: np.ndarray, keys: list[str] | None = None) -> np.ndarray:
+        """Return the exit depth (int16) of each score (keys only fix the count)."""
+        s = np.asarray(scores, np.float64).reshape(-1)
+        if keys is not None and len(keys) != s.size:
+            raise ValueError(f"{s.size} scores for {len(keys)} keys; the scorer must score every image")
+        idx = np.searchsorted(np.asarray(self.thresholds, np.float64), s, side="left")
+        nan = np.isnan(s)
+        if nan.any():
+            idx[nan] = len(self.exits) - 1
+            self.nan_routed += int(nan.sum())
+            log.warning("%d images had no complexity score (NaN): routed to full depth %d",
+                        int(nan.sum()), self.exits[-1])
+        return np.asarray(self.exits, np.int16)[idx]
+
+    def to_dict(self) -> dict:
+        """Return the JSON-ready description of this router."""
+        return {"format": ROUTER_FORMAT, "kind": self.kind, "exits": self.exits,
+                "thresholds": [_encode_float(t) for t in self.thresholds],
+                "scorer": self.scorer_identity, "calibration": self.calibration}
+
+
+class ProfileRouter:
+    """Routes by complexity to profiles (exit depth + token-merging schedule, pipeline.model.merging), cheapest first.
+
+    ``profiles`` are spec strings (``4``, ``8@keep0.8``, ...) in increasing cost; score <= thresholds[i] ->
+    profiles[i], above all -> profiles[-1] (NaN scores too: the last profile should be full depth unmerged).
+    It is a ThresholdRouter over profile positions, so calibration moves along the same family of mixes.
+    ``heads``: {merge schedule spec: exit-heads file trained under that schedule} (``icar train-exits --merge``).
+    """
+
+    kind = "profile"
+    needs_scores = True
+
+    def __init__(self, profiles: Sequence[str], thresholds: Sequence[float | str],
+                 scorer_identity: dict | None = None, calibration: dict | None = None, heads: dict | None = None):
+        from pipeline.model.merging import parse_profiles
+
+        self.profile_list = parse_profiles(list(profiles))
+        self.profiles = [p.spec for p in self.profile_list]
+        self._levels = ThresholdRouter(range(1, len(self.profiles) + 1), thresholds, scorer_identity, calibration)
+        self._depths = np.asarray([p.exit for p in self.profile_list], np.int16)
+        self.heads = {str(k): str(v) for k, v in (heads or {}).items()}
+        self.needs_scores = len(self.profiles) > 1  # one profile (e.g. merging only) routes without a scorer
+
+    thresholds = property(lambda self: self._levels.thresholds)
+    scorer_identity = property(lambda self: self._levels.scorer_identity)
+    calibration = property(lambda self: self._levels.calibration,
+                           lambda self, value: setattr(self._levels, "calibration", dict(value)))
+    nan_routed = property(lambda self: self._levels.nan_routed)
+
+    @property
+    def profile_exits(self) -> list[int]:
+        """Return the exit depths the profiles use (sorted, unique)."""
+        return sorted({p.exit for p in self.profile_list})
+
+    def route_profiles(self, scores: np.ndarray, keys: list[str] | None = None) -> np.ndarray:
+        """Return each image's profile position (int16 index into ``profiles``)."""
+        if len(self.profiles) == 1:  # nothing to choose: no scores needed, none missing
+            return np.zeros(len(keys) if keys is not None else np.asarray(scores).size, np.int16)
+        return (self._levels.route(scores, keys) - 1).astype(np.int16)
+
+    def route(self, scores: np.ndarray, keys: list[str] | None = None) -> np.ndarray:
+        """Return each image's exit depth (int16), as every router does."""
+        return self._depths[self.route_profiles(scores, keys)]
+
+    def to_dict(self) -> dict:
+        """Return the JSON-ready description of this router."""
+        d = {"format": ROUTER_FORMAT, "kind": self.kind, "profiles": self.profiles,
+             "thresholds": [_encode_float(t) for t in self.thresholds], "scorer": self.scorer_identity,
+             "calibration": self.calibration}
+        if self.heads:
+            d["heads"] = self.heads
+        return d
+
+
+def router_from_dict(d: dict):
+    """Return the router described by ``d`` (the output of ``.to_dict()``)."""
+    kind = d.get("kind")
+    if d.get("format", ROUTER_FORMAT) > ROUTER_FORMAT:
+        raise ValueError(f"router format {d.get('format')} is newer than this icar understands ({ROUTER_FORMAT}); "
+                         "upgrade icar")
+    if kind == FixedRouter.kind:
+        return FixedRouter(d["depth"])
+    if kind == FractionRouter.kind:
+        return FractionRouter(d["exits"], d["fractions"], salt=d.get("salt", ""))
+    if kind == ThresholdRouter.kind:
+        return ThresholdRouter(d["exits"], d["thresholds"], scorer_identity=d.get("scorer"),
+                               calibration=d.get("calibration"))
+    if kind == ProfileRouter.kind:
+        return ProfileRouter(d["profiles"], d["thresholds"], scorer_identity=d.get("scorer"),
+                             calibration=d.get("calibration"), heads=d.get("heads"))
+    raise ValueError(f"unknown router kind {kind!r}; expected fixed, fraction, threshold or profile")
+
+
+def save_router(router, url: str, storage_options: dict | None = None) -> None:
+    """Write ``router`` as JSON to ``url`` (local path or fsspec URL), atomically."""
+    storage.write_json(router.to_dict(), url, storage_options)
+
+
+def load_router(url: str, storage_options: dict | None = None):
+    """Return the router stored as JSON at ``url``."""
+    try:
+        d = storage.read_json(url, storage_options)
+    except FileNotFoundError as e:
+        raise FileNotFoundError(f"router file {url} does not exist; make one with `icar calibrate`") from e
+    except json.JSONDecodeError as e:
+        raise ValueError(f"router file {url} is not valid JSON ({e}); re-create it with `icar calibrate`") from e
+    return router_from_dict(d)
+
+
+# ------------------------------------------------------------------------------------------ calibration
+#
+# The family of exit mixes. With n exits e_0 < ... < e_{n-1} and shares w_0..w_{n-2} for the early exits
+# (default: equal), a mix is set by one number, the aggressiveness a in [0, n-1], starting from every
+# image at full depth (a = 0):
+#   stage 0 (a in [0, 1]) moves a share a of the images from e_{n-1} to e_0..e_{n-2}, split by their shares;
+#   stage 1 (a in [1, 2]) then moves the same way a share a-1 of the images at e_{n-2} to e_0..e_{n-3};
+#   ... until a = n-1 puts every image at e_0.
+# Cost is continuous, piecewise linear and non-increasing in a, so a budget has one least-aggressive
+# solution, and since thresholds are score quantiles the least complex images always take the shallowest
+# exits. Equal shares spread the savings over all early exits instead of piling every simple image into
+# the shallowest one; with two exits the family is exactly the paper's binary router.
+
+
+def exit_fractions(n_exits: int, aggressiveness: float, shares: Sequence[float] | None = None) -> np.ndarray:
+    """Return the share of images per exit (sums to 1) at ``aggressiveness`` a in [0, n_exits-1]."""
+    if n_exits < 1:
+        raise ValueError("need at least one exit")
+    w = np.ones(n_exits - 1) if shares is None else np.asarray(shares, np.float64)
+    if w.shape != (n_exits - 1,) or (w < 0).any() or not np.isfinite(w).all() or (n_exits > 1 and w.sum() <= 0):
+        raise ValueError(f"shares must be {n_exits - 1} non-negative weights (one per early exit, not all 0), "
+                         f"got {shares}")
+    a = float(np.clip(aggressiveness, 0.0, n_exits - 1))
+    frac = np.zeros(n_exits)
+    frac[-1] = 1.0
+    for stage in range(n_exits - 1):
+        t = min(max(a - stage, 0.0), 1.0)
+        if t <= 0.0:
+            break
+        m = n_exits - 1 - stage  # the exit being emptied in this stage
+        moved = frac[m] * t
+        frac[m] -= moved
+        ws = w[:m]
+        if ws.sum() > 0:
+            frac[:m] += moved * ws / ws.sum()
+        else:
+            frac[0] += moved
+    return frac
+
+
+def _expected_cost(fractions: np.ndarray, exits: Sequence[int], gflops_per_exit: dict, scorer_gflops: float
+                   ) -> float:
+    """Return the expected GFLOPs per image of an exit mix, scorer included."""
+    return float(scorer_gflops + sum(f * float(gflops_per_exit[e]) for f, e in zip(fractions, exits)))
+
+
+def _gflops_table(exits: Sequence[int], gflops_per_exit: dict) -> dict[int, float]:
+    """Return {exit: gflops} with int keys (JSON gives strings), or raise naming a missing exit."""
+    table = {int(k): float(v) for k, v in gflops_per_exit.items()}
+    missing = [e for e in exits if e not in table]
+    if missing:
+        raise ValueError(f"gflops_per_exit has no cost for exits {missing}; count them with pipeline.model.flops.exit_gflops")
+    costs = [table[e] for e in exits]
+    if any(b < a for a, b in zip(costs, costs[1:])):
+        raise ValueError(f"GFLOPs per exit must grow with depth, got {dict(zip(exits, costs))}")
+    return table
+
+
+def thresholds_for_fractions(scores: np.ndarray, fractions: Sequence[float]) -> list[float]:
+    """Return thresholds that send the lowest-scored images to the shallowest exits in the given shares.
+
+    Each threshold sits midway between two neighbouring distinct sample scores (so unseen scores split
+    the same way as the sample does). Rounding and ties always move images to the SHALLOWER exit, so the
+    realised cost on the sample never exceeds the cost of the requested mix. A share of 0 gives -inf,
+    a cumulative share of 1 gives +inf.
+    """
+    s = np.sort(np.asarray(scores, np.float64).reshape(-1))
+    n = s.size
+    if n == 0:
+        raise ValueError("no scores to calibrate on; score a sample of images first")
+    cum = np.cumsum(np.asarray(fractions, np.float64))[:-1]
+    out = []
+    for c in cum:
+        if c <= 1e-12:
+            out.append(-math.inf)
+            continue
+        if c >= 1.0 - 1e-12:
+            out.append(math.inf)
+            continue
+        count = int(math.ceil(c * n - 1e-9))  # images at or below this threshold, at least c·n
+        value = s[count - 1]
+        above = s[s > value]
+        out.append(float((value + above[0]) / 2.0) if above.size else math.inf)
+    return out
+
+
+def realised_mix(router: ThresholdRouter, scores: np.ndarray, gflops_per_exit: dict, scorer_gflops: float
+                 ) -> dict:
+    """Return {"fractions": {exit: share}, "gflops": mean per image, "cost_fraction": ÷ full depth} on scores."""
+    table = _gflops_table(router.exits, gflops_per_exit)
+    depth = router.route(np.asarray(scores), None)
+    fractions = np.array([(depth == e).mean() for e in router.exits])
+    g = _expected_cost(fractions, router.exits, table, scorer_gflops)
+    return {"fractions": {str(e): float(f) for e, f in zip(router.exits, fractions)}, "gflops": g,
+            "cost_fraction": g / table[router.exits[-1]]}
+
+
+def _finite_scores(scores) -> np.ndarray:
+    """Return ``scores`` as float64, or raise when any is NaN/inf (a failed scorer must not set thresholds)."""
+    s = np.asarray(scores, np.float64).reshape(-1)
+    bad = ~np.isfinite(s)
+    if bad.any():
+        raise ValueError(f"{int(bad.sum())} of {s.size} calibration scores are NaN/inf; drop the images the "
+                         "scorer failed on before calibrating")
+    if s.size == 0:
+        raise ValueError("no scores to calibrate on; score a sample of images first")
+    return s
+
+
+def calibrate_budget(scores, exits: Sequence[int], gflops_per_exit: dict, scorer_gflops: float, budget: float,
+                     shares: Sequence[float] | None = None, scorer_identity: dict | None = None
+                     ) -> ThresholdRouter:
+    """Return the ThresholdRouter whose expected cost on ``scores`` is at most ``budget`` × full depth.
+
+    Cost counts the scorer: expected (scorer + encoder) GFLOPs per image ÷ full-depth encoder GFLOPs. The
+    mix is the least aggressive one of the ``exit_fractions`` family that meets the budget (so no more
+    quality is given up than the budget demands). Raises ValueError when even the scorer plus the
+    shallowest exit for every image costs more than the budget.
+    """
+    exits = _check_exits(exits)
+    s = _finite_scores(scores)
+    table = _gflops_table(exits, gflops_per_exit)
+    full = table[exits[-1]]
+    if not 0 < budget:
+        raise ValueError(f"--gflops-budget must be a positive fraction of full-depth cost, got {budget}")
+    floor = (scorer_gflops + table[exits[0]]) / full
+    if budget < floor - 1e-12:
+        raise ValueError(f"a budget of {budget:.3f} × full depth is unreachable: the scorer ({scorer_gflops:.3f} "
+                         f"GFLOPs) plus the shallowest exit {exits[0]} ({table[exits[0]]:.3f}) already cost "
+                         f"{floor:.3f} × full depth ({full:.3f} GFLOPs); raise the budget, add a shallower exit, "
+                         "or use a cheaper scorer")
+    target = budget * full
+
+    def cost(a: float) -> float:
+        return _expected_cost(exit_fractions(len(exits), a, shares), exits, table, scorer_gflops)
+
+    if cost(0.0) <= target:
+        a = 0.0
+    else:
+        # Piecewise linear and non-increasing in a: find the stage that crosses the target, solve inside it.
+        a = float(len(exits) - 1)
+        for stage in range(len(exits) - 1):
+            lo, hi = cost(float(stage)), cost(stage + 1.0)
+            if hi <= target:
+                a = stage + (lo - target) / (lo - hi) if lo > hi else float(stage)
+                break
+    fractions = exit_fractions(len(exits), a, shares)
+    thresholds = thresholds_for_fractions(s, fractions)
+    router = ThresholdRouter(exits, thresholds, scorer_identity=scorer_identity)
+    achieved = realised_mix(router, s, table, scorer_gflops)
+    router.calibration = {
+        "mode": "gflops_budget",
+        "target": float(budget),
+        "rule": "exit_fractions family: one aggressiveness parameter; early exits share the saved images in "
+                "proportion to `shares`; thresholds are score quantiles rounded towards the shallower exit",
+        "shares": None if shares is None else [float(x) for x in shares],
+        "aggressiveness": a,
+        "planned_fractions": {str(e): float(f) for e, f in zip(exits, fractions)},
+        "achieved_fractions": achieved["fractions"],
+        "achieved_cost_fraction": achieved["cost_fraction"],
+        "achieved_gflops_per_image": achieved["gflops"],
+        "full_depth_gflops": full,
+        "scorer_gflops": float(scorer_gflops),
+        "gflops_per_exit": {str(e): table[e] for e in exits},
+        "sample_size": int(s.size),
+    }
+    log.info("calibrated to %.3f × full depth (target %.3f) on %d scores: thresholds %s, mix %s",
+             achieved["cost_fraction"], budget, s.size, router.thresholds, achieved["fractions"])
+    return router
+
+
+def routed_embeddings(depth: np.ndarray, exit_embeddings: dict) -> np.ndarray:
+    """Return each image's embedding at its routed depth, taken from per-exit embedding matrices."""
+    exits = sorted(int(e) for e in exit_embeddings)
+    first = np.asarray(exit_embeddings[exits[0]])
+    out = np.empty_like(first, dtype=np.float32)
+    for e in exits:
+        mask = depth == e
+        if mask.any():
+            out[mask] = np.asarray(exit_embeddings[e])[mask]
+    return out
+
+
+def calibrate_recall(scores, exit_embeddings: dict, text_embeddings: np.ndarray, text_to_image,
+                     min_recall: float, gflops_per_exit: dict, scorer_gflops: float = 0.0,
+                     shares: Sequence[float] | None = None, k: int = 10, steps: int = 50,
+                     scorer_identity: dict | None = None) -> ThresholdRouter:
+    """Return the cheapest ThresholdRouter whose text→image recall@k is ≥ min_recall × full-depth recall@k.
+
+    ``exit_embeddings`` maps every exit depth to the (N, D) L2-normalised embeddings of the N calibration
+    images computed at that exit; ``text_embeddings`` (T, D) are their captions, ``text_to_image`` (T,)
+    the image each caption describes. Candidate mixes are ``steps`` points per stage of the
+    ``exit_fractions`` family; recall is not strictly monotone in the mix, so every candidate is measured
+    and the cheapest passing one kept (full depth always passes). The achieved recall and cost are
+    recorded in ``router.calibration``; a small sample makes both noisy, so say the sample size.
+    """
+    from pipeline.metrics import recall_at_k
+
+    s = _finite_scores(scores)
+    exits = _check_exits(sorted(int(e) for e in exit_embeddings))
+    table = _gflops_table(exits, gflops_per_exit)
+    if not 0 < min_recall <= 1.0:
+        raise ValueError(f"--min-recall is a fraction of full-depth recall in (0, 1], got {min_recall}")
+    emb = {e: np.asarray(exit_embeddings[e], np.float32) for e in exits}
+    for e in exits:
+        if emb[e].shape[0] != s.size:
+            raise ValueError(f"exit {e} has {emb[e].shape[0]} embeddings for {s.size} scores; embed every "
+                             "calibration image at every exit")
+    text = np.asarray(text_embeddings, np.float32)
+    t2i = np.asarray(text_to_image, np.int64)
+    sims = {e: text @ emb[e].T for e in exits}  # one matmul per exit; each candidate only mixes columns
+    full_recall = recall_at_k(sims[exits[-1]], t2i, (k,))[k]
+    if full_recall == 0.0:
+        raise ValueError(f"full-depth recall@{k} on the calibration captions is 0: the sample cannot tell good "
+                         "routing from bad; use more captioned images or a trained model")
+    floor = min_recall * full_recall
+    best = None
+    for a in np.unique(np.concatenate([np.linspace(st, st + 1, steps + 1) for st in range(len(exits) - 1)])):
+        router = ThresholdRouter(exits, thresholds_for_fractions(s, exit_fractions(len(exits), a, shares)),
+                                 scorer_identity=scorer_identity)
+        depth = router.route(s, None)
+        sim = np.empty_like(sims[exits[-1]])
+        for e in exits:
+            cols = depth == e
+            sim[:, cols] = sims[e][:, cols]
+        recall = recall_at_k(sim, t2i, (k,))[k]
+        mix = realised_mix(router, s, table, scorer_gflops)
+        if recall >= floor - 1e-12 and (best is None or mix["gflops"] < best[2]["gflops"] - 1e-12):
+            best = (a, router, mix, recall)
+    a, router, mix, recall = best
+    router.calibration = {
+        "mode": "min_recall",
+        "target": float(min_recall),
+        "metric": f"text->image recall@{k}",
+        "full_depth_recall": float(full_recall),
+        "achieved_recall": float(recall),
+        "achieved_recall_ratio": float(recall / full_recall),
+        "rule": "cheapest candidate of the exit_fractions family (steps per stage below) meeting the recall floor",
+        "steps_per_stage": int(steps),
+        "shares": None if shares is None else [float(x) for x in shares],
+        "aggressiveness": float(a),
+        "achieved_fractions": mix["fractions"],
+        "achieved_cost_fraction": mix["cost_fraction"],
+        "achieved_gflops_per_image": mix["gflops"],
+        "full_depth_gflops": table[exits[-1]],
+        "scorer_gflops": float(scorer_gflops),
+        "gflops_per_exit": {str(e): table[e] for e in exits},
+        "sample_size": int(s.size),
+        "captions": int(t2i.size),
+    }
+    log.info("calibrated to recall@%d %.4f (%.3f of full depth %.4f, floor %.3f) at %.3f × full-depth cost; "
+             "thresholds %s", k, recall, recall / full_recall, full_recall, min_recall,
+             mix["cost_fraction"], router.thresholds)
+    return router
+
+
+# ------------------------------------------------------------------------------------------ profiles
+#
+# Profiles (exit depth + token-merging schedule) are calibrated as "levels" 1..P in increasing counted cost:
+# the same exit_fractions family, the same quantile thresholds, the same budget and recall searches as for
+# exits alone. The last (most expensive) profile is the reference "full" cost and the NaN fallback, so it
+# should be the unmerged full depth.
+
+
+def _profile_levels(profiles: Sequence[str], gflops_per_profile: dict) -> tuple[list[str], dict[int, float]]:
+    """Return (profiles sorted by cost, {level: gflops}), or raise naming a profile without a cost."""
+    from pipeline.model.merging import parse_profiles
+
+    specs = [p.spec for p in parse_profiles(list(profiles))]
+    costs = {str(k): float(v) for k, v in gflops_per_profile.items()}
+    missing = [p for p in specs if p not in costs]
+    if missing:
+        raise ValueError(f"no counted GFLOPs for profiles {missing}; count them with pipeline.model.merging.profile_cost")
+    ordered = sorted(specs, key=lambda p: costs[p])
+    return ordered, {i + 1: costs[p] for i, p in enumerate(ordered)}
+
+
+def _as_profile_router(inner: ThresholdRouter, ordered: list[str], gflops_per_profile: dict,
+                       scorer_identity: dict | None) -> ProfileRouter:
+    router = ProfileRouter(ordered, inner.thresholds, scorer_identity=scorer_identity,
+                           calibration=inner.calibration)
+    cal = router.calibration
+    for key in ("planned_fractions", "achieved_fractions"):
+        if key in cal:
+            cal[key] = {ordered[int(k) - 1]: v for k, v in cal[key].items()}
+    cal.pop("gflops_per_exit", None)
+    cal["gflops_per_profile"] = {p: float(gflops_per_profile[p]) for p in ordered}
+    cal["full_profile"] = ordered[-1]
+    return router
+
+
+def calibrate_profiles_budget(scores, profiles: Sequence[str], gflops_per_profile: dict, scorer_gflops: float,
+                              budget: float, shares: Sequence[float] | None = None,
+                              scorer_identity: dict | None = None) -> ProfileRouter:
+    """Return the ProfileRouter whose expected cost on ``scores`` is at most ``budget`` × the dearest profile's."""
+    ordered, table = _profile_levels(profiles, gflops_per_profile)
+    floor = (scorer_gflops + table[1]) / table[len(ordered)]
+    if 0 < budget < floor - 1e-12:
+        raise ValueError(f"a budget of {budget:.3f} × the dearest profile {ordered[-1]} is unreachable: the scorer "
+                         f"({scorer_gflops:.4f} GFLOPs) plus the cheapest profile {ordered[0]} ({table[1]:.4f}) already "
+                         f"cost {floor:.3f}; raise the budget or offer a cheaper profile")
+    inner = calibrate_budget(scores, list(table), table, scorer_gflops, budget, shares=shares,
+                             scorer_identity=scorer_identity)
+    return _as_profile_router(inner, ordered, {p: table[i + 1] for i, p in enumerate(ordered)}, scorer_identity)
+
+
+def calibrate_profiles_recall(scores, profile_embeddings: dict, text_embeddings: np.ndarray, text_to_image,
+                              min_recall: float, gflops_per_profile: dict, scorer_gflops: float = 0.0,
+                              shares: Sequence[float] | None = None, k: int = 10, steps: int = 50,
+                              scorer_identity: dict | None = None) -> ProfileRouter:
+    """Return the cheapest ProfileRouter whose text→image recall@k is ≥ min_recall × the dearest profile's.
+
+    ``profile_embeddings``: {profile spec: (N, D) embeddings of the N calibration images under that profile}.
+    """
+    ordered, table = _profile_levels(list(profile_embeddings), gflops_per_profile)
+    inner = calibrate_recall(scores, {i + 1: profile_embeddings[p] for i, p in enumerate(ordered)}, text_embeddings,
+                             text_to_image, min_recall, table, scorer_gflops=scorer_gflops, shares=shares, k=k,
+                             steps=steps, scorer_identity=scorer_identity)
+    return _as_profile_router(inner, ordered, {p: table[i + 1] for i, p in enumerate(ordered)}, scorer_identity)

@@ -1,0 +1,242 @@
+"""The model stage: scorer, router and adaptive-depth encoder kept resident, applied to decoded batches.
+
+Plain Python/torch, testable without Ray; `pipeline.embed.execution` places one of these on each model actor.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from pipeline.model.spec import ModelSpec
+
+log = logging.getLogger(__name__)
+
+DEMO_ASSETS = Path(__file__).parent.parent / "assets" / "demo"
+
+
+def resolve_device(device: str) -> str:
+    """Return the torch device to use for ``device`` ("auto" picks CUDA when present)."""
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise RuntimeError(f"--device {device} was asked for but torch sees no CUDA device here; use --device cpu")
+    return device
+
+
+def cpu_threads(spec: ModelSpec) -> int:
+    """Return the intra-op threads a CPU model computes on: --torch-threads, else $ICAR_TORCH_THREADS, else the
+    CPUs Ray reserved for this actor (``--cpus-per-actor``), else 1 (outside Ray: calibrate, tests, benchmarks).
+
+    Without the reservation fallback, an actor reserving N CPUs would compute on one thread and leave N-1 idle
+    (measured, ViT-B-32 on 2 cores: 2 threads run 1.6-1.7x the images/s of 1).
+    """
+    if spec.torch_threads:
+        return max(1, int(spec.torch_threads))
+    env = os.environ.get("ICAR_TORCH_THREADS")
+    if env:
+        try:
+            return max(1, int(env))
+        except ValueError:
+            raise ValueError(f"ICAR_TORCH_THREADS={env!r} is not a whole number of threads; unset it or give "
+                             f"e.g. 2") from None
+    try:
+        import ray
+
+        # Only inside an actor: a driver has no reservation (and Ray refuses the question there).
+        if ray.is_initialized() and ray.get_runtime_context().get_actor_id() is not None:
+            cpus = ray.get_runtime_context().get_assigned_resources().get("CPU", 0.0)
+            if cpus >= 1:
+                return int(cpus)
+    except ImportError:  # Ray is a dependency of the pipeline, but the model stage runs without it too
+        pass
+    return 1
+
+
+def build_router(spec: ModelSpec, exits: list[int]):
+    """Return the router that ``spec`` asks for, and say which one in the log."""
+    from pipeline.model import router as routers
+
+    chosen = [name for name, on in (("--full-depth", spec.full_depth), ("--exit-at", spec.exit_at is not None),
+                                    ("--route-fractions", spec.route_fractions is not None),
+                                    ("--router", spec.router is not None)) if on]
+    if len(chosen) > 1:
+        raise ValueError(f"choose one routing option, not {' and '.join(chosen)}")
+    if spec.full_depth:
+        return routers.FixedRouter(exits[-1])
+    if spec.exit_at is not None:
+        if spec.exit_at not in exits:
+            raise ValueError(f"--exit-at {spec.exit_at} is not one of the exits {exits}; add it to --exits")
+        return routers.FixedRouter(spec.exit_at)
+    if spec.route_fractions is not None:
+        return routers.FractionRouter(exits, spec.route_fractions)
+    router_path = spec.router
+    if router_path is None and spec.model == "demo" and (DEMO_ASSETS / "router.json").exists():
+        router_path = str(DEMO_ASSETS / "router.json")
+    if router_path is None:
+        log.info("no router given: every image runs at full depth (%d blocks)", exits[-1])
+        return routers.FixedRouter(exits[-1])
+    router = routers.load_router(router_path)
+    router_exits = getattr(router, "exits", None)
+    if router_exits is not None and list(router_exits) != list(exits):
+        raise ValueError(f"router {router_path} routes to exits {list(router_exits)} but the encoder has {exits}; "
+                         f"pass --exits {','.join(map(str, router_exits))} or recalibrate with `icar calibrate`")
+    return router
+
+
+class ModelWorker:
+    """Scores, routes and embeds batches of decoded images; holds the models for its whole life."""
+
+    def __init__(self, spec: ModelSpec):
+        from pipeline.model import encoder as enc
+        from pipeline.model import flops, models, scorer
+
+        t0 = time.perf_counter()
+        self.spec = spec
+        self.device = resolve_device(spec.device)
+        if self.device == "cpu":
+            torch.set_num_threads(cpu_threads(spec))
+        self.bundle = models.load_clip(spec.model, spec.pretrained, seed=spec.seed, device=self.device)
+        exits = list(spec.exits) if spec.exits else enc.default_exits(self.bundle.num_blocks)
+        if spec.exit_at is not None and spec.exit_at not in exits:
+            exits = sorted(set(exits) | {spec.exit_at})
+        heads_path = spec.heads
+        if heads_path is None and spec.model == "demo" and (DEMO_ASSETS / "exit_heads.safetensors").exists():
+            heads_path = str(DEMO_ASSETS / "exit_heads.safetensors")
+        self.heads = enc.ExitHeads.load(heads_path, self.bundle) if heads_path else None
+        if self.heads is not None and spec.exits is None:
+            exits = list(self.heads.exits)
+        self.encoder = enc.AdaptiveEncoder(self.bundle.model.visual, exits, self.heads).to(self.device).eval()
+        self.exits = exits
+        self.scorer = scorer.scorer_for_model(spec.model, spec.scorer, spec.scorer_checkpoint, device=self.device,
+                                              image_size=self.bundle.image_size)
+        self.router = build_router(spec, exits)
+        if self.scorer is None and getattr(self.router, "needs_scores", False):
+            raise ValueError("the router routes by complexity score but --scorer none was given; choose a scorer")
+        self._check_router_scorer()
+        self.gflops_per_exit = {int(k): float(v) for k, v in flops.exit_gflops(self.bundle, exits).items()}
+        self.scorer_gflops = float(self.scorer.gflops_per_image) if self.scorer is not None else 0.0
+        self._gflops_lookup = np.zeros(max(exits) + 1, np.float32)
+        for depth, g in self.gflops_per_exit.items():
+            self._gflops_lookup[depth] = g + self.scorer_gflops
+        self.profiles = self._setup_profiles(exits)  # None unless the router routes to (exit, merge) profiles
+        self.autocast = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(spec.precision)
+        log.info("model worker ready in %.1fs on %s: %s exits %s", time.perf_counter() - t0, self.device,
+                 self.bundle.identity.get("name"), exits)
+
+    def _check_router_scorer(self) -> None:
+        """Refuse a router whose thresholds were calibrated on another scorer's scores than this worker's.
+
+        Its thresholds are quantiles of that scorer's scores (and its cost plan counted that scorer's GFLOPs), so
+        with another scorer the exit mix and the GFLOPs budget silently stop holding. Only what defines the
+        scores is compared (scorer_identity.SCORE_DEFINING), not where a checkpoint lies. Routers that record no
+        scorer, or route without scores, pass. The driver runs the same check before Ray (pipeline.embed.validate).
+        """
+        from pipeline.model.scorer_identity import router_scorer_mismatch
+
+        recorded = getattr(self.router, "scorer_identity", None)
+        if not recorded or not getattr(self.router, "needs_scores", False) or self.scorer is None:
+            return
+        where = self.spec.router or "the demo's shipped router (pipeline/assets/demo/router.json)"
+        problem = router_scorer_mismatch(where, recorded, self.scorer.identity, self.spec.model, self.spec.scorer)
+        if problem:
+            raise ValueError(problem)
+
+    def _setup_profiles(self, exits: list[int]) -> list[dict] | None:
+        """Rebuild the encoder for a profile router's merge schedules; return run.json's profile list.
+
+        A profile is (exit depth, token-merging schedule); its GFLOPs are counted on the merged forward
+        (pipeline.model.merging.profile_gflops) and looked up per row like the exits' are.
+        """
+        from pipeline.model import encoder as enc
+        from pipeline.model import merging
+
+        names = getattr(self.router, "profiles", None)
+        if names is None:
+            return None
+        profiles = merging.parse_profiles(names)
+        outside = sorted({p.exit for p in profiles} - set(exits))
+        if outside:
+            raise ValueError(f"router profiles {names} exit at {outside}, which are not exits of the encoder {exits}; "
+                             f"pass --exits with them or recalibrate with `icar calibrate --profiles`")
+        schedules = [p.merge for p in profiles if p.merge is not None]
+        merge_heads = {spec: enc.ExitHeads.load(path, self.bundle) for spec, path in self.router.heads.items()}
+        for spec, mh in merge_heads.items():
+            if mh.merge != merging.merge_spec(merging.parse_merge(spec)):
+                raise ValueError(f"router {self.spec.router} names heads {mh.path} for merge schedule {spec}, but they "
+                                 f"were trained under {mh.merge}; train them with `icar train-exits --merge {spec}`")
+        self.encoder = enc.AdaptiveEncoder(self.bundle.model.visual, exits, self.heads, schedules,
+                                           merge_heads).to(self.device).eval()
+        ids = {merging.merge_spec(s): i for i, s in enumerate(self.encoder.schedules)}
+        self._profile_exit = np.asarray([p.exit for p in profiles], np.int16)
+        self._profile_merge = np.asarray([ids[merging.merge_spec(p.merge)] for p in profiles], np.int64)
+        costs = [merging.profile_cost(self.bundle, p) for p in profiles]
+        self._profile_gflops = np.asarray(costs, np.float32) + np.float32(self.scorer_gflops)
+        return [{"profile": p.spec, "exit": p.exit, "merge": merging.merge_spec(p.merge), "gflops": g,
+                 "heads": self.router.heads.get(merging.merge_spec(p.merge))} for p, g in zip(profiles, costs)]
+
+    def describe(self) -> dict:
+        """Return the identity of everything this worker computes with (what run.json records)."""
+        from pipeline import __version__
+
+        import open_clip
+        import ray
+        import timm
+
+        heads = self.heads.identity if self.heads is not None else None
+        return {
+            "model": self.bundle.identity,
+            "exits": self.exits,
+            **({"profiles": self.profiles} if self.profiles is not None else {}),
+            "heads": heads,
+            "router": self.router.to_dict(),
+            "scorer": self.scorer.identity if self.scorer is not None else None,
+            "gflops_per_exit": {str(k): v for k, v in self.gflops_per_exit.items()},
+            "scorer_gflops": self.scorer_gflops,
+            "gflops_note": "per image: image tower up to the exit + scorer; counted with FlopCounterMode "
+                           "(grad on, SDPBackend.MATH), a multiply-add = 2 FLOPs; the text tower is spent per query",
+            "image_size": self.bundle.image_size,
+            "embed_dim": self.bundle.embed_dim,
+            "device": self.device,
+            "precision": self.spec.precision,
+            "spec": asdict(self.spec),
+            # str(): torch's own TorchVersion would import torch in the driver that unpickles this description.
+            "versions": {"icar": __version__, "torch": str(torch.__version__), "open_clip": open_clip.__version__,
+                         "timm": timm.__version__, "ray": ray.__version__},
+        }
+
+    @torch.inference_mode()
+    def embed(self, pixels: np.ndarray, keys: list[str]) -> dict:
+        """Return embeddings (float16, L2-normalised), complexity, exit layer and GFLOPs for one decoded batch."""
+        from pipeline.model.models import pixels_to_tensor
+
+        t0 = time.perf_counter()
+        if self.scorer is not None:
+            scores = np.asarray(self.scorer.score(pixels), np.float32)
+        else:
+            scores = np.full(len(keys), np.nan, np.float32)
+        merge_ids = None
+        if self.profiles is not None:
+            profile = self.router.route_profiles(scores, keys).astype(np.int64)
+            exit_layer, merge_ids = self._profile_exit[profile], torch.as_tensor(self._profile_merge[profile])
+            gflops = self._profile_gflops[profile]
+        else:
+            exit_layer = np.asarray(self.router.route(scores, keys), np.int16)
+            gflops = self._gflops_lookup[exit_layer]
+        x = pixels_to_tensor(self.bundle, pixels).to(self.device, non_blocking=True)
+        with torch.autocast(self.device.split(":")[0], dtype=self.autocast, enabled=self.autocast is not None):
+            emb = self.encoder(x, torch.as_tensor(exit_layer, dtype=torch.long, device=self.device), merge_ids)
+        emb = torch.nn.functional.normalize(emb.float(), dim=-1).to(torch.float16).cpu().numpy()
+        return {
+            "embedding": emb,
+            "complexity": scores,
+            "exit_layer": exit_layer,
+            "gflops": gflops,
+            "seconds": time.perf_counter() - t0,
+        }

@@ -1,0 +1,1 @@
+"""Scheduled incremental reindex: the YAML job config and the versioned embed + index run."""

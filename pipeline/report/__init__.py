@@ -1,0 +1,1 @@
+"""The cost report: audit of a run directory, text and HTML renderings."""

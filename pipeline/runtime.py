@@ -1,0 +1,135 @@
+"""The process and cluster runtime every job shares: joining Ray, forwarding storage settings to workers, and
+turning SIGTERM into an orderly stop with the exit code a shell expects.
+
+A leaf of the package (it imports nothing else of ``pipeline``), so embed, index and reindex use one copy.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+
+log = logging.getLogger(__name__)
+
+
+# Standard AWS settings forwarded from the driver to tasks and actors in their runtime environment, so workers
+# reach the same endpoint however the Ray instance was started. Ray writes every runtime_env to its own logs
+# (runtime_env_agent.log) and shows it in the dashboard, so no secret may be among these.
+FORWARDED_ENV = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_DEFAULT_REGION", "AWS_REGION", "AWS_PROFILE",
+                 "AWS_SHARED_CREDENTIALS_FILE", "AWS_CONFIG_FILE", "ICAR_CACHE_DIR")
+
+
+# Credentials travel as task and actor arguments instead (held in the object store, never logged); each worker
+# puts them into its own environment before it touches storage. Nodes with their own credentials (instance
+# roles, IRSA) need none of this: with no such variable set on the driver, nothing is sent.
+SECRET_ENV = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN")
+
+
+def forwarded_env() -> dict[str, str]:
+    """Return the driver's storage-related environment variables that workers must share (no secrets)."""
+    return {k: os.environ[k] for k in FORWARDED_ENV if os.environ.get(k)}
+
+
+def forwarded_secrets() -> dict[str, str]:
+    """Return the driver's credentials from the environment, for workers (as arguments, never in runtime_env)."""
+    return {k: os.environ[k] for k in SECRET_ENV if os.environ.get(k)}
+
+
+def apply_secrets(secrets: dict[str, str] | None) -> None:
+    """Put the driver's credentials into this worker process's environment, where S3 clients look for them."""
+    for k, v in (secrets or {}).items():
+        os.environ[k] = v
+
+
+def init_ray(address: str | None):
+    """Join the cluster at ``address``, or start an embedded local Ray sized to this machine; return ray."""
+    import ray
+
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    if ray.is_initialized():
+        return ray
+    if address:
+        log.info("joining Ray cluster at %s", address)
+        ray.init(address=address, logging_level=logging.WARNING, log_to_driver=True)
+    else:
+        # One CPU beyond the cores, so the model actor's reservation never leaves read/decode tasks without
+        # a slot on a 2-core machine (Ray would otherwise wait forever; seen with Ray 2.60).
+        cpus = (os.cpu_count() or 2) + 1
+        log.info("starting an embedded local Ray (%d CPUs)", cpus)
+        # address="local": never attach to some other Ray that happens to run on this machine.
+        ray.init(address="local", num_cpus=cpus, include_dashboard=False, logging_level=logging.WARNING,
+                 log_to_driver=True)
+    return ray
+
+
+EXIT_INTERRUPTED = 130  # Ctrl-C (128 + SIGINT), as shells report it
+
+
+EXIT_TERMINATED = 143  # SIGTERM (128 + SIGTERM): a scheduler's stop
+
+
+# Set by the SIGTERM handler below. The handler's Terminated does not always reach the caller as itself: raised
+# while the driver waits inside Ray (ray.wait, ray.get), Ray turns it into a plain KeyboardInterrupt, so the
+# signal that arrived is kept here and read by ``stop_reason``.
+_sigterm_received = False
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (a scheduler's stop, `kill`) received by the driver during a run: it stops like Ctrl-C does."""
+
+
+@dataclass(frozen=True)
+class StopReason:
+    """How a run was stopped from outside: the exit code a shell reports and the words for it."""
+
+    exit_code: int  # EXIT_TERMINATED or EXIT_INTERRUPTED
+    status: str  # "terminated" | "interrupted"
+    signal: str  # "SIGTERM" | "Ctrl-C"
+
+    @property
+    def terminated(self) -> bool:
+        return self.exit_code == EXIT_TERMINATED
+
+
+def stop_reason(e: KeyboardInterrupt) -> StopReason:
+    """Return how the run that ``e`` stopped was stopped: terminated (143) when SIGTERM reached the driver's
+    handler, whatever exception type came out of Ray, else interrupted (130, Ctrl-C). Reading it forgets the
+    SIGTERM, so a later run in the same process starts clean."""
+    global _sigterm_received
+    terminated = isinstance(e, Terminated) or _sigterm_received
+    _sigterm_received = False
+    if terminated:
+        return StopReason(EXIT_TERMINATED, "terminated", "SIGTERM")
+    return StopReason(EXIT_INTERRUPTED, "interrupted", "Ctrl-C")
+
+
+def sigterm_as_interrupt() -> Callable[[], None]:
+    """Make SIGTERM raise ``Terminated`` in the main thread; return the function that restores the old handler.
+
+    Python's default SIGTERM exits without unwinding and Ray's driver handler logs and exits, so the commit loop's
+    ``finally`` would neither record the commits the manifest holds back (they would be redone as orphans) nor
+    stop the actors, nor release the output's lock. The restore function puts the old handler back only while
+    this one is still installed: a handler installed meanwhile (ray.init's) is left in place. Off the main thread
+    (where signals cannot be handled) this does nothing.
+    """
+    global _sigterm_received
+    if threading.current_thread() is not threading.main_thread():
+        return lambda: None
+    _sigterm_received = False
+
+    def handler(signum, frame):
+        global _sigterm_received
+        _sigterm_received = True
+        raise Terminated(f"signal {signum}")
+
+    previous = signal.signal(signal.SIGTERM, handler)
+
+    def restore() -> None:
+        if signal.getsignal(signal.SIGTERM) is handler:
+            signal.signal(signal.SIGTERM, previous)
+
+    return restore
