@@ -7,9 +7,19 @@ import logging
 import sys
 
 from pipeline.embed.config import EmbedConfig
+from pipeline.embed.execution import run_embed
+from pipeline.embed.validate import ArgumentProblem, check_embed
+from pipeline.io.lock import LockHeld, LockLost
+from pipeline.io.readers import InputError
+from pipeline.io.shards import RunStateError
+from pipeline.io.storage import CorruptFileError, StorageError, StorageFullError
+from pipeline.logs import setup_logging
 from pipeline.model.spec import ModelSpec
+from pipeline.report.build import AuditError, ReportConfig, build_report, summary_line
+from pipeline.runtime import stop_reason
 
-from .common import HelpFormatter, float_list, int_list, json_object, nonnegative_int, positive_float, positive_int
+from jobs.common import (HelpFormatter, add_deprecated_alias, add_logging_args, add_model_args, add_runtime_args,
+                     add_storage_args, apply_logging, float_list, nonnegative_int, positive_float, positive_int)
 
 log = logging.getLogger("icar.embed")
 
@@ -31,16 +41,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="icar embed", description=__doc__, epilog=EXAMPLES, formatter_class=HelpFormatter)
     p.add_argument("inputs", nargs="+", help="input shards: files, globs, directories or URLs")
     p.add_argument("--output", "-o", required=True, help="run directory (local path or URL)")
-    g = p.add_argument_group("model")
-    g.add_argument("--model", default=m.model, help="open_clip model name, or 'demo' for the shipped demo model")
-    g.add_argument("--pretrained", default=m.pretrained,
-                   help="open_clip pretrained tag, local checkpoint (.safetensors/.pt), or 'none' for a seeded random init")
-    g.add_argument("--seed", type=int, default=m.seed, help="seed of the random init with --pretrained none")
-    g.add_argument("--exits", type=int_list, default=m.exits, help="exit depths in blocks, e.g. 12,18,24 (default: per model)")
-    g.add_argument("--heads", default=m.heads, help="exit heads (.safetensors from `icar train-exits`)")
-    g.add_argument("--device", default=m.device, choices=["auto", "cpu", "cuda"], help="model device")
+    g = add_model_args(p, m, merge="token-merging schedule applied to every image, at --exit-at or full depth, "
+                                  "e.g. r2 or keep0.8 (pipeline/model/merging.py); run.json records it as a "
+                                  "one-profile router. Not with --router or --route-fractions: calibrate "
+                                  "profiles with `icar calibrate --profiles` instead")
     g.add_argument("--precision", default=m.precision, choices=["fp32", "fp16", "bf16"], help="autocast precision on GPU")
-    g.add_argument("--torch-threads", type=int, default=m.torch_threads, help="intra-op threads of a CPU model actor")
     r = p.add_argument_group("routing (choose one; default: the demo's calibrated router, else full depth)")
     r.add_argument("--router", default=m.router, help="router JSON written by `icar calibrate`")
     r.add_argument("--exit-at", type=int, default=m.exit_at, help="send every image to this exit depth")
@@ -52,7 +57,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="default = the shipped scorer; none = no scorer (complexity is null, no scorer GFLOPs)")
     s.add_argument("--checkpoint", dest="scorer_checkpoint", default=m.scorer_checkpoint,
                    help="ConvNeXt-IC checkpoint for --scorer convnext")
-    x = p.add_argument_group("execution")
+    x = add_runtime_args(p, device_help="model device",
+                         threads_help="intra-op threads of a CPU model actor (default: $ICAR_TORCH_THREADS, else the "
+                                      "CPUs reserved per actor)", threads_dest="torch_threads",
+                         threads_default=m.torch_threads,
+                         address_help="Ray cluster to join (default: $RAY_ADDRESS, else embedded local Ray)",
+                         title="runtime and execution")
+    add_deprecated_alias(x, "--torch-threads", "--threads", dest="torch_threads", type=positive_int)
     x.add_argument("--batch-size", type=positive_int, default=d.batch_size, help="images per model call")
     x.add_argument("--image-column", default=d.image_column, help="Parquet column with image bytes (default: auto)")
     x.add_argument("--max-pixels", type=positive_int, default=d.max_pixels, help="larger images are refused as decompression bombs")
@@ -63,14 +74,12 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--follow-symlinks", action="store_true",
                    help="read folder files reached through symbolic links that leave the input root (default: an "
                         "error row names each such link, and nothing is read through it)")
-    x.add_argument("--address", default=d.address, help="Ray cluster to join (default: $RAY_ADDRESS, else embedded local Ray)")
     x.add_argument("--num-actors", type=positive_int, default=d.num_actors, help="model actors (default: one per GPU, 1 on CPU)")
     x.add_argument("--gpus-per-actor", type=float, default=d.gpus_per_actor, help="GPU share per model actor")
     x.add_argument("--cpus-per-actor", type=float, default=d.cpus_per_actor, help="CPUs reserved per model actor")
     x.add_argument("--decode-tasks", type=positive_int, default=d.decode_tasks, help="input shards read+decoded at once (default: free CPUs)")
     x.add_argument("--shard-retries", type=nonnegative_int, default=d.shard_retries, help="retries of a failing input shard")
     x.add_argument("--shard-timeout", type=positive_float, default=d.shard_timeout_s, help="seconds before a shard task is cancelled")
-    x.add_argument("--storage-options", type=json_object, default={}, help="fsspec storage options as JSON (never logged)")
     x.add_argument("--limit-shards", type=int, default=None, help="embed at most this many pending shards")
     x.add_argument("--repair", action="store_true",
                    help="move unreadable parts, manifest or run.json of OUTPUT into OUTPUT/quarantine/ (nothing is "
@@ -82,7 +91,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="take over the output's lock (OUTPUT/icar.lock) from another run; only once you are sure it "
                         f"is dead (a lock is taken over by itself when its holder's process on this host is gone, "
                         f"or after {d.lock_stale_after_s:.0f}s without a heartbeat)")
-    x.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_storage_args(p)
+    add_logging_args(p, progress_help="no progress bar")
     return p
 
 
@@ -91,7 +101,7 @@ def config_from_args(a: argparse.Namespace) -> EmbedConfig:
     spec = ModelSpec(model=a.model, pretrained=a.pretrained, seed=a.seed, exits=a.exits, heads=a.heads,
                      router=a.router, exit_at=a.exit_at, full_depth=a.full_depth, route_fractions=a.route_fractions,
                      scorer=a.scorer, scorer_checkpoint=a.scorer_checkpoint, device=a.device,
-                     precision=a.precision, torch_threads=a.torch_threads)
+                     precision=a.precision, torch_threads=a.torch_threads, merge=a.merge)
     return EmbedConfig(inputs=a.inputs, output=a.output, spec=spec, batch_size=a.batch_size,
                        image_column=a.image_column, max_pixels=a.max_pixels, address=a.address,
                        num_actors=a.num_actors, gpus_per_actor=a.gpus_per_actor, cpus_per_actor=a.cpus_per_actor,
@@ -107,15 +117,12 @@ def main(argv: list[str] | None = None) -> int:
     of space, or the store kept failing, or another run took the output's lock over), 2 on bad input (a missing
     bucket and denied access included) or when another run holds the output's lock, 130 when
     interrupted (Ctrl-C) and 143 when terminated (SIGTERM); committed shards are kept and a re-run resumes."""
-    from pipeline.embed.execution import run_embed
-    from pipeline.runtime import stop_reason
-    from pipeline.io.lock import LockHeld, LockLost
-    from pipeline.io.readers import InputError
-    from pipeline.io.shards import RunStateError
-    from pipeline.io.storage import CorruptFileError, StorageError, StorageFullError
-    from pipeline.embed.validate import ArgumentProblem, check_embed
-
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.merge is not None and (args.router is not None or args.route_fractions is not None):
+        parser.error("--merge applies one schedule to every image; a router with merge schedules comes from "
+                     "`icar calibrate --profiles ...`: drop --merge, or drop --router/--route-fractions")
+    apply_logging(args)
     cfg = config_from_args(args)
     try:  # values that would fail on the model actors are refused here, before Ray and a model start
         check_embed(cfg)
@@ -155,10 +162,6 @@ def main(argv: list[str] | None = None) -> int:
 
 def print_report_summary(cfg: EmbedConfig) -> int:
     """Print the cost report's one-line summary of the whole run directory; return 3 if the audit refuses it."""
-    from pipeline.report.build import AuditError, ReportConfig, build_report, summary_line
-    from pipeline.io.shards import RunStateError
-    from pipeline.io.storage import CorruptFileError
-
     try:
         report = build_report([cfg.output], ReportConfig(storage_options=cfg.storage_options))
     except AuditError as e:
@@ -175,7 +178,5 @@ def print_report_summary(cfg: EmbedConfig) -> int:
 
 
 if __name__ == "__main__":
-    from pipeline.logs import setup_logging
-
     setup_logging()
     raise SystemExit(main())

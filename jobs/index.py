@@ -7,9 +7,15 @@ import json
 import logging
 import sys
 
-from pipeline.index.build import IndexConfig
+from pipeline.index.build import IndexConfig, RunMismatchError, build_index
+from pipeline.index.params import BudgetError
+from pipeline.io.lock import LockHeld, LockLost
+from pipeline.io.storage import CorruptFileError
+from pipeline.logs import setup_logging
+from pipeline.runtime import stop_reason
 
-from .common import HelpFormatter, json_object
+from jobs.common import (HelpFormatter, add_deprecated_alias, add_logging_args, add_runtime_args, add_storage_args,
+                     apply_logging, resolve_device)
 
 log = logging.getLogger("icar.index")
 
@@ -52,9 +58,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "default: 75%% of this machine's RAM")
     c.add_argument("--factory", default=d.factory,
                    help="FAISS index_factory string overriding the automatic choice, e.g. OPQ32,IVF4096,PQ32")
-    c.add_argument("--merge", default=d.merge, choices=["auto", "memory", "disk"],
-                   help="merge partial indexes in memory, or on disk into index.ivfdata (auto: disk only when "
-                        "--max-build-memory cannot hold the index)")
+    c.add_argument("--merge-partials", dest="merge", default=d.merge, choices=["auto", "memory", "disk"],
+                   help="merge the add tasks' partial indexes in memory, or on disk into index.ivfdata (auto: disk "
+                        "only when --max-build-memory cannot hold the index)")
+    add_deprecated_alias(c, "--merge", "--merge-partials", dest="merge", choices=["auto", "memory", "disk"])
     c.add_argument("--flat-below", type=int, default=d.flat_below,
                    help="exact search (Flat) below this many vectors, when it fits --max-index-memory")
     t = p.add_argument_group("tuning")
@@ -66,21 +73,24 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--text-queries", action=argparse.BooleanOptionalAction, default=d.text_queries,
                    help="tune on caption queries encoded by the runs' text tower too (default: when captions exist "
                         "and the model loads; --text-queries makes a failure to load it an error)")
-    t.add_argument("--device", default=d.device, help="device of the text encoder for caption queries")
     t.add_argument("--max-nprobe", type=int, default=d.max_nprobe, help="largest nprobe tried")
     t.add_argument("--seed", type=int, default=d.seed, help="sampling and k-means seed")
-    x = p.add_argument_group("execution")
-    x.add_argument("--workers", type=int, default=d.workers,
+    x = add_runtime_args(p, device_help="device of the text encoder for caption queries",
+                         threads_help="FAISS threads on the driver (default: all cores)", threads_default=d.threads,
+                         address_help="Ray cluster to join (default: $RAY_ADDRESS, else a local Ray)",
+                         title="runtime and execution")
+    x.add_argument("--add-tasks", dest="workers", type=int, default=d.workers,
                    help="add tasks at once (default: the cluster's CPUs); 1 without --address builds in this process")
-    x.add_argument("--address", default=d.address, help="Ray cluster to join (default: $RAY_ADDRESS, else a local Ray)")
+    add_deprecated_alias(x, "--workers", "--add-tasks", dest="workers", type=int)
     x.add_argument("--work-dir", default=d.work_dir,
                    help="where add tasks write partial indexes; on a multi-node cluster, storage every node "
                         "shares (default: OUTPUT/_build, removed at the end)")
-    x.add_argument("--threads", type=int, default=d.threads, help="FAISS threads on the driver (default: all cores)")
-    x.add_argument("--task-timeout", type=float, default=d.task_timeout_s, help="seconds before a stuck add task fails the build")
-    x.add_argument("--storage-options", type=json_object, default={}, help="fsspec storage options as JSON (never logged)")
-    x.add_argument("--no-progress", action="store_true", help="no progress bars")
-    x.add_argument("--json", action="store_true", help="print index.json to stdout at the end (machines)")
+    x.add_argument("--task-timeout", type=float, default=d.task_timeout_s,
+                   help="seconds before a stuck add task fails the build")
+    add_storage_args(p)
+    add_logging_args(p)
+    out = p.add_argument_group("output")
+    out.add_argument("--json", action="store_true", help="print index.json to stdout at the end (machines)")
     return p
 
 
@@ -90,7 +100,7 @@ def config_from_args(a: argparse.Namespace) -> IndexConfig:
                        max_build_memory=a.max_build_memory, factory=a.factory, target_recall=a.target_recall,
                        k=a.k, queries=a.queries, text_queries=a.text_queries, workers=a.workers, address=a.address,
                        work_dir=a.work_dir, seed=a.seed, overwrite=a.overwrite, flat_below=a.flat_below,
-                       max_nprobe=a.max_nprobe, task_timeout_s=a.task_timeout, device=a.device, threads=a.threads,
+                       max_nprobe=a.max_nprobe, task_timeout_s=a.task_timeout, device=resolve_device(a.device), threads=a.threads,
                        merge=a.merge, storage_options=a.storage_options, progress=not a.no_progress,
                        trained_index=a.trained_index, break_lock=a.break_lock)
 
@@ -99,13 +109,8 @@ def main(argv: list[str] | None = None) -> int:
     """Run the index job; return 0 on success, 2 on bad input, a budget that cannot hold the index or an output
     another build holds the lock of, 1 when another build took the lock over mid-build, 130 when interrupted
     (Ctrl-C) and 143 when terminated (SIGTERM)."""
-    from pipeline.runtime import stop_reason
-    from pipeline.index.build import RunMismatchError, build_index
-    from pipeline.index.params import BudgetError
-    from pipeline.io.lock import LockHeld, LockLost
-    from pipeline.io.storage import CorruptFileError
-
     args = build_parser().parse_args(argv)
+    apply_logging(args)
     cfg = config_from_args(args)
     try:
         summary = build_index(cfg)
@@ -145,7 +150,5 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    from pipeline.logs import setup_logging
-
     setup_logging()
     raise SystemExit(main())

@@ -7,9 +7,13 @@ import json
 import logging
 import sys
 
-from pipeline.report.build import ReportConfig
+from pipeline.io import storage
+from pipeline.io.shards import RunStateError
+from pipeline.io.storage import CorruptFileError
+from pipeline.logs import setup_logging
+from pipeline.report.build import AuditError, ReportConfig, build_report, render_text, write_report
 
-from .common import HelpFormatter, json_object
+from jobs.common import HelpFormatter, add_logging_args, add_storage_args, apply_logging
 
 log = logging.getLogger("icar.report")
 
@@ -54,15 +58,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="report rows whose gflops disagree with run.json's per-depth figures (marked AUDIT FAILED) "
                         "instead of refusing the run")
     p.add_argument("--json", action="store_true", help="print report.json to stdout instead of the readable summary")
-    p.add_argument("--storage-options", type=json_object, default={},
-                   help="fsspec storage options as JSON for remote runs (never logged)")
+    add_storage_args(p)
+    add_logging_args(p, progress_help="no progress bars (report draws none; accepted like every job's)")
     return p
 
 
 def expand_runs(patterns: list[str], storage_options: dict) -> list[str]:
     """Return the run directories named by ``patterns``, globs expanded (sorted), each must hold a run.json."""
-    from pipeline.io import storage
-
     runs: list[str] = []
     for pattern in patterns:
         if any(ch in pattern for ch in "*?["):
@@ -78,11 +80,8 @@ def expand_runs(patterns: list[str], storage_options: dict) -> list[str]:
 
 def main(argv: list[str] | None = None) -> int:
     """Run the report job; return 0 on success, 2 on bad input, 3 when a run fails the audit."""
-    from pipeline.report.build import AuditError, build_report, render_text, write_report
-    from pipeline.io.shards import RunStateError
-    from pipeline.io.storage import CorruptFileError
-
     args = build_parser().parse_args(argv)
+    apply_logging(args)
     cfg = ReportConfig(gpu_hour_price=args.gpu_hour_price, currency=args.currency, compare=args.compare,
                        since=args.since, until=args.until, strict=not args.allow_gflops_mismatch,
                        storage_options=args.storage_options)
@@ -107,7 +106,5 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    from pipeline.logs import setup_logging
-
     setup_logging()
     raise SystemExit(main())

@@ -8,7 +8,16 @@ import shutil
 import sys
 import unicodedata
 
-from .common import HelpFormatter, json_object
+from pipeline.embed.validate import ArgumentProblem, check_k, check_nprobe
+from pipeline.index.search import Searcher
+from pipeline.io import storage
+from pipeline.io.storage import CorruptFileError
+from pipeline.logs import setup_logging
+from pipeline.model.models import ModelLoadError
+from pipeline.reindex.run import INDEXES, LATEST, resolve_latest
+
+from jobs.common import (HelpFormatter, add_logging_args, add_runtime_args, add_storage_args, apply_logging,
+                         resolve_device, set_torch_threads)
 
 EXAMPLES = """
 The text is encoded by the text tower of the model named in IDX/index.json (its weights hash is checked),
@@ -29,9 +38,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--image", action="append", default=[], help="image query (path or URL); repeatable")
     p.add_argument("-k", type=int, default=10, help="results per query (1..100000; at most the index's vectors)")
     p.add_argument("--nprobe", type=int, default=None, help="inverted lists to visit (default: the tuned value in index.json)")
-    p.add_argument("--device", default="cpu", help="device of the query encoder")
     p.add_argument("--json", action="store_true", help="JSON for machines instead of a table")
-    p.add_argument("--storage-options", type=json_object, default={}, help="fsspec storage options as JSON")
+    add_runtime_args(p, device_help="device of the query encoder",
+                     threads_help="CPU threads of the query encoder (default: torch's choice)")
+    add_storage_args(p)
+    add_logging_args(p, progress_help="no progress bars (search draws none; accepted like every job's)")
     return p
 
 
@@ -71,9 +82,6 @@ def format_table(query: str, hits: list) -> str:
 
 def resolve_index_dir(path: str, storage_options: dict) -> str:
     """Return ``path``, or the index its ROOT/indexes/LATEST points to when ``path`` is an `icar reindex` root."""
-    from pipeline.io import storage
-    from pipeline.reindex.run import INDEXES, LATEST, resolve_latest
-
     if not storage.exists(storage.join(path, "index.json"), storage_options) and \
             storage.exists(storage.join(path, INDEXES, LATEST), storage_options):
         return resolve_latest(path, storage_options)
@@ -82,12 +90,8 @@ def resolve_index_dir(path: str, storage_options: dict) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     """Run the search job; return 0 on success, 2 on bad input."""
-    from pipeline.model.models import ModelLoadError
-    from pipeline.index.search import Searcher
-    from pipeline.embed.validate import ArgumentProblem, check_k, check_nprobe
-    from pipeline.io.storage import CorruptFileError
-
     args = build_parser().parse_args(argv)
+    apply_logging(args)
     if not args.texts and not args.image:
         print("icar search: error: give a text query or --image PATH", file=sys.stderr)
         return 2
@@ -97,9 +101,10 @@ def main(argv: list[str] | None = None) -> int:
     except ArgumentProblem as e:
         print(f"icar search: error: {e}", file=sys.stderr)
         return 2
+    set_torch_threads(args.threads)
     try:
         index_dir = resolve_index_dir(args.index, args.storage_options)
-        with Searcher(index_dir, device=args.device, nprobe=args.nprobe,
+        with Searcher(index_dir, device=resolve_device(args.device), nprobe=args.nprobe,
                       storage_options=args.storage_options) as searcher:
             results = []
             if args.texts:
@@ -119,7 +124,5 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    from pipeline.logs import setup_logging
-
     setup_logging()
     raise SystemExit(main())

@@ -27,3 +27,4 @@ class ModelSpec:
     device: str = "auto"  # auto | cpu | cuda
     precision: str = "fp32"  # fp32 | fp16 | bf16 (autocast on accelerators)
     torch_threads: int | None = None  # intra-op threads per CPU actor; None: CPUs per actor
+    merge: str | None = None  # token-merging schedule (r2, keep0.8) for every image at exit_at or full depth: a one-profile router

@@ -68,6 +68,8 @@ def build_router(spec: ModelSpec, exits: list[int]):
                                     ("--router", spec.router is not None)) if on]
     if len(chosen) > 1:
         raise ValueError(f"choose one routing option, not {' and '.join(chosen)}")
+    if spec.merge is not None:
+        return merge_router(spec, exits)
     if spec.full_depth:
         return routers.FixedRouter(exits[-1])
     if spec.exit_at is not None:
@@ -88,6 +90,26 @@ def build_router(spec: ModelSpec, exits: list[int]):
         raise ValueError(f"router {router_path} routes to exits {list(router_exits)} but the encoder has {exits}; "
                          f"pass --exits {','.join(map(str, router_exits))} or recalibrate with `icar calibrate`")
     return router
+
+
+def merge_router(spec: ModelSpec, exits: list[int]):
+    """Return the one-profile router of ``--merge``: every image at --exit-at (else full depth) under that schedule.
+
+    The same router a hand-written ``{"kind": "profile", "profiles": ["DEPTH@SCHEDULE"], "thresholds": []}`` file
+    gives, so the worker counts the merged GFLOPs and run.json records the profile the same way.
+    """
+    from pipeline.model import merging
+    from pipeline.model import router as routers
+
+    if spec.router is not None or spec.route_fractions is not None:
+        raise ValueError("--merge applies one schedule to every image; a router with merge schedules comes from "
+                         "`icar calibrate --profiles ...`: drop --merge, or drop --router/--route-fractions")
+    depth = spec.exit_at if spec.exit_at is not None else exits[-1]
+    if depth not in exits:
+        raise ValueError(f"--exit-at {depth} is not one of the exits {exits}; add it to --exits")
+    profile = merging.Profile(depth, merging.parse_merge(spec.merge))
+    log.info("--merge %s: every image runs profile %s", spec.merge, profile.spec)
+    return routers.ProfileRouter([profile.spec], [])
 
 
 class ModelWorker:
