@@ -12,7 +12,9 @@ import glob
 import os
 import time
 
-from .common import HelpFormatter
+from jobs import embed, index, make_demo_corpus, report, search
+from jobs.common import HelpFormatter, add_logging_args, apply_logging
+from pipeline.logs import setup_logging
 
 # Caption-style queries: the demo CLIP ranks by colour and background first and is weak on shape and place
 # (see pipeline/assets/demo/card.json, "attribute probe"), so short queries like "a red circle" find red backgrounds.
@@ -25,6 +27,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", default="demo-out", help="folder for the corpus, run, index and report")
     p.add_argument("--n", type=int, default=2000, help="images in the demo corpus")
     p.add_argument("--seed", type=int, default=0, help="corpus seed")
+    add_logging_args(p, progress_help="no progress bars in any step")
     return p
 
 
@@ -34,26 +37,25 @@ def step(title: str) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     """Run the demo; return the first failing step's exit code, else 0."""
-    from jobs import embed, index, make_demo_corpus, report, search
-    from pipeline.logs import setup_logging
-
     setup_logging()
     args = build_parser().parse_args(argv)
+    apply_logging(args)
+    quiet = ["--no-progress"] if args.no_progress else []
     out = args.output
     corpus, run, idx = (os.path.join(out, name) for name in ("corpus", "run", "index"))
     t0 = time.perf_counter()
     if not os.path.exists(os.path.join(corpus, "corpus.json")):
         step(f"icar make-demo-corpus --n {args.n} --output {corpus}")
-        rc = make_demo_corpus.main(["--n", str(args.n), "--output", corpus, "--seed", str(args.seed)])
+        rc = make_demo_corpus.main(["--n", str(args.n), "--output", corpus, "--seed", str(args.seed), *quiet])
         if rc:
             return rc
     shards = sorted(glob.glob(os.path.join(corpus, "test", "*.tar")))
     step(f"icar embed {corpus}/test/*.tar --output {run}")
-    rc = embed.main([*shards, "--output", run])
+    rc = embed.main([*shards, "--output", run, *quiet])
     if rc:
         return rc
     step(f"icar index {run} --output {idx}")
-    rc = index.main([run, "--output", idx])
+    rc = index.main([run, "--output", idx, *quiet])
     if rc:
         return rc
     for q in QUERIES:

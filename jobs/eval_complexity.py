@@ -12,9 +12,10 @@ import argparse
 import json
 import sys
 
-from pipeline.training.complexity import EvalConfig
+from pipeline.logs import setup_logging
+from pipeline.training.complexity import EvalConfig, evaluate_complexity
 
-from .common import HelpFormatter
+from jobs.common import HelpFormatter, add_logging_args, add_runtime_args, apply_logging, set_torch_threads
 
 EXAMPLES = """
 RMSE/MAE: a trained scorer predicts on its training label scale; the heuristic's raw score (edge density)
@@ -48,10 +49,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="divide label scores by this (default: 1, or 100 when any score > 1)")
     p.add_argument("--decode-size", type=int, default=d.decode_size, help="decoded size, as the encoder's input size")
     p.add_argument("--batch-size", type=int, default=d.batch_size, help="images per scorer call")
-    p.add_argument("--device", default=d.device, help="auto | cpu | cuda | cuda:N")
     p.add_argument("--decode-workers", type=int, default=d.decode_workers, help="decoding threads (0: one per CPU)")
     p.add_argument("--output", "-o", required=True, help="directory for metrics.json, metrics.csv, predictions.csv")
-    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    add_runtime_args(p, device_help="scorer device", threads_help="torch CPU threads of the scorer (default: "
+                                                                  "torch's choice)")
+    add_logging_args(p)
     return p
 
 
@@ -61,9 +63,9 @@ def _fmt(v) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     """Evaluate; return 0 on success, 2 on bad input (the message says what to fix)."""
-    from pipeline.training.complexity import evaluate_complexity
-
     a = build_parser().parse_args(argv)
+    apply_logging(a)
+    set_torch_threads(a.threads)
     cfg = EvalConfig(images=a.images, labels=a.labels, output=a.output, scorer=a.scorer, checkpoint=a.checkpoint,
                      per_category=a.per_category, fit_labels=a.fit_labels, score_scale=a.score_scale,
                      decode_size=a.decode_size, batch_size=a.batch_size, device=a.device,
@@ -90,7 +92,5 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    from pipeline.logs import setup_logging
-
     setup_logging()
     raise SystemExit(main())

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 
 from pipeline.demo.corpus import DemoCorpusConfig, make_demo_corpus
+from pipeline.logs import setup_logging
+
+from jobs.common import HelpFormatter, add_logging_args, apply_logging
 
 _D = DemoCorpusConfig(output="")
 
@@ -20,28 +22,29 @@ def build_parser() -> argparse.ArgumentParser:
             "true captions and a known complexity, written as img2dataset WebDataset shards in train/, val/ and "
             "test/, plus IC9600-layout complexity labels in complexity/. The same seed gives byte-identical "
             "shards. Example: icar make-demo-corpus --n 22000 --val 1000 --test 1000 --output /tmp/demo-corpus"),
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=HelpFormatter,
     )
     p.add_argument("--output", required=True, help="corpus directory (local path or fsspec URL)")
     p.add_argument("--n", type=int, default=_D.n, help="images in all splits together (train gets n - val - test)")
     p.add_argument("--val", type=int, default=_D.val,
-                   help="held-out images for exit training and calibration; None: 5%% of --n")
+                   help="held-out images for exit training and calibration (default: 5%% of --n)")
     p.add_argument("--test", type=int, default=_D.test,
-                   help="held-out images for the quality benchmark; None: 5%% of --n")
+                   help="held-out images for the quality benchmark (default: 5%% of --n)")
     p.add_argument("--seed", type=int, default=_D.seed, help="random seed; same seed -> identical shards")
     p.add_argument("--shard-size", type=int, default=_D.shard_size, help="images per WebDataset shard")
     p.add_argument("--image-size", type=int, default=_D.image_size, help="side of the square JPEGs in pixels")
     p.add_argument("--jpeg-quality", type=int, default=_D.jpeg_quality, help="JPEG quality")
     p.add_argument("--complexity-train", type=int, default=_D.complexity_train,
                    help="train images also written to complexity/ with labels (at most the train split)")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_logging_args(p, progress_help="no progress bar")
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     """Run `icar make-demo-corpus`; return the process exit code."""
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    setup_logging()  # what `icar make-demo-corpus` sets up; --log-format on top
+    apply_logging(args)
     cfg = DemoCorpusConfig(output=args.output, n=args.n, val=args.val, test=args.test, seed=args.seed,
                            shard_size=args.shard_size, image_size=args.image_size, jpeg_quality=args.jpeg_quality,
                            complexity_train=args.complexity_train, progress=not args.no_progress)

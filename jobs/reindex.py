@@ -5,15 +5,19 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import sys
+
+from pipeline.io.readers import InputError
+from pipeline.logs import setup_logging
+from pipeline.reindex.jobconfig import ConfigError, load_job_config
+from pipeline.reindex.run import EXIT_CODES, EXIT_CONFIG, plan_reindex, reindex_status, run_reindex
+
+from jobs.common import HelpFormatter, add_logging_args, add_runtime_args, apply_logging
 
 log = logging.getLogger("icar.reindex")
 
 
 def _epilog() -> str:
-    from pipeline.reindex.run import EXIT_CODES
-
     codes = "\n".join(f"  {code}  {text}" for code, text in sorted(EXIT_CODES.items()))
     return f"""
 Each run, under a lock on ROOT: embeds the inputs not yet committed (and those whose size/mtime/ETag changed),
@@ -34,14 +38,9 @@ examples:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .common import HelpFormatter
-
     p = argparse.ArgumentParser(prog="icar reindex", description=__doc__, epilog=_epilog(),
                                 formatter_class=HelpFormatter)
     p.add_argument("--config", "-c", required=True, help="job config (YAML); see jobs/examples/")
-    p.add_argument("--log-format", choices=["text", "json"], default=None,
-                   help="log lines as text for people or one JSON object per line for schedulers "
-                        "(default: $ICAR_LOG_FORMAT, else text)")
     mode = p.add_mutually_exclusive_group()
     mode.add_argument("--check-config", action="store_true", help="validate the config and exit (0 ok, 2 invalid)")
     mode.add_argument("--dry-run", action="store_true",
@@ -50,31 +49,29 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--break-lock", action="store_true",
                    help="take the root's lock even if its holder looks alive (only when you know it is dead)")
     p.add_argument("--json", action="store_true", help="print the run's full record as JSON on stdout at the end")
+    add_runtime_args(p, address_help="Ray cluster to join, overriding the config's ray.address (default: the "
+                                     "config's, else $RAY_ADDRESS, else an embedded local Ray)")
+    add_logging_args(p, progress_help="no progress bars, whatever the config's progress says")
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     """Run the reindex job; return its exit code (see --help)."""
-    from pipeline.logs import setup_logging
-    from pipeline.reindex.jobconfig import ConfigError, load_job_config
-    from pipeline.reindex.run import EXIT_CONFIG
-
     args = build_parser().parse_args(argv)
-    if args.log_format:
-        os.environ["ICAR_LOG_FORMAT"] = args.log_format
-        setup_logging()
+    apply_logging(args)
     try:
         cfg = load_job_config(args.config)
     except ConfigError as e:
         print(f"icar reindex: error: {e}", file=sys.stderr)
         return EXIT_CONFIG
+    if args.address is not None:
+        cfg.ray.address = args.address
+    if args.no_progress:
+        cfg.progress = False
     if args.check_config:
         print(f"{args.config}: ok (job {cfg.name}, root {cfg.root}, {len(cfg.inputs)} input pattern(s))")
         return 0
     if args.dry_run or args.status:
-        from pipeline.io.readers import InputError
-        from pipeline.reindex.run import plan_reindex, reindex_status
-
         try:
             out = plan_reindex(cfg) if args.dry_run else reindex_status(cfg.root.rstrip("/"), cfg.storage_options)
         except InputError as e:
@@ -82,8 +79,6 @@ def main(argv: list[str] | None = None) -> int:
             return EXIT_CONFIG
         print(json.dumps(out, indent=2, default=str))
         return 0
-
-    from pipeline.reindex.run import run_reindex
 
     result = run_reindex(cfg, break_lock=args.break_lock)
     if args.json:
@@ -95,7 +90,5 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    from pipeline.logs import setup_logging
-
     setup_logging()
     raise SystemExit(main())

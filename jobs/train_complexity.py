@@ -14,9 +14,10 @@ import argparse
 import json
 import sys
 
-from pipeline.training.complexity import TrainConfig
+from pipeline.logs import setup_logging
+from pipeline.training.complexity import TrainConfig, train_complexity
 
-from .common import HelpFormatter
+from jobs.common import HelpFormatter, add_logging_args, add_runtime_args, apply_logging, set_torch_threads
 
 EXAMPLES = """
 data layout (IC9600): an image folder and label files with one `name score` line per image, e.g.
@@ -73,11 +74,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="smallest area share kept by the random square crop (1.0: no cropping)")
     t.add_argument("--no-hflip", action="store_true", help="no random horizontal flips")
     t.add_argument("--seed", type=int, default=d.seed, help="seed of split, init, shuffling and augmentation")
-    t.add_argument("--device", default=d.device, help="auto | cpu | cuda | cuda:N")
     o = p.add_argument_group("output")
     o.add_argument("--output", "-o", required=True, help="output directory (resumes when it holds a run of the same settings)")
     o.add_argument("--restart", action="store_true", help="ignore a previous run in --output and start over")
-    o.add_argument("--no-progress", action="store_true", help="no progress bars")
+    add_runtime_args(p, device_help="training device", threads_help="torch CPU threads (default: torch's choice)")
+    add_logging_args(p)
     return p
 
 
@@ -95,9 +96,10 @@ def config_from_args(a: argparse.Namespace) -> TrainConfig:
 
 def main(argv: list[str] | None = None) -> int:
     """Train; return 0 on success, 2 on bad input (the message says what to fix)."""
-    from pipeline.training.complexity import train_complexity
-
-    cfg = config_from_args(build_parser().parse_args(argv))
+    args = build_parser().parse_args(argv)
+    apply_logging(args)
+    set_torch_threads(args.threads)
+    cfg = config_from_args(args)
     try:
         summary = train_complexity(cfg)
     except (ValueError, FileNotFoundError) as e:
@@ -111,7 +113,5 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    from pipeline.logs import setup_logging
-
     setup_logging()
     raise SystemExit(main())

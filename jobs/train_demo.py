@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 
 from pipeline.demo.training import DemoModelConfig, DemoTrainConfig, train_demo
+from pipeline.logs import setup_logging
+
+from jobs.common import HelpFormatter, add_logging_args, add_runtime_args, apply_logging
 
 _D = DemoTrainConfig(corpus="")
 
@@ -22,7 +24,7 @@ def build_parser() -> argparse.ArgumentParser:
             "(metrics, wall time, versions, the reproduce command). `icar embed --model demo` then uses them. "
             "Example: icar make-demo-corpus --n 22000 --val 1000 --test 1000 --output /tmp/demo-corpus && "
             "icar train-demo --corpus /tmp/demo-corpus"),
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=HelpFormatter,
     )
     p.add_argument("--corpus", required=True, help="demo corpus directory")
     p.add_argument("--output", default=_D.output, help="model directory to write")
@@ -40,18 +42,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=_D.seed, help="init, batch order and augmentation seed")
     p.add_argument("--eval-images", type=int, default=_D.eval_images, help="val images for the recall evaluation")
     p.add_argument("--train-limit", type=int, default=_D.train_limit, help="use only the first N train images")
-    p.add_argument("--threads", type=int, default=_D.threads, help="torch threads (1 reproduces the shipped card; more helps only on an idle machine)")
     p.add_argument("--model-json", default=None,
                    help="JSON object overriding fields of the model shape, e.g. '{\"vision_layers\": 6}'; fields: "
                         + ", ".join(DemoModelConfig.__dataclass_fields__))
-    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    add_runtime_args(p, threads_help="torch threads (1 reproduces the shipped card; more helps only on an idle "
+                                     "machine)", threads_default=_D.threads)
+    add_logging_args(p)
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     """Run `icar train-demo`; return the process exit code."""
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    setup_logging()  # what `icar train-demo` sets up; --log-format on top
+    apply_logging(args)
     model = DemoModelConfig()
     if args.model_json:
         overrides = json.loads(args.model_json)

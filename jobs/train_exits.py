@@ -14,11 +14,16 @@ text->image and image->text, and mean cosine to full depth, before and after tra
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 
+from pipeline.io.readers import InputError
+from pipeline.logs import setup_logging
+from pipeline.model.models import ModelLoadError
 from pipeline.training.exits import ExitTrainConfig, TrainExitsError, train_exits
 
-from .common import HelpFormatter, int_list, json_object
+from jobs.common import (HelpFormatter, add_logging_args, add_model_args, add_runtime_args, add_storage_args,
+                         apply_logging, set_torch_threads)
 
 EXAMPLES = """
 inputs: image–caption shards in any layout `icar embed` reads (WebDataset .tar with KEY.txt captions, Parquet
@@ -54,20 +59,17 @@ def build_parser() -> argparse.ArgumentParser:
                                 formatter_class=HelpFormatter)
     p.add_argument("inputs", nargs="+", help="training image–caption shards: files, globs, directories or URLs")
     p.add_argument("--output", "-o", required=True, help="output directory (local path or URL)")
-    m = p.add_argument_group("model")
-    m.add_argument("--model", default=d.model, help="open_clip model name, 'demo', or a model directory")
-    m.add_argument("--pretrained", default=d.pretrained,
-                   help="open_clip pretrained tag, checkpoint (.safetensors/.pt), or 'none' for a seeded random init")
+    m = add_model_args(p, d, seed=False, heads=False,
+                       merge="token-merging schedule the heads will serve under (e.g. keep0.8, r2; see "
+                             "pipeline/model/merging.py): early-exit features are taken from merged tokens; the heads "
+                             "file records it")
     m.add_argument("--seed", type=int, default=d.seed, help="seed of the random init and of shuffling")
-    m.add_argument("--exits", type=int_list, default=d.exits,
-                   help="exit depths in blocks, the last = full depth, e.g. 12,18,24 (default: per model)")
-    m.add_argument("--device", default=d.device, choices=["auto", "cpu", "cuda"], help="training device")
-    m.add_argument("--workers", type=int, default=d.workers,
+    r = add_runtime_args(p, device_help="training device",
+                         threads_help="torch CPU threads of this process (default: torch's choice; --workers N "
+                                      "share the cores among themselves)")
+    r.add_argument("--workers", type=int, default=d.workers,
                    help="data-parallel processes to start on this machine (one GPU each on CUDA); under torchrun "
                         "leave it at 1")
-    m.add_argument("--merge", default=d.merge,
-                   help="token-merging schedule the heads will serve under (e.g. keep0.8, r2; see pipeline/model/merging.py): "
-                        "early-exit features are taken from merged tokens; the heads file records it")
     v = p.add_argument_group("validation")
     v.add_argument("--val", dest="val_inputs", nargs="+", default=d.val_inputs,
                    help="validation shards (default: hold out --val-fraction of the inputs by key hash)")
@@ -97,14 +99,15 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--shuffle-buffer", type=int, default=d.shuffle_buffer, help="streaming shuffle buffer (pairs)")
     x = p.add_argument_group("inputs")
     x.add_argument("--image-column", default=d.image_column, help="Parquet column with image bytes (default: auto)")
-    x.add_argument("--storage-options", type=json_object, default=d.storage_options,
-                   help="fsspec options as JSON, e.g. '{\"anon\": true}'")
+    add_storage_args(p, d.storage_options)
+    add_logging_args(p, progress_help="no progress bars (train-exits logs its progress; accepted like every job's)")
     return p
 
 
 def config_from_args(args: argparse.Namespace) -> ExitTrainConfig:
     """Return the ExitTrainConfig the parsed arguments describe."""
-    return ExitTrainConfig(**{k: v for k, v in vars(args).items()})
+    fields = {f.name for f in dataclasses.fields(ExitTrainConfig)}
+    return ExitTrainConfig(**{k: v for k, v in vars(args).items() if k in fields})
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -112,10 +115,9 @@ def main(argv: list[str] | None = None) -> int:
 
     Under torchrun every process runs this; the process group comes from the environment torchrun sets.
     """
-    from pipeline.model.models import ModelLoadError
-    from pipeline.io.readers import InputError
-
     args = build_parser().parse_args(argv)
+    apply_logging(args)
+    set_torch_threads(args.threads)
     try:
         train_exits(config_from_args(args))
     except (TrainExitsError, ModelLoadError, InputError, ValueError, FileNotFoundError) as e:
@@ -125,7 +127,5 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    from pipeline.logs import setup_logging
-
     setup_logging()
     raise SystemExit(main())
