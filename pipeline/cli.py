@@ -1,10 +1,16 @@
-"""The `icar` command: dispatches `icar <job> ...` to the job module jobs/<job>.py, which parses and calls pipeline/."""
+"""The `icar` command: dispatches `icar <job> ...` to the job module jobs/<job>.py, which parses and calls pipeline/.
+
+Every job speaks one grammar (jobs/common.py): the model, runtime (--device, --threads, --address), storage
+(--storage-options) and logging (--no-progress, --log-format) groups mean the same in each job that has them.
+"""
 
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import sys
 
+from pipeline import __version__
 from pipeline.logs import setup_logging
 
 # job name -> (module, one-line help). Every job is also `python -m jobs.<module>` (and `ray job submit -- ...`).
@@ -19,6 +25,7 @@ JOBS = {
     "train-complexity": ("jobs.train_complexity", "train a ConvNeXt-IC complexity scorer on IC9600-layout data"),
     "eval-complexity": ("jobs.eval_complexity", "evaluate a complexity scorer: PLCC, SRCC, RMSE, MAE, images/s"),
     "train-scorer": ("jobs.train_scorer", "retrain the shipped default complexity scorer from SAVOIAS (ImageNet MobileNetV2)"),
+    "demo": ("jobs.demo", "the whole pipeline offline on the shipped demo model (`make demo`)"),
     "make-demo-corpus": ("jobs.make_demo_corpus", "write the seeded synthetic demo corpus (WebDataset shards)"),
     "train-demo": ("jobs.train_demo", "retrain the shipped demo CLIP from the demo corpus"),
 }
@@ -41,8 +48,6 @@ def main(argv: list[str] | None = None) -> int:
         print(usage())
         return 0
     if argv[0] in ("-V", "--version"):
-        from pipeline import __version__
-
         print(f"icar {__version__}")
         return 0
     name, rest = argv[0], argv[1:]
