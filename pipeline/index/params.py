@@ -467,11 +467,11 @@ def _plan_build(p: IndexParams, n: int, dim: int, max_build_bytes: int | None, w
     p.merge = "memory"
     if merge == "disk":
         if not p.nlist:
-            raise ValueError(f"--merge disk needs inverted lists (an IVF index); {p.factory} has none")
+            raise ValueError(f"--merge-partials disk needs inverted lists (an IVF index); {p.factory} has none")
         p.merge = "disk"
-        reasons.append("on-disk merge (--merge disk): inverted lists in an .ivfdata file beside index.faiss")
+        reasons.append("on-disk merge (--merge-partials disk): inverted lists in an .ivfdata file beside index.faiss")
     elif merge == "memory":
-        reasons.append("in-memory merge (--merge memory)")
+        reasons.append("in-memory merge (--merge-partials memory)")
     elif max_build_bytes is not None and phases["merge_memory"] > max_build_bytes:
         if p.nlist:
             p.merge = "disk"
@@ -500,7 +500,7 @@ def _plan_build(p: IndexParams, n: int, dim: int, max_build_bytes: int | None, w
             raise BudgetError(
                 f"{workers} add task(s) each holding the trained index ({format_size(floor_task)} with one shard "
                 f"of {shard_rows:,} rows) need {format_size(floor_task * workers)}, more than --max-build-memory "
-                f"{format_size(max_build_bytes)}: use fewer --workers or raise --max-build-memory")
+                f"{format_size(max_build_bytes)}: use fewer --add-tasks or raise --max-build-memory")
     reasons.append(f"estimated build peak {format_size(p.estimated_build_bytes)} on the driver and "
                    f"{format_size(p.estimated_task_bytes)} per add task x {workers} within --max-build-memory "
                    f"{format_size(max_build_bytes)}")

@@ -31,7 +31,7 @@ def resolve_device(device: str) -> str:
 
 
 def cpu_threads(spec: ModelSpec) -> int:
-    """Return the intra-op threads a CPU model computes on: --torch-threads, else $ICAR_TORCH_THREADS, else the
+    """Return the intra-op threads a CPU model computes on: --threads, else $ICAR_TORCH_THREADS, else the
     CPUs Ray reserved for this actor (``--cpus-per-actor``), else 1 (outside Ray: calibrate, tests, benchmarks).
 
     Without the reservation fallback, an actor reserving N CPUs would compute on one thread and leave N-1 idle

@@ -69,7 +69,7 @@ def test_report_names_the_damaged_file(run, what, capsys):
 def test_index_names_the_damaged_file(run, what, tmp_path, capsys):
     name, damage, fix = DAMAGE[what]
     damage(run / name)
-    code = index_job.main([str(run), "--output", str(tmp_path / "idx"), "--workers", "1", "--threads", "1",
+    code = index_job.main([str(run), "--output", str(tmp_path / "idx"), "--add-tasks", "1", "--threads", "1",
                            "--no-text-queries", "--no-progress"])
     assert code == 2
     line = last_line(capsys.readouterr().err)
@@ -79,7 +79,7 @@ def test_index_names_the_damaged_file(run, what, tmp_path, capsys):
 def test_index_names_a_damaged_trained_index(run, tmp_path, capsys):
     junk = tmp_path / "trained.faiss"
     junk.write_bytes(b"not an index at all")
-    code = index_job.main([str(run), "--output", str(tmp_path / "idx"), "--workers", "1", "--threads", "1",
+    code = index_job.main([str(run), "--output", str(tmp_path / "idx"), "--add-tasks", "1", "--threads", "1",
                            "--no-text-queries", "--no-progress", "--trained-index", str(junk), "--factory", "Flat"])
     assert code == 2
     line = last_line(capsys.readouterr().err)

@@ -510,7 +510,7 @@ def test_sigkilled_index_driver_converges_to_the_undisturbed_index(index_runs, i
     """SIGKILL `python -m jobs.index` (add tasks on the session's Ray) at seeded random points; re-run until done."""
     idx = tmp_path / "index"
     cmd = [sys.executable, "-m", "jobs.index", *index_runs, "--output", str(idx), "--factory", INDEX_FACTORY,
-           "--workers", "2", "--threads", "1", "--no-text-queries", "--queries", "200", "--no-progress",
+           "--add-tasks", "2", "--threads", "1", "--no-text-queries", "--queries", "200", "--no-progress",
            "--address", ray_address(ray_session)]
     env = dict(os.environ, RAY_AUTH_MODE="disabled")
     rng = random.Random(9)
@@ -569,7 +569,7 @@ def test_overwrite_killed_midway_never_shows_a_mismatched_index_nor_leaks_partia
     small = synthetic_run(tmp_path / "small", 3000, INDEX_DIM, 2, seed=5, prefix="other-")
     build_index(index_config([small], idx))
     cmd = [sys.executable, "-m", "jobs.index", *index_runs, "--output", str(idx), "--overwrite", "--factory",
-           INDEX_FACTORY, "--workers", "1", "--threads", "1", "--no-text-queries", "--queries", "200", "--no-progress"]
+           INDEX_FACTORY, "--add-tasks", "1", "--threads", "1", "--no-text-queries", "--queries", "200", "--no-progress"]
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     ids_before = (idx / "ids.parquet").stat().st_mtime_ns
     for ready in (lambda: any(p.is_file() for p in (idx / "_build").rglob("*")),

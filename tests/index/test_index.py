@@ -413,15 +413,15 @@ def test_cli_builds_and_refuses(tmp_path, capsys):
 
     run = make_run(str(tmp_path / "run"), clustered(2000, 32, seed=10), shards=2)
     out = tmp_path / "idx"
-    assert index_job.main([run, "--output", str(out), "--workers", "1", "--threads", "1", "--no-progress",
+    assert index_job.main([run, "--output", str(out), "--add-tasks", "1", "--threads", "1", "--no-progress",
                            "--no-text-queries", "--queries", "50"]) == 0
     printed = capsys.readouterr().out
     assert "icar index: 2,000 vectors" in printed and "Flat" in printed and "phases:" in printed
-    assert index_job.main([run, "--output", str(tmp_path / "small"), "--workers", "1", "--no-progress",
+    assert index_job.main([run, "--output", str(tmp_path / "small"), "--add-tasks", "1", "--no-progress",
                            "--max-index-memory", "64K", "--flat-below", "100"]) == 2
     err = capsys.readouterr().err
     assert "icar index: error:" in err and "--max-index-memory 64.0K" in err
-    assert index_job.main([run, "--output", str(out), "--workers", "1", "--no-progress"]) == 2
+    assert index_job.main([run, "--output", str(out), "--add-tasks", "1", "--no-progress"]) == 2
     assert "--overwrite" in capsys.readouterr().err
 
 
