@@ -131,7 +131,7 @@ def run_icar(run: str, out: str, args) -> dict:
     cmd = [sys.executable, "-m", "jobs.index", run, "--output", out, "--max-index-memory", args.budget,
            "--no-progress", "--seed", str(args.seed), "--queries", str(args.tune_queries)]
     for flag, value in (("--max-build-memory", args.build_memory), ("--factory", args.factory),
-                        ("--workers", args.workers), ("--threads", args.threads)):
+                        ("--add-tasks", args.workers), ("--threads", args.threads)):
         if value is not None:
             cmd += [flag, str(value)]
     t0 = time.perf_counter()

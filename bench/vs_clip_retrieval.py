@@ -5,7 +5,7 @@ The peer is what users run today to embed a WebDataset corpus with CLIP. Both to
 - the same architecture AND weights: ViT-B-32 with ICAR's seeded random init (seed 0), saved as a state_dict .pt
   that clip-retrieval loads as `open_clip:ViT-B-32//ABS/PATH.pt` (no download anywhere);
 - the same batch size, full depth, image tower only (`enable_text=False`), the same model threads
-  (OMP_NUM_THREADS for the peer's main process, `--torch-threads` for ICAR's actor) and two decode workers each.
+  (OMP_NUM_THREADS for the peer's main process, `--threads` for ICAR's actor) and two decode workers each.
 The embeddings must agree (cosine ~ 1 for every image at full depth): that is what makes the rates comparable.
 
 Variants, interleaved (A B C, C B A, ...), each a fresh process under a timeout:
@@ -265,7 +265,7 @@ def run_icar(args, tars: list[str], out: Path, routed: bool) -> dict:
     cmd = [str(ROOT / ".venv" / "bin" / "python"), "-m", "bench.common", "timed-embed", str(batches), *tars,
            "--output", str(out / "run"), "--model", args.model, "--pretrained", "none", "--seed", "0",
            "--precision", args.precision,
-           "--batch-size", str(args.batch_size), "--torch-threads", str(args.threads),
+           "--batch-size", str(args.batch_size), "--threads", str(args.threads),
            "--decode-tasks", str(min(args.workers, len(tars))), "--no-progress"]
     cmd += ["--scorer", "heuristic", "--route-fractions", args.route_fractions] if routed else \
         ["--scorer", "none", "--full-depth"]
