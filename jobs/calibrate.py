@@ -27,7 +27,11 @@ import sys
 
 import numpy as np
 
-from .common import HelpFormatter, float_list, int_list, json_object
+from pipeline.logs import setup_logging
+from pipeline.model.spec import ModelSpec
+
+from jobs.common import (HelpFormatter, add_logging_args, add_model_args, add_runtime_args, add_storage_args,
+                         apply_logging, float_list, set_torch_threads)
 
 log = logging.getLogger("icar.calibrate")
 
@@ -44,8 +48,6 @@ examples:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from pipeline.model.spec import ModelSpec
-
     m = ModelSpec()
     p = argparse.ArgumentParser(prog="icar calibrate", description=__doc__, epilog=EXAMPLES,
                                 formatter_class=HelpFormatter)
@@ -63,18 +65,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sample", type=int, default=2000, help="images to calibrate on")
     p.add_argument("--seed", type=int, default=0, help="seed of the sample (and of a random-init model)")
     p.add_argument("--output", "-o", required=True, help="router JSON to write (local path or URL)")
-    g = p.add_argument_group("model (with inputs)")
-    g.add_argument("--model", default=m.model, help="open_clip model name, or 'demo'")
-    g.add_argument("--pretrained", default=m.pretrained, help="open_clip tag, local checkpoint, or 'none'")
-    g.add_argument("--exits", type=int_list, default=m.exits, help="exit depths, e.g. 12,18,24 (default: per model)")
-    g.add_argument("--heads", default=m.heads, help="exit heads (.safetensors from `icar train-exits`)")
-    g.add_argument("--device", default="auto", help="auto | cpu | cuda")
+    g = add_model_args(p, m, title="model (with inputs)", seed=False)
     g.add_argument("--batch-size", type=int, default=32, help="images per model call")
     s = p.add_argument_group("scorer (with inputs)")
     s.add_argument("--scorer", default=m.scorer, choices=["default", "heuristic", "convnext"],
                    help="complexity scorer, resolved as `icar embed` resolves it (default: the model's own)")
     s.add_argument("--checkpoint", default=m.scorer_checkpoint, help="ConvNeXt-IC checkpoint for --scorer convnext")
-    p.add_argument("--storage-options", type=json_object, default={}, help="fsspec storage options as JSON")
+    add_runtime_args(p, device_help="model and scorer device", threads_help="torch CPU threads (default: torch's choice)")
+    add_storage_args(p)
+    add_logging_args(p, progress_help="no progress bars (calibrate logs its progress; accepted like every job's)")
     return p
 
 
@@ -139,6 +138,8 @@ def sample_inputs(inputs: list[str], size: int, sample: int, seed: int, storage_
 def main(argv: list[str] | None = None) -> int:
     """Calibrate and write the router file; return 0 on success, 2 on bad input."""
     a = build_parser().parse_args(argv)
+    apply_logging(a)
+    set_torch_threads(a.threads)
     try:
         router = calibrate(a)
     except (ValueError, FileNotFoundError) as e:
@@ -302,7 +303,5 @@ def _calibrate_profiles(a: argparse.Namespace, bundle, heads, exits, scorer, pix
 
 
 if __name__ == "__main__":
-    from pipeline.logs import setup_logging
-
     setup_logging()
     raise SystemExit(main())

@@ -41,7 +41,10 @@ from pathlib import Path
 
 import numpy as np
 
-from .common import HelpFormatter
+from pipeline.logs import setup_logging
+
+from jobs.common import (HelpFormatter, add_logging_args, add_runtime_args, apply_logging, resolve_device,
+                         set_torch_threads)
 
 log = logging.getLogger(__name__)
 
@@ -348,25 +351,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="seeds splits, views, init and shuffling")
     p.add_argument("--cache-dir", default=os.path.join(os.path.expanduser("~"), ".cache", "icar", "train-scorer"),
                    help="where decoded images and frozen views are kept between runs ('' for none)")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
-    p.add_argument("--device", default="cpu", help="cpu | cuda")
-    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    add_runtime_args(p, device_help="training device", threads_help="torch CPU threads (default: torch's choice)")
+    add_logging_args(p)
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     """Retrain the default scorer; return 0 on success, 2 on bad input (the message says what to fix)."""
-    import torch
-
     a = build_parser().parse_args(argv)
-    if a.threads:
-        torch.set_num_threads(a.threads)
+    apply_logging(a)
+    set_torch_threads(a.threads)
     try:
         images, labels = savoias_paths(a.savoias)
         if a.weights:
             check_weights(a.weights)
         weights = a.weights or locate_weights(install=not a.no_install)
-        cfg = recipe(images, labels, weights, seed=a.seed, device=a.device, progress=not a.no_progress)
+        cfg = recipe(images, labels, weights, seed=a.seed, device=resolve_device(a.device),
+                     progress=not a.no_progress)
         data = prepare(cfg, a.cache_dir or None)
     except (ValueError, FileNotFoundError) as e:
         print(f"icar train-scorer: error: {e}", file=sys.stderr)
@@ -384,7 +385,5 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    from pipeline.logs import setup_logging
-
     setup_logging()
     raise SystemExit(main())
