@@ -7,8 +7,9 @@ import json
 import logging
 import sys
 
-from pipeline.index.build import IndexConfig, RunMismatchError, build_index
+from pipeline.index.build import IndexConfig, build_index
 from pipeline.index.params import BudgetError
+from pipeline.index.read import RunMismatchError
 from pipeline.io.lock import LockHeld, LockLost
 from pipeline.io.storage import CorruptFileError
 from pipeline.logs import setup_logging

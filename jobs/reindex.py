@@ -10,7 +10,9 @@ import sys
 from pipeline.io.readers import InputError
 from pipeline.logs import setup_logging
 from pipeline.reindex.jobconfig import ConfigError, load_job_config
-from pipeline.reindex.run import EXIT_CODES, EXIT_CONFIG, plan_reindex, reindex_status, run_reindex
+from pipeline.reindex.errors import EXIT_CODES, EXIT_CONFIG
+from pipeline.reindex.root import reindex_status
+from pipeline.reindex.run import plan_reindex, run_reindex
 
 from jobs.common import HelpFormatter, add_logging_args, add_runtime_args, apply_logging
 
@@ -23,7 +25,7 @@ def _epilog() -> str:
 Each run, under a lock on ROOT: embeds the inputs not yet committed (and those whose size/mtime/ETag changed),
 retires inputs that disappeared (their keys leave the next index), builds ROOT/indexes/vNNNN, verifies it
 (opens, row counts, model, recall >= target) and only then moves ROOT/indexes/LATEST to it. A record of every
-run is written to ROOT/reindex-log/. Readers: pipeline.reindex.run.resolve_latest(ROOT) gives the index directory.
+run is written to ROOT/reindex-log/. Readers: pipeline.reindex.root.resolve_latest(ROOT) gives the index directory.
 
 exit codes (for schedulers):
 {codes}

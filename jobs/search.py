@@ -14,7 +14,7 @@ from pipeline.io import storage
 from pipeline.io.storage import CorruptFileError
 from pipeline.logs import setup_logging
 from pipeline.model.models import ModelLoadError
-from pipeline.reindex.run import INDEXES, LATEST, resolve_latest
+from pipeline.reindex.root import INDEXES, LATEST, resolve_latest
 
 from jobs.common import (HelpFormatter, add_logging_args, add_runtime_args, add_storage_args, apply_logging,
                          resolve_device, set_torch_threads)

@@ -19,9 +19,15 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from pipeline.index.faiss_ops import (
+    c_stdout_to_stderr,
+    read_index_file,
+    set_search_params,
+)
+from pipeline.index.layout import IDS_FILE, INDEX_FILE, INDEX_JSON
 from pipeline.io import storage
-from pipeline.index.build import (IDS_FILE, INDEX_FILE, INDEX_JSON, c_stdout_to_stderr, model_key, read_index_file,
-                    set_search_params)
+from pipeline.io.decode import DecodeConfig, decode_image
+from pipeline.io.schema import model_key
 from pipeline.io.storage import CorruptFileError, parquet_problem
 
 log = logging.getLogger(__name__)
@@ -108,7 +114,7 @@ class Searcher:
 
     def __init__(self, index_dir: str, device: str = "cpu", nprobe: int | None = None,
                  storage_options: dict | None = None, bundle=None, cache_dir: str | None = None):
-        import faiss
+        import faiss  # lazy: a heavy C++ library (see faiss_ops)
 
         self.index_dir = index_dir.rstrip("/")
         self.device = device
@@ -183,6 +189,7 @@ class Searcher:
     def model(self):
         """Return the query model (a pipeline.model.models.ClipBundle), loading it from index.json on first use."""
         if self._bundle is None:
+            # lazy: torch, only for text/image queries
             from pipeline.model.models import load_clip_from_identity
 
             bundle = load_clip_from_identity(self.info["model"], device=self.device)
@@ -220,7 +227,7 @@ class Searcher:
 
     def encode_text(self, texts: list[str]) -> np.ndarray:
         """Return the L2-normalised text embeddings of ``texts`` with the index's model."""
-        from pipeline.model.models import encode_text
+        from pipeline.model.models import encode_text  # lazy: torch (see model)
 
         return encode_text(self.model, list(texts))
 
@@ -231,10 +238,9 @@ class Searcher:
 
     def encode_images(self, images: list) -> np.ndarray:
         """Return L2-normalised full-depth image embeddings of ``images`` (paths/URLs or encoded bytes)."""
-        import torch
+        import torch  # lazy: vector-only searches never load it
 
-        from pipeline.io.decode import DecodeConfig, decode_image
-        from pipeline.model.models import pixels_to_tensor
+        from pipeline.model.models import pixels_to_tensor  # lazy: torch (see model)
 
         bundle = self.model
         cfg = DecodeConfig(image_size=bundle.image_size)

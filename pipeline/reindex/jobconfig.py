@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from pipeline.embed.config import EmbedConfig
+from pipeline.index.build import IndexConfig
 from pipeline.model.spec import ModelSpec
 
 
@@ -51,9 +52,7 @@ def _default(cls, name: str):
 
 
 def _index_default(name: str):
-    """Return IndexConfig's default for ``name`` (pipeline.index.build is imported lazily: it pulls numpy/pyarrow)."""
-    from pipeline.index.build import IndexConfig
-
+    """Return IndexConfig's default for ``name``."""
     return _default(IndexConfig, name)
 
 
@@ -248,8 +247,6 @@ class JobConfig:
 
     def index_config(self, run: str, output: str, **overrides):
         """Return the IndexConfig that builds index directory ``output`` from run directory ``run``."""
-        from pipeline.index.build import IndexConfig
-
         i = self.index
         kw = dict(runs=[run], output=output, max_index_memory=i.max_memory, max_build_memory=i.max_build_memory,
                   factory=i.factory, target_recall=i.target_recall, k=i.k, queries=i.queries,

@@ -83,7 +83,7 @@ def test_second_index_on_one_output_is_refused_before_ray(tmp_path, monkeypatch,
     from jobs import index
     from pipeline.index import build as index_module
 
-    monkeypatch.setattr(index_module, "_Runner", tripwire)
+    monkeypatch.setattr(index_module, "Runner", tripwire)
     out = tmp_path / "idx"
     out.mkdir()
     (out / "index.json").write_text("{}")  # the live build's finished index: --overwrite must not touch it
@@ -213,7 +213,8 @@ def test_reindex_is_refused_by_an_embed_holding_its_run_directory(tmp_path, monk
     """`icar reindex` embeds under its root lock (ROOT/reindex.lock) into a run directory that has a lock of its
     own: different files, so no self-deadlock, and a manual `icar embed` writing that run directory stops it."""
     from pipeline.reindex import run as reindex
-    from pipeline.reindex.run import EXIT_LOCKED, run_dir
+    from pipeline.reindex.errors import EXIT_LOCKED
+    from pipeline.reindex.root import run_dir
     from tests.reindex.test_reindex import add_input, synthetic_job
 
     monkeypatch.setattr(execution, "init_ray", tripwire)

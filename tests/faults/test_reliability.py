@@ -606,7 +606,7 @@ def check_latest(root: Path) -> str | None:
     """Assert that LATEST, when present, names a complete index whose parts agree; return the version path."""
     import faiss
 
-    from pipeline.reindex.run import read_latest, resolve_latest
+    from pipeline.reindex.root import read_latest, resolve_latest
 
     if read_latest(str(root)) is None:
         return None
@@ -627,7 +627,9 @@ def test_sigkilled_reindex_converges_and_latest_is_never_partial(tmp_path, ray_s
     import yaml
 
     from pipeline.reindex.jobconfig import parse_job_config
-    from pipeline.reindex.run import EXIT_OK, resolve_latest, run_reindex
+    from pipeline.reindex.errors import EXIT_OK
+    from pipeline.reindex.root import resolve_latest
+    from pipeline.reindex.run import run_reindex
 
     inputs = tmp_path / "in"
     inputs.mkdir()

@@ -13,19 +13,11 @@ import pytest
 faiss = pytest.importorskip("faiss")
 
 from pipeline.io import storage  # noqa: E402
-from pipeline.index.build import (  # noqa: E402
-    IDS_FILE,
-    INDEX_FILE,
-    INDEX_JSON,
-    TRAINED_FILE,
-    IndexConfig,
-    RunMismatchError,
-    TopK,
-    build_index,
-    exact_topk,
-    neighbour_recall,
-    sample_rows,
-)
+from pipeline.index.build import IndexConfig, build_index  # noqa: E402
+from pipeline.index.exact import TopK, exact_topk  # noqa: E402
+from pipeline.index.layout import IDS_FILE, INDEX_FILE, INDEX_JSON, TRAINED_FILE  # noqa: E402
+from pipeline.index.read import RunMismatchError, sample_rows  # noqa: E402
+from pipeline.index.tune import neighbour_recall  # noqa: E402
 from pipeline.index.params import (  # noqa: E402
     BudgetError,
     choose_index_params,
@@ -427,7 +419,7 @@ def test_cli_builds_and_refuses(tmp_path, capsys):
 
 def test_model_key_has_one_definition():
     """The index, the searcher, the report and the models check one key: pipeline.io.schema's, torch-free."""
-    from pipeline.index import build as index, search
+    from pipeline.index import read as index, search  # the index reads the key where it plans the runs
     from pipeline.model import models
     from pipeline.report import build as report, audit as report_audit
     from pipeline.io import schema

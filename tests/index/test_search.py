@@ -18,7 +18,8 @@ from PIL import Image  # noqa: E402
 from jobs import search as search_job  # noqa: E402
 from pipeline.model import models  # noqa: E402
 from pipeline.io.decode import DecodeConfig, decode_image  # noqa: E402
-from pipeline.index.build import INDEX_JSON, IndexConfig, build_index  # noqa: E402
+from pipeline.index.build import IndexConfig, build_index  # noqa: E402
+from pipeline.index.layout import INDEX_JSON  # noqa: E402
 from pipeline.index.search import IndexModelMismatchError, Searcher  # noqa: E402
 from tests.index.test_index import clustered, make_run  # noqa: E402
 

@@ -27,11 +27,15 @@ import yaml
 from pipeline.io import storage
 from pipeline.reindex.jobconfig import ConfigError, load_job_config, parse_job_config
 from pipeline.io.lock import LockHeld, RootLock
-from pipeline.reindex.run import (
-    EXIT_CONFIG, EXIT_LOCKED, EXIT_MODEL_CHANGED, EXIT_OK, EXIT_SAFETY, EXIT_VERIFY, LATEST, TRAINED_FILE,
-    VerificationError, complete_retirements, decide_index_build, list_versions, read_latest, resolve_latest,
-    reindex_status, reuse_supported, run_dir, run_reindex, verify_index,
+from pipeline.index.layout import TRAINED_FILE
+from pipeline.index.reuse import decide_index_build
+from pipeline.reindex.errors import (
+    EXIT_CONFIG, EXIT_LOCKED, EXIT_MODEL_CHANGED, EXIT_OK, EXIT_SAFETY, EXIT_VERIFY, VerificationError,
 )
+from pipeline.reindex.inputs import complete_retirements
+from pipeline.reindex.root import LATEST, list_versions, read_latest, reindex_status, resolve_latest, run_dir
+from pipeline.reindex.run import run_reindex
+from pipeline.reindex.versions import reuse_supported, verify_index
 from pipeline.io.schema import part_name, shard_schema
 from zoo import make_corpus, write_tar_shard
 

@@ -1,0 +1,203 @@
+"""Reading runs for an index: their committed shards in row-id order, seeded samples of rows, and the ids table.
+
+A build numbers the vectors of its runs 0..N-1, run by run and part by part (``plan_runs``); everything else
+here reads those rows back from the shards' Parquet files: only the row groups that hold sampled rows for
+training and tuning (``read_sample_group``), and the per-group id files concatenated into ids.parquet.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from dataclasses import dataclass
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from pipeline.index.layout import IDS_FILE, IDS_SCHEMA
+from pipeline.io import storage
+from pipeline.io.schema import MANIFEST, RUN_JSON, model_key
+from pipeline.io.shards import open_part, read_manifest_rows, read_run_json
+
+
+class RunMismatchError(ValueError):
+    """Runs given together cannot share one index (different models or dimensions)."""
+
+
+@dataclass(frozen=True)
+class ShardRef:
+    """One committed shard: where it is, how many rows, and the row id of its first row."""
+
+    url: str
+    rows: int
+    first_id: int
+    run: int  # position of its run in the runs list
+
+
+@dataclass
+class RunPlan:
+    """The runs to index, read from their run.json and manifest."""
+
+    runs: list[str]
+    shards: list[ShardRef]
+    model: dict  # run.json "model" identity of every run (they match)
+    model_key: str
+    dim: int
+    run_infos: list[dict]  # per run: path, shards, rows
+
+    @property
+    def ntotal(self) -> int:
+        return sum(s.rows for s in self.shards)
+
+
+def embeddings_to_float32(column, dim: int, where: str) -> np.ndarray:
+    """Return a (rows, dim) float32 array from a fixed_size_list<float16>[dim] Arrow column."""
+    if isinstance(column, pa.ChunkedArray):
+        column = column.combine_chunks() if column.num_chunks != 1 else column.chunk(0)
+    if not pa.types.is_fixed_size_list(column.type) or column.type.list_size != dim:
+        raise ValueError(f"{where}: embedding column is {column.type}, expected fixed_size_list<float16>[{dim}]")
+    values = column.flatten().to_numpy(zero_copy_only=False)
+    return np.ascontiguousarray(values.reshape(-1, dim), dtype=np.float32)
+
+
+def open_parquet(url: str, storage_options: dict | None):
+    """Return (file object, ParquetFile) for a shard; the caller closes the file. A damaged shard raises
+    CorruptFileError naming it and `icar embed --repair`."""
+    return open_part(url, storage_options)
+
+
+def plan_runs(runs: list[str], storage_options: dict | None = None) -> RunPlan:
+    """Return the committed shards of ``runs`` in order (run by run, part by part) and their shared model.
+
+    Raises RunMismatchError when the runs were embedded with different models or dimensions.
+    """
+    if not runs:
+        raise ValueError("no runs given: pass one or more run directories written by `icar embed`")
+    shards: list[ShardRef] = []
+    infos: list[dict] = []
+    model: dict | None = None
+    key: str | None = None
+    first_id = 0
+    for r, run in enumerate(runs):
+        run_json = storage.join(run, RUN_JSON)
+        if not storage.exists(run_json, storage_options):
+            raise FileNotFoundError(f"{run} has no {RUN_JSON}: is it a run directory written by `icar embed`?")
+        identity = read_run_json(run, storage_options).get("model")
+        if not isinstance(identity, dict) or "embed_dim" not in identity:
+            raise ValueError(f"{run_json} has no model identity with embed_dim: it was not written by `icar embed`")
+        this_key = model_key(identity)
+        if model is None:
+            model, key = identity, this_key
+        elif this_key != key or int(identity["embed_dim"]) != int(model["embed_dim"]):
+            raise RunMismatchError(
+                f"runs embedded with different models cannot share an index: {runs[0]} used {key} "
+                f"(dim {model['embed_dim']}) and {run} used {this_key} (dim {identity['embed_dim']}); "
+                f"index them separately or re-embed one with the other's model")
+        manifest_url = storage.join(run, MANIFEST)
+        if not storage.exists(manifest_url, storage_options):
+            raise FileNotFoundError(f"{run} has no {MANIFEST}: no shard was committed yet (run `icar embed`)")
+        rows = read_manifest_rows(run, storage_options, columns=["output", "part", "rows"])
+        rows.sort(key=lambda row: row["part"])
+        count = 0
+        for row in rows:
+            if row["rows"] <= 0:
+                continue  # a shard whose every sample failed holds no vectors
+            shards.append(ShardRef(storage.join(run, row["output"]), int(row["rows"]), first_id, r))
+            first_id += int(row["rows"])
+            count += int(row["rows"])
+        infos.append({"path": run, "shards": len(rows), "rows": count})
+    dim = int(model["embed_dim"])
+    if not shards:
+        raise ValueError(f"the runs {runs} hold no rows: nothing to index")
+    return RunPlan(runs=list(runs), shards=shards, model=model, model_key=key, dim=dim, run_infos=infos)
+
+
+def sample_rows(n: int, train: int, queries: int, seed: int) -> tuple[np.ndarray, np.ndarray, bool]:
+    """Return (train row ids, query row ids, held_out): sorted, seeded, uniform over ``n`` rows.
+
+    Queries are held out of the training sample when N leaves room for both; otherwise (small corpora,
+    where training uses every vector) they are drawn independently and held_out is False.
+    """
+    rng = np.random.default_rng(seed)
+    queries = min(queries, n)
+    if train + queries <= n:
+        picked = rng.choice(n, size=train + queries, replace=False)
+        return np.sort(picked[:train]), np.sort(picked[train:]), True
+    q = np.sort(rng.choice(n, size=queries, replace=False))
+    t = np.arange(n) if train >= n else np.sort(rng.choice(n, size=train, replace=False))
+    return t, q, False
+
+
+def split_by_shard(row_ids: np.ndarray, starts: np.ndarray) -> list[np.ndarray]:
+    """Return, per shard, the sorted global ``row_ids`` inside it as local row numbers (starts: first ids + N)."""
+    bounds = np.searchsorted(row_ids, starts)
+    return [row_ids[bounds[i]: bounds[i + 1]] - starts[i] for i in range(len(starts) - 1)]
+
+
+def read_rows(shard: ShardRef, local_rows: np.ndarray, dim: int, captions: bool,
+              storage_options: dict | None) -> tuple[np.ndarray, list]:
+    """Return (float32 embeddings, captions or []) of the given rows of one shard, reading only their row groups."""
+    f, pf = open_parquet(shard.url, storage_options)
+    with f:
+        if pf.metadata.num_rows != shard.rows:
+            raise ValueError(f"{shard.url} holds {pf.metadata.num_rows} rows but its manifest says {shard.rows}: "
+                             f"the run directory is inconsistent (re-run `icar embed` on it)")
+        sizes = [pf.metadata.row_group(i).num_rows for i in range(pf.num_row_groups)]
+        starts = np.concatenate([[0], np.cumsum(sizes)])
+        groups = sorted(set(np.searchsorted(starts, local_rows, side="right") - 1))
+        columns = ["embedding"] + (["caption"] if captions else [])
+        table = pf.read_row_groups(groups, columns=columns)
+        offsets = np.concatenate([[0], np.cumsum([sizes[g] for g in groups])])
+        base = {g: offsets[i] - starts[g] for i, g in enumerate(groups)}
+        take = np.array([r + base[np.searchsorted(starts, r, side="right") - 1] for r in local_rows], np.int64)
+        table = table.take(pa.array(take))
+    emb = embeddings_to_float32(table.column("embedding"), dim, shard.url)
+    return emb, (table.column("caption").to_pylist() if captions else [])
+
+
+def read_sample_group(shards: list[ShardRef], train_rows: list[np.ndarray], query_rows: list[np.ndarray],
+                      dim: int, storage_options: dict | None) -> dict:
+    """Return the training and query vectors (and query captions) that lie in ``shards``, in row order."""
+    xt, xq, caps = [], [], []
+    for shard, tr, qr in zip(shards, train_rows, query_rows):
+        if len(tr) + len(qr) == 0:
+            continue
+        both = np.concatenate([tr, qr])
+        order = np.argsort(both, kind="stable")
+        emb, cap = read_rows(shard, both[order], dim, captions=len(qr) > 0, storage_options=storage_options)
+        back = np.empty_like(order)
+        back[order] = np.arange(len(order))
+        emb = emb[back]
+        xt.append(emb[: len(tr)].astype(np.float16))  # exact: the shards hold float16; half the transfer
+        xq.append(emb[len(tr):])
+        if len(qr):
+            caps.extend(cap[i] for i in back[len(tr):])
+    cat = (lambda parts, dtype: np.concatenate(parts) if parts else np.zeros((0, dim), dtype))
+    return {"train": cat(xt, np.float16), "queries": cat(xq, np.float32), "captions": caps}
+
+
+def concat_ids(parts: list[str], url: str, scratch: str, so) -> None:
+    """Write ids.parquet from the per-group id files, in order, streaming one row group at a time."""
+    fs, path = storage.filesystem(url, so)
+    local = storage.is_local(fs)
+    tmp = (os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.tmp-{uuid.uuid4().hex}") if local
+           else os.path.join(scratch, IDS_FILE))
+    writer = pq.ParquetWriter(tmp, IDS_SCHEMA, compression="zstd")
+    try:
+        for part in parts:
+            f, pf = open_parquet(part, so)
+            with f:
+                for i in range(pf.num_row_groups):
+                    writer.write_table(pf.read_row_group(i))
+        writer.close()
+        writer = None
+        if local:
+            os.replace(tmp, path)
+        else:
+            fs.put_file(tmp, path)
+    finally:
+        if writer is not None:
+            writer.close()
+        if os.path.exists(tmp):
+            os.remove(tmp)
