@@ -58,6 +58,7 @@ import torch
 import torch.nn.functional as F
 
 from pipeline.io import storage
+from pipeline.logs import timed_phase
 from pipeline.metrics import complexity_metrics
 from pipeline.model.scorer import IMAGENET_MEAN, IMAGENET_STD, ComplexityNet, load_backbone_weights, save_checkpoint, to_float_batch
 
@@ -525,17 +526,17 @@ def train_complexity(cfg: TrainConfig) -> dict:
     train_pairs, val_pairs, split_info = _split(pairs, cfg)
     scale = resolve_score_scale(np.array([s for _, s in train_pairs + val_pairs]), cfg.score_scale)
 
-    t0 = time.perf_counter()
-    x_train, kept, skipped_train = load_images(cfg.images, [n for n, _ in train_pairs], cfg.decode_size,
-                                               cfg.decode_workers, cfg.progress)
-    y_train = torch.tensor([train_pairs[i][1] / scale for i in kept], dtype=torch.float32)
-    x_val, kept_val, skipped_val = load_images(cfg.images, [n for n, _ in val_pairs], cfg.decode_size,
-                                               cfg.decode_workers, cfg.progress)
-    y_val = np.array([val_pairs[i][1] / scale for i in kept_val], np.float32)
-    if len(kept_val) < 3:
-        raise ValueError(f"only {len(kept_val)} validation images could be decoded; need at least 3")
+    with timed_phase("decode") as decoding:
+        x_train, kept, skipped_train = load_images(cfg.images, [n for n, _ in train_pairs], cfg.decode_size,
+                                                   cfg.decode_workers, cfg.progress)
+        y_train = torch.tensor([train_pairs[i][1] / scale for i in kept], dtype=torch.float32)
+        x_val, kept_val, skipped_val = load_images(cfg.images, [n for n, _ in val_pairs], cfg.decode_size,
+                                                   cfg.decode_workers, cfg.progress)
+        y_val = np.array([val_pairs[i][1] / scale for i in kept_val], np.float32)
+        if len(kept_val) < 3:
+            raise ValueError(f"only {len(kept_val)} validation images could be decoded; need at least 3")
     log.info("decoded %d train + %d val images at %d px in %.1fs (%d skipped)", len(kept), len(kept_val),
-             cfg.decode_size, time.perf_counter() - t0, len(skipped_train) + len(skipped_val))
+             cfg.decode_size, decoding.seconds, len(skipped_train) + len(skipped_val))
 
     model, weights_info = build_model(cfg, device)
     if cfg.trainable_blocks is not None:  # the frozen blocks never change: run them once per view, not per epoch
@@ -654,10 +655,10 @@ def evaluate_complexity(cfg: EvalConfig) -> dict:
                          "fit the score->label map on training labels only")
     scale = resolve_score_scale(np.array([s for _, s in pairs + fit_pairs]), cfg.score_scale)
 
-    t0 = time.perf_counter()
-    pixels, kept, skipped = load_images(cfg.images, [n for n, _ in pairs], cfg.decode_size, cfg.decode_workers,
-                                        cfg.progress)
-    decode_seconds = time.perf_counter() - t0
+    with timed_phase("decode") as decoding:
+        pixels, kept, skipped = load_images(cfg.images, [n for n, _ in pairs], cfg.decode_size, cfg.decode_workers,
+                                            cfg.progress)
+    decode_seconds = decoding.seconds
     names = [pairs[i][0] for i in kept]
     labels = np.array([pairs[i][1] / scale for i in kept], np.float32)
     scores, score_seconds = _score_all(scorer, pixels, cfg.batch_size, cfg.progress)

@@ -58,6 +58,7 @@ import torch.nn.functional as F
 
 from pipeline.training import distributed
 from pipeline.io import storage
+from pipeline.logs import timed_phase
 from pipeline.training.distributed import Dist
 from pipeline.model.merging import merge_spec, parse_merge
 from pipeline.model.models import pixels_to_tensor
@@ -650,9 +651,9 @@ class ExitTrainer:
                     self.stats[split] = PairStats(**cached_meta["stats"])
                 log.info("%s features: %d pairs from the cache %s", split, len(fs), url)
                 return fs
-        t0 = time.perf_counter()
-        fs = self._extract(split)
-        log.info("%s features: %d pairs in %.1fs (%d process(es))", split, len(fs), time.perf_counter() - t0,
+        with timed_phase("features") as extracting:
+            fs = self._extract(split)
+        log.info("%s features: %d pairs in %.1fs (%d process(es))", split, len(fs), extracting.seconds,
                  self.dist.world_size)
         if given is None and self.dist.is_main:
             _write(url, _features_to_bytes(fs, {**meta, "stats": dataclasses.asdict(self.stats[split])}), cfg)
