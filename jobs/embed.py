@@ -7,7 +7,7 @@ import logging
 import sys
 
 from pipeline.embed.config import EmbedConfig
-from pipeline.embed.execution import run_embed
+from pipeline.embed import execution
 from pipeline.embed.validate import ArgumentProblem, check_embed
 from pipeline.io.lock import LockHeld, LockLost
 from pipeline.io.readers import InputError
@@ -130,7 +130,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"icar embed: error: {e}", file=sys.stderr)
         return 2
     try:
-        summary = run_embed(cfg)
+        summary = execution.run_embed(cfg)  # looked up at call time: tests stand in for the Ray part
     except KeyboardInterrupt as e:  # Ctrl-C, or SIGTERM (which Ray may hand back as a plain KeyboardInterrupt)
         stop = stop_reason(e)
         how = "terminated (SIGTERM)" if stop.terminated else "interrupted"
