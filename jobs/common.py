@@ -66,7 +66,7 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescript
         text = action.help or ""
         unset = action.default is None or action.default is False or action.default == argparse.SUPPRESS \
             or (isinstance(action.default, (list, dict)) and not action.default)
-        if unset or "default" in text.lower():
+        if unset or "(default" in text or "default:" in text:
             return text
         return super()._get_help_string(action)
 
@@ -174,7 +174,7 @@ def add_runtime_args(p: argparse.ArgumentParser, *, device_help: str | None = No
     g = p.add_argument_group(title)
     if device_help is not None:
         g.add_argument("--device", type=device, default=DEVICE_DEFAULT, metavar="{auto,cpu,cuda,cuda:N}",
-                       help=f"{device_help} (auto: CUDA when torch sees a GPU, else the CPU)")
+                       help=f"{device_help} (default: {DEVICE_DEFAULT}, CUDA when torch sees a GPU, else the CPU)")
     if threads_help is not None:
         g.add_argument("--threads", dest=threads_dest, type=positive_int, default=threads_default, metavar="N",
                        help=threads_help)

@@ -80,7 +80,7 @@ def build_parser() -> argparse.ArgumentParser:
                          threads_help="FAISS threads on the driver (default: all cores)", threads_default=d.threads,
                          address_help="Ray cluster to join (default: $RAY_ADDRESS, else a local Ray)",
                          title="runtime and execution")
-    x.add_argument("--add-tasks", dest="workers", type=int, default=d.workers,
+    x.add_argument("--add-tasks", dest="workers", type=int, default=d.workers, metavar="N",
                    help="add tasks at once (default: the cluster's CPUs); 1 without --address builds in this process")
     add_deprecated_alias(x, "--workers", "--add-tasks", dest="workers", type=int)
     x.add_argument("--work-dir", default=d.work_dir,

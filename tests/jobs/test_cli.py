@@ -52,7 +52,7 @@ def test_every_job_help_renders_with_the_shared_flags(name, capsys):
         assert (flag in options) == (name in jobs), \
             f"icar {name}: {flag} {'missing' if name in jobs else 'unexpected'}"
     if "--device" in options:
-        assert "{auto,cpu,cuda,cuda:N}" in text and "(default: auto)" in text
+        assert "{auto,cpu,cuda,cuda:N}" in text and "(default: auto," in text
     hidden = {"--torch-threads"} | ({"--workers", "--merge"} if name == "index" else set())
     assert not options & hidden, f"icar {name} shows deprecated {options & hidden}"
 
