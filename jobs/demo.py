@@ -24,7 +24,7 @@ QUERIES = ["two red circles on a plain blue background", "a small yellow star on
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="icar demo", description=__doc__, formatter_class=HelpFormatter)
-    p.add_argument("--output", default="demo-out", help="folder for the corpus, run, index and report")
+    p.add_argument("--output", "-o", default="demo-out", help="folder for the corpus, run, index and report")
     p.add_argument("--n", type=int, default=2000, help="images in the demo corpus")
     p.add_argument("--seed", type=int, default=0, help="corpus seed")
     add_logging_args(p, progress_help="no progress bars in any step")

@@ -24,7 +24,7 @@ def build_parser() -> argparse.ArgumentParser:
             "shards. Example: icar make-demo-corpus --n 22000 --val 1000 --test 1000 --output /tmp/demo-corpus"),
         formatter_class=HelpFormatter,
     )
-    p.add_argument("--output", required=True, help="corpus directory (local path or fsspec URL)")
+    p.add_argument("--output", "-o", required=True, help="corpus directory (local path or fsspec URL)")
     p.add_argument("--n", type=int, default=_D.n, help="images in all splits together (train gets n - val - test)")
     p.add_argument("--val", type=int, default=_D.val,
                    help="held-out images for exit training and calibration (default: 5%% of --n)")

@@ -27,7 +27,7 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=HelpFormatter,
     )
     p.add_argument("--corpus", required=True, help="demo corpus directory")
-    p.add_argument("--output", default=_D.output, help="model directory to write")
+    p.add_argument("--output", "-o", default=_D.output, help="model directory to write")
     p.add_argument("--epochs", type=int, default=_D.epochs, help="passes over the train split")
     p.add_argument("--batch-size", type=int, default=_D.batch_size, help="contrastive batch size")
     p.add_argument("--lr", type=float, default=_D.lr, help="peak learning rate")
