@@ -252,7 +252,8 @@ def check_scorer_and_router(spec: ModelSpec, depth: int | None) -> None:
     if len(chosen) > 1:
         raise ArgumentProblem(f"{' and '.join(chosen)}: choose one routing option")
     path, where = spec.router, spec.router
-    if path is None and not chosen and spec.model == "demo" and (DEMO_DIR / "router.json").exists():
+    # --merge routes every image to one profile itself: the demo's shipped router is not used then.
+    if path is None and not chosen and spec.merge is None and spec.model == "demo" and (DEMO_DIR / "router.json").exists():
         path, where = str(DEMO_DIR / "router.json"), "the demo's shipped router (pipeline/assets/demo/router.json)"
     if path is None or "://" in path:
         return  # no router, or one behind a URL: the actors read and check it

@@ -12,6 +12,7 @@ import pytest
 
 from jobs import common, embed, index
 from pipeline import cli
+from pipeline.embed.validate import ArgumentProblem, check_scorer_and_router
 from pipeline.model import merging
 from pipeline.model.spec import ModelSpec
 from pipeline.model.worker import ModelWorker
@@ -154,3 +155,9 @@ def test_merge_runs_every_image_at_the_schedules_counted_profile(exit_at, tmp_pa
     np.testing.assert_allclose(out["gflops"], np.float32(counted) + np.float32(w.scorer_gflops), rtol=1e-6)
     with pytest.raises(ValueError, match="--merge applies one schedule"):
         ModelWorker(ModelSpec(model="demo", device="cpu", torch_threads=1, merge="r2", route_fractions=[0.5, 0.5]))
+
+
+def test_merge_needs_no_scorer_because_the_demo_router_is_not_used():
+    check_scorer_and_router(ModelSpec(model="demo", merge="r2", scorer="none"), 8)  # merging alone: no scores
+    with pytest.raises(ArgumentProblem, match="routes by complexity score"):
+        check_scorer_and_router(ModelSpec(model="demo", scorer="none"), 8)  # the shipped router needs them
