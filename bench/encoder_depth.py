@@ -67,8 +67,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     from pipeline.model import encoder as enc
     from pipeline.model import flops, models
+    from pipeline.runtime import resolve_device
 
-    device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
+    device = resolve_device(args.device)
     if args.threads and device == "cpu":
         torch.set_num_threads(args.threads)
     bundle = models.load_clip(args.model, args.pretrained, seed=0, device=device)

@@ -70,6 +70,8 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from pipeline.model.spec import merge_spec, parse_merge, parse_profile, parse_profiles  # noqa: E402
+
 log = logging.getLogger("bench.merging")
 KS = (1, 5, 10)
 DEMO = ROOT / "pipeline" / "assets" / "demo"
@@ -184,7 +186,6 @@ def embed_profiles(encoder, bundle, pixels: np.ndarray, profiles, batch: int = 2
     """Return {profile spec: float32 L2-normalised embeddings (N, D)} with every image under every profile."""
     import torch
 
-    from pipeline.model import merging
     from pipeline.model.models import pixels_to_tensor
 
     out: dict[str, list] = {p.spec: [] for p in profiles}
@@ -192,7 +193,7 @@ def embed_profiles(encoder, bundle, pixels: np.ndarray, profiles, batch: int = 2
         for i in range(0, len(pixels), batch):
             x = pixels_to_tensor(bundle, pixels[i:i + batch])
             for sched in encoder.schedules:
-                wanted = [p for p in profiles if merging.merge_spec(p.merge) == merging.merge_spec(sched)]
+                wanted = [p for p in profiles if merge_spec(p.merge) == merge_spec(sched)]
                 if wanted:
                     every = encoder.forward_all_exits(x, sched)
                     for p in wanted:
@@ -284,7 +285,7 @@ def run(a: argparse.Namespace) -> dict:
     from bench.common import load_average, machine_facts
     from bench.quality import read_split
     from pipeline.model import encoder as enc
-    from pipeline.model import flops, merging, models
+    from pipeline.model import flops, models
     from pipeline.model import router as routers
     from pipeline.model.spec import ModelSpec
     from pipeline.training.exits import caption_groups
@@ -293,11 +294,11 @@ def run(a: argparse.Namespace) -> dict:
 
     torch.set_num_threads(1)
     facts = machine_facts()
-    schedule = merging.parse_merge(a.merge)
+    schedule = parse_merge(a.merge)
     if schedule is None:
         raise SystemExit("--merge must name a schedule (e.g. keep0.8); 'none' leaves nothing to benchmark")
     s = schedule.spec
-    candidates = merging.parse_profiles(a.candidates)
+    candidates = parse_profiles(a.candidates)
     doc = json.loads((Path(a.corpus) / "corpus.json").read_text())
     os.makedirs(a.cache_dir, exist_ok=True)
     os.environ.setdefault("ICAR_CACHE_DIR", a.cache_dir)
@@ -312,8 +313,8 @@ def run(a: argparse.Namespace) -> dict:
     static_dir = static_tower(a)  # first: training it (when absent) needs the CPU the timing below must not share
     sb = models.load_clip(static_dir) if static_dir is not None else None
     budgets = parse_budgets(a.budgets, None if sb is None else
-                            flops.exit_gflops(sb, [sb.num_blocks])[sb.num_blocks] / merging.profile_cost(
-                                bundle, merging.parse_profile(str(bundle.num_blocks))))
+                            flops.exit_gflops(sb, [sb.num_blocks])[sb.num_blocks] / flops.profile_cost(
+                                bundle, parse_profile(str(bundle.num_blocks))))
     _, val_px, val_caps = read_split(a.corpus, doc, "val", bundle.image_size, a.test_limit)
     keys, px, caps = read_split(a.corpus, doc, "test", bundle.image_size, a.test_limit)
     text = models.encode_text(bundle, caps)
@@ -323,12 +324,12 @@ def run(a: argparse.Namespace) -> dict:
 
     # every profile any row uses, embedded once
     shipped = routers.load_router(str(DEMO / "router.json"))
-    curve_scheds = [merging.parse_merge(m).spec for m in a.merge_curve.split(",") if m.strip()]
-    every = merging.parse_profiles(list(dict.fromkeys(
+    curve_scheds = [parse_merge(m).spec for m in a.merge_curve.split(",") if m.strip()]
+    every = parse_profiles(list(dict.fromkeys(
         ["8", "4", "6", f"8@{s}"] + [f"8@{c}" for c in curve_scheds] + [p.spec for p in candidates])))
     encoder = enc.AdaptiveEncoder(bundle.model.visual, [4, 6, 8], heads, [p.merge for p in every if p.merge],
                                   mhs).eval()
-    costs = {p.spec: merging.profile_cost(bundle, p) for p in every}
+    costs = {p.spec: flops.profile_cost(bundle, p) for p in every}
     full_g = costs["8"]
     # the router's profiles: the val split's Pareto front of recall@1 against counted GFLOPs
     val_emb = embed_profiles(encoder, bundle, val_px, candidates)
@@ -354,9 +355,9 @@ def run(a: argparse.Namespace) -> dict:
     # between two schedules ran ~10% slower than either alone). One family per schedule; at each budget the
     # family whose calibrated router has the best val recall@1 is used.
     families = {}
-    for sched in dict.fromkeys(merging.merge_spec(p.merge) for p in candidates if p.merge is not None):
-        fam = front([p for p in candidates if merging.merge_spec(p.merge) in (sched, "none")])
-        if len({merging.merge_spec(p.merge) for p in fam}) > 1:  # holds a merged profile above the floor
+    for sched in dict.fromkeys(merge_spec(p.merge) for p in candidates if p.merge is not None):
+        fam = front([p for p in candidates if merge_spec(p.merge) in (sched, "none")])
+        if len({merge_spec(p.merge) for p in fam}) > 1:  # holds a merged profile above the floor
             families[sched] = fam
     log.info("router families (val Pareto front per schedule): %s",
              {k: [p.spec for p in v] for k, v in families.items()})
@@ -412,7 +413,7 @@ def run(a: argparse.Namespace) -> dict:
                  {k: round(v[0], 3) for k, v in tried.items()}, best_sched)
         r = tried[best_sched][1]
         r.heads.update({k: v for k, v in mh_paths.items() if any(
-            merging.merge_spec(p.merge) == k and p.exit < 8 for p in r.profile_list)})
+            merge_spec(p.merge) == k and p.exit < 8 for p in r.profile_list)})
         path = workdir / f"profiles-{budget:g}.json"
         routers.save_router(r, str(path))
         chosen = np.asarray(r.profiles)[r.route_profiles(test_scores)]
@@ -499,10 +500,10 @@ def run(a: argparse.Namespace) -> dict:
     tensors = [pixels_to_tensor(bundle, px[j:j + a.batch_size]) for j in range(0, len(px), a.batch_size)]
     routed = []  # per variant, per batch: (exit depths, merge ids) as its worker's encoder takes them
     for v, w in zip(variants, workers):
-        ids = {merging.merge_spec(sc): i for i, sc in enumerate(w.encoder.schedules)}
-        prof = [merging.parse_profile(c) for c in v["chosen"]]
+        ids = {merge_spec(sc): i for i, sc in enumerate(w.encoder.schedules)}
+        prof = [parse_profile(c) for c in v["chosen"]]
         d = torch.as_tensor([p.exit for p in prof])
-        m = torch.as_tensor([ids[merging.merge_spec(p.merge)] for p in prof])
+        m = torch.as_tensor([ids[merge_spec(p.merge)] for p in prof])
         routed.append([(d[j:j + a.batch_size], m[j:j + a.batch_size]) for j in range(0, len(px), a.batch_size)])
     load_before = load_average()
     times = [[] for _ in variants]
@@ -536,7 +537,7 @@ def run(a: argparse.Namespace) -> dict:
               "router_families": {k: [p.spec for p in v] for k, v in families.items()},
               "router_family_val_recall_at_1": family_choice,
               "val_recall_at_1": val_r1, "test_images": len(px), "merged_heads": mh_paths,
-              "tokens": {p.spec: merging.profile_gflops(bundle, p.merge)["tokens"] for p in every}}
+              "tokens": {p.spec: flops.tower_profile(bundle, p.merge)["tokens"] for p in every}}
     if a.vit:
         result["vit"] = time_vit(a)
     return result
@@ -547,35 +548,35 @@ def time_vit(a: argparse.Namespace) -> dict:
     import torch
 
     from pipeline.model import encoder as enc
-    from pipeline.model import merging, models
+    from pipeline.model import flops, models
 
     bundle = models.load_clip(a.vit, "none", seed=0)
-    profiles = merging.parse_profiles(a.vit_profiles)
+    profiles = parse_profiles(a.vit_profiles)
     encoder = enc.AdaptiveEncoder(bundle.model.visual, sorted({p.exit for p in profiles} | {bundle.num_blocks}),
                                   None, [p.merge for p in profiles if p.merge]).eval()
-    ids = {merging.merge_spec(sc): i for i, sc in enumerate(encoder.schedules)}
+    ids = {merge_spec(sc): i for i, sc in enumerate(encoder.schedules)}
     x = torch.randn(a.vit_batch_size, 3, bundle.image_size, bundle.image_size,
                     generator=torch.Generator().manual_seed(0))
     times = {p.spec: [] for p in profiles}
     with torch.inference_mode():
         for p in profiles:  # warm-up
-            encoder(x[:1], torch.full((1,), p.exit), torch.full((1,), ids[merging.merge_spec(p.merge)]))
+            encoder(x[:1], torch.full((1,), p.exit), torch.full((1,), ids[merge_spec(p.merge)]))
         for rnd in range(a.vit_repeats):
             for p in (profiles if rnd % 2 == 0 else profiles[::-1]):
                 d = torch.full((len(x),), p.exit)
-                m = torch.full((len(x),), ids[merging.merge_spec(p.merge)])
+                m = torch.full((len(x),), ids[merge_spec(p.merge)])
                 t0 = time.perf_counter()
                 encoder(x, d, m)
                 times[p.spec].append(time.perf_counter() - t0)
     first = profiles[0].spec
-    costs = {p.spec: merging.profile_cost(bundle, p) for p in profiles}
+    costs = {p.spec: flops.profile_cost(bundle, p) for p in profiles}
     rows = []
     for p in profiles:
         speed = statistics.median(times[first]) / statistics.median(times[p.spec])
         allowed = costs[first] / costs[p.spec]
         rows.append({"profile": p.spec, "gflops": costs[p.spec], "images_per_s": len(x) / statistics.median(times[p.spec]),
                      "speedup": speed, "gflop_speedup": allowed, "realised": speed / allowed,
-                     "tokens_last_block": merging.profile_gflops(bundle, p.merge)["tokens"][p.exit]})
+                     "tokens_last_block": flops.tower_profile(bundle, p.merge)["tokens"][p.exit]})
     return {"model": a.vit, "pretrained": "none (random init: speed only)", "batch_size": a.vit_batch_size,
             "repeats": a.vit_repeats, "rows": rows}
 

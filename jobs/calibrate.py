@@ -28,7 +28,8 @@ import sys
 import numpy as np
 
 from pipeline.logs import setup_logging
-from pipeline.model.spec import ModelSpec
+from pipeline.runtime import resolve_device
+from pipeline.model.spec import ModelSpec, merge_spec, parse_merge, parse_profiles
 
 from jobs.common import (HelpFormatter, add_logging_args, add_model_args, add_runtime_args, add_storage_args,
                          apply_logging, float_list, set_torch_threads)
@@ -193,7 +194,7 @@ def _calibrate_from_inputs(a: argparse.Namespace):
     from pipeline.model import router as routers
     from pipeline.model.scorer import scorer_for_model
 
-    device = "cuda" if a.device == "auto" and torch.cuda.is_available() else ("cpu" if a.device == "auto" else a.device)
+    device = resolve_device(a.device)
     bundle = models.load_clip(a.model, a.pretrained, seed=a.seed, device=device)
     heads = enc.ExitHeads.load(a.heads, bundle) if a.heads else None
     exits = list(a.exits) if a.exits else (list(heads.exits) if heads is not None
@@ -243,15 +244,15 @@ def _calibrate_profiles(a: argparse.Namespace, bundle, heads, exits, scorer, pix
     import torch
 
     from pipeline.model import encoder as enc
-    from pipeline.model import merging, models
+    from pipeline.model import flops, models
     from pipeline.model import router as routers
 
-    profiles = merging.parse_profiles(a.profiles)
+    profiles = parse_profiles(a.profiles)
     full = f"{bundle.num_blocks}"
     if full not in [p.spec for p in profiles]:
         raise ValueError(f"--profiles {a.profiles} must include the unmerged full depth {full} (the cost reference "
                          f"and the fallback for images the scorer fails on), e.g. --profiles {a.profiles},{full}")
-    schedules_offered = sorted({merging.merge_spec(p.merge) for p in profiles} - {"none"})
+    schedules_offered = sorted({merge_spec(p.merge) for p in profiles} - {"none"})
     if len(schedules_offered) > 1:
         log.warning("--profiles use %d merge schedules (%s): schedules never share a forward, so each batch runs one "
                     "pass per schedule present, with fewer rows each (~10%% slower on the demo than one schedule; "
@@ -264,11 +265,11 @@ def _calibrate_profiles(a: argparse.Namespace, bundle, heads, exits, scorer, pix
         if not sep or not path:
             raise ValueError(f"--merge-heads {item!r} must be SPEC=FILE, e.g. keep0.8=heads.safetensors")
         mh = enc.ExitHeads.load(path, bundle)
-        spec = merging.merge_spec(merging.parse_merge(spec))
+        spec = merge_spec(parse_merge(spec))
         if mh.merge != spec:
             raise ValueError(f"--merge-heads {item}: {path} was trained under merge schedule {mh.merge}, not {spec}")
         merge_heads[spec] = mh
-    costs = {p.spec: merging.profile_cost(bundle, p) for p in profiles}
+    costs = {p.spec: flops.profile_cost(bundle, p) for p in profiles}
     identity = {"model": bundle.identity, "exits": exits, "heads": heads.identity if heads is not None else None,
                 "merge_heads": {k: v.identity for k, v in merge_heads.items()},
                 "source": {"inputs": list(a.inputs), "sample_seed": a.seed}}
@@ -287,7 +288,7 @@ def _calibrate_profiles(a: argparse.Namespace, bundle, heads, exits, scorer, pix
         for i in range(0, len(pixels), a.batch_size):
             x = models.pixels_to_tensor(bundle, pixels[i:i + a.batch_size], device=device)
             for sched in encoder.schedules:
-                wanted = [p for p in profiles if merging.merge_spec(p.merge) == merging.merge_spec(sched)]
+                wanted = [p for p in profiles if merge_spec(p.merge) == merge_spec(sched)]
                 if wanted:
                     out = encoder.forward_all_exits(x, sched)
                     for p in wanted:

@@ -22,6 +22,7 @@ import re
 import sys
 
 from pipeline.logs import setup_logging
+from pipeline.model.spec import parse_merge
 
 # The one default of --device in every job: CUDA when torch sees a GPU, else the CPU.
 DEVICE_DEFAULT = "auto"
@@ -157,8 +158,6 @@ def add_model_args(p: argparse.ArgumentParser, defaults, *, title: str = "model"
 
 def merge_schedule(text: str) -> str | None:
     """Parse a token-merging schedule (r4, keep0.8, ...:noprop; none) into its canonical spec, None for none."""
-    from pipeline.model.merging import parse_merge  # lazy: merging imports torch, and --help should stay instant
-
     try:
         schedule = parse_merge(text)
     except ValueError as e:
@@ -207,16 +206,6 @@ def apply_logging(args: argparse.Namespace) -> None:
     if getattr(args, "log_format", None):
         os.environ["ICAR_LOG_FORMAT"] = args.log_format
         setup_logging()
-
-
-def resolve_device(name: str) -> str:
-    """Return the torch device --device ``name`` stands for on this machine ('auto': CUDA when torch sees a GPU),
-    for library code that takes a concrete device."""
-    if name != "auto":
-        return name
-    from pipeline.model.worker import resolve_device as resolve  # lazy: the model stage imports torch
-
-    return resolve(name)
 
 
 def set_torch_threads(threads: int | None) -> None:

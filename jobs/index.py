@@ -13,10 +13,10 @@ from pipeline.index.read import RunMismatchError
 from pipeline.io.lock import LockHeld, LockLost
 from pipeline.io.storage import CorruptFileError
 from pipeline.logs import setup_logging
-from pipeline.runtime import stop_reason
+from pipeline.runtime import resolve_device, stop_reason
 
 from jobs.common import (HelpFormatter, add_deprecated_alias, add_logging_args, add_runtime_args, add_storage_args,
-                     apply_logging, resolve_device)
+                     apply_logging)
 
 log = logging.getLogger("icar.index")
 

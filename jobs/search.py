@@ -15,9 +15,10 @@ from pipeline.io.storage import CorruptFileError
 from pipeline.logs import setup_logging
 from pipeline.model.models import ModelLoadError
 from pipeline.reindex.root import INDEXES, LATEST, resolve_latest
+from pipeline.runtime import resolve_device
 
 from jobs.common import (HelpFormatter, add_logging_args, add_runtime_args, add_storage_args, apply_logging,
-                         resolve_device, set_torch_threads)
+                         set_torch_threads)
 
 EXAMPLES = """
 The text is encoded by the text tower of the model named in IDX/index.json (its weights hash is checked),

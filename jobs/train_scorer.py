@@ -42,9 +42,9 @@ from pathlib import Path
 import numpy as np
 
 from pipeline.logs import setup_logging
+from pipeline.runtime import resolve_device
 
-from jobs.common import (HelpFormatter, add_logging_args, add_runtime_args, apply_logging, resolve_device,
-                         set_torch_threads)
+from jobs.common import (HelpFormatter, add_logging_args, add_runtime_args, apply_logging, set_torch_threads)
 
 log = logging.getLogger(__name__)
 

@@ -7,6 +7,7 @@ phases with one helper (``timed_phase``).
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import resource
@@ -42,8 +43,6 @@ def setup_logging() -> None:
     level = os.environ.get("ICAR_LOG_LEVEL", "INFO").upper()
     handler = _StderrHandler()
     if os.environ.get("ICAR_LOG_FORMAT", "").lower() == "json":
-        import json
-
         class JsonFormatter(logging.Formatter):
             def format(self, record):
                 return json.dumps({"ts": self.formatTime(record), "level": record.levelname,

@@ -1,5 +1,5 @@
-"""The process and cluster runtime every job shares: joining Ray, forwarding storage settings to workers, and
-turning SIGTERM into an orderly stop with the exit code a shell expects.
+"""The process and cluster runtime every job shares: the device a job computes on, joining Ray, forwarding
+storage settings to workers, and turning SIGTERM into an orderly stop with the exit code a shell expects.
 
 A leaf of the package (it imports nothing else of ``pipeline``), so embed, index and reindex use one copy.
 """
@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import signal
 import threading
 from collections.abc import Callable
@@ -45,8 +46,45 @@ def apply_secrets(secrets: dict[str, str] | None) -> None:
         os.environ[k] = v
 
 
+DEVICES = "auto, cpu, cuda or cuda:N"  # what --device accepts, in every job
+_DEVICE = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
+
+
+class DeviceUnavailableError(ValueError):
+    """The --device asked for does not exist on this machine (no CUDA, or no GPU of that number)."""
+
+
+def resolve_device(device: str) -> str:
+    """Return the torch device that ``device`` (auto, cpu, cuda or cuda:N) stands for on this machine.
+
+    "auto" is CUDA when torch sees a GPU, else the CPU. Raises ValueError for anything else than those four
+    forms, and DeviceUnavailableError (a ValueError) for a CUDA device this machine does not have.
+    """
+    name = str(device).strip().lower()
+    if not _DEVICE.match(name):
+        raise ValueError(f"--device {device!r} is not a device ICAR computes on; use {DEVICES} (e.g. cuda:1)")
+    if name == "cpu":
+        return name
+    # Lazy: this module is imported by every job's driver, and drivers that never compute (embed's, --help,
+    # refusals) must not pay torch's import (~1.3 s, ~550 MiB of RSS).
+    import torch
+
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if not torch.cuda.is_available():
+        raise DeviceUnavailableError(f"--device {name} was asked for but torch sees no CUDA device here; "
+                                     "use --device cpu (or auto)")
+    count = torch.cuda.device_count()
+    if ":" in name and int(name.split(":", 1)[1]) >= count:
+        raise DeviceUnavailableError(f"--device {name} was asked for but torch sees {count} CUDA device(s) here "
+                                     f"(cuda:0..cuda:{count - 1}); pick one of them, or --device cpu")
+    return name
+
+
 def init_ray(address: str | None):
     """Join the cluster at ``address``, or start an embedded local Ray sized to this machine; return ray."""
+    # Lazy: Ray takes ~0.3 s to import and sets up its own logging; jobs pay it only when they start a run,
+    # not for --help, argument refusals or the jobs that never use a cluster.
     import ray
 
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")

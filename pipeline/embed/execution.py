@@ -17,16 +17,19 @@ from collections import deque
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
+from tqdm.auto import tqdm
 
-from pipeline.io import storage
 from pipeline.embed.config import EmbedConfig
-from pipeline.model.spec import ModelSpec
+from pipeline.io import storage
+from pipeline.io.decode import DecodeConfig, DecodeError, decode_image
 from pipeline.io.lock import RootLock, output_lock
-from pipeline.io.schema import RUN_JSON, SHARD_DIR
+from pipeline.io.readers import expand_inputs, iter_samples
+from pipeline.io.schema import RUN_JSON
 from pipeline.io.rundir import assign_parts, check_run_identity, record_invocation, remove_orphans
 from pipeline.io.repair import repair_run
-from pipeline.io.shards import (Manifest, RunStateError, ShardRows, commit_shard, manifest_row, read_run_json,
+from pipeline.io.shards import (Manifest, ShardRows, commit_shard, manifest_row, read_run_json,
                      record_duplicate_keys, write_shard_failure)
+from pipeline.model.spec import ModelSpec
 from pipeline.runtime import apply_secrets, forwarded_env, forwarded_secrets, init_ray, sigterm_as_interrupt
 
 log = logging.getLogger(__name__)
@@ -74,9 +77,6 @@ def process_shard(shard, part: int, cfg: EmbedConfig, facts: ModelFacts, submit,
     model's result dict. At most ``cfg.batches_in_flight`` batches are queued, so decoding the next batch
     overlaps with the model working on the previous ones, and memory stays bounded by configuration.
     """
-    from pipeline.io.decode import DecodeConfig, DecodeError, decode_image
-    from pipeline.io.readers import iter_samples
-
     t0 = time.perf_counter()
     dcfg = DecodeConfig(image_size=facts.image_size, max_pixels=cfg.max_pixels)
     rows = ShardRows(source=shard.uri)
@@ -183,8 +183,6 @@ def plan_resources(ray, cfg: EmbedConfig) -> dict:
 
 def run_embed(cfg: EmbedConfig) -> EmbedSummary:
     """Embed every input shard of ``cfg`` not yet committed in its run directory; return the summary."""
-    from pipeline.io.readers import expand_inputs
-
     t_start = time.perf_counter()
     started = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
     # Before any cluster or model starts: a missing bucket, denied writes or a read-only or full disk end the
@@ -206,8 +204,6 @@ def run_embed(cfg: EmbedConfig) -> EmbedSummary:
 
 def _run_embed_locked(cfg: EmbedConfig, lock: RootLock, t_start: float, started: str) -> EmbedSummary:
     """Do run_embed's work while holding the run directory's ``lock``; return the summary."""
-    from pipeline.io.readers import expand_inputs
-
     shards = expand_inputs(cfg.inputs, cfg.storage_options, cfg.folder_shard_size, cfg.follow_symlinks)
     if cfg.repair:  # under the lock: no other run reads or writes the parts being moved aside
         repair_run(cfg.output, cfg.storage_options)
@@ -382,8 +378,6 @@ def progress_bar(total: int, enabled: bool):
     """Return a tqdm bar over shards, or None when progress is off or stderr is not for people."""
     if not enabled:
         return None
-    from tqdm.auto import tqdm
-
     return tqdm(total=total, unit="shard", desc="embed", file=sys.stderr, dynamic_ncols=True)
 
 
@@ -391,6 +385,10 @@ class ModelActor:
     """A model worker on a Ray actor (one per GPU, or a CPU actor on CPU-only clusters)."""
 
     def __init__(self, spec: ModelSpec, secrets: dict[str, str] | None = None):
+        # Lazy, and the one import of our own package kept inside a function: the model stage imports torch
+        # (~1.3 s, ~550 MiB of RSS), and this module is the driver's. The driver only names this class (Ray
+        # pickles it by reference); the body runs in the actor process, the only one that loads a model
+        # (tests/faults/test_memory.py::test_embed_driver_never_imports_torch).
         from pipeline.model.worker import ModelWorker
 
         apply_secrets(secrets)  # checkpoints may live on S3
@@ -423,7 +421,7 @@ class ProgressCounter:
 def shard_task(shard, part: int, cfg: EmbedConfig, facts: ModelFacts, actor, counter,
                secrets: dict[str, str] | None = None) -> dict:
     """Ray task: embed one input shard through ``actor`` and commit it; returns the manifest row."""
-    import ray
+    import ray  # lazy, as everywhere in this module: see init_ray (pipeline.runtime) for why
 
     apply_secrets(secrets)
 

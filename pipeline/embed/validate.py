@@ -152,7 +152,7 @@ def cached_weights(cfg: dict) -> str | None:
     """
     hub = cfg.get("hf_hub")
     if hub:
-        try:
+        try:  # lazy: an optional dependency (open_clip's, for hf-hub models); the check works without it
             from huggingface_hub import try_to_load_from_cache
         except ImportError:
             try_to_load_from_cache = None

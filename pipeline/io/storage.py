@@ -26,6 +26,7 @@ import logging
 import os
 import posixpath
 import random
+import struct
 import time
 import uuid
 from typing import Any, Callable, TypeVar
@@ -168,6 +169,24 @@ def atomic_write_bytes(url: str, data: bytes, storage_options: dict | None = Non
             raise
     else:
         with_retries("write", url, lambda: fs.pipe_file(path, data))
+
+
+def read_bytes(url: str, storage_options: dict | None = None) -> bytes:
+    """Return the bytes at a local path or fsspec URL (a checkpoint, exit heads, a feature cache)."""
+    fs, path = filesystem(url, storage_options)
+    with fs.open(path, "rb") as f:
+        return f.read()
+
+
+def safetensors_metadata(data: bytes) -> dict:
+    """Return the ``__metadata__`` of a safetensors blob (header: u64 little-endian length, then JSON), read
+    without torch; raise ValueError when ``data`` is too short to be one."""
+    if len(data) < 8:
+        raise ValueError("not a safetensors file (shorter than its header)")
+    (n,) = struct.unpack("<Q", data[:8])
+    if n > len(data) - 8:
+        raise ValueError("not a safetensors file (header length beyond the end)")
+    return json.loads(data[8:8 + n]).get("__metadata__") or {}
 
 
 def write_parquet(table: pa.Table, url: str, storage_options: dict | None = None) -> None:

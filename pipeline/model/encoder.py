@@ -16,16 +16,22 @@ token, and so pooled the top-left patch token instead.)
 
 from __future__ import annotations
 
-import copy
 import hashlib
 import json
 import logging
-import struct
 from typing import Iterable
 
 import torch
 import torch.nn.functional as F
+from safetensors.torch import load as st_load
+from safetensors.torch import save as st_save
 from torch import nn
+
+from pipeline.io.schema import model_key
+from pipeline.io.storage import atomic_write_bytes, read_bytes, safetensors_metadata
+from pipeline.model import merging
+from pipeline.model.spec import parse_merge
+from pipeline.model.tower import ExitHead, check_visual
 
 log = logging.getLogger(__name__)
 
@@ -62,65 +68,6 @@ def validate_exits(exits: Iterable[int], num_blocks: int) -> list[int]:
     return out
 
 
-def _check_visual(visual: nn.Module, exits: list[int]) -> None:
-    """Raise a clear error when ``visual`` is not an open_clip ViT tower we can exit early from."""
-    from open_clip.transformer import VisionTransformer
-
-    if not isinstance(visual, VisionTransformer):
-        raise TypeError(f"adaptive depth needs an open_clip VisionTransformer image tower (ViT-*), got "
-                        f"{type(visual).__name__}; timm and ResNet towers are not supported")
-    early = exits[:-1]
-    if early and getattr(visual, "attn_pool", None) is not None:
-        raise NotImplementedError(
-            f"this tower pools with an attentional pooler (CoCa-style attn_pool); early exits {early} would need "
-            f"their own trained poolers, which ICAR does not build. Use full depth only (exits={exits[-1:]}) or a "
-            f"CLIP ViT with class-token or average pooling")
-    if early and visual.pool_type not in ("tok", "avg"):
-        raise NotImplementedError(f"pool_type {visual.pool_type!r} gives token maps, not embeddings; early exits "
-                                  f"need 'tok' (class token) or 'avg' pooling")
-
-
-class ExitHead(nn.Module):
-    """LayerNorm + projection for one early exit, pooling the way the tower pools at full depth.
-
-    Split in two so trainers can cache what does not learn: ``pool_features`` (no parameters) and
-    ``from_features`` (the LayerNorm affine and projection). ``forward(tokens) = from_features(pool_features(tokens))``.
-    """
-
-    def __init__(self, visual: nn.Module):
-        super().__init__()
-        self.pool_type = visual.pool_type
-        self.final_ln_after_pool = bool(getattr(visual, "final_ln_after_pool", False))
-        self.ln = copy.deepcopy(visual.ln_post)  # keeps open_clip's LayerNorm/LayerNormFp32 class and eps
-        for p in self.ln.parameters():  # the tower may be frozen; its copy is what trains
-            p.requires_grad_(True)
-        proj = getattr(visual, "proj", None)
-        self.proj = nn.Parameter(proj.detach().clone()) if proj is not None else None
-
-    def pool_features(self, tokens: torch.Tensor) -> torch.Tensor:
-        """Return the parameter-free pooled features (N, width) of block outputs ``tokens`` (N, L, width)."""
-        if self.pool_type == "tok":
-            return tokens[:, 0]  # the class token (LayerNorm is per token, so pooling first changes nothing)
-        if self.final_ln_after_pool:
-            return tokens[:, 1:].mean(dim=1)
-        # avg of LayerNorm(token): normalise each patch token (without the affine, which is the learnable part)
-        # then average; the affine commutes with the mean and is applied in from_features.
-        normed = F.layer_norm(tokens[:, 1:].float(), self.ln.normalized_shape, None, None, self.ln.eps)
-        return normed.mean(dim=1).to(tokens.dtype)
-
-    def from_features(self, features: torch.Tensor) -> torch.Tensor:
-        """Return the (unnormalised) embeddings (N, D) for pooled ``features`` (N, width)."""
-        if self.pool_type == "avg" and not self.final_ln_after_pool:
-            x = features * self.ln.weight + self.ln.bias
-        else:
-            x = self.ln(features)
-        return x @ self.proj if self.proj is not None else x
-
-    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        """Return the (unnormalised) embeddings (N, D) of block outputs ``tokens`` (N, L, width)."""
-        return self.from_features(self.pool_features(tokens))
-
-
 def _tensor_hash(tensors: dict[str, torch.Tensor], extra: dict) -> str:
     """Return a SHA-256 over sorted tensor names, dtypes, shapes and bytes, plus a JSON of ``extra``."""
     h = hashlib.sha256(json.dumps(extra, sort_keys=True).encode())
@@ -132,16 +79,6 @@ def _tensor_hash(tensors: dict[str, torch.Tensor], extra: dict) -> str:
     return h.hexdigest()
 
 
-def _safetensors_metadata(data: bytes) -> dict:
-    """Return the ``__metadata__`` of a safetensors blob (header: u64 little-endian length, then JSON)."""
-    if len(data) < 8:
-        raise ValueError("not a safetensors file (shorter than its header)")
-    (n,) = struct.unpack("<Q", data[:8])
-    if n > len(data) - 8:
-        raise ValueError("not a safetensors file (header length beyond the end)")
-    return json.loads(data[8:8 + n]).get("__metadata__") or {}
-
-
 class ExitHeads(nn.Module):
     """One ExitHead per early exit of a backbone, saved as safetensors together with that backbone's identity."""
 
@@ -149,7 +86,7 @@ class ExitHeads(nn.Module):
         super().__init__()
         num_blocks = len(visual.transformer.resblocks)
         self.exits = validate_exits(exits, num_blocks)  # all exit depths, the last = full depth (no head)
-        _check_visual(visual, self.exits)
+        check_visual(visual, self.exits)
         self.num_blocks = num_blocks
         self.backbone = backbone  # model_key of the backbone; None until known (required to save)
         self.heads = nn.ModuleDict({str(e): ExitHead(visual) for e in self.early_exits})
@@ -159,8 +96,6 @@ class ExitHeads(nn.Module):
     @classmethod
     def for_bundle(cls, bundle, exits: list[int] | None = None) -> "ExitHeads":
         """Return fresh heads for ``bundle``'s tower (init from ln_post/proj), tied to its identity."""
-        from pipeline.model.models import model_key
-
         exits = list(exits) if exits is not None else default_exits(bundle.num_blocks)
         return cls(bundle.model.visual, exits, backbone=model_key(bundle.identity))
 
@@ -185,8 +120,6 @@ class ExitHeads(nn.Module):
 
     def to_bytes(self, extra_metadata: dict | None = None) -> bytes:
         """Return these heads serialised as safetensors, with backbone and exits in the metadata."""
-        from safetensors.torch import save
-
         if not self.backbone:
             raise ValueError("these heads do not know their backbone; create them with "
                              "ExitHeads.for_bundle(bundle, exits) (or pass backbone=model_key(identity))")
@@ -197,12 +130,10 @@ class ExitHeads(nn.Module):
         if self.merge != "none":
             meta["merge"] = self.merge
         meta.update({k: str(v) for k, v in (extra_metadata or {}).items()})
-        return save(tensors, metadata=meta)
+        return st_save(tensors, metadata=meta)
 
     def save(self, path: str, extra_metadata: dict | None = None) -> dict:
         """Write the heads to ``path`` (local or fsspec URL) atomically; return their identity."""
-        from pipeline.io.storage import atomic_write_bytes
-
         atomic_write_bytes(path, self.to_bytes(extra_metadata))
         self.path = path
         log.info("saved exit heads %s (exits %s) for %s", path, self.exits, self.backbone)
@@ -211,13 +142,9 @@ class ExitHeads(nn.Module):
     @classmethod
     def load(cls, path: str, bundle) -> "ExitHeads":
         """Return the heads saved at ``path`` for ``bundle``'s tower; raise HeadsMismatchError for another backbone."""
-        from safetensors.torch import load as st_load
-
-        from pipeline.model.models import _read_bytes, model_key
-
-        data = _read_bytes(path)
+        data = read_bytes(path)
         try:
-            meta = _safetensors_metadata(data)
+            meta = safetensors_metadata(data)
         except ValueError as e:
             raise ValueError(f"{path} is not an exit-heads safetensors file: {e}") from e
         if meta.get("format") != HEADS_FORMAT:
@@ -256,7 +183,7 @@ class AdaptiveEncoder(nn.Module):
             raise TypeError(f"adaptive depth needs an open_clip VisionTransformer (ViT-*), got {type(visual).__name__}")
         self.num_blocks = len(blocks)
         self.exits = validate_exits(exits, self.num_blocks)
-        _check_visual(visual, self.exits)
+        check_visual(visual, self.exits)
         self.visual = visual
         if heads is None:
             heads = ExitHeads(visual, self.exits)
@@ -271,12 +198,10 @@ class AdaptiveEncoder(nn.Module):
             raise HeadsMismatchError(f"exit heads are for a {heads.num_blocks}-block tower, this one has "
                                      f"{self.num_blocks}")
         self.heads = heads
-        from pipeline.model import merging
-
-        self.schedules = [None] + [s for s in dict.fromkeys(merging.parse_merge(x) for x in schedules or ()) if s]
+        self.schedules = [None] + [s for s in dict.fromkeys(parse_merge(x) for x in schedules or ()) if s]
         if len(self.schedules) > 1:
             merging.check_mergeable(visual)
-        self.merge_heads = {merging.parse_merge(k).spec: v for k, v in (merge_heads or {}).items()}
+        self.merge_heads = {parse_merge(k).spec: v for k, v in (merge_heads or {}).items()}
         self._merge_head_modules = nn.ModuleList(self.merge_heads.values())  # so .to(device) moves them too
         for spec, mh in self.merge_heads.items():
             lacking = [e for e in self.exits[:-1] if str(e) not in mh.heads]
@@ -291,8 +216,6 @@ class AdaptiveEncoder(nn.Module):
 
     def _exit(self, depth: int, tokens: torch.Tensor, size: torch.Tensor | None = None, schedule=None) -> torch.Tensor:
         """Return the unnormalised embeddings of ``tokens`` leaving at ``depth`` (``size``: merged token sizes)."""
-        from pipeline.model import merging
-
         if depth == self.num_blocks:
             return self._final(tokens) if size is None else merging.pool_tower(self.visual, tokens, size)
         head = self.head_for(depth, schedule)
@@ -311,8 +234,6 @@ class AdaptiveEncoder(nn.Module):
             for blk in self.visual.transformer.resblocks[start:stop]:
                 x = blk(x)
             return x, size
-        from pipeline.model import merging
-
         return merging.run_blocks(self.visual.transformer.resblocks, x, size, schedule, start, stop, num_tokens)
 
     def _dtype(self) -> torch.dtype:
@@ -391,9 +312,7 @@ class AdaptiveEncoder(nn.Module):
 
         ``schedule``: a token-merging schedule (pipeline.model.merging; a spec string or MergeSchedule) or None.
         """
-        from pipeline.model import merging
-
-        schedule = merging.parse_merge(schedule)
+        schedule = parse_merge(schedule)
         x = self.visual._embeds(pixels.to(self._dtype()))
         out, depth, num_tokens, size = {}, 0, x.shape[1], None
         for e in self.exits:
@@ -409,9 +328,7 @@ class AdaptiveEncoder(nn.Module):
         frozen backbone compute them once and train on them for many epochs. ``schedule``: token merging
         (pipeline.model.merging) applied on the way, for heads that will serve merged images.
         """
-        from pipeline.model import merging
-
-        schedule = merging.parse_merge(schedule)
+        schedule = parse_merge(schedule)
         x = self.visual._embeds(pixels.to(self._dtype()))
         feats, depth, num_tokens, size = {}, 0, x.shape[1], None
         for e in self.exits:

@@ -9,6 +9,11 @@ attention score matmuls (155.5). Counted this way, the figures equal open_clip's
 
 Per-image accounting in ICAR is the image tower up to the exit (plus the scorer, added by the caller); the
 text tower is spent per query, not per image.
+
+One profile per (model, token-merging schedule) is counted and cached: the per-part GFLOPs of one batch-1
+forward pass (stem, each block, an early-exit head, the tower's own head). The exits' costs (``exit_gflops``)
+and the merged profiles' costs (``profile_cost``) are both sums over it; without merging, the schedule is
+"none" and the forward is the unmodified tower.
 """
 
 from __future__ import annotations
@@ -24,6 +29,11 @@ from typing import Any, Callable
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
+
+from pipeline.io.schema import model_key
+from pipeline.model.merging import check_mergeable, pool_head, pool_tower, run_block
+from pipeline.model.spec import MergeSchedule, Profile, merge_spec
+from pipeline.model.tower import ExitHead, check_visual, has_early_exit_heads
 
 log = logging.getLogger(__name__)
 
@@ -83,10 +93,11 @@ def _write_cache(path: Path, key: str, entry: dict) -> None:
         log.warning("could not write GFLOP cache %s: %s", path, e)
 
 
-def _cache_key(bundle) -> str:
-    from pipeline.model.models import model_key
-
-    return f"v{CACHE_VERSION}|{model_key(bundle.identity)}|{bundle.image_size}"
+def _cache_key(bundle, schedule: MergeSchedule | None) -> str:
+    """Return the cache key of ``bundle``'s profile under ``schedule`` (the unmerged key has no merge suffix,
+    as in the cache files written before merged profiles shared this cache)."""
+    key = f"v{CACHE_VERSION}|{model_key(bundle.identity)}|{bundle.image_size}"
+    return key if schedule is None else f"{key}|merge={schedule.spec}"
 
 
 def counted_gflops(fn, *args):
@@ -97,35 +108,40 @@ def counted_gflops(fn, *args):
     return out, counter.get_total_flops() / 1e9
 
 
-def count_tower_profile(visual: torch.nn.Module, image_size: int) -> dict:
-    """Return per-image GFLOPs of an open_clip ViT tower's parts, counted in ONE batch-1 forward pass.
+def count_tower_profile(visual: torch.nn.Module, image_size: int, schedule: MergeSchedule | None = None) -> dict:
+    """Return per-image GFLOPs of an open_clip ViT tower's parts under ``schedule``, counted in ONE batch-1 pass.
 
     {"stem": patch embedding + class/pos tokens, "blocks": [each block], "exit_head": one early-exit head,
-    "final_head": the tower's own ln_post/pooling/proj}. Heads of every early exit are alike (LayerNorm +
-    the same projection), so one is counted.
+    "final_head": the tower's own ln_post/pooling/proj, "tokens": the token count entering each block and
+    leaving the last, "merge": the schedule's spec ("none": no merging)}. Heads of every early exit are alike
+    (LayerNorm + the same projection), so one is counted. Under a schedule, the matching itself (one similarity
+    matmul per merging block) is counted in the block that merges; with ``schedule`` None every block runs as it
+    is (``merging.run_block`` with nothing to merge is the block itself).
     """
-    from pipeline.model.encoder import ExitHead, _check_visual
-
-    _check_visual(visual, [len(visual.transformer.resblocks)])
-    device = next(visual.parameters()).device
-    dtype = next(visual.parameters()).dtype
-    x = torch.zeros(1, 3, image_size, image_size, device=device, dtype=dtype, requires_grad=True)
-    profile: dict = {"blocks": []}
+    blocks = visual.transformer.resblocks
+    check_visual(visual, [len(blocks)])
+    if schedule is not None:
+        check_mergeable(visual)
+    p = next(visual.parameters())
+    x = torch.zeros(1, 3, image_size, image_size, device=p.device, dtype=p.dtype, requires_grad=True)
+    profile: dict = {"blocks": [], "tokens": [], "merge": merge_spec(schedule)}
 
     with torch.enable_grad(), sdpa_kernel(SDPBackend.MATH):
         tokens, profile["stem"] = counted_gflops(visual._embeds, x)
-        for blk in visual.transformer.resblocks:
-            tokens, g = counted_gflops(blk, tokens)
+        rs = schedule.merges(tokens.shape[1], len(blocks)) if schedule is not None else [0] * len(blocks)
+        prop_attn = schedule.prop_attn if schedule is not None else True
+        size = None
+        for blk, r in zip(blocks, rs):
+            profile["tokens"].append(int(tokens.shape[1]))
+            (tokens, size), g = counted_gflops(run_block, blk, tokens, size, r, prop_attn)
             profile["blocks"].append(g)
-        head = ExitHead(visual).to(device) if getattr(visual, "attn_pool", None) is None \
-            and visual.pool_type in ("tok", "avg") else None
-        profile["exit_head"] = counted_gflops(head, tokens)[1] if head is not None else None
-
-        def final(t):
-            pooled, _ = visual._pool(t)
-            return pooled @ visual.proj if visual.proj is not None else pooled
-
-        profile["final_head"] = counted_gflops(final, tokens)[1]
+        profile["tokens"].append(int(tokens.shape[1]))
+        if has_early_exit_heads(visual):
+            head = ExitHead(visual).to(p.device)
+            profile["exit_head"] = counted_gflops(lambda t, s: head.from_features(pool_head(head, t, s)), tokens, size)[1]
+        else:
+            profile["exit_head"] = None
+        profile["final_head"] = counted_gflops(pool_tower, visual, tokens, size)[1]
     return profile
 
 
@@ -143,30 +159,41 @@ def exit_gflops_from_profile(profile: dict, exits: list[int]) -> dict[int, float
     return out
 
 
-def tower_profile(bundle, use_cache: bool = True) -> dict:
-    """Return the counted per-part profile of ``bundle``'s image tower, from the memory/file cache when present."""
-    key = _cache_key(bundle)
+def tower_profile(bundle, schedule: MergeSchedule | None = None, use_cache: bool = True) -> dict:
+    """Return the counted per-part profile of ``bundle``'s image tower under ``schedule`` (None: no merging),
+    from the memory/file cache when present; counted once per (model, schedule) and cached under ICAR_CACHE_DIR."""
+    key = _cache_key(bundle, schedule)
     path = cache_path()
     with _lock:
         if use_cache and key in _memory:
             return _memory[key]
         if use_cache:
             entry = _read_cache(path).get(key)
-            if entry and "blocks" in entry and len(entry["blocks"]) == bundle.num_blocks:
+            if entry and len(entry.get("blocks", [])) == bundle.num_blocks:
+                # Entries written before the unmerged profile carried its token counts: every block sees them all.
+                entry.setdefault("tokens", [int(bundle.model.visual.positional_embedding.shape[0])]
+                                 * (bundle.num_blocks + 1))
+                entry.setdefault("merge", merge_spec(schedule))
                 _memory[key] = entry
                 return entry
-        profile = count_tower_profile(bundle.model.visual, bundle.image_size)
+        profile = count_tower_profile(bundle.model.visual, bundle.image_size, schedule)
         profile["torch"] = torch.__version__
         _memory[key] = profile
         _write_cache(path, key, profile)
-    log.info("counted GFLOPs of %s: %.3f per image at full depth",
-             bundle.identity.get("name"), exit_gflops_from_profile(profile, [bundle.num_blocks])[bundle.num_blocks])
+    if schedule is None:
+        log.info("counted GFLOPs of %s: %.3f per image at full depth", bundle.identity.get("name"),
+                 exit_gflops_from_profile(profile, [bundle.num_blocks])[bundle.num_blocks])
     return profile
 
 
 def exit_gflops(bundle, exits: list[int]) -> dict[int, float]:
     """Return {exit depth: per-image GFLOPs of the image tower up to that exit}, cached per model identity."""
     return exit_gflops_from_profile(tower_profile(bundle), list(exits))
+
+
+def profile_cost(bundle, profile: Profile) -> float:
+    """Return the counted per-image GFLOPs of the image tower under ``profile`` (exit head included)."""
+    return exit_gflops_from_profile(tower_profile(bundle, profile.merge), [profile.exit])[profile.exit]
 
 
 def text_gflops(bundle) -> float:

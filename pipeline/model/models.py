@@ -31,8 +31,12 @@ from typing import Any
 
 import numpy as np
 import torch
+from safetensors.torch import load as st_load
 
-from pipeline.io.schema import model_key  # noqa: F401  (torch-free; re-exported for callers that load models)
+from pipeline.io.storage import read_bytes
+
+# open_clip is imported inside the functions that build a model or a tokenizer: it takes ~2 s to import, and
+# jobs import this module for ModelLoadError and the model helpers before (or without) building any model.
 
 log = logging.getLogger(__name__)
 
@@ -102,7 +106,7 @@ def create_from_config(cfg: dict, seed: int = 0, load_pretrained_text: bool = Fa
     locked-text recipe). The init runs on CPU inside a forked RNG, so the caller's RNG state is untouched and
     the same seed gives the same weights in every process.
     """
-    import open_clip
+    import open_clip  # lazy: ~2 s (see the top of the module)
 
     cfg = copy.deepcopy(cfg)
     for required in ("embed_dim", "vision_cfg", "text_cfg"):
@@ -134,7 +138,7 @@ def _tokenizer_for_cfg(cfg: dict):
 @functools.lru_cache(maxsize=8)
 def _tokenizer(hf_name: str, context_length: int, mode: str | None, kwargs_json: str, bpe_path: str = ""):
     """Return a tokenizer, built once per process (the BPE vocabulary takes a second or two to load)."""
-    from open_clip.tokenizer import HFTokenizer, SimpleTokenizer
+    from open_clip.tokenizer import HFTokenizer, SimpleTokenizer  # lazy: ~2 s (see the top of the module)
 
     kwargs = json.loads(kwargs_json)
     if hf_name:
@@ -173,15 +177,6 @@ def _tokenizer_for_doc(doc: dict, directory: Path):
                          f"(SimpleTokenizer with bpe_path, or HFTokenizer with name)")
 
 
-def _read_bytes(url: str) -> bytes:
-    """Return the bytes at a local path or fsspec URL."""
-    from pipeline.io.storage import filesystem
-
-    fs, path = filesystem(url)
-    with fs.open(path, "rb") as f:
-        return f.read()
-
-
 def _is_checkpoint_ref(pretrained: str) -> bool:
     """Return True when ``pretrained`` names a checkpoint file (by suffix or because the file exists)."""
     return pretrained.lower().endswith(CHECKPOINT_SUFFIXES) or "://" in pretrained or os.path.isfile(pretrained)
@@ -190,13 +185,11 @@ def _is_checkpoint_ref(pretrained: str) -> bool:
 def load_state_dict(url: str) -> dict[str, torch.Tensor]:
     """Return the state_dict in a .safetensors or torch checkpoint at ``url`` (torch.load with weights_only=True)."""
     try:
-        data = _read_bytes(url)
+        data = read_bytes(url)
     except FileNotFoundError as e:
         raise ModelLoadError(f"checkpoint {url} does not exist; pass an existing .safetensors/.pt path, an "
                              f"open_clip pretrained tag, or 'none' for a seeded random init") from e
     if url.lower().endswith(".safetensors"):
-        from safetensors.torch import load as st_load
-
         state = st_load(data)
     else:
         try:
@@ -216,7 +209,7 @@ def load_state_dict(url: str) -> dict[str, torch.Tensor]:
 
 def _load_weights(model: torch.nn.Module, url: str) -> None:
     """Load the checkpoint at ``url`` into ``model`` strictly, converting old open_clip layouts like open_clip does."""
-    from open_clip.factory import convert_state_dict, resize_pos_embed, resize_text_pos_embed
+    from open_clip.factory import convert_state_dict, resize_pos_embed, resize_text_pos_embed  # lazy: ~2 s (top)
 
     state = load_state_dict(url)
     state = convert_state_dict(model, state)
@@ -256,7 +249,7 @@ def _finish(model: torch.nn.Module, tokenizer, identity_base: dict, device: str,
                     num_blocks=num_blocks)
     pre = dict(getattr(model.visual, "preprocess_cfg", None) or {})
     pre.update(preprocess or {})
-    from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
+    from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD  # lazy: ~2 s (top)
 
     mean = tuple(float(v) for v in pre.get("mean", OPENAI_DATASET_MEAN))
     std = tuple(float(v) for v in pre.get("std", OPENAI_DATASET_STD))
@@ -327,7 +320,7 @@ def load_clip(name: str = "demo", pretrained: str | None = None, seed: int = 0, 
     directory holding clip_config.json + clip.safetensors (``pretrained`` may name that directory instead, as
     identities of directory models do). ``precision`` casts the parameters after hashing them.
     """
-    import open_clip
+    import open_clip  # lazy: ~2 s (see the top of the module)
 
     if name == "demo":
         if pretrained not in (None, "none", "shipped"):

@@ -26,6 +26,8 @@ from collections.abc import Sequence
 import numpy as np
 
 from pipeline.io import storage
+from pipeline.metrics import recall_at_k
+from pipeline.model.spec import parse_profiles
 
 log = logging.getLogger(__name__)
 
@@ -161,7 +163,7 @@ class ThresholdRouter:
 
 
 class ProfileRouter:
-    """Routes by complexity to profiles (exit depth + token-merging schedule, pipeline.model.merging), cheapest first.
+    """Routes by complexity to profiles (exit depth + token-merging schedule, pipeline.model.spec), cheapest first.
 
     ``profiles`` are spec strings (``4``, ``8@keep0.8``, ...) in increasing cost; score <= thresholds[i] ->
     profiles[i], above all -> profiles[-1] (NaN scores too: the last profile should be full depth unmerged).
@@ -174,8 +176,6 @@ class ProfileRouter:
 
     def __init__(self, profiles: Sequence[str], thresholds: Sequence[float | str],
                  scorer_identity: dict | None = None, calibration: dict | None = None, heads: dict | None = None):
-        from pipeline.model.merging import parse_profiles
-
         self.profile_list = parse_profiles(list(profiles))
         self.profiles = [p.spec for p in self.profile_list]
         self._levels = ThresholdRouter(range(1, len(self.profiles) + 1), thresholds, scorer_identity, calibration)
@@ -445,8 +445,6 @@ def calibrate_recall(scores, exit_embeddings: dict, text_embeddings: np.ndarray,
     and the cheapest passing one kept (full depth always passes). The achieved recall and cost are
     recorded in ``router.calibration``; a small sample makes both noisy, so say the sample size.
     """
-    from pipeline.metrics import recall_at_k
-
     s = _finite_scores(scores)
     exits = _check_exits(sorted(int(e) for e in exit_embeddings))
     table = _gflops_table(exits, gflops_per_exit)
@@ -515,13 +513,11 @@ def calibrate_recall(scores, exit_embeddings: dict, text_embeddings: np.ndarray,
 
 def _profile_levels(profiles: Sequence[str], gflops_per_profile: dict) -> tuple[list[str], dict[int, float]]:
     """Return (profiles sorted by cost, {level: gflops}), or raise naming a profile without a cost."""
-    from pipeline.model.merging import parse_profiles
-
     specs = [p.spec for p in parse_profiles(list(profiles))]
     costs = {str(k): float(v) for k, v in gflops_per_profile.items()}
     missing = [p for p in specs if p not in costs]
     if missing:
-        raise ValueError(f"no counted GFLOPs for profiles {missing}; count them with pipeline.model.merging.profile_cost")
+        raise ValueError(f"no counted GFLOPs for profiles {missing}; count them with pipeline.model.flops.profile_cost")
     ordered = sorted(specs, key=lambda p: costs[p])
     return ordered, {i + 1: costs[p] for i, p in enumerate(ordered)}
 

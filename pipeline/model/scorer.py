@@ -16,9 +16,9 @@ its own input size itself, and reports its GFLOPs per image so each row's cost i
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import logging
-import struct
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -28,15 +28,18 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from safetensors.torch import load as st_load
+from safetensors.torch import save as st_save
+
 from pipeline.io import storage
+from pipeline.model import models
 from pipeline.model.flops import count_gflops
-from pipeline.model.scorer_identity import (CARD_KEY, HEURISTIC_EDGE_THRESHOLD, HEURISTIC_INPUT_SIZE, SCORE_DEFINING,  # noqa: F401
-                              SHIPPED_NAME, demo_scorer_choice, describe_scorer, heuristic_identity,
-                              scorer_differences)
+from pipeline.model.scorer_identity import (CARD_KEY, DEFAULT_CHECKPOINT, HEURISTIC_EDGE_THRESHOLD,
+                                            HEURISTIC_INPUT_SIZE, SHIPPED_NAME, demo_scorer_choice,
+                                            heuristic_identity)
 
 log = logging.getLogger(__name__)
 
-DEFAULT_CHECKPOINT = Path(__file__).parent.parent / "assets" / "scorer" / "default.safetensors"
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 CARD_FORMAT = 1  # version of the checkpoint card
@@ -185,7 +188,7 @@ class HeuristicScorer:
 
 def _timm_backbone(arch: str) -> nn.Module:
     """Return a timm model without its classifier (random init: pretrained weights come from a local file)."""
-    import timm
+    import timm  # lazy: ~1.7 s to import, paid only by jobs that build a timm backbone
 
     if not timm.is_model(arch.split(".")[0]):  # a ".tag" suffix names pretrained weights, not the architecture
         close = timm.list_models(f"*{arch.split('_')[0]}*")[:12]
@@ -195,7 +198,7 @@ def _timm_backbone(arch: str) -> nn.Module:
 
 def _torchvision_backbone(arch: str) -> nn.Module:
     """Return a torchvision classifier with its last classification layer replaced by Identity (random init)."""
-    import torchvision
+    import torchvision  # lazy: paid only by jobs that build a torchvision backbone
 
     try:
         model = torchvision.models.get_model(arch, weights=None)
@@ -245,11 +248,7 @@ def _read_state_dict(path: str) -> dict[str, torch.Tensor]:
     with fs.open(p, "rb") as f:
         data = f.read()
     if path.endswith(".safetensors"):
-        from safetensors.torch import load as st_load
-
         return st_load(data)
-    import io
-
     state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     for key in ("state_dict", "model", "model_state_dict", "module"):
         if isinstance(state, dict) and isinstance(state.get(key), dict):
@@ -366,8 +365,6 @@ def save_checkpoint(model: ComplexityNet, card: dict, url: str, dtype: torch.dty
     ``dtype`` (e.g. torch.float16) stores floating-point tensors in that type to halve the file;
     ``load_checkpoint`` casts them back into the float32 model. Integer buffers are kept as they are.
     """
-    from safetensors.torch import save as st_save
-
     card = {"format": CARD_FORMAT, "kind": "complexity-net", "backbone": model.backbone_name,
             "bins": model.bins, **card}
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
@@ -386,25 +383,14 @@ def _card_url(url: str) -> str:
     return (url[: -len(".safetensors")] if url.endswith(".safetensors") else url) + ".json"
 
 
-def _safetensors_metadata(data: bytes) -> dict:
-    """Return the __metadata__ of a safetensors blob (header: 8-byte little-endian length, then JSON)."""
-    if len(data) < 8:
-        raise ValueError("not a safetensors file: shorter than its 8-byte header length")
-    (n,) = struct.unpack("<Q", data[:8])
-    header = json.loads(data[8:8 + n])
-    return header.get("__metadata__") or {}
-
-
 def load_checkpoint(url: str, device: str = "cpu") -> tuple[ComplexityNet, dict, str]:
     """Return (model in eval mode, card, sha256) from a ComplexityNet safetensors checkpoint."""
-    from safetensors.torch import load as st_load
-
     fs, path = storage.filesystem(url)
     if not fs.exists(path):
         raise FileNotFoundError(f"scorer checkpoint {url} does not exist; train one with `icar train-complexity`")
     with fs.open(path, "rb") as f:
         data = f.read()
-    meta = _safetensors_metadata(data)
+    meta = storage.safetensors_metadata(data)
     if CARD_KEY not in meta:
         raise ValueError(f"{url} has no ICAR card in its metadata; it is not a checkpoint written by "
                          "`icar train-complexity` (raw backbone weights go to --backbone-weights)")
@@ -507,12 +493,11 @@ def scorer_for_model(model_name: str, kind: str = "default", checkpoint: str | N
     ``load_scorer(kind, checkpoint)``. ``image_size``: the side the model decodes images to (its bundle's
     ``image_size``), which the heuristic's GFLOPs are counted from.
     """
-    from pipeline.model.models import DEMO_DIR
-
     options: dict = {}
-    choice = demo_scorer_choice(DEMO_DIR) if model_name == "demo" and kind == "default" and checkpoint is None else None
+    # models.DEMO_DIR read at call time: tests point it at another demo directory.
+    choice = demo_scorer_choice(models.DEMO_DIR) if model_name == "demo" and kind == "default" and checkpoint is None else None
     if choice is not None:
         kind = choice["kind"]
-        checkpoint = str(DEMO_DIR / choice["checkpoint"]) if choice.get("checkpoint") else None
+        checkpoint = str(models.DEMO_DIR / choice["checkpoint"]) if choice.get("checkpoint") else None
         options = {k: choice[k] for k in ("input_size", "edge_threshold") if k in choice}
     return load_scorer(kind, checkpoint, device=device, source_size=image_size, **options)

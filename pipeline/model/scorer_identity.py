@@ -4,7 +4,7 @@ ask for the scorer a router was calibrated for.
 A router's thresholds are quantiles of one scorer's scores, so `icar embed` must score with that scorer. The
 model actors check it on the loaded scorer (``pipeline.model.worker``); the driver checks it before Ray starts from
 these identities (``pipeline.embed.validate``), which is why nothing here imports torch. ``pipeline.model.scorer`` builds
-its identities from the same definitions and re-exports the comparisons.
+its identities from the same definitions; the comparisons live here only.
 """
 
 from __future__ import annotations

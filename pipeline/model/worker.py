@@ -14,20 +14,17 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pipeline.model.spec import ModelSpec
+from pipeline import __version__
+from pipeline.model import encoder as enc
+from pipeline.model import flops, models, scorer
+from pipeline.model import router as routers
+from pipeline.model.scorer_identity import router_scorer_mismatch
+from pipeline.model.spec import ModelSpec, Profile, merge_spec, parse_merge, parse_profiles
+from pipeline.runtime import resolve_device
 
 log = logging.getLogger(__name__)
 
 DEMO_ASSETS = Path(__file__).parent.parent / "assets" / "demo"
-
-
-def resolve_device(device: str) -> str:
-    """Return the torch device to use for ``device`` ("auto" picks CUDA when present)."""
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise RuntimeError(f"--device {device} was asked for but torch sees no CUDA device here; use --device cpu")
-    return device
 
 
 def cpu_threads(spec: ModelSpec) -> int:
@@ -47,7 +44,7 @@ def cpu_threads(spec: ModelSpec) -> int:
             raise ValueError(f"ICAR_TORCH_THREADS={env!r} is not a whole number of threads; unset it or give "
                              f"e.g. 2") from None
     try:
-        import ray
+        import ray  # lazy: the model stage also runs without Ray (calibrate, tests, benchmarks)
 
         # Only inside an actor: a driver has no reservation (and Ray refuses the question there).
         if ray.is_initialized() and ray.get_runtime_context().get_actor_id() is not None:
@@ -61,8 +58,6 @@ def cpu_threads(spec: ModelSpec) -> int:
 
 def build_router(spec: ModelSpec, exits: list[int]):
     """Return the router that ``spec`` asks for, and say which one in the log."""
-    from pipeline.model import router as routers
-
     chosen = [name for name, on in (("--full-depth", spec.full_depth), ("--exit-at", spec.exit_at is not None),
                                     ("--route-fractions", spec.route_fractions is not None),
                                     ("--router", spec.router is not None)) if on]
@@ -98,16 +93,13 @@ def merge_router(spec: ModelSpec, exits: list[int]):
     The same router a hand-written ``{"kind": "profile", "profiles": ["DEPTH@SCHEDULE"], "thresholds": []}`` file
     gives, so the worker counts the merged GFLOPs and run.json records the profile the same way.
     """
-    from pipeline.model import merging
-    from pipeline.model import router as routers
-
     if spec.router is not None or spec.route_fractions is not None:
         raise ValueError("--merge applies one schedule to every image; a router with merge schedules comes from "
                          "`icar calibrate --profiles ...`: drop --merge, or drop --router/--route-fractions")
     depth = spec.exit_at if spec.exit_at is not None else exits[-1]
     if depth not in exits:
         raise ValueError(f"--exit-at {depth} is not one of the exits {exits}; add it to --exits")
-    profile = merging.Profile(depth, merging.parse_merge(spec.merge))
+    profile = Profile(depth, parse_merge(spec.merge))
     log.info("--merge %s: every image runs profile %s", spec.merge, profile.spec)
     return routers.ProfileRouter([profile.spec], [])
 
@@ -116,9 +108,6 @@ class ModelWorker:
     """Scores, routes and embeds batches of decoded images; holds the models for its whole life."""
 
     def __init__(self, spec: ModelSpec):
-        from pipeline.model import encoder as enc
-        from pipeline.model import flops, models, scorer
-
         t0 = time.perf_counter()
         self.spec = spec
         self.device = resolve_device(spec.device)
@@ -160,8 +149,6 @@ class ModelWorker:
         scores is compared (scorer_identity.SCORE_DEFINING), not where a checkpoint lies. Routers that record no
         scorer, or route without scores, pass. The driver runs the same check before Ray (pipeline.embed.validate).
         """
-        from pipeline.model.scorer_identity import router_scorer_mismatch
-
         recorded = getattr(self.router, "scorer_identity", None)
         if not recorded or not getattr(self.router, "needs_scores", False) or self.scorer is None:
             return
@@ -174,15 +161,12 @@ class ModelWorker:
         """Rebuild the encoder for a profile router's merge schedules; return run.json's profile list.
 
         A profile is (exit depth, token-merging schedule); its GFLOPs are counted on the merged forward
-        (pipeline.model.merging.profile_gflops) and looked up per row like the exits' are.
+        (pipeline.model.flops.tower_profile) and looked up per row like the exits' are.
         """
-        from pipeline.model import encoder as enc
-        from pipeline.model import merging
-
         names = getattr(self.router, "profiles", None)
         if names is None:
             return None
-        profiles = merging.parse_profiles(names)
+        profiles = parse_profiles(names)
         outside = sorted({p.exit for p in profiles} - set(exits))
         if outside:
             raise ValueError(f"router profiles {names} exit at {outside}, which are not exits of the encoder {exits}; "
@@ -190,23 +174,23 @@ class ModelWorker:
         schedules = [p.merge for p in profiles if p.merge is not None]
         merge_heads = {spec: enc.ExitHeads.load(path, self.bundle) for spec, path in self.router.heads.items()}
         for spec, mh in merge_heads.items():
-            if mh.merge != merging.merge_spec(merging.parse_merge(spec)):
+            if mh.merge != merge_spec(parse_merge(spec)):
                 raise ValueError(f"router {self.spec.router} names heads {mh.path} for merge schedule {spec}, but they "
                                  f"were trained under {mh.merge}; train them with `icar train-exits --merge {spec}`")
         self.encoder = enc.AdaptiveEncoder(self.bundle.model.visual, exits, self.heads, schedules,
                                            merge_heads).to(self.device).eval()
-        ids = {merging.merge_spec(s): i for i, s in enumerate(self.encoder.schedules)}
+        ids = {merge_spec(s): i for i, s in enumerate(self.encoder.schedules)}
         self._profile_exit = np.asarray([p.exit for p in profiles], np.int16)
-        self._profile_merge = np.asarray([ids[merging.merge_spec(p.merge)] for p in profiles], np.int64)
-        costs = [merging.profile_cost(self.bundle, p) for p in profiles]
+        self._profile_merge = np.asarray([ids[merge_spec(p.merge)] for p in profiles], np.int64)
+        costs = [flops.profile_cost(self.bundle, p) for p in profiles]
         self._profile_gflops = np.asarray(costs, np.float32) + np.float32(self.scorer_gflops)
-        return [{"profile": p.spec, "exit": p.exit, "merge": merging.merge_spec(p.merge), "gflops": g,
-                 "heads": self.router.heads.get(merging.merge_spec(p.merge))} for p, g in zip(profiles, costs)]
+        return [{"profile": p.spec, "exit": p.exit, "merge": merge_spec(p.merge), "gflops": g,
+                 "heads": self.router.heads.get(merge_spec(p.merge))} for p, g in zip(profiles, costs)]
 
     def describe(self) -> dict:
         """Return the identity of everything this worker computes with (what run.json records)."""
-        from pipeline import __version__
-
+        # Lazy: imported here only for their versions. The model has loaded open_clip by now (and a trained
+        # scorer timm), but importing this module must not cost their ~4 s (the scorer-only jobs, tests).
         import open_clip
         import ray
         import timm
@@ -236,8 +220,6 @@ class ModelWorker:
     @torch.inference_mode()
     def embed(self, pixels: np.ndarray, keys: list[str]) -> dict:
         """Return embeddings (float16, L2-normalised), complexity, exit layer and GFLOPs for one decoded batch."""
-        from pipeline.model.models import pixels_to_tensor
-
         t0 = time.perf_counter()
         if self.scorer is not None:
             scores = np.asarray(self.scorer.score(pixels), np.float32)
@@ -251,7 +233,7 @@ class ModelWorker:
         else:
             exit_layer = np.asarray(self.router.route(scores, keys), np.int16)
             gflops = self._gflops_lookup[exit_layer]
-        x = pixels_to_tensor(self.bundle, pixels).to(self.device, non_blocking=True)
+        x = models.pixels_to_tensor(self.bundle, pixels).to(self.device, non_blocking=True)
         with torch.autocast(self.device.split(":")[0], dtype=self.autocast, enabled=self.autocast is not None):
             emb = self.encoder(x, torch.as_tensor(exit_layer, dtype=torch.long, device=self.device), merge_ids)
         emb = torch.nn.functional.normalize(emb.float(), dim=-1).to(torch.float16).cpu().numpy()

@@ -61,6 +61,7 @@ from pipeline.io import storage
 from pipeline.logs import timed_phase
 from pipeline.metrics import complexity_metrics
 from pipeline.model.scorer import IMAGENET_MEAN, IMAGENET_STD, ComplexityNet, load_backbone_weights, save_checkpoint, to_float_batch
+from pipeline.runtime import resolve_device
 
 log = logging.getLogger(__name__)
 
@@ -323,15 +324,6 @@ def frozen_views(model: ComplexityNet, pixels: np.ndarray, trainable_blocks: int
 # ------------------------------------------------------------------------------------------ training
 
 
-def _resolve_device(device: str) -> str:
-    """Return a torch device string for ``device`` ("auto": CUDA when present)."""
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise RuntimeError(f"--device {device} was asked for but torch sees no CUDA device; use --device cpu")
-    return device
-
-
 def _batches(n: int, batch_size: int, generator: torch.Generator) -> list[torch.Tensor]:
     """Return shuffled index batches; a last batch of one image joins the previous one (BatchNorm needs 2)."""
     perm = torch.randperm(n, generator=generator)
@@ -508,7 +500,7 @@ def train_complexity(cfg: TrainConfig) -> dict:
 
     from pipeline import __version__
 
-    device = _resolve_device(cfg.device)
+    device = resolve_device(cfg.device)
     storage.makedirs(cfg.output)
     state_url = storage.join(cfg.output, STATE_FILE)
     best_url = storage.join(cfg.output, BEST_FILE)
@@ -643,7 +635,7 @@ def evaluate_complexity(cfg: EvalConfig) -> dict:
     from pipeline.metrics import fit_linear_map
     from pipeline.model.scorer import load_scorer
 
-    device = _resolve_device(cfg.device)
+    device = resolve_device(cfg.device)
     scorer = load_scorer(cfg.scorer, cfg.checkpoint, device=device)
     if scorer is None:
         raise ValueError("--scorer none has nothing to evaluate; choose heuristic, convnext or default")

@@ -60,8 +60,9 @@ from pipeline.training import distributed
 from pipeline.io import storage
 from pipeline.logs import timed_phase
 from pipeline.training.distributed import Dist
-from pipeline.model.merging import merge_spec, parse_merge
+from pipeline.model.spec import merge_spec, parse_merge
 from pipeline.model.models import pixels_to_tensor
+from pipeline.runtime import resolve_device
 
 log = logging.getLogger(__name__)
 
@@ -294,9 +295,7 @@ def _features_to_bytes(fs: FeatureSet, meta: dict) -> bytes:
 def _features_from_bytes(data: bytes) -> tuple[FeatureSet, dict]:
     from safetensors.torch import load
 
-    from pipeline.model.encoder import _safetensors_metadata
-
-    meta = {k: json.loads(v) for k, v in _safetensors_metadata(data).items()}
+    meta = {k: json.loads(v) for k, v in storage.safetensors_metadata(data).items()}
     t = load(data)
     # By depth: safetensors' dict order can differ between processes, and the collectives of a data-parallel
     # run must come in the same order in every process.
@@ -474,14 +473,6 @@ class _EncoderStep(torch.nn.Module):
         return self.encoder.forward_all_exits(pixels)
 
 
-def _resolve_device(device: str) -> str:
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise TrainExitsError(f"--device {device} was asked for but torch sees no CUDA device; use --device cpu")
-    return device
-
-
 def _write(url: str, data: bytes, cfg: ExitTrainConfig) -> None:
     storage.atomic_write_bytes(url, data, cfg.storage_options)
 
@@ -514,7 +505,8 @@ class ExitTrainer:
         """``train_pairs``/``val_pairs``: optional re-iterable sources of (key, pixels, caption) instead of the
         shards named by cfg (tests, notebooks); callables returning a fresh iterator each time."""
         from pipeline.model import encoder as enc
-        from pipeline.model.models import load_clip, model_key
+        from pipeline.io.schema import model_key
+        from pipeline.model.models import load_clip
 
         if cfg.finetune_backbone and cfg.distill_weight is None:
             cfg = dataclasses.replace(cfg, distill_weight=0.0)
@@ -530,7 +522,7 @@ class ExitTrainer:
             raise TrainExitsError(f"batch_size {cfg.batch_size} is the global batch and must give each of the "
                                   f"{self.dist.world_size} processes at least one pair; raise --batch-size")
         self.cfg = cfg
-        self.device = distributed.device_of_rank(_resolve_device(cfg.device), self.dist)
+        self.device = distributed.device_of_rank(resolve_device(cfg.device), self.dist)
         self.bundle = load_clip(cfg.model, cfg.pretrained, seed=cfg.seed, device=self.device)
         self.exits = enc.validate_exits(cfg.exits or enc.default_exits(self.bundle.num_blocks), self.bundle.num_blocks)
         if len(self.exits) < 2:
@@ -938,7 +930,7 @@ class ExitTrainer:
         identity = self.bundle.identity
         if cfg.finetune_backbone:
             identity = self._write_backbone()
-            from pipeline.model.models import model_key
+            from pipeline.io.schema import model_key
 
             self.heads.backbone = model_key(identity)
         heads_url = storage.join(cfg.output, HEADS)
@@ -1086,7 +1078,7 @@ def train_exits(cfg: ExitTrainConfig) -> dict | None:
         raise TrainExitsError(f"--workers {cfg.workers} inside a group of {world} processes (torchrun sets "
                               f"WORLD_SIZE): use torchrun's --nproc-per-node or --workers, not both")
     try:
-        with distributed.process_group(_resolve_device(cfg.device)):
+        with distributed.process_group(resolve_device(cfg.device)):
             return ExitTrainer(cfg).run()
     except distributed.DistributedError as e:
         raise TrainExitsError(str(e)) from e
@@ -1101,7 +1093,7 @@ def _train_spawned(cfg: ExitTrainConfig) -> dict:
     """Run ``cfg`` in cfg.workers local processes; return the metrics document rank 0 wrote."""
     from torch.multiprocessing import ProcessExitedException, ProcessRaisedException
 
-    device = _resolve_device(cfg.device)
+    device = resolve_device(cfg.device)
     log.info("train-exits: starting %d worker processes (%s)", cfg.workers, distributed.backend_for(device))
     try:
         distributed.spawn(_spawned_worker, (cfg,), cfg.workers, device)

@@ -16,6 +16,7 @@ torch = pytest.importorskip("torch")
 from PIL import Image  # noqa: E402
 
 from jobs import search as search_job  # noqa: E402
+from pipeline.io.schema import model_key  # noqa: E402
 from pipeline.model import models  # noqa: E402
 from pipeline.io.decode import DecodeConfig, decode_image  # noqa: E402
 from pipeline.index.build import IndexConfig, build_index  # noqa: E402
@@ -77,7 +78,7 @@ def test_index_tuned_on_caption_queries_too(index_dir):
     info = json.loads((index_dir / INDEX_JSON).read_text())
     assert info["factory"] == "Flat"
     assert info["recall"]["text"]["queries"] > 0 and info["recall"]["text"]["at_nprobe"] == 1.0
-    assert info["model_key"] == models.model_key(info["model"])
+    assert info["model_key"] == model_key(info["model"])
 
 
 def test_image_query_finds_the_same_image_first(index_dir):
@@ -134,7 +135,7 @@ def test_an_index_whose_model_cannot_be_recreated_is_refused(index_dir, tmp_path
         (bad / name).write_bytes((index_dir / name).read_bytes())
     info = json.loads((bad / INDEX_JSON).read_text())
     info["model"]["weights_sha256"] = "0" * 64  # the recorded weights are not what the identity rebuilds
-    info["model_key"] = models.model_key(info["model"])
+    info["model_key"] = model_key(info["model"])
     (bad / INDEX_JSON).write_text(json.dumps(info))
     with Searcher(str(bad)) as s:
         assert s.search_vectors(np.ones(32, np.float32), k=1)  # vectors need no model

@@ -13,8 +13,8 @@ import pytest
 from jobs import common, embed, index
 from pipeline import cli
 from pipeline.embed.validate import ArgumentProblem, check_scorer_and_router
-from pipeline.model import merging
-from pipeline.model.spec import ModelSpec
+from pipeline.model import flops
+from pipeline.model.spec import ModelSpec, Profile, parse_merge
 from pipeline.model.worker import ModelWorker
 
 LOGGING = {"--no-progress", "--log-format"}
@@ -146,7 +146,7 @@ def test_merge_runs_every_image_at_the_schedules_counted_profile(exit_at, tmp_pa
     desc = w.describe()
     assert desc["router"]["kind"] == "profile" and desc["router"]["profiles"] == [f"{depth}@r2"]
     assert [(p["profile"], p["merge"]) for p in desc["profiles"]] == [(f"{depth}@r2", "r2")]
-    counted = merging.profile_cost(w.bundle, merging.Profile(depth, merging.parse_merge("r2")))
+    counted = flops.profile_cost(w.bundle, Profile(depth, parse_merge("r2")))
     assert desc["profiles"][0]["gflops"] == pytest.approx(counted)
     assert counted < w.gflops_per_exit[depth]  # merging saves compute at that depth
     pixels = np.random.default_rng(0).integers(0, 256, (5, 64, 64, 3), dtype=np.uint8)

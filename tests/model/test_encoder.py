@@ -8,7 +8,8 @@ import torch
 import torch.nn.functional as F
 
 from pipeline.model import encoder as enc
-from pipeline.model import models
+from pipeline.io.schema import model_key
+from pipeline.model import models, tower
 from tinyclip import tiny
 
 
@@ -53,7 +54,7 @@ def test_full_depth_equals_encode_image_custom(vision):
         out = encoder(x, torch.full((4,), 4))
         assert (out - ref).abs().max().item() < 1e-5
         # an exit head initialised from ln_post/proj and applied to the last block's tokens is the tower's own pooling
-        head = enc.ExitHead(b.model.visual)
+        head = tower.ExitHead(b.model.visual)
         tokens = b.model.visual.transformer(b.model.visual._embeds(x))
         assert (F.normalize(head(tokens), dim=-1) - ref).abs().max().item() < 1e-5
 
@@ -158,7 +159,7 @@ def test_heads_save_load_and_refuse_another_backbone(tmp_path):
         heads.head(2).proj.add_(torch.randn_like(heads.head(2).proj))  # trained heads differ from the tower's own ln_post/proj
     path = str(tmp_path / "heads.safetensors")
     ident = heads.save(path)
-    assert ident["exits"] == [1, 2, 4] and ident["backbone"] == models.model_key(b.identity)
+    assert ident["exits"] == [1, 2, 4] and ident["backbone"] == model_key(b.identity)
     assert ident["path"] == path and len(ident["sha256"]) == 64
 
     loaded = enc.ExitHeads.load(path, b)

@@ -7,6 +7,7 @@ import json
 import pytest
 import torch
 
+from pipeline.io.schema import model_key
 from pipeline.model import flops, models
 
 TINY = {
@@ -49,7 +50,7 @@ def test_cached_figure_equals_fresh_count(private_cache):
     first = flops.exit_gflops(b, [1, 2, 4])
     assert private_cache.exists()
     doc = json.loads(private_cache.read_text())
-    assert len(doc) == 1 and models.model_key(b.identity) in next(iter(doc))
+    assert len(doc) == 1 and model_key(b.identity) in next(iter(doc))
     flops._memory.clear()  # a new process: the figures come from the file
     cached = flops.exit_gflops(b, [1, 2, 4])
     fresh = flops.exit_gflops_from_profile(flops.count_tower_profile(b.model.visual, b.image_size), [1, 2, 4])

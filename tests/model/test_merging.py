@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from pipeline.model import flops, merging, models
+from pipeline.model.spec import MergeSchedule, merge_spec, parse_merge, parse_profile, parse_profiles
 from tinyclip import tiny
 
 
@@ -18,23 +19,23 @@ def _images(n: int, size: int = 32, seed: int = 0) -> torch.Tensor:
 
 def test_spec_round_trip_and_errors():
     for spec in ["r4", "keep0.8", "r2:noprop", "keep1"]:
-        assert merging.parse_merge(spec).spec == spec
-    assert merging.parse_merge("none") is None and merging.parse_merge(None) is None
-    assert merging.parse_merge("keep0.75") == merging.MergeSchedule(keep=0.75)
+        assert parse_merge(spec).spec == spec
+    assert parse_merge("none") is None and parse_merge(None) is None
+    assert parse_merge("keep0.75") == MergeSchedule(keep=0.75)
     for bad in ["r-1", "keep0", "keep1.5", "x4", "r4:prop"]:
         with pytest.raises(ValueError):
-            merging.parse_merge(bad)
+            parse_merge(bad)
     with pytest.raises(ValueError, match="exactly one"):
-        merging.MergeSchedule(r=2, keep=0.5)
+        MergeSchedule(r=2, keep=0.5)
 
 
 def test_schedule_token_counts_clamp_and_keep_ratio():
-    assert merging.MergeSchedule(r=2).token_counts(17, 4) == [17, 15, 13, 11, 9]
+    assert MergeSchedule(r=2).token_counts(17, 4) == [17, 15, 13, 11, 9]
     # bipartite matching can at most halve the 16 mergeable tokens: r=8 then 4, 2, 1, 0
-    assert merging.MergeSchedule(r=8).token_counts(17, 6) == [17, 9, 5, 3, 2, 2, 2]
+    assert MergeSchedule(r=8).token_counts(17, 6) == [17, 9, 5, 3, 2, 2, 2]
     # keep 0.75 of the mergeable tokens per block: merge round(0.25 * 16) = 4, then round(0.25 * 12) = 3, ...
-    assert merging.MergeSchedule(keep=0.75).token_counts(17, 3) == [17, 13, 10, 8]
-    assert merging.MergeSchedule(keep=1.0).merges(197, 12) == [0] * 12
+    assert MergeSchedule(keep=0.75).token_counts(17, 3) == [17, 13, 10, 8]
+    assert MergeSchedule(keep=1.0).merges(197, 12) == [0] * 12
 
 
 @pytest.mark.parametrize("vision", [{}, {"pool_type": "avg"}, {"pool_type": "avg", "final_ln_after_pool": True},
@@ -47,8 +48,8 @@ def test_merging_off_is_bit_identical(vision):
         ref = visual(x)
         assert torch.equal(merging.encode_image(visual, x, None), ref)
         # a schedule that merges nothing never leaves the block's own forward
-        assert torch.equal(merging.encode_image(visual, x, merging.MergeSchedule(r=0)), ref)
-        merged = merging.encode_image(visual, x, merging.MergeSchedule(r=2))
+        assert torch.equal(merging.encode_image(visual, x, MergeSchedule(r=0)), ref)
+        merged = merging.encode_image(visual, x, MergeSchedule(r=2))
     assert merged.shape == ref.shape and not torch.equal(merged, ref)
 
 
@@ -56,7 +57,7 @@ def test_merging_off_is_bit_identical(vision):
 def test_token_count_per_block_follows_the_schedule(spec):
     b = tiny(seed=1)
     visual = b.model.visual.eval()
-    schedule = merging.parse_merge(spec)
+    schedule = parse_merge(spec)
     seen = []
     with torch.no_grad():
         x = visual._embeds(_images(2, seed=1))
@@ -85,7 +86,7 @@ def test_class_token_is_never_merged_and_stays_first():
     visual = b.model.visual.eval()
     with torch.no_grad():
         tokens = visual._embeds(_images(2, seed=2))
-        _, size = merging.run_blocks(visual.transformer.resblocks, tokens, None, merging.MergeSchedule(r=8), 0, 4, 17)
+        _, size = merging.run_blocks(visual.transformer.resblocks, tokens, None, MergeSchedule(r=8), 0, 4, 17)
     assert torch.equal(size[:, 0], torch.ones(2, 1)) and size.shape[1] == 2
 
 
@@ -122,14 +123,14 @@ def _block_gflops(n_in: int, n_out: int, width: int, heads: int, mlp_ratio: floa
 @pytest.mark.parametrize("spec", ["none", "r3", "keep0.6"])
 def test_counted_gflops_per_block_follow_the_schedule(spec):
     b = tiny(seed=5)
-    schedule = merging.parse_merge(spec)
-    profile = merging.count_merged_profile(b.model.visual, 32, schedule)
+    schedule = parse_merge(spec)
+    profile = flops.count_tower_profile(b.model.visual, 32, schedule)
     counts = profile["tokens"]
     assert counts == (schedule.token_counts(17, 4) if schedule else [17] * 5)
     for i, g in enumerate(profile["blocks"]):
         assert g == pytest.approx(_block_gflops(counts[i], counts[i + 1], 64, 2), rel=1e-9), (spec, i)
     if schedule is not None:
-        full = merging.count_merged_profile(b.model.visual, 32, None)
+        full = flops.count_tower_profile(b.model.visual, 32, None)
         assert sum(profile["blocks"]) < sum(full["blocks"])
         assert profile["stem"] == full["stem"]
 
@@ -138,13 +139,13 @@ def test_profile_gflops_are_cached_per_schedule(tmp_path, monkeypatch):
     monkeypatch.setenv("ICAR_CACHE_DIR", str(tmp_path))
     monkeypatch.setattr(flops, "_memory", {})
     b = tiny(seed=6)
-    first = merging.profile_gflops(b, merging.MergeSchedule(r=2))
+    first = flops.tower_profile(b, MergeSchedule(r=2))
     flops._memory.clear()
-    again = merging.profile_gflops(b, merging.MergeSchedule(r=2))
+    again = flops.tower_profile(b, MergeSchedule(r=2))
     assert again["blocks"] == first["blocks"] and again["merge"] == "r2"
-    other = merging.profile_gflops(b, merging.MergeSchedule(keep=0.5))
+    other = flops.tower_profile(b, MergeSchedule(keep=0.5))
     assert other["blocks"] != first["blocks"]
-    none = merging.profile_gflops(b, None)
+    none = flops.tower_profile(b, None)
     assert none["merge"] == "none" and none["blocks"] == flops.tower_profile(b)["blocks"]
 
 
@@ -154,7 +155,7 @@ def test_unsupported_blocks_are_refused():
     visual = VisionTransformer(image_size=32, patch_size=8, width=64, layers=2, heads=2, mlp_ratio=4.0, output_dim=32)
     visual.transformer.resblocks[1].attn = torch.nn.Identity()
     with pytest.raises(NotImplementedError, match="block 1"):
-        merging.encode_image(visual, _images(1), merging.MergeSchedule(r=2))
+        merging.encode_image(visual, _images(1), MergeSchedule(r=2))
 
 
 # ------------------------------------------------------------------------------------------ AdaptiveEncoder
@@ -165,7 +166,7 @@ def test_encoder_groups_rows_by_schedule_and_exits_each_at_its_depth():
     b = tiny(seed=7)
     visual = b.model.visual.eval()
     encoder = enc.AdaptiveEncoder(visual, [1, 2, 4], schedules=["r3", "keep0.6"]).eval()
-    assert [merging.merge_spec(s) for s in encoder.schedules] == ["none", "r3", "keep0.6"]
+    assert [merge_spec(s) for s in encoder.schedules] == ["none", "r3", "keep0.6"]
     x = _images(9, seed=7)
     depths = torch.tensor([4, 1, 2, 4, 2, 1, 4, 4, 2])
     ids = torch.tensor([0, 1, 2, 1, 0, 2, 2, 1, 1])
@@ -230,7 +231,7 @@ def test_encoder_uses_heads_trained_for_the_schedule():
     with torch.no_grad():
         out = encoder(x, torch.tensor([2, 2]), torch.tensor([0, 1]))
         tokens, size = merging.run_blocks(visual.transformer.resblocks, visual._embeds(x[1:]), None,
-                                          merging.MergeSchedule(keep=0.5), 0, 2, 17)
+                                          MergeSchedule(keep=0.5), 0, 2, 17)
         want = merged_heads.head(2).from_features(merging.pool_head(merged_heads.head(2), tokens, size))
         torch.testing.assert_close(out[1:], torch.nn.functional.normalize(want, dim=-1))
         torch.testing.assert_close(out[:1], enc.AdaptiveEncoder(visual, [2, 4], plain_heads).eval()(
@@ -244,10 +245,10 @@ def test_profiles_parse_and_router_round_trip(tmp_path):
 
     from pipeline.model import router as routers
 
-    assert [p.spec for p in merging.parse_profiles("4,6@r2,8@keep0.8:noprop,8")] == ["4", "6@r2", "8@keep0.8:noprop", "8"]
+    assert [p.spec for p in parse_profiles("4,6@r2,8@keep0.8:noprop,8")] == ["4", "6@r2", "8@keep0.8:noprop", "8"]
     for bad in ["x", "0@r2", "8@r2,8@r2", "8@fast"]:
         with pytest.raises(ValueError):
-            merging.parse_profiles(bad)
+            parse_profiles(bad)
     scores = np.random.default_rng(0).random(400)
     costs = {"8": 1.0, "4": 0.5, "8@keep0.8": 0.7}
     r = routers.calibrate_profiles_budget(scores, list(costs), costs, 0.0, 0.75)
@@ -294,7 +295,7 @@ def test_worker_routes_to_profiles_and_records_their_gflops(tmp_path, monkeypatc
     x = pixels_to_tensor(w.bundle, pixels)
     with torch.no_grad():
         for i in range(12):
-            p = merging.parse_profile(r.profiles[profile[i]])
+            p = parse_profile(r.profiles[profile[i]])
             want = w.encoder.forward_all_exits(x[i:i + 1], p.merge)[p.exit]
             np.testing.assert_allclose(out["embedding"][i].astype(np.float32), want[0].numpy(), atol=2e-3)
 
@@ -415,7 +416,7 @@ def test_embed_run_with_profiles_passes_the_cost_audit(tmp_path, monkeypatch, ra
     rows = pq.read_table(tmp_path / "run" / "shards" / "part-00000.parquet").to_pydict()
     assert len(rows["key"]) == 40
     for depth, g in zip(rows["exit_layer"], rows["gflops"]):
-        assert min(abs(g - c) for p, c in costs.items() if merging.parse_profile(p).exit == depth) < 1e-6
+        assert min(abs(g - c) for p, c in costs.items() if parse_profile(p).exit == depth) < 1e-6
     # the cost audit (run by `icar embed` at the end) checks each row against its depth's profile figures
     report = build_report([str(tmp_path / "run")], ReportConfig())["runs"][0]
     audit = report["audit"]

@@ -12,6 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
+from pipeline.io.schema import model_key
 from pipeline.model import models
 from tinyclip import TINY
 
@@ -53,9 +54,9 @@ def test_seeded_init_is_identical_in_separate_processes():
 
 def test_model_key_is_name_and_weights_hash():
     b = models.bundle_from_config(TINY, seed=0, name="tiny")
-    assert models.model_key(b.identity) == f"tiny:{b.identity['weights_sha256']}"
+    assert model_key(b.identity) == f"tiny:{b.identity['weights_sha256']}"
     with pytest.raises(ValueError, match="weights_sha256"):
-        models.model_key({"name": "tiny"})
+        model_key({"name": "tiny"})
 
 
 @pytest.mark.parametrize("suffix", [".safetensors", ".pt"])

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from pipeline.model import router as R
+from pipeline.model import scorer_identity
 
 # ViT-L-14-like costs (ANCHORS.md: 0.31 + 6.737·k GFLOPs) and a ConvNeXt-atto-like scorer.
 GFLOPS = {k: 0.31 + 6.737 * k for k in (8, 12, 16, 18, 20, 24)}
@@ -290,13 +291,11 @@ def _demo_worker(tmp_path, monkeypatch, **spec):
 
 
 def test_worker_refuses_a_router_calibrated_for_another_scorer(tmp_path, monkeypatch):
-    from pipeline.model import scorer as S
-
     # The demo's shipped router was calibrated for the demo's own scorer, which --scorer default runs.
     w = _demo_worker(tmp_path, monkeypatch)
     shipped = w.router.scorer_identity
     assert shipped["kind"] == "heuristic" and shipped["input_size"] == 64
-    assert S.scorer_differences(shipped, w.scorer.identity) == []
+    assert scorer_identity.scorer_differences(shipped, w.scorer.identity) == []
     # The generic heuristic analyses at 128 px: same kind, other scores, so the shipped router is refused.
     with pytest.raises(ValueError) as e:
         _demo_worker(tmp_path, monkeypatch, scorer="heuristic")

@@ -14,6 +14,7 @@ from PIL import Image, ImageDraw
 from scipy.stats import spearmanr
 
 from pipeline.model import scorer as S
+from pipeline.model.scorer_identity import describe_scorer, scorer_differences
 from pipeline.io.decode import DecodeConfig, decode_image
 
 
@@ -220,12 +221,12 @@ def test_scorer_for_model_resolves_the_demo_models_own_choice(monkeypatch, tmp_p
 
 def test_scorer_differences_compare_what_defines_the_scores():
     h = S.HeuristicScorer(input_size=64).identity
-    assert S.scorer_differences(h, {**h, "name": "other", "checkpoint": "/x"}) == []
-    assert S.scorer_differences(h, S.HeuristicScorer().identity) == ["input_size"]
-    assert S.scorer_differences(h, S.HeuristicScorer(64, 0.2).identity) == ["edge_threshold"]
+    assert scorer_differences(h, {**h, "name": "other", "checkpoint": "/x"}) == []
+    assert scorer_differences(h, S.HeuristicScorer().identity) == ["input_size"]
+    assert scorer_differences(h, S.HeuristicScorer(64, 0.2).identity) == ["edge_threshold"]
     trained = {"kind": "convnext", "backbone": "b", "sha256": "s", "bins": 10, "input_size": 64}
-    assert S.scorer_differences(trained, {**trained, "sha256": "t"}) == ["sha256"]
-    assert "64 px" in S.describe_scorer(h) and "sha256 s" in S.describe_scorer(trained)
+    assert scorer_differences(trained, {**trained, "sha256": "t"}) == ["sha256"]
+    assert "64 px" in describe_scorer(h) and "sha256 s" in describe_scorer(trained)
 
 
 def test_checkpoint_round_trip_gives_identical_scores(tmp_path, monkeypatch):
