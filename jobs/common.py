@@ -18,15 +18,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import sys
 
 from pipeline.logs import setup_logging
 from pipeline.model.spec import parse_merge
+from pipeline.runtime import parse_device
 
 # The one default of --device in every job: CUDA when torch sees a GPU, else the CPU.
 DEVICE_DEFAULT = "auto"
-_DEVICE = re.compile(r"^(auto|cpu|cuda|cuda:\d+)$")
 
 
 def int_list(text: str) -> list[int]:
@@ -105,10 +104,10 @@ def positive_float(text: str) -> float:
 
 def device(text: str) -> str:
     """Parse a --device value: auto, cpu, cuda or cuda:N."""
-    value = text.strip().lower()
-    if not _DEVICE.match(value):
-        raise argparse.ArgumentTypeError(f"expected auto, cpu, cuda or cuda:N (e.g. cuda:1), got {text!r}")
-    return value
+    try:
+        return parse_device(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 class _DeprecatedAlias(argparse.Action):

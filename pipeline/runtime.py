@@ -54,15 +54,22 @@ class DeviceUnavailableError(ValueError):
     """The --device asked for does not exist on this machine (no CUDA, or no GPU of that number)."""
 
 
+def parse_device(device: str) -> str:
+    """Return ``device`` in its canonical form (auto, cpu, cuda or cuda:N) without asking torch; raise ValueError
+    naming the accepted forms for anything else (what the CLI checks before a job starts)."""
+    name = str(device).strip().lower()
+    if not _DEVICE.match(name):
+        raise ValueError(f"--device {device!r} is not a device ICAR computes on; use {DEVICES} (e.g. cuda:1)")
+    return name
+
+
 def resolve_device(device: str) -> str:
     """Return the torch device that ``device`` (auto, cpu, cuda or cuda:N) stands for on this machine.
 
     "auto" is CUDA when torch sees a GPU, else the CPU. Raises ValueError for anything else than those four
     forms, and DeviceUnavailableError (a ValueError) for a CUDA device this machine does not have.
     """
-    name = str(device).strip().lower()
-    if not _DEVICE.match(name):
-        raise ValueError(f"--device {device!r} is not a device ICAR computes on; use {DEVICES} (e.g. cuda:1)")
+    name = parse_device(device)
     if name == "cpu":
         return name
     # Lazy: this module is imported by every job's driver, and drivers that never compute (embed's, --help,

@@ -82,7 +82,7 @@ def test_device_refuses_anything_else_with_exit_2(job, value, capsys):
         module.build_parser().parse_args(["x", "--output", "o", "--images", "i", "--labels", "l", "--device", value]
                                          if job == "eval-complexity" else ["x", "--output", "o", "--device", value])
     assert e.value.code == 2
-    assert "expected auto, cpu, cuda or cuda:N" in capsys.readouterr().err
+    assert "use auto, cpu, cuda or cuda:N" in capsys.readouterr().err
 
 
 def test_renamed_index_flags_keep_their_old_spelling_with_a_warning(capsys):
