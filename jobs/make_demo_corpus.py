@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 
 from pipeline.demo.corpus import DemoCorpusConfig, make_demo_corpus
-from pipeline.logs import setup_logging
 
 from jobs.common import HelpFormatter, add_logging_args, apply_logging
 
@@ -43,8 +43,10 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """Run `icar make-demo-corpus`; return the process exit code."""
     args = build_parser().parse_args(argv)
-    setup_logging()  # what `icar make-demo-corpus` sets up; --log-format on top
     apply_logging(args)
+    # Only when nothing set logging up yet (`python -m`; `icar` and --log-format already did, and a test
+    # harness's handlers are left alone).
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     cfg = DemoCorpusConfig(output=args.output, n=args.n, val=args.val, test=args.test, seed=args.seed,
                            shard_size=args.shard_size, image_size=args.image_size, jpeg_quality=args.jpeg_quality,
                            complexity_train=args.complexity_train, progress=not args.no_progress)

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 
 from pipeline.demo.training import DemoModelConfig, DemoTrainConfig, train_demo
-from pipeline.logs import setup_logging
 
 from jobs.common import HelpFormatter, add_logging_args, add_runtime_args, apply_logging
 
@@ -54,8 +54,10 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """Run `icar train-demo`; return the process exit code."""
     args = build_parser().parse_args(argv)
-    setup_logging()  # what `icar train-demo` sets up; --log-format on top
     apply_logging(args)
+    # Only when nothing set logging up yet (`python -m`; `icar` and --log-format already did, and a test
+    # harness's handlers are left alone).
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     model = DemoModelConfig()
     if args.model_json:
         overrides = json.loads(args.model_json)

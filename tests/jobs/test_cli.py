@@ -33,8 +33,11 @@ SHARED = {
 }
 
 
-def job_help(name: str, capsys) -> str:
+def job_help(name: str, capsys, monkeypatch) -> str:
     """Return `icar NAME --help` as printed, asserting it exits 0."""
+    # Leave the test session's logging as it is (`icar` and `icar demo` set logging up before parsing).
+    for module in (cli, importlib.import_module(cli.JOBS[name][0])):
+        monkeypatch.setattr(module, "setup_logging", lambda: None, raising=False)
     with pytest.raises(SystemExit) as e:
         cli.main([name, "--help"])
     assert e.value.code == 0, name
@@ -42,8 +45,8 @@ def job_help(name: str, capsys) -> str:
 
 
 @pytest.mark.parametrize("name", sorted(cli.JOBS))
-def test_every_job_help_renders_with_the_shared_flags(name, capsys):
-    text = job_help(name, capsys)
+def test_every_job_help_renders_with_the_shared_flags(name, capsys, monkeypatch):
+    text = job_help(name, capsys, monkeypatch)
     assert f"icar {name}" in text
     assert "(default: None)" not in text and "(default: False)" not in text
     options = set(re.findall(r"^\s+(--[a-z-]+)", text, re.M))  # the option lines, not the prose around them
@@ -108,13 +111,12 @@ def test_embed_torch_threads_is_threads(capsys):
 
 def test_log_format_sets_what_setup_logging_reads(monkeypatch):
     monkeypatch.delenv("ICAR_LOG_FORMAT", raising=False)
-    args = index.build_parser().parse_args(["run", "--output", "o", "--log-format", "json"])
-    common.apply_logging(args)
-    try:
-        assert os.environ["ICAR_LOG_FORMAT"] == "json"
-    finally:
-        monkeypatch.delenv("ICAR_LOG_FORMAT", raising=False)
-        common.setup_logging()
+    calls = []
+    monkeypatch.setattr(common, "setup_logging", lambda: calls.append(os.environ.get("ICAR_LOG_FORMAT")))
+    common.apply_logging(index.build_parser().parse_args(["run", "--output", "o"]))
+    assert calls == [] and "ICAR_LOG_FORMAT" not in os.environ  # no flag: logging stays as the caller set it up
+    common.apply_logging(index.build_parser().parse_args(["run", "--output", "o", "--log-format", "json"]))
+    assert calls == ["json"] and os.environ["ICAR_LOG_FORMAT"] == "json"
 
 
 # ----------------------------------------------------------------------------------------- icar embed --merge
