@@ -15,6 +15,9 @@ from jobs import train_exits as job
 from pipeline.demo import corpus as dc
 from pipeline.model import encoder as enc
 from pipeline.training import exits as et
+from pipeline.training import features
+from pipeline.training.pairs import PairStats, iter_pairs
+from pipeline.training.recall import caption_groups, evaluate_embeddings, recall_table
 from pipeline.model import models
 from preempt import preempt_after_first_epoch
 
@@ -90,20 +93,20 @@ def test_cli_trains_on_shards_and_reports_before_and_after(corpus, model_dir, tm
     heads = enc.ExitHeads.load(str(out / "exit_heads.safetensors"), bundle)
     assert heads.identity == doc["heads"] | {"path": str(out / "exit_heads.safetensors")}
     encoder = enc.AdaptiveEncoder(bundle.model.visual, [1, 2, 4], heads).eval()
-    pairs = list(et.iter_pairs([str(corpus / "val" / "*.tar")], 32))
+    pairs = list(iter_pairs([str(corpus / "val" / "*.tar")], 32))
     x = models.pixels_to_tensor(bundle, np.stack([p for _, p, _ in pairs]))
     with torch.no_grad():
         per_exit = encoder.forward_all_exits(x)
     text = torch.from_numpy(models.encode_text(bundle, [c for _, _, c in pairs]))
-    groups = torch.from_numpy(et.caption_groups([c for _, _, c in pairs]))
-    again = et.evaluate_embeddings(per_exit, per_exit[4], text, groups)
+    groups = torch.from_numpy(caption_groups([c for _, _, c in pairs]))
+    again = evaluate_embeddings(per_exit, per_exit[4], text, groups)
     for e in (1, 2):
         assert again[e]["t2i"] == {int(k): v for k, v in doc["after"][str(e)]["t2i"].items()}
         assert again[e]["cos_to_full"] == pytest.approx(doc["after"][str(e)]["cos_to_full"], abs=1e-5)
         # the mixed gallery: every other image at exit e, the rest at full depth, recomputed by hand
         mixed = per_exit[4].clone()
         mixed[::2] = per_exit[e][::2]
-        by_hand = et._recall_table(text.numpy(), mixed.numpy(), groups.numpy())["t2i"]
+        by_hand = recall_table(text.numpy(), mixed.numpy(), groups.numpy())["t2i"]
         assert {int(k): v for k, v in doc["after"][str(e)]["mixed_t2i"].items()} == by_hand
 
 
@@ -147,7 +150,7 @@ def test_feature_cache_is_reused_on_resume(corpus, model_dir, tmp_path, monkeypa
     def no_extraction(*args, **kwargs):
         raise AssertionError("features should come from the cache")
 
-    monkeypatch.setattr(et, "extract_features", no_extraction)
+    monkeypatch.setattr(features, "extract_features", no_extraction)
     again = et.train_exits(_cfg(tmp_path, model_dir, inputs=[str(corpus / "train" / "*.tar")], val_fraction=0.25,
                                 epochs=2, resume=True))
     assert [h["epoch"] for h in again["history"]] == [0, 1]
@@ -186,8 +189,8 @@ def test_iter_pairs_counts_what_it_skips(tmp_path):
             info = tarfile.TarInfo(name)
             info.size = len(data)
             tf.addfile(info, io.BytesIO(data))
-    stats = et.PairStats()
-    pairs = list(et.iter_pairs([str(path)], 32, stats=stats))
+    stats = PairStats()
+    pairs = list(iter_pairs([str(path)], 32, stats=stats))
     assert [(k, c) for k, _, c in pairs] == [("a", "a grey square")]
     assert pairs[0][1].shape == (32, 32, 3) and pairs[0][1].dtype == np.uint8
     assert (stats.read, stats.used, stats.decode_errors, stats.no_caption) == (3, 1, 1, 1)

@@ -18,6 +18,7 @@ from jobs import train_exits as job
 from pipeline.demo import corpus as dc
 from pipeline.training import distributed
 from pipeline.training import exits as et
+from pipeline.training.exit_step import clip_loss_share
 from pipeline.model import models
 from pipeline.io import storage
 from preempt import preempt_after_first_epoch
@@ -183,7 +184,7 @@ def test_loss_shares_are_open_clips_loss_in_one_process():
     image = torch.nn.functional.normalize(torch.randn(7, 5, generator=g), dim=-1)
     text = torch.nn.functional.normalize(torch.randn(7, 5, generator=g), dim=-1)
     scale = torch.tensor(20.0)
-    got = et.clip_loss_share(distributed.Dist(), image, text, text, scale, [7])
+    got = clip_loss_share(distributed.Dist(), image, text, text, scale, [7])
     torch.testing.assert_close(got, ClipLoss()(image, text, scale))
     assert distributed.split_sizes(5, 2) == [3, 2] and distributed.split_sizes(1, 3) == [1, 0, 0]
 

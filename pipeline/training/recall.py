@@ -1,0 +1,88 @@
+"""Text↔image recall of exit embeddings: the numbers exit training reports before, during and after training.
+
+Identical captions form one query whose hits are all their images (``caption_groups``), so a corpus with
+repeated captions is scored fairly.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from pipeline.metrics import recall_at_k
+
+KS = (1, 5, 10)
+
+
+def caption_groups(captions: list[str]) -> np.ndarray:
+    """Return, per pair, the index of its caption among the distinct captions (identical captions share one)."""
+    index: dict[str, int] = {}
+    return np.asarray([index.setdefault(c.strip(), len(index)) for c in captions], np.int64)
+
+
+def caption_queries(groups: np.ndarray) -> tuple[np.ndarray, list[list[int]]]:
+    """Return (first pair of each caption group: its query, [the pairs (images) of each group: its hits])."""
+    n_groups = int(groups.max()) + 1
+    first = np.full(n_groups, -1, np.int64)
+    images_of: list[list[int]] = [[] for _ in range(n_groups)]
+    for i, g in enumerate(groups):
+        if first[g] < 0:
+            first[g] = i
+        images_of[g].append(i)
+    return first, images_of
+
+
+def recall_table(text: np.ndarray, images: np.ndarray, groups: np.ndarray) -> dict:
+    """Return {"t2i": {k: r}, "i2t": {k: r}} for k in KS; identical captions are one query hitting all their images.
+
+    ``text``/``images``: L2-normalised embeddings, one row per pair; ``groups``: ``caption_groups`` of the pairs.
+    """
+    first, images_of = caption_queries(groups)
+    sim = text[first] @ images.T  # one text embedding per distinct caption
+    return {"t2i": recall_at_k(sim, images_of, KS), "i2t": recall_at_k(sim.T, groups, KS)}
+
+
+def evaluate_embeddings(per_exit: dict[int, torch.Tensor], full: torch.Tensor, text: torch.Tensor,
+                        groups: torch.Tensor) -> dict:
+    """Return {exit: {"t2i": {k: r}, "i2t": {k: r}, "cos_to_full": mean cosine, "mixed_t2i": {k: r}}}.
+
+    ``mixed_t2i`` is text→image recall in the gallery an index of routed rows holds: every other image embedded
+    at this exit, the rest at full depth. An exit whose embeddings drift from the full-depth space loses more
+    there than its own-gallery recall shows (exit embeddings crowd together or apart from full-depth ones).
+    """
+    out = {}
+    t, g = text.float().numpy(), groups.numpy()
+    full_np = full.float().numpy()
+    for e, emb in sorted(per_exit.items()):
+        emb = emb.float()
+        row = recall_table(t, emb.numpy(), g)
+        row["cos_to_full"] = float((emb * full.float()).sum(dim=1).mean())
+        mixed = full_np.copy()
+        mixed[::2] = emb.numpy()[::2]
+        row["mixed_t2i"] = recall_table(t, mixed, g)["t2i"]
+        out[int(e)] = row
+    return out
+
+
+def format_table(before: dict, after: dict | None = None) -> str:
+    """Return a text table of per-exit metrics (before → after when both are given)."""
+    cols = [("cos→full", lambda r: r["cos_to_full"])]
+    for d in ("t2i", "i2t"):
+        for k in KS:
+            cols.append((f"{d} R@{k}", lambda r, d=d, k=k: r[d][k]))
+    cols.append(("mixed t2i R@1", lambda r: r["mixed_t2i"][1]))
+    width = 15 if after is not None else 8
+    lines = ["exit  " + "  ".join(f"{name:>{width}}" for name, _ in cols)]
+    for e in sorted(before):
+        cells = []
+        for _, get in cols:
+            b = get(before[e])
+            cells.append(f"{b:.3f} → {get(after[e]):.3f}" if after is not None else f"{b:.3f}")
+        lines.append(f"{e:>4}  " + "  ".join(f"{c:>{width}}" for c in cells))
+    return "\n".join(lines)
+
+
+def summary(m: dict) -> dict:
+    """Return the few numbers of an exit's metrics that each epoch's history keeps."""
+    return {"t2i@1": m["t2i"][1], "t2i@5": m["t2i"][5], "i2t@1": m["i2t"][1], "cos_to_full": m["cos_to_full"],
+            "mixed_t2i@1": m["mixed_t2i"][1]}
