@@ -28,6 +28,8 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from pipeline.embed import execution  # noqa: E402
+from pipeline.embed.execution import ModelActor  # noqa: E402
 # Where generated corpora are cached between runs (keyed by their parameters): generating 512 JPEGs takes ~10 s.
 CACHE_DIR = Path(os.environ.get("ICAR_BENCH_CACHE", Path(tempfile.gettempdir()) / "icar-bench-cache"))
 
@@ -348,8 +350,6 @@ def timed_actor_class(log_path: str):
     Each line also names the actor's process id, so several actors' busy time can be told apart, and the actor
     process's CPU seconds during the call (the model's work, comparable with the bare model's CPU time).
     """
-    from pipeline.embed.execution import ModelActor
-
     class TimedModelActor(ModelActor):
         def embed(self, pixels, keys):
             t0, c0 = time.time(), time.process_time()
@@ -370,7 +370,6 @@ def timed_embed_main(argv: list[str]) -> int:
     import logging
 
     from jobs import embed
-    from pipeline.embed import execution
 
     log_path, args = argv[0], argv[1:]
     logging.basicConfig(level=logging.WARNING)
@@ -396,8 +395,6 @@ def timed_run_embed(cfg, log_path: str) -> dict:
     them), the model window (first batch start to last batch end over all actors) with its wall and CPU, the actors'
     busy seconds, and the summary. Ray must already be initialised by the caller (its start is not the run's work).
     """
-    from pipeline.embed import execution
-
     original = execution.ModelActor
     execution.ModelActor = timed_actor_class(os.path.abspath(log_path))
     try:

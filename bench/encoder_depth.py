@@ -28,6 +28,9 @@ import time
 import numpy as np
 import torch
 
+from pipeline.model import flops, models
+from pipeline.model import encoder as enc
+from pipeline.runtime import resolve_device
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m bench.encoder_depth", description=__doc__,
@@ -65,9 +68,6 @@ def _sync(device: str) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    from pipeline.model import encoder as enc
-    from pipeline.model import flops, models
-    from pipeline.runtime import resolve_device
 
     device = resolve_device(args.device)
     if args.threads and device == "cpu":

@@ -70,7 +70,21 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from pipeline.metrics import best_relevant_rank  # noqa: E402
 from pipeline.model.spec import merge_spec, parse_merge, parse_profile, parse_profiles  # noqa: E402
+from pipeline.training.recall import caption_groups, caption_queries, recall_table  # noqa: E402
+from pipeline.demo.training import DemoModelConfig, DemoTrainConfig, train_demo  # noqa: E402
+from pipeline.logs import setup_logging  # noqa: E402
+from pipeline.model import flops, models  # noqa: E402
+from pipeline.model import encoder as enc  # noqa: E402
+from pipeline.model import router as routers  # noqa: E402
+from pipeline.model.models import pixels_to_tensor  # noqa: E402
+from pipeline.model.router import stable_unit_hash  # noqa: E402
+from pipeline.model.scorer import scorer_for_model  # noqa: E402
+from pipeline.model.spec import ModelSpec  # noqa: E402
+from pipeline.model.worker import ModelWorker  # noqa: E402
+from pipeline.training.exit_config import HEADS, ExitTrainConfig  # noqa: E402
+from pipeline.training.exits import train_exits  # noqa: E402
 
 log = logging.getLogger("bench.merging")
 KS = (1, 5, 10)
@@ -122,21 +136,19 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def merged_heads(a: argparse.Namespace, schedule) -> str:
     """Return the path of exit heads trained under ``schedule`` with the shipped heads' recipe (trained once)."""
-    from pipeline.training import exits as et
-
     recipe = json.loads((DEMO / "exit_heads.metrics.json").read_text())["config"]
     out = os.path.join(a.cache_dir, f"heads-{schedule.spec.replace(':', '_')}")
-    path = os.path.join(out, et.HEADS)
+    path = os.path.join(out, HEADS)
     if os.path.exists(path):
         return path
     corpus = a.corpus
     keep = {k: recipe[k] for k in ("max_train", "max_val", "epochs", "batch_size", "lr", "weight_decay",
                                    "contrastive_weight", "distill_weight", "learn_temperature", "seed")}
-    cfg = et.ExitTrainConfig(inputs=[os.path.join(corpus, "train", "*.tar")], output=out, model="demo",
-                             val_inputs=[os.path.join(corpus, "val", "*.tar")], exits=[4, 6, 8], device="cpu",
-                             merge=schedule.spec, **keep)
+    cfg = ExitTrainConfig(inputs=[os.path.join(corpus, "train", "*.tar")], output=out, model="demo",
+                          val_inputs=[os.path.join(corpus, "val", "*.tar")], exits=[4, 6, 8], device="cpu",
+                          merge=schedule.spec, **keep)
     log.info("training exit heads under %s (the shipped heads' recipe) into %s", schedule.spec, out)
-    et.train_exits(cfg)
+    train_exits(cfg)
     return path
 
 
@@ -150,8 +162,6 @@ def static_tower(a: argparse.Namespace) -> str | None:
     Trained with ``icar train-demo`` (pipeline.demo.training.train_demo) into the directory when it holds no model;
     an existing model whose card differs from the demo card's recipe in anything but the vision depth is refused.
     """
-    from pipeline.demo.training import DemoModelConfig, DemoTrainConfig, train_demo
-
     if a.static_model is not None and a.static_model.lower() == "none":
         return None
     out = a.static_model or os.path.join(a.cache_dir, f"static-{a.static_layers}l")
@@ -186,8 +196,6 @@ def embed_profiles(encoder, bundle, pixels: np.ndarray, profiles, batch: int = 2
     """Return {profile spec: float32 L2-normalised embeddings (N, D)} with every image under every profile."""
     import torch
 
-    from pipeline.model.models import pixels_to_tensor
-
     out: dict[str, list] = {p.spec: [] for p in profiles}
     with torch.inference_mode():
         for i in range(0, len(pixels), batch):
@@ -211,8 +219,6 @@ class HashProfileRouter:
         self._edges = np.cumsum(self.fractions)[:-1]
 
     def route_profiles(self, scores, keys) -> np.ndarray:
-        from pipeline.model.router import stable_unit_hash
-
         return np.searchsorted(self._edges, stable_unit_hash(keys, "bench-merging"), side="right").astype(np.int16)
 
     def route(self, scores, keys):
@@ -223,9 +229,7 @@ class HashProfileRouter:
 
 
 def recall_row(text, groups, chosen: np.ndarray) -> dict:
-    from pipeline.training.exits import _recall_table
-
-    return _recall_table(text, chosen, groups)["t2i"]
+    return recall_table(text, chosen, groups)["t2i"]
 
 
 def hits_at_1(text: np.ndarray, images: np.ndarray, groups: np.ndarray) -> np.ndarray:
@@ -233,9 +237,6 @@ def hits_at_1(text: np.ndarray, images: np.ndarray, groups: np.ndarray) -> np.nd
 
     The mean is ``recall_row(...)[1]``; kept per query so two methods can be compared on the same queries.
     """
-    from pipeline.training.exits import caption_queries
-    from pipeline.metrics import best_relevant_rank
-
     first, images_of = caption_queries(groups)
     return best_relevant_rank(text[first] @ images.T, images_of) < 1
 
@@ -284,13 +285,6 @@ def run(a: argparse.Namespace) -> dict:
 
     from bench.common import load_average, machine_facts
     from bench.quality import read_split
-    from pipeline.model import encoder as enc
-    from pipeline.model import flops, models
-    from pipeline.model import router as routers
-    from pipeline.model.spec import ModelSpec
-    from pipeline.training.exits import caption_groups
-    from pipeline.model.scorer import scorer_for_model
-    from pipeline.model.worker import ModelWorker
 
     torch.set_num_threads(1)
     facts = machine_facts()
@@ -495,7 +489,6 @@ def run(a: argparse.Namespace) -> dict:
         else:
             want = np.stack([emb[c][i] for i, c in enumerate(chosen)])
         checks.append(float(np.abs(out["embedding"].astype(np.float32) - want).max()))
-    from pipeline.model.models import pixels_to_tensor
 
     tensors = [pixels_to_tensor(bundle, px[j:j + a.batch_size]) for j in range(0, len(px), a.batch_size)]
     routed = []  # per variant, per batch: (exit depths, merge ids) as its worker's encoder takes them
@@ -546,9 +539,6 @@ def run(a: argparse.Namespace) -> dict:
 def time_vit(a: argparse.Namespace) -> dict:
     """Return images/s of the adaptive encoder alone on a random-init ViT under each of --vit-profiles."""
     import torch
-
-    from pipeline.model import encoder as enc
-    from pipeline.model import flops, models
 
     bundle = models.load_clip(a.vit, "none", seed=0)
     profiles = parse_profiles(a.vit_profiles)
@@ -746,8 +736,6 @@ def plot_tradeoff(r: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from pipeline.logs import setup_logging
-
     setup_logging()
     a = parse_args(argv)
     if a.from_json:

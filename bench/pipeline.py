@@ -49,6 +49,14 @@ import numpy as np  # noqa: E402
 
 from bench.common import (interleaved, load_average, machine_facts, make_corpus, median, print_facts,  # noqa: E402
                           same_priority_as_peers, spread, timed, timed_run_embed, write_json)
+from pipeline.embed import execution  # noqa: E402
+from pipeline.embed.config import EmbedConfig  # noqa: E402
+from pipeline.embed.execution import ModelFacts, process_shard  # noqa: E402
+from pipeline.io.decode import DecodeConfig, decode_image, resize_center_crop  # noqa: E402
+from pipeline.io.readers import expand_inputs, iter_samples  # noqa: E402
+from pipeline.model.encoder import AdaptiveEncoder  # noqa: E402
+from pipeline.model.spec import ModelSpec  # noqa: E402
+from pipeline.model.worker import ModelWorker  # noqa: E402
 
 # Target: end-to-end >= 0.85 of the bare model's rate once decode capacity matches.
 BUSY_TARGET = 0.85
@@ -78,8 +86,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def spec_from(args):
-    from pipeline.model.spec import ModelSpec
-
     fractions = [float(f) for f in args.route_fractions.split(",")] if args.route_fractions else None
     return ModelSpec(model=args.model, pretrained=args.pretrained, scorer=args.scorer, route_fractions=fractions,
                      full_depth=fractions is None, device=args.device, precision=args.precision,
@@ -88,8 +94,6 @@ def spec_from(args):
 
 def decoded_batches(corpus, image_size: int, batch_size: int) -> list[tuple[np.ndarray, list[str]]]:
     """Return the corpus decoded and grouped into batches the way shard tasks group them (per shard, in order)."""
-    from pipeline.io.decode import DecodeConfig, decode_image
-
     cfg = DecodeConfig(image_size=image_size)
     per_shard: dict[str, list[str]] = {}
     for k in corpus.keys:
@@ -122,8 +126,6 @@ def e2e_pass(cfg_kwargs: dict, workdir: str, index: int) -> dict:
     The model window runs from the start of the actor's first batch to the end of its last: the steady state,
     without the fixed costs of a run (actor start, first decode, last commit) that a large corpus amortises.
     """
-    from pipeline.embed.config import EmbedConfig
-
     out_dir = os.path.join(workdir, f"e2e-{index}")
     result = timed_run_embed(EmbedConfig(output=out_dir, **cfg_kwargs), os.path.join(workdir, f"e2e-{index}.batches"))
     shutil.rmtree(out_dir, ignore_errors=True)
@@ -157,8 +159,6 @@ def decode_timing(corpus, image_size: int, limit: int = 128) -> dict:
     """
     from PIL import Image
 
-    from pipeline.io.decode import DecodeConfig, decode_image, resize_center_crop
-
     cfg = DecodeConfig(image_size=image_size)
     keys = corpus.keys[:limit]
     parts = {"decode_image": [], "jpeg_decode": [], "resize_crop": []}
@@ -188,8 +188,6 @@ def decode_timing(corpus, image_size: int, limit: int = 128) -> dict:
 
 def read_timing(corpus) -> dict:
     """Return CPU ms per image to stream the samples out of the tars (iter_samples, no decoding), no profiler."""
-    from pipeline.io.readers import expand_inputs, iter_samples
-
     with timed() as t:
         images = sum(1 for shard in expand_inputs(corpus.tars) for _ in iter_samples(shard))
     return {"cpu_ms_mean": 1e3 * t["cpu"] / images, "images": images}
@@ -206,8 +204,6 @@ def ray_idle_cost(seconds: float = 10.0) -> float:
 
 def _encoder_forward_line() -> int:
     """Return the first line of AdaptiveEncoder.forward (ExitHead defines a forward in the same file too)."""
-    from pipeline.model.encoder import AdaptiveEncoder
-
     return AdaptiveEncoder.forward.__code__.co_firstlineno
 
 
@@ -232,10 +228,6 @@ PROFILE_BUCKETS = [
 
 def profile_shard(worker, corpus, cfg_kwargs: dict, workdir: str, image_size: int, embed_dim: int) -> dict:
     """Profile process_shard in-process on the first input shard with a local model; return CPU ms/img by stage."""
-    from pipeline.embed.config import EmbedConfig
-    from pipeline.embed.execution import ModelFacts, process_shard
-    from pipeline.io.readers import expand_inputs
-
     cfg = EmbedConfig(output=os.path.join(workdir, "profile"), **cfg_kwargs)
     shard = expand_inputs([corpus.tars[0]])[0]
     facts = ModelFacts(image_size, embed_dim, worker.scorer_gflops)
@@ -269,9 +261,6 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING)
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     import torch
-
-    from pipeline.embed import execution
-    from pipeline.model.worker import ModelWorker
 
     facts = machine_facts()
     print_facts(facts)

@@ -49,6 +49,7 @@ import hashlib
 import json
 import logging
 import os
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -59,6 +60,20 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from pipeline import metrics  # noqa: E402
+from pipeline.io import storage  # noqa: E402
+from pipeline.logs import setup_logging  # noqa: E402
+from pipeline.metrics import best_relevant_rank  # noqa: E402
+from pipeline.model import models  # noqa: E402
+from pipeline.model import router as routers  # noqa: E402
+from pipeline.model.models import pixels_to_tensor  # noqa: E402
+from pipeline.model.router import exit_fractions, routed_embeddings  # noqa: E402
+from pipeline.model.scorer import load_scorer  # noqa: E402
+from pipeline.model.spec import ModelSpec  # noqa: E402
+from pipeline.model.worker import DEMO_ASSETS, ModelWorker  # noqa: E402
+from pipeline.training.complexity import TrainConfig, train_complexity  # noqa: E402
+from pipeline.training.pairs import PairStats, iter_pairs  # noqa: E402
+from pipeline.training.recall import caption_groups, recall_table  # noqa: E402
 log = logging.getLogger("bench.quality")
 
 DEFAULT_CORPUS = ROOT.parent / "demo-corpus"
@@ -118,10 +133,9 @@ def ensure_corpus(corpus: str, cache_dir: str) -> tuple[str, dict]:
     if not (path / "corpus.json").exists():
         generated = Path(cache_dir) / "demo-corpus-n22000-seed0"
         if not (generated / "corpus.json").exists():
-            from jobs import make_demo_corpus
-
             log.info("no corpus.json in %s: generating the demo corpus into %s (a few minutes)", corpus, generated)
-            rc = make_demo_corpus.main([*CORPUS_ARGS, "--output", str(generated), "--no-progress"])
+            rc = subprocess.run([sys.executable, "-m", "jobs.make_demo_corpus", *CORPUS_ARGS, "--output",
+                                 str(generated), "--no-progress"], cwd=ROOT).returncode
             if rc:
                 raise RuntimeError(f"icar make-demo-corpus failed with exit code {rc}")
         path = generated
@@ -136,8 +150,6 @@ def ensure_corpus(corpus: str, cache_dir: str) -> tuple[str, dict]:
 
 def read_split(corpus: str, doc: dict, split: str, image_size: int, limit: int | None):
     """Return (keys, uint8 pixels (N, S, S, 3), captions) of a split, decoded as the pipeline decodes them."""
-    from pipeline.training.exits import PairStats, iter_pairs
-
     shards = [os.path.join(corpus, s) for s in doc.get("splits", {}).get(split, {}).get("shards", [])]
     missing = [s for s in shards if not os.path.exists(s)]
     if not shards or missing:
@@ -174,9 +186,6 @@ def ground_truth(corpus: str, keys: list[str]) -> np.ndarray:
 
 def trained_scorer_checkpoint(a: argparse.Namespace, corpus: str, test_keys: list[str], decode_size: int) -> str:
     """Return the checkpoint of the demo-trained scorer: given, cached, or trained now with `icar train-complexity`."""
-    from jobs.train_complexity import build_parser, config_from_args
-    from pipeline.training.complexity import train_complexity
-
     if a.scorer_checkpoint:
         return a.scorer_checkpoint
     labels = os.path.join(corpus, "complexity", "train.txt")
@@ -203,16 +212,14 @@ def trained_scorer_checkpoint(a: argparse.Namespace, corpus: str, test_keys: lis
             f.writelines(lines)
         os.replace(subset + ".tmp", subset)
         labels = subset
-    argv = ["--images", os.path.join(corpus, "complexity", "images"), "--train-labels", labels,
-            "--val-fraction", "0.1", "--backbone", a.scorer_backbone, "--input-size", str(a.scorer_input_size),
-            "--decode-size", str(decode_size), "--epochs", str(a.scorer_epochs), "--seed", "0", "--device", "cpu",
-            "--output", out, "--no-progress",
-            "--data-note", "synthetic demo corpus (icar make-demo-corpus), complexity/train.txt: training-split "
-                           "images, ground-truth complexity; 10 % held out to choose the epoch"]
-    log.info("training the demo scorer: icar train-complexity %s", " ".join(argv))
+    cfg = TrainConfig(images=os.path.join(corpus, "complexity", "images"), train_labels=labels, output=out,
+                      val_fraction=0.1, backbone=a.scorer_backbone, input_size=a.scorer_input_size,
+                      decode_size=decode_size, epochs=a.scorer_epochs, seed=0, device="cpu", progress=False,
+                      data_note="synthetic demo corpus (icar make-demo-corpus), complexity/train.txt: training-split "
+                                "images, ground-truth complexity; 10 % held out to choose the epoch")
+    log.info("training the demo scorer as `icar train-complexity` would: %s", cfg)
     t0 = time.perf_counter()
-    # The job's own parser and training function (its main() would also print its summary on stdout).
-    summary = train_complexity(config_from_args(build_parser().parse_args(argv)))
+    summary = train_complexity(cfg)
     log.info("demo scorer trained in %.0fs: val PLCC %.3f SRCC %.3f", time.perf_counter() - t0,
              summary["val"]["plcc"], summary["val"]["srcc"])
     return summary["checkpoint"]
@@ -224,8 +231,6 @@ def trained_scorer_checkpoint(a: argparse.Namespace, corpus: str, test_keys: lis
 def embed_all_exits(worker, pixels: np.ndarray, batch_size: int) -> dict[int, np.ndarray]:
     """Return {exit: float32 L2-normalised embeddings (N, D)}: every image through every exit, in one pass."""
     import torch
-
-    from pipeline.model.models import pixels_to_tensor
 
     out: dict[int, list] = {e: [] for e in worker.exits}
     with torch.inference_mode():
@@ -247,8 +252,6 @@ class Evaluator:
 
     def __init__(self, exit_embeddings: dict[int, np.ndarray], text: np.ndarray, captions: list[str],
                  gflops_per_exit: dict[int, float]):
-        from pipeline.training.exits import caption_groups
-
         self.exit_embeddings = exit_embeddings
         self.exits = sorted(exit_embeddings)
         self.text = text
@@ -267,21 +270,14 @@ class Evaluator:
 
     def _t2i_hits(self, images: np.ndarray) -> np.ndarray:
         """Return, per image, whether its caption retrieves it (or a same-caption twin) first among ``images``."""
-        from pipeline.metrics import best_relevant_rank
-
         return best_relevant_rank(self.text @ images.T, self.relevant) == 0
 
     def recall(self, depth: np.ndarray) -> dict:
         """Return {"t2i": {k: r}, "i2t": {k: r}} of the embeddings chosen by ``depth``."""
-        from pipeline.training.exits import _recall_table
-        from pipeline.model.router import routed_embeddings
-
-        return _recall_table(self.text, routed_embeddings(np.asarray(depth), self.exit_embeddings), self.groups)
+        return recall_table(self.text, routed_embeddings(np.asarray(depth), self.exit_embeddings), self.groups)
 
     def row(self, name: str, depth: np.ndarray, scorer_gflops: float, **extra) -> dict:
         """Return one result row: recall, % of full depth, exit mix and mean GFLOPs per image (scorer included)."""
-        from pipeline.model.router import routed_embeddings
-
         depth = np.asarray(depth)
         recall = self.recall(depth)
         tower = float(np.mean([self.gflops_per_exit[int(d)] for d in depth]))
@@ -321,8 +317,6 @@ def random_fractions(exits: list[int], gflops_per_exit: dict[int, float], budget
     Random routing needs no scorer, so the whole budget goes to the tower. None when even the shallowest exit
     for every image costs more than the budget.
     """
-    from pipeline.model.router import exit_fractions
-
     n, full = len(exits), gflops_per_exit[exits[-1]]
 
     def cost(a: float) -> float:
@@ -342,8 +336,6 @@ def random_fractions(exits: list[int], gflops_per_exit: dict[int, float], budget
 def random_rows(ev: Evaluator, keys: list[str], budget: float, seeds: int, shares: list[float] | None = None
                 ) -> dict | None:
     """Return random routing (``FractionRouter`` by key hash, ``seeds`` salts averaged) at ``budget``."""
-    from pipeline.model import router as routers
-
     fractions = random_fractions(ev.exits, ev.gflops_per_exit, budget, shares)
     if fractions is None:
         return None
@@ -362,8 +354,6 @@ def threshold_row(ev: Evaluator, name: str, val_scores: np.ndarray, test_scores:
     ``calibration_gflops`` overrides the scorer cost the calibration plans with (the SAVOIAS scorer alone costs
     more than the demo tower, so its thresholds are set for the tower's budget and its cost is only reported).
     """
-    from pipeline.model import router as routers
-
     plan = scorer_gflops if calibration_gflops is None else calibration_gflops
     try:
         r = routers.calibrate_budget(val_scores, ev.exits, ev.gflops_per_exit, plan, budget, shares=shares)
@@ -375,8 +365,6 @@ def threshold_row(ev: Evaluator, name: str, val_scores: np.ndarray, test_scores:
 
 def pipeline_check(worker, pixels: np.ndarray, keys: list[str], exit_embeddings: dict, router) -> dict:
     """Return how far ``ModelWorker.embed`` (what `icar embed` runs) is from the per-exit combination used here."""
-    from pipeline.model.router import routed_embeddings
-
     worker.router = router
     got = [worker.embed(pixels[i:i + 128], keys[i:i + 128]) for i in range(0, len(keys), 128)]
     emb = np.concatenate([g["embedding"] for g in got]).astype(np.float32)
@@ -389,13 +377,6 @@ def pipeline_check(worker, pixels: np.ndarray, keys: list[str], exit_embeddings:
 def run(a: argparse.Namespace) -> dict:
     """Measure everything; return the result document."""
     import torch
-
-    from pipeline import metrics
-    from pipeline.model import models
-    from pipeline.model import router as routers
-    from pipeline.model.spec import ModelSpec
-    from pipeline.model.scorer import load_scorer
-    from pipeline.model.worker import DEMO_ASSETS, ModelWorker
 
     t0 = time.perf_counter()
     if a.threads:
@@ -537,8 +518,6 @@ def recall_by_complexity(ev: Evaluator, truth: np.ndarray, bins: int = 5) -> lis
 
     Says which images lose the most by leaving early: what a complexity router has to get right.
     """
-    from pipeline.metrics import best_relevant_rank
-
     edges = np.quantile(truth, np.linspace(0, 1, bins + 1))
     which = np.clip(np.searchsorted(edges, truth, side="right") - 1, 0, bins - 1)
     out = [{"bin": b, "complexity": [float(truth[which == b].min()), float(truth[which == b].max())],
@@ -655,8 +634,6 @@ def format_report(r: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from pipeline.logs import setup_logging
-
     setup_logging()
     logging.getLogger("pipeline.model.router").setLevel(logging.WARNING)  # one line per calibration of the sweep
     a = parse_args(argv)
@@ -667,8 +644,6 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     print(format_report(result))
     if a.json:
-        from pipeline.io import storage
-
         storage.write_json(result, a.json)
     return 0
 

@@ -41,6 +41,9 @@ sys.path.insert(0, str(ROOT))
 
 from bench.common import (interleaved, load_average, machine_facts, make_corpus, median, print_facts,  # noqa: E402
                           same_priority_as_peers, timed_run_embed, write_json)
+from pipeline.embed.config import EmbedConfig  # noqa: E402
+from pipeline.io.shards import Manifest  # noqa: E402
+from pipeline.model.spec import ModelSpec  # noqa: E402
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -78,9 +81,6 @@ def start_cluster(nodes: int, cpus: int):
 
 
 def embed_cfg(args, tars: list[str], output: str, actors: int):
-    from pipeline.embed.config import EmbedConfig
-    from pipeline.model.spec import ModelSpec
-
     spec = ModelSpec(model=args.model, pretrained="none", scorer="none", exit_at=args.exit_at, device="cpu",
                      torch_threads=1)
     # two shard tasks per actor: one shard task per actor leaves the actor idle at every shard boundary (commit,
@@ -155,8 +155,6 @@ def manifest_section(args, work: Path) -> dict:
     rewrites the file (commits arrive faster than the bench can wait ``flush_seconds``; slower ones are rewritten
     every ``flush_seconds``, so fewer times still).
     """
-    from pipeline.io.shards import Manifest
-
     out = {}
     for k in (int(x) for x in args.manifest_sizes.split(",")):
         run = work / f"manifest-{k}"

@@ -55,6 +55,8 @@ sys.path.insert(0, str(ROOT))
 
 from bench.common import (CACHE_DIR, CpuTracker, batch_window, interleaved, load_average, machine_facts,  # noqa: E402
                           make_corpus, median, print_facts, spread, write_json)
+from pipeline.io.shards import read_run_table  # noqa: E402
+from pipeline.model.models import load_clip  # noqa: E402
 
 PEER_VENV = ROOT / "bench" / ".venvs" / "clip-retrieval"
 # Versions that install and run offline here (ENVIRONMENT.md): clip-retrieval 2.45 wants numpy<2, pyarrow<16,
@@ -292,8 +294,6 @@ def save_checkpoint(model: str) -> str:
     """Save ICAR's seeded random init (seed 0) of ``model`` as a state_dict .pt; return its absolute path."""
     import torch
 
-    from pipeline.model.models import load_clip
-
     path = CACHE_DIR / f"{model}-none-seed0.pt"
     if not path.exists():
         CACHE_DIR.mkdir(parents=True, exist_ok=True)
@@ -320,8 +320,6 @@ def peer_embeddings(out: Path, kind: str) -> dict[str, np.ndarray]:
 
 
 def icar_embeddings(out: Path) -> dict[str, np.ndarray]:
-    from pipeline.io.shards import read_run_table
-
     t = read_run_table(str(out / "run"), columns=["key", "embedding"])
     emb = np.asarray(t.column("embedding").combine_chunks().flatten(), np.float32).reshape(t.num_rows, -1)
     return dict(zip(t.column("key").to_pylist(), emb))
