@@ -34,7 +34,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from pipeline.demo import corpus as dc
 from pipeline.io import storage
+from pipeline.io.decode import DecodeConfig, decode_image
+from pipeline.io.readers import expand_inputs, iter_samples
+from pipeline.model.flops import count_gflops
 
 log = logging.getLogger(__name__)
 
@@ -184,9 +188,6 @@ def load_split(corpus: str, split: str, image_size: int, limit: int | None = Non
                progress: bool = True) -> SplitData:
     """Return the first ``limit`` samples (all when None) of ``split``, decoded at ``image_size``."""
     from tqdm import tqdm
-
-    from pipeline.io.decode import DecodeConfig, decode_image
-    from pipeline.io.readers import expand_inputs, iter_samples
 
     doc = storage.read_json(storage.join(corpus, "corpus.json"))
     if split not in doc.get("splits", {}):
@@ -406,8 +407,6 @@ def attribute_probe(model, tokenizer, data: SplitData, corpus_seed: int, mean, s
     """
     import copy
 
-    from pipeline.demo import corpus as dc
-
     model.eval()
     rng = np.random.default_rng(seed)
     img = torch.cat([model.encode_image(to_model_input(data.pixels[s:s + 250], mean, std), normalize=True)
@@ -456,8 +455,6 @@ def attribute_probe(model, tokenizer, data: SplitData, corpus_seed: int, mean, s
 
 def per_image_gflops(model, tokenizer, m: DemoModelConfig) -> dict:
     """Return counted GFLOPs of one image through the image tower and one caption through the text tower."""
-    from pipeline.model.flops import count_gflops
-
     model.eval()
     x = torch.zeros(1, 3, m.image_size, m.image_size)
     text = tokenizer(["two red circles and a blue square on a striped green background"])

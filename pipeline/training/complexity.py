@@ -57,10 +57,13 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from pipeline import __version__
 from pipeline.io import storage
+from pipeline.io.decode import DecodeConfig, DecodeError, decode_image
 from pipeline.logs import timed_phase
-from pipeline.metrics import complexity_metrics
-from pipeline.model.scorer import IMAGENET_MEAN, IMAGENET_STD, ComplexityNet, load_backbone_weights, save_checkpoint, to_float_batch
+from pipeline.metrics import complexity_metrics, fit_linear_map
+from pipeline.model.scorer import (IMAGENET_MEAN, IMAGENET_STD, ComplexityNet, load_backbone_weights, load_scorer,
+                                   save_checkpoint, to_float_batch)
 from pipeline.runtime import resolve_device
 
 log = logging.getLogger(__name__)
@@ -172,8 +175,6 @@ def load_images(images: str, names: list[str], size: int, workers: int = 0, prog
     exist is an error (the folder or the label file is wrong); a file that cannot be decoded is skipped and
     reported, like a bad sample in ``icar embed``.
     """
-    from pipeline.io.decode import DecodeConfig, DecodeError, decode_image
-
     fs, root = storage.filesystem(images)
     cfg = DecodeConfig(image_size=size)
     missing = [n for n in names[:50] if not fs.exists(storage.join(root, n))]
@@ -496,9 +497,7 @@ def fit(model: ComplexityNet, cfg: TrainConfig, x_train, y_train: torch.Tensor, 
 
 def train_complexity(cfg: TrainConfig) -> dict:
     """Train a ComplexityNet on ``cfg``'s data; return a summary (best epoch, val metrics, checkpoint path)."""
-    import timm
-
-    from pipeline import __version__
+    import timm  # lazy: only its version is recorded, and it takes seconds to import
 
     device = resolve_device(cfg.device)
     storage.makedirs(cfg.output)
@@ -632,9 +631,6 @@ def evaluate_complexity(cfg: EvalConfig) -> dict:
     score is an edge density, so for it they are reported with a note, and ``fit_labels`` adds RMSE/MAE
     after a least-squares line fitted on those (training) labels.
     """
-    from pipeline.metrics import fit_linear_map
-    from pipeline.model.scorer import load_scorer
-
     device = resolve_device(cfg.device)
     scorer = load_scorer(cfg.scorer, cfg.checkpoint, device=device)
     if scorer is None:

@@ -26,6 +26,8 @@ from typing import Any, Callable, Iterator
 import torch
 import torch.distributed as dist
 
+from pipeline.logs import setup_logging
+
 log = logging.getLogger(__name__)
 
 ENV_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
@@ -230,8 +232,6 @@ def _worker(rank: int, world_size: int, port: int, threads: int, fn: Callable, a
                       LOCAL_WORLD_SIZE=str(world_size), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     if threads:
         torch.set_num_threads(threads)
-    from pipeline.logs import setup_logging
-
     setup_logging()
     fn(*args)
 
