@@ -62,6 +62,7 @@ def test_second_embed_on_one_output_is_refused_before_ray(tmp_path, corpus, monk
     # The live run's committed shard that its manifest does not list yet: what a second run used to delete.
     (run / "shards" / part_name(0)).write_bytes(b"committed by the live run")
     first = holder_lock(run, "embed")
+    capsys.readouterr()  # the holder's own "lock taken" log line (when a handler is set up) is not the refusal
     try:
         t0 = time.monotonic()
         code = embed.main([str(corpus), "--output", str(run), "--no-progress"])
@@ -88,6 +89,7 @@ def test_second_index_on_one_output_is_refused_before_ray(tmp_path, monkeypatch,
     out.mkdir()
     (out / "index.json").write_text("{}")  # the live build's finished index: --overwrite must not touch it
     first = holder_lock(out, "index")
+    capsys.readouterr()
     try:
         code = index.main([str(tmp_path / "run"), "--output", str(out), "--overwrite", "--no-progress"])
         err = capsys.readouterr().err
