@@ -475,8 +475,7 @@ def run(a: argparse.Namespace) -> dict:
             spec.scorer = "default"
             w = ModelWorker(spec)
             w.router = v["router_obj"]
-            w._profile_gflops = w._profile_gflops - np.float32(w.scorer_gflops)
-            w.scorer, w.scorer_gflops = None, 0.0
+            w.drop_scorer()
         else:
             w = ModelWorker(spec)
         workers.append(w)
@@ -633,7 +632,7 @@ METHOD_STYLE = {  # method: (colour, marker) in the trade-off figure
 
 
 def _marker(kind: str, x: float, y: float, colour: str, tip: str) -> str:
-    from pipeline.report.html import _e
+    from pipeline.report.html import escape
 
     r = 4.5
     if kind == "circle":
@@ -648,7 +647,7 @@ def _marker(kind: str, x: float, y: float, colour: str, tip: str) -> str:
                "cross": [(-0.35, -1.2), (0.35, -1.2), (0.35, -0.35), (1.2, -0.35), (1.2, 0.35), (0.35, 0.35),
                          (0.35, 1.2), (-0.35, 1.2), (-0.35, 0.35), (-1.2, 0.35), (-1.2, -0.35), (-0.35, -0.35)]}[kind]
         shape = '<polygon points="' + " ".join(f"{x + dx * r:.1f},{y + dy * r:.1f}" for dx, dy in pts) + '"'
-    return f'{shape} fill="{colour}" stroke="#fff" stroke-width="0.8"><title>{_e(tip)}</title></{shape.split()[0][1:]}>'
+    return f'{shape} fill="{colour}" stroke="#fff" stroke-width="0.8"><title>{escape(tip)}</title></{shape.split()[0][1:]}>'
 
 
 def plot_tradeoff(r: dict) -> str:
@@ -657,13 +656,13 @@ def plot_tradeoff(r: dict) -> str:
     Every point is a row of ``r["rows"]`` (one run); a method's points are joined in order of counted GFLOPs (its
     knob: budget or schedule).
     """
-    from pipeline.report.html import _e, _tick_label, _ticks
+    from pipeline.report.html import escape, tick_label, ticks
 
     rows = [row for row in r["rows"] if row.get("method")]
     xs = [row["speedup"] for row in rows] + [1.0]
     ys = [row["t2i"][1] for row in rows]
-    xt = _ticks(min(xs) * 0.95, max(xs) * 1.05, 6)
-    yt = _ticks(min(ys) - 0.01, max(ys) + 0.01, 6)
+    xt = ticks(min(xs) * 0.95, max(xs) * 1.05, 6)
+    yt = ticks(min(ys) - 0.01, max(ys) + 0.01, 6)
     w, h, left, right, top, bottom = 760, 480, 64, 250, 58, 52
     pw, ph = w - left - right, h - top - bottom
 
@@ -681,17 +680,17 @@ def plot_tradeoff(r: dict) -> str:
            f'<rect width="{w}" height="{h}" fill="#ffffff"/>',
            f'<text x="{left}" y="18" font-size="13" font-weight="bold">Demo CLIP, {r["test_images"]} held-out test '
            f'images: text→image recall@1 vs measured speedup</text>',
-           f'<text x="{left}" y="32" fill="#555">{_e(f["date"])}, icar {_e(f["git"])}, one torch thread, '
+           f'<text x="{left}" y="32" fill="#555">{escape(f["date"])}, icar {escape(f["git"])}, one torch thread, '
            f'{f["cpu_count"]} shared CPUs; load average (1, 5, 15 min) {loads}</text>',
            f'<text x="{left}" y="{top - 4}" fill="#555">speedup: images/s of ModelWorker.embed (scorer included) '
            f'÷ that of full depth, timed side by side in the same run</text>']
     for v in yt:
         out.append(f'<line x1="{left}" x2="{left + pw}" y1="{Y(v):.1f}" y2="{Y(v):.1f}" stroke="#e3e3e3"/>'
-                   f'<text x="{left - 6}" y="{Y(v) + 3.5:.1f}" text-anchor="end" fill="#444">{_tick_label(v)}</text>')
+                   f'<text x="{left - 6}" y="{Y(v) + 3.5:.1f}" text-anchor="end" fill="#444">{tick_label(v)}</text>')
     for v in xt:
         out.append(f'<line x1="{X(v):.1f}" x2="{X(v):.1f}" y1="{top}" y2="{top + ph}" stroke="#f0f0f0"/>'
                    f'<text x="{X(v):.1f}" y="{top + ph + 16}" text-anchor="middle" fill="#444">'
-                   f'{_tick_label(v)}×</text>')
+                   f'{tick_label(v)}×</text>')
     out.append(f'<line x1="{X(1.0):.1f}" x2="{X(1.0):.1f}" y1="{top}" y2="{top + ph}" stroke="#999" '
                f'stroke-dasharray="3,3"/>')
     full = r["rows"][0]["t2i"][1]
@@ -718,10 +717,10 @@ def plot_tradeoff(r: dict) -> str:
                 p["name"].split("8@")[-1].rstrip(")") if "8@" in p["name"] else ""
             if label:
                 out.append(f'<text x="{X(p["speedup"]) + 6:.1f}" y="{Y(p["t2i"][1]) - 5:.1f}" fill="{colour}" '
-                           f'font-size="9">{_e(label)}</text>')
+                           f'font-size="9">{escape(label)}</text>')
         lx = left + pw + 16
         out.append(_marker(marker, lx, legend_y, colour, method))
-        out.append(f'<text x="{lx + 10}" y="{legend_y + 4}">{_e(method)}</text>')
+        out.append(f'<text x="{lx + 10}" y="{legend_y + 4}">{escape(method)}</text>')
         detail = {"exits only": "budgets " + ", ".join(p["name"].split("budget ")[-1].rstrip(")") for p in pts),
                   "merging only": "8@" + ", 8@".join(p["name"].split("8@")[-1].rstrip(")") for p in pts)}.get(method)
         if method.startswith("exits + merging"):
@@ -729,7 +728,7 @@ def plot_tradeoff(r: dict) -> str:
         if method == "static smaller tower":
             detail = f'{r["static_model"]["blocks"]} blocks, {pts[0]["gflops_fraction"]:.2f} × GFLOPs'
         if detail:
-            out.append(f'<text x="{lx + 10}" y="{legend_y + 17}" fill="#666" font-size="10">{_e(detail)}</text>')
+            out.append(f'<text x="{lx + 10}" y="{legend_y + 17}" fill="#666" font-size="10">{escape(detail)}</text>')
         legend_y += 36
     out.append("</svg>")
     return "\n".join(out) + "\n"

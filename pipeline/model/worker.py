@@ -187,6 +187,13 @@ class ModelWorker:
         return [{"profile": p.spec, "exit": p.exit, "merge": merge_spec(p.merge), "gflops": g,
                  "heads": self.router.heads.get(merge_spec(p.merge))} for p, g in zip(profiles, costs)]
 
+    def drop_scorer(self) -> None:
+        """Stop scoring: release the scorer and stop counting its GFLOPs in each row (for routers that route
+        without scores, e.g. by a hash of the key in benchmarks)."""
+        if self.scorer is not None and getattr(self, "_profile_gflops", None) is not None:
+            self._profile_gflops = self._profile_gflops - np.float32(self.scorer_gflops)
+        self.scorer, self.scorer_gflops = None, 0.0
+
     def describe(self) -> dict:
         """Return the identity of everything this worker computes with (what run.json records)."""
         # Lazy: imported here only for their versions. The model has loaded open_clip by now (and a trained

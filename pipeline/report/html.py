@@ -31,11 +31,11 @@ def depth_colours(depths: Sequence[int]) -> dict[int, str]:
     return {d: DEPTH_COLOURS[round(i * (len(DEPTH_COLOURS) - 1) / (n - 1))] for i, d in enumerate(depths)}
 
 
-def _e(x: Any) -> str:
+def escape(x: Any) -> str:
     return html.escape(str(x), quote=True)
 
 
-def _ticks(lo: float, hi: float, n: int = 5) -> list[float]:
+def ticks(lo: float, hi: float, n: int = 5) -> list[float]:
     """Return round tick values covering [lo, hi]."""
     if not math.isfinite(lo) or not math.isfinite(hi):
         lo, hi = 0.0, 1.0
@@ -48,7 +48,7 @@ def _ticks(lo: float, hi: float, n: int = 5) -> list[float]:
     return [start + i * step for i in range(int(round((stop - start) / step)) + 1)]
 
 
-def _tick_label(v: float) -> str:
+def tick_label(v: float) -> str:
     a = abs(v)
     for scale, suffix in ((1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "k")):
         if a >= scale:
@@ -64,8 +64,8 @@ class _Plot:
         self.plot, self.scope, self.title = plot, scope, title
         self.w, self.h = width, height
         self.left, self.right, self.top, self.bottom = 62, 14, 30, 46
-        self.yt = _ticks(ylo, yhi)
-        self.xt = _ticks(xlo, xhi) if xlo is not None else None
+        self.yt = ticks(ylo, yhi)
+        self.xt = ticks(xlo, xhi) if xlo is not None else None
         self.parts: list[str] = []
 
     @property
@@ -88,48 +88,48 @@ class _Plot:
             y = self.y(v)
             p.append(f'<line class="grid" x1="{self.left}" x2="{self.w - self.right}" y1="{y:.1f}" y2="{y:.1f}"/>')
             p.append(f'<text class="tick" x="{self.left - 6}" y="{y + 3.5:.1f}" text-anchor="end">'
-                     f'{_tick_label(v)}</text>')
+                     f'{tick_label(v)}</text>')
         if self.xt:
             for v in self.xt:
                 x = self.x(v)
                 bottom = self.top + self.ph
                 p.append(f'<line class="axis" x1="{x:.1f}" x2="{x:.1f}" y1="{bottom}" y2="{bottom + 4}"/>')
                 p.append(f'<text class="tick" x="{x:.1f}" y="{bottom + 16}" text-anchor="middle">'
-                         f'{_tick_label(v)}</text>')
+                         f'{tick_label(v)}</text>')
         if xcats:
             band = self.pw / len(xcats)
             every = max(1, math.ceil(len(xcats) / 16))  # no more than ~16 labels, or they overlap
             for i, c in enumerate(xcats):
                 if i % every == 0:
                     p.append(f'<text class="tick" x="{self.left + (i + 0.5) * band:.1f}" y="{self.top + self.ph + 16}" '
-                             f'text-anchor="middle">{_e(c)}</text>')
+                             f'text-anchor="middle">{escape(c)}</text>')
         y0 = self.y(0) if self.yt[0] <= 0 <= self.yt[-1] else self.top + self.ph
         p.append(f'<line class="axis" x1="{self.left}" x2="{self.w - self.right}" y1="{y0:.1f}" y2="{y0:.1f}"/>')
         p.append(f'<text class="label" x="{self.left + self.pw / 2:.1f}" y="{self.h - 8}" text-anchor="middle">'
-                 f'{_e(xlabel)}</text>')
+                 f'{escape(xlabel)}</text>')
         p.append(f'<text class="label" transform="translate(14,{self.top + self.ph / 2:.1f}) rotate(-90)" '
-                 f'text-anchor="middle">{_e(ylabel)}</text>')
+                 f'text-anchor="middle">{escape(ylabel)}</text>')
 
     def legend(self, items: list[tuple[str, str]]) -> None:
         x = self.left
         for label, colour in items:
             self.parts.append(f'<rect class="key" x="{x}" y="9" width="11" height="11" rx="2" fill="{colour}"/>'
-                              f'<text class="legend" x="{x + 15}" y="18.5">{_e(label)}</text>')
+                              f'<text class="legend" x="{x + 15}" y="18.5">{escape(label)}</text>')
             x += 26 + 6.4 * len(label)
 
     def bar(self, x: float, width: float, v0: float, v1: float, colour: str, tip: str, **data: Any) -> None:
         ya, yb = sorted((self.y(v0), self.y(v1)))
-        attrs = "".join(f' data-{k.replace("_", "-")}="{_e(v)}"' for k, v in data.items())
+        attrs = "".join(f' data-{k.replace("_", "-")}="{escape(v)}"' for k, v in data.items())
         self.parts.append(f'<rect class="bar" x="{x:.1f}" y="{ya:.1f}" width="{max(width, 1):.1f}" '
-                          f'height="{max(yb - ya, 0.5):.1f}" fill="{colour}"{attrs}><title>{_e(tip)}</title></rect>')
+                          f'height="{max(yb - ya, 0.5):.1f}" fill="{colour}"{attrs}><title>{escape(tip)}</title></rect>')
 
     def text(self, x: float, y: float, s: str, cls: str = "value", anchor: str = "middle") -> None:
-        self.parts.append(f'<text class="{cls}" x="{x:.1f}" y="{y:.1f}" text-anchor="{anchor}">{_e(s)}</text>')
+        self.parts.append(f'<text class="{cls}" x="{x:.1f}" y="{y:.1f}" text-anchor="{anchor}">{escape(s)}</text>')
 
     def svg(self) -> str:
-        return (f'<svg class="plot" data-plot="{_e(self.plot)}" data-scope="{_e(self.scope)}" '
+        return (f'<svg class="plot" data-plot="{escape(self.plot)}" data-scope="{escape(self.scope)}" '
                 f'viewBox="0 0 {self.w} {self.h}" width="{self.w}" height="{self.h}" role="img" '
-                f'aria-label="{_e(self.title)}"><title>{_e(self.title)}</title>{"".join(self.parts)}</svg>')
+                f'aria-label="{escape(self.title)}"><title>{escape(self.title)}</title>{"".join(self.parts)}</svg>')
 
 
 def _bars(plot: str, scope: str, title: str, cats: list[str], values: list[float], colours: list[str],
@@ -371,14 +371,14 @@ def _is_figure(cell: Any) -> bool:
 def _table(head: list[str], rows: list[list[Any]]) -> str:
     align = [all(_is_figure(r[i]) for r in rows) if rows else True for i in range(len(head))]
     align[0] = False
-    th = "".join(f"<th{'' if a else ' class=l'}>{_e(h)}</th>" for h, a in zip(head, align))
-    body = "".join("<tr>" + "".join(f"<td{'' if a else ' class=l'}>{_e(c)}</td>" for c, a in zip(r, align))
+    th = "".join(f"<th{'' if a else ' class=l'}>{escape(h)}</th>" for h, a in zip(head, align))
+    body = "".join("<tr>" + "".join(f"<td{'' if a else ' class=l'}>{escape(c)}</td>" for c, a in zip(r, align))
                    + "</tr>" for r in rows)
     return f"<table><thead><tr>{th}</tr></thead><tbody>{body}</tbody></table>"
 
 
 def _badge(kind: str) -> str:
-    return f'<span class="badge {_e(kind)}">{_e(kind.upper())}</span>'
+    return f'<span class="badge {escape(kind)}">{escape(kind.upper())}</span>'
 
 
 def _cards(s: dict, audit_status: str) -> str:
@@ -387,20 +387,20 @@ def _cards(s: dict, audit_status: str) -> str:
     cur, fd = c["currency"], c["full_depth"]
     tone = (lambda x: "good" if (x or 0) >= 0 else "bad")
     cards = [
-        ("Images embedded", _e(f"{s['images']:,}"),
-         _e(f"{f['samples']:,} failed samples, {f['input_shards']} failed input shards")),
-        ("GFLOPs saved", f'<span class="{tone(g["saved_pct"])}">{_e(saved_phrase(g["saved_pct"]))}</span>',
-         _e(f"{fmt_num(g['spent'])} spent vs {fmt_num(g['full_depth'])} at full depth")),
-        ("Cost as run", _e(fmt_money(c["cost"], cur)),
-         _e(f"{fmt_sig(c['accelerator_hours'])} accelerator-h at {c['price_per_hour']:g} {cur}/h")),
-        ("Cost at full depth", _e(fmt_money(fd["cost"], cur)),
-         _badge(fd["basis"]) + " " + _e(f"{fmt_sig(fd['accelerator_hours'])} accelerator-h")),
-        ("Saved", f'<span class="{tone(c["saved_cost"])}">{_e(fmt_money(c["saved_cost"], cur))}</span>',
-         _e(f"{saved_phrase(c['saved_pct'])} of accelerator time")),
-        ("Audit", _badge(audit_status), _e("GFLOPs: rows = manifest = per-depth counts x run.json")),
+        ("Images embedded", escape(f"{s['images']:,}"),
+         escape(f"{f['samples']:,} failed samples, {f['input_shards']} failed input shards")),
+        ("GFLOPs saved", f'<span class="{tone(g["saved_pct"])}">{escape(saved_phrase(g["saved_pct"]))}</span>',
+         escape(f"{fmt_num(g['spent'])} spent vs {fmt_num(g['full_depth'])} at full depth")),
+        ("Cost as run", escape(fmt_money(c["cost"], cur)),
+         escape(f"{fmt_sig(c['accelerator_hours'])} accelerator-h at {c['price_per_hour']:g} {cur}/h")),
+        ("Cost at full depth", escape(fmt_money(fd["cost"], cur)),
+         _badge(fd["basis"]) + " " + escape(f"{fmt_sig(fd['accelerator_hours'])} accelerator-h")),
+        ("Saved", f'<span class="{tone(c["saved_cost"])}">{escape(fmt_money(c["saved_cost"], cur))}</span>',
+         escape(f"{saved_phrase(c['saved_pct'])} of accelerator time")),
+        ("Audit", _badge(audit_status), escape("GFLOPs: rows = manifest = per-depth counts x run.json")),
     ]
     return '<div class="cards">' + "".join(
-        f'<div class="card"><div class="k">{_e(k)}</div><div class="v">{v}</div><div class="n">{n}</div></div>'
+        f'<div class="card"><div class="k">{escape(k)}</div><div class="v">{v}</div><div class="n">{n}</div></div>'
         for k, v, n in cards) + "</div>"
 
 
@@ -417,7 +417,7 @@ def _section_html(s: dict, scope: str, colours: dict[int, str]) -> str:
     charts.append(("Savings by input shard", plot_shard_savings(s, scope)))
     if s["by_complexity_decile"]:
         charts.append(("Savings by complexity decile", plot_decile_savings(s, scope)))
-    out.append('<div class="charts">' + "".join(f"<figure><figcaption>{_e(k)}</figcaption>{v}</figure>"
+    out.append('<div class="charts">' + "".join(f"<figure><figcaption>{escape(k)}</figcaption>{v}</figure>"
                                                 for k, v in charts) + "</div>")
     out.append("<h3>GFLOPs</h3>" + _table(
         ["", "spent (ICAR)", "scorer", "encoder", "full depth", "saved", "saved %", "per image",
@@ -459,7 +459,7 @@ def _section_html(s: dict, scope: str, colours: dict[int, str]) -> str:
          ["saved", fmt_sig(c["saved_hours"], 4), fmt_money(c["saved_cost"], cur),
           saved_phrase(c["saved_pct"])]]))
     if fd["note"]:
-        out.append(f'<div class="estimate-note">{_badge(fd["basis"])} {_e(fd["note"])}</div>')
+        out.append(f'<div class="estimate-note">{_badge(fd["basis"])} {escape(fd["note"])}</div>')
     time_rows = [["wall time", f"{fmt_sig(t['wall_seconds'], 4)} s" if t["wall_seconds"] is not None else "not recorded",
                   f"{t['invocations']} invocation(s) of icar embed"],
                  ["images / s (wall)", fmt_sig(t["images_per_second_wall"], 4), "images timed / wall seconds"],
@@ -474,14 +474,14 @@ def _section_html(s: dict, scope: str, colours: dict[int, str]) -> str:
         time_rows.append(["realised efficiency", f"{c['realised_efficiency']:.2f}",
                           "measured speedup / GFLOP-ratio speedup (1.0 = every GFLOP saved became time saved)"])
     out.append(_table(["throughput", "value", ""], time_rows))
-    out += [f'<p class="note">{_e(n)}</p>' for n in t["notes"]]
+    out += [f'<p class="note">{escape(n)}</p>' for n in t["notes"]]
     audit_rows = [["rows' gflops column", fmt_num(a["gflops_rows"], 4)],
                   ["manifest.parquet sums", fmt_num(a["gflops_manifest"], 4)],
                   ["per-depth counts x run.json (+ scorer)", fmt_num(a["gflops_recomputed"], 4)],
                   ["rows disagreeing with run.json", f"{a['row_violations']:,}"]]
     out.append(f"<h3>Audit {_badge(a['status'])}</h3>" + _table(["GFLOP total from", "GFLOPs"], audit_rows))
     for v in a.get("violation_examples", []):
-        out.append(f'<p class="note bad">{_e(v["shard"])} row {v["row"]}: exit {v["exit_layer"]} recorded '
+        out.append(f'<p class="note bad">{escape(v["shard"])} row {v["row"]}: exit {v["exit_layer"]} recorded '
                    f'{v["gflops"]:.6g} GFLOPs, run.json says {v["expected"]}</p>')
     return "\n".join(out)
 
@@ -498,18 +498,18 @@ def render_html(report: dict) -> str:
     period = total["period"]
     body = ["<h1>ICAR cost report</h1>",
             f'<p class="sub">{len(runs)} run{"s" if len(runs) != 1 else ""} · {len(models)} model'
-            f'{"s" if len(models) != 1 else ""} · shards committed {_e(fmt_when(period["first_committed"]))} to '
-            f'{_e(fmt_when(period["last_committed"]))} · priced at {cfg["gpu_hour_price"]:g} {_e(cfg["currency"])} per '
-            f'accelerator-hour · generated {_e(fmt_when(report["generated_at"]))} by icar '
-            f'{_e(report["icar_version"])}</p>']
+            f'{"s" if len(models) != 1 else ""} · shards committed {escape(fmt_when(period["first_committed"]))} to '
+            f'{escape(fmt_when(period["last_committed"]))} · priced at {cfg["gpu_hour_price"]:g} {escape(cfg["currency"])} per '
+            f'accelerator-hour · generated {escape(fmt_when(report["generated_at"]))} by icar '
+            f'{escape(report["icar_version"])}</p>']
     if len(runs) == 1:
         s = runs[0]
-        body.append(f'<p class="mono">{_e(s["name"])} — {_e(s["models"][0]["label"])}</p>')
+        body.append(f'<p class="mono">{escape(s["name"])} — {escape(s["models"][0]["label"])}</p>')
         body.append(_section_html(s, f"run:{s['name']}", colours))
     else:
         body.append("<h2>All runs</h2>" + _cards(total, report["audit"]["status"]))
         if total.get("note"):
-            body.append(f'<p class="note">{_e(total["note"])}</p>')
+            body.append(f'<p class="note">{escape(total["note"])}</p>')
         body.append(_table(
             ["run", "model", "images", "failed", "GFLOPs spent", "full depth", "saved %", f"cost ({cfg['currency']})",
              "full-depth cost", "basis", "audit"],
@@ -520,17 +520,17 @@ def render_html(report: dict) -> str:
               s["cost"]["full_depth"]["basis"], s["audit"]["status"]] for s in runs]))
         for m in models:
             n = len(m["runs"])
-            body.append(f"<h2>Model {_e(m['name'])} <span class='note'>({n} run{'s' if n != 1 else ''})</span></h2>")
+            body.append(f"<h2>Model {escape(m['name'])} <span class='note'>({n} run{'s' if n != 1 else ''})</span></h2>")
             body.append(_section_html(m, f"model:{m['models'][0]['key']}", colours))
         body.append("<h2>Runs</h2>")
         for s in runs:
-            body.append(f"<details><summary class='mono'>{_e(s['name'])} — {s['images']:,} images, "
-                        f"{_e(saved_phrase(s['gflops']['saved_pct']))}</summary>"
+            body.append(f"<details><summary class='mono'>{escape(s['name'])} — {s['images']:,} images, "
+                        f"{escape(saved_phrase(s['gflops']['saved_pct']))}</summary>"
                         f"{_section_html(s, 'run:' + s['name'], colours)}</details>")
     comp = report["compare"]
     if comp:
-        body.append(f"<h2>Side by side: A vs B</h2><p class='sub'>A = {_e(', '.join(comp['a']['runs']))}; "
-                    f"B = {_e(comp['b']['runs'][0])}{' (a full-depth run)' if comp['b']['full_depth_run'] else ''}. "
+        body.append(f"<h2>Side by side: A vs B</h2><p class='sub'>A = {escape(', '.join(comp['a']['runs']))}; "
+                    f"B = {escape(comp['b']['runs'][0])}{' (a full-depth run)' if comp['b']['full_depth_run'] else ''}. "
                     f"Images in both: {comp['common_images']:,}; only in A: {comp['images_only_in_a']:,}; only in B: "
                     f"{comp['images_only_in_b']:,}."
                     f"{'' if comp['same_model'] else ' The runs use DIFFERENT models.'}</p>")
@@ -541,7 +541,7 @@ def render_html(report: dict) -> str:
         body.append(_table(["metric", "unit", "A", "B", "B / A"],
                            [[m["metric"].replace("_", " "), m["unit"], fmt_sig(m["a"], 4), fmt_sig(m["b"], 4),
                              f"{m['b_over_a']:.2f}" if m["b_over_a"] is not None else "-"] for m in comp["metrics"]]))
-    defs = "".join(f"<li><b>{_e(k.replace('_', ' '))}</b>: {_e(v)}</li>" for k, v in report["definitions"].items())
+    defs = "".join(f"<li><b>{escape(k.replace('_', ' '))}</b>: {escape(v)}</li>" for k, v in report["definitions"].items())
     body.append(f"<footer><ul>{defs}</ul></footer>")
     return (f'<!doctype html><html lang="en"><head><meta charset="utf-8"><meta name="viewport" '
             f'content="width=device-width, initial-scale=1"><title>ICAR cost report</title><style>{CSS}</style>'
