@@ -420,11 +420,11 @@ def test_cli_builds_and_refuses(tmp_path, capsys):
 def test_model_key_has_one_definition():
     """The index, the searcher, the report and the models check one key: pipeline.io.schema's, torch-free."""
     from pipeline.index import read as index, search  # the index reads the key where it plans the runs
-    from pipeline.model import models
-    from pipeline.report import build as report, audit as report_audit
     from pipeline.io import schema
+    from pipeline.model import encoder, flops  # the model side keys its heads and GFLOP cache (models has no copy)
+    from pipeline.report import build as report, audit as report_audit
 
-    for module in (index, search, report, report_audit, models):
+    for module in (index, search, report, report_audit, encoder, flops):
         assert module.model_key is schema.model_key, module.__name__
     assert schema.model_key(MODEL) == f"{MODEL['name']}:{MODEL['weights_sha256']}"
     with pytest.raises(ValueError, match="weights_sha256"):
