@@ -80,6 +80,7 @@ from pipeline.model import encoder as enc  # noqa: E402
 from pipeline.model import router as routers  # noqa: E402
 from pipeline.model.models import pixels_to_tensor  # noqa: E402
 from pipeline.model.router import stable_unit_hash  # noqa: E402
+from pipeline.report.html import escape, tick_label, ticks  # noqa: E402
 from pipeline.model.scorer import scorer_for_model  # noqa: E402
 from pipeline.model.spec import ModelSpec  # noqa: E402
 from pipeline.model.worker import ModelWorker  # noqa: E402
@@ -632,8 +633,6 @@ METHOD_STYLE = {  # method: (colour, marker) in the trade-off figure
 
 
 def _marker(kind: str, x: float, y: float, colour: str, tip: str) -> str:
-    from pipeline.report.html import escape
-
     r = 4.5
     if kind == "circle":
         shape = f'<circle cx="{x:.1f}" cy="{y:.1f}" r="{r}"'
@@ -656,8 +655,6 @@ def plot_tradeoff(r: dict) -> str:
     Every point is a row of ``r["rows"]`` (one run); a method's points are joined in order of counted GFLOPs (its
     knob: budget or schedule).
     """
-    from pipeline.report.html import escape, tick_label, ticks
-
     rows = [row for row in r["rows"] if row.get("method")]
     xs = [row["speedup"] for row in rows] + [1.0]
     ys = [row["t2i"][1] for row in rows]
