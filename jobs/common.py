@@ -166,13 +166,16 @@ def merge_schedule(text: str) -> str | None:
 
 def add_runtime_args(p: argparse.ArgumentParser, *, device_help: str | None = None, threads_help: str | None = None,
                      address_help: str | None = None, threads_dest: str = "threads", threads_default=None,
-                     title: str = "runtime") -> argparse._ArgumentGroup:
+                     title: str = "runtime", device_default: str | None = DEVICE_DEFAULT) -> argparse._ArgumentGroup:
     """Add the runtime group: --device (one default everywhere), --threads, --address; each only when its help is
-    given (the job uses it). Return the group, for job-specific execution flags."""
+    given (the job uses it). Return the group, for job-specific execution flags. ``device_default=None`` is for a
+    job whose config file holds the device (the flag then overrides it only when given)."""
     g = p.add_argument_group(title)
     if device_help is not None:
-        g.add_argument("--device", type=device, default=DEVICE_DEFAULT, metavar="{auto,cpu,cuda,cuda:N}",
-                       help=f"{device_help} (default: {DEVICE_DEFAULT}, CUDA when torch sees a GPU, else the CPU)")
+        default_text = (f" (default: {DEVICE_DEFAULT}, CUDA when torch sees a GPU, else the CPU"
+                        + ("" if device_default is not None else ", unless the config names one") + ")")
+        g.add_argument("--device", type=device, default=device_default, metavar="{auto,cpu,cuda,cuda:N}",
+                       help=device_help + default_text)
     if threads_help is not None:
         g.add_argument("--threads", dest=threads_dest, type=positive_int, default=threads_default, metavar="N",
                        help=threads_help)

@@ -52,7 +52,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="take the root's lock even if its holder looks alive (only when you know it is dead)")
     p.add_argument("--json", action="store_true", help="print the run's full record as JSON on stdout at the end")
     add_runtime_args(p, address_help="Ray cluster to join, overriding the config's ray.address (default: the "
-                                     "config's, else $RAY_ADDRESS, else an embedded local Ray)")
+                                     "config's, else $RAY_ADDRESS, else an embedded local Ray)",
+                     device_help="model device, overriding the config's model.device", device_default=None,
+                     threads_help="torch threads of a CPU model actor, overriding the config's model.torch_threads")
     add_logging_args(p, progress_help="no progress bars, whatever the config's progress says")
     return p
 
@@ -68,6 +70,10 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_CONFIG
     if args.address is not None:
         cfg.ray.address = args.address
+    if args.device is not None:
+        cfg.model.device = args.device
+    if args.threads is not None:
+        cfg.model.torch_threads = args.threads
     if args.no_progress:
         cfg.progress = False
     if args.check_config:

@@ -31,6 +31,7 @@ from typing import Any, Literal
 from pipeline.embed.config import EmbedConfig
 from pipeline.index.build import IndexConfig
 from pipeline.model.spec import ModelSpec
+from pipeline.runtime import DEVICES, parse_device
 
 
 class ConfigError(ValueError):
@@ -410,8 +411,10 @@ def _cross_checks(cfg: JobConfig, errors: list[str]) -> None:
         errors.append(f"model.scorer: expected one of 'default', 'heuristic', 'convnext', 'none', got {m.scorer!r}")
     if m.scorer == "convnext" and not m.scorer_checkpoint:
         errors.append("model.scorer_checkpoint: required with scorer: convnext (a ConvNeXt-IC checkpoint)")
-    if m.device not in ("auto", "cpu", "cuda"):
-        errors.append(f"model.device: expected one of 'auto', 'cpu', 'cuda', got {m.device!r}")
+    try:
+        parse_device(m.device)
+    except ValueError:
+        errors.append(f"model.device: expected {DEVICES}, got {m.device!r}")
     if m.precision not in ("fp32", "fp16", "bf16"):
         errors.append(f"model.precision: expected one of 'fp32', 'fp16', 'bf16', got {m.precision!r}")
     if cfg.lock.stale_after_s < 3 * cfg.lock.heartbeat_s:

@@ -21,9 +21,9 @@ LOGGING = {"--no-progress", "--log-format"}
 # Which job has which shared flag beyond the logging group (every job has that one).
 SHARED = {
     "--device": {"embed", "index", "search", "calibrate", "train-exits", "train-complexity", "eval-complexity",
-                 "train-scorer"},
+                 "train-scorer", "reindex"},
     "--threads": {"embed", "index", "search", "calibrate", "train-exits", "train-complexity", "eval-complexity",
-                  "train-scorer", "train-demo"},
+                  "train-scorer", "train-demo", "reindex"},
     "--address": {"embed", "index", "reindex"},
     "--storage-options": {"embed", "index", "search", "report", "calibrate", "train-exits"},
     "--model": {"embed", "calibrate", "train-exits"},
@@ -163,3 +163,27 @@ def test_merge_needs_no_scorer_because_the_demo_router_is_not_used():
     check_scorer_and_router(ModelSpec(model="demo", merge="r2", scorer="none"), 8)  # merging alone: no scores
     with pytest.raises(ArgumentProblem, match="routes by complexity score"):
         check_scorer_and_router(ModelSpec(model="demo", scorer="none"), 8)  # the shipped router needs them
+
+
+def test_reindex_device_and_threads_override_the_config_only_when_given(tmp_path, monkeypatch):
+    """`icar reindex --device/--threads` speak the shared grammar but the config file keeps the default."""
+    import yaml
+
+    from jobs import reindex as reindex_job
+
+    path = tmp_path / "job.yaml"
+    path.write_text(yaml.safe_dump({"name": "t", "inputs": [str(tmp_path / "*.tar")], "root": str(tmp_path / "root"),
+                                    "model": {"name": "demo", "device": "cpu", "torch_threads": 1}}))
+    seen = []
+
+    class Result:
+        exit_code, record = 0, {}
+
+        def line(self):
+            return "ok"
+
+    monkeypatch.setattr(reindex_job, "run_reindex", lambda cfg, break_lock=False: seen.append(cfg.model) or Result())
+    assert reindex_job.main(["--config", str(path)]) == 0
+    assert reindex_job.main(["--config", str(path), "--device", "cuda:1", "--threads", "3"]) == 0
+    assert (seen[0].device, seen[0].torch_threads) == ("cpu", 1)
+    assert (seen[1].device, seen[1].torch_threads) == ("cuda:1", 3)
