@@ -133,8 +133,7 @@ def main(argv: list[str] | None = None) -> int:
         summary = execution.run_embed(cfg)  # looked up at call time: tests stand in for the Ray part
     except KeyboardInterrupt as e:  # Ctrl-C, or SIGTERM (which Ray may hand back as a plain KeyboardInterrupt)
         stop = stop_reason(e)
-        how = "terminated (SIGTERM)" if stop.terminated else "interrupted"
-        print(f"icar embed: {how}; the shards committed so far are recorded in {cfg.output}: run the same command "
+        print(f"icar embed: {stop.words}; the shards committed so far are recorded in {cfg.output}: run the same command "
               f"to resume", file=sys.stderr)
         return stop.exit_code
     except LockHeld as e:  # another run writes this output: refused before Ray or a model started

@@ -117,8 +117,7 @@ def main(argv: list[str] | None = None) -> int:
         summary = build_index(cfg)
     except KeyboardInterrupt as e:  # Ctrl-C, or SIGTERM (which Ray may hand back as a plain KeyboardInterrupt)
         stop = stop_reason(e)
-        how = "terminated (SIGTERM)" if stop.terminated else "interrupted"
-        print(f"icar index: {how}; {cfg.output} holds no complete index (index.json is written last): run the "
+        print(f"icar index: {stop.words}; {cfg.output} holds no complete index (index.json is written last): run the "
               f"same command again", file=sys.stderr)
         return stop.exit_code
     except LockHeld as e:  # another build writes this output: refused before Ray started or anything was read

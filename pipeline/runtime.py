@@ -139,6 +139,11 @@ class StopReason:
     def terminated(self) -> bool:
         return self.exit_code == EXIT_TERMINATED
 
+    @property
+    def words(self) -> str:
+        """Return how a job's last line says it stopped: "terminated (SIGTERM)" or "interrupted"."""
+        return f"{self.status} ({self.signal})" if self.terminated else self.status
+
 
 def stop_reason(e: KeyboardInterrupt) -> StopReason:
     """Return how the run that ``e`` stopped was stopped: terminated (143) when SIGTERM reached the driver's
