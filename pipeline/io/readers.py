@@ -10,10 +10,18 @@ Three layouts (DESIGN.md, data contracts), one input shard each:
   ``<file stem>/<row index>``.
 - A folder of image files, read recursively; its sorted listing is cut into shards of ``folder_shard_size`` files
   (``URI#0000000-0000999``: the listing's positions, so a resumed run finds the same shards), key = path relative
-  to the input root, with its extension (``sub/cat.jpg``; for ``imgs/*`` the root is ``imgs``, so subfolders'
-  keys never collide); an optional ``sub/cat.txt`` next to it is the caption, ``sub/cat.json`` may give a url.
-  On a local disk a file reached through a symbolic link that leaves the input root is not read (an error sample
-  names the link) unless ``follow_symlinks``.
+  to the input root without the image's extension (``sub/cat.jpg`` -> ``sub/cat``, as a tar member's key; for
+  ``imgs/*`` the root is ``imgs``, so subfolders' keys never collide); an optional ``sub/cat.txt`` next to it is
+  the caption, ``sub/cat.json`` may give a url. Two images that differ only in their extension (``a.jpg``,
+  ``a.png``) would share a key: the one a tar sample would pick (``IMAGE_EXTENSIONS`` order) is read, the other
+  is an error sample naming both. On a local disk a file reached through a symbolic link that leaves the input
+  root is not read (an error sample names the link) unless ``follow_symlinks``.
+
+One rule for every reader (``folder_key``, ``clean_caption``): a key is the sample's name without its extension
+(tar: up to the first dot of the file name, WebDataset's rule; folder: up to the image's extension, the stem its
+``.txt`` pairs by; Parquet: the ``key`` column or ``<file stem>/<row>``), and a caption (``.txt`` file or member,
+``caption`` in ``.json``, a Parquet caption column) loses its surrounding whitespace, the ``.txt`` file's trailing
+newline included; a caption that is empty then is no caption (None).
 
 Readers stream: a tar is read member by member from one sequential file handle, Parquet one row group at a time
 (Arrow's unit of decoding), a folder one file at a time; memory does not grow with the shard. A sample above
@@ -99,10 +107,10 @@ class InputShard:
 
 @dataclass
 class Sample:
-    key: str  # sample key (tar: WebDataset key; folder: relative path; parquet: key column or stem/row)
+    key: str  # sample key (tar: WebDataset key; folder: relative path minus extension; parquet: key column/stem/row)
     source: str  # InputShard.uri
     data: bytes | None  # encoded image bytes; None when the sample is broken at read level
-    caption: str | None  # caption / alt text (non-UTF-8 bytes decoded with U+FFFD replacements)
+    caption: str | None  # caption / alt text, stripped (clean_caption); non-UTF-8 bytes decoded as U+FFFD
     url: str | None  # original URL when known
     error: str | None = None  # read-level problem for this sample, set exactly when data is None
 
@@ -247,11 +255,17 @@ def _folder_shards(fs: fsspec.AbstractFileSystem, path: str, root: str, listing:
     changed input is seen (rundir.assign_parts).
     """
     images, sidecars = _folder_files(root, listing)
+    kept = _kept_per_key(images, listing, root)
     entries = []
     for rel in sorted(images):
         info = listing[_join(root, rel)]
         if info.get("outside"):
             entries.append(FolderFile(rel, None, False, False, refused="symlink outside the input"))
+            continue
+        if kept[folder_key(rel)] != rel:
+            entries.append(FolderFile(rel, None, False, False, refused=(
+                f"duplicate key {folder_key(rel)!r}: {name_key(rel)} and {name_key(kept[folder_key(rel)])} differ "
+                f"only in their extension; {name_key(kept[folder_key(rel)])} was kept (rename one of them)")))
             continue
         stem = rel.rsplit(".", 1)[0]
         txt, meta = stem + ".txt", stem + ".json"
@@ -282,6 +296,37 @@ def _folder_shards(fs: fsspec.AbstractFileSystem, path: str, root: str, listing:
             mtime=max(mtimes) if mtimes else None, etag="listing-" + digest.hexdigest()[:32],
             root=unstrip(fs, root.rstrip("/") or "/"), files=files))
     return shards
+
+
+def _kept_per_key(images: set[str], listing: dict, root: str) -> dict[str, str]:
+    """Return {key: the image file read for it}: where images differ only in their extension (``a.jpg``,
+    ``a.png``), the one whose extension comes first in IMAGE_EXTENSIONS (a tar sample's choice), then by name.
+
+    Links refused as leaving the input root are chosen only when nothing else has that key.
+    """
+    kept: dict[str, str] = {}
+    for rel in sorted(images, key=lambda r: (bool(listing[_join(root, r)].get("outside")),
+                                             IMAGE_EXTENSIONS.index(r.rsplit(".", 1)[-1].lower()), r)):
+        kept.setdefault(folder_key(rel), rel)
+    return kept
+
+
+def folder_key(rel: str) -> str:
+    """Return the key of a folder's image file: its path relative to the input root without the extension, escaped
+    by ``name_key`` (``sub/cat.jpg`` -> ``sub/cat``, the key a tar member ``sub/cat.jpg`` has too)."""
+    return name_key(rel.rsplit(".", 1)[0])
+
+
+def clean_caption(text: str | None) -> str | None:
+    """Return ``text`` without surrounding whitespace (a ``.txt`` file's trailing newline), None when nothing is left.
+
+    Every reader passes its captions through here (tar and folder ``.txt``, ``.json`` ``caption``, a Parquet
+    caption column), so one image has one caption whichever layout it came in.
+    """
+    if text is None:
+        return None
+    text = text.strip()
+    return text or None
 
 
 def _walk_local(path: str, root: str, follow: bool) -> dict[str, dict]:
@@ -580,7 +625,7 @@ def _caption_and_url(txt: bytes | None, meta: bytes | None, where: str) -> tuple
             caption = doc.get("caption") if isinstance(doc.get("caption"), str) else None
     if txt is not None:
         caption = _text(txt)
-    return caption, url
+    return clean_caption(caption), url
 
 
 def _text(data: bytes) -> str:
@@ -642,7 +687,7 @@ def _iter_parquet(shard: InputShard, storage_options: dict | None, image_column:
                     elif len(data) > max_bytes:
                         data, error = None, _too_big(f"column {image!r} at row {row}", len(data), max_bytes)
                     yield Sample(key=f"{stem}/{row}" if key is None else str(key), source=shard.uri,
-                                 data=data, caption=_as_text(cells.get(caption_col)),
+                                 data=data, caption=clean_caption(_as_text(cells.get(caption_col))),
                                  url=_as_text(cells.get("url")), error=error)
                     row += 1
         except (pa.ArrowException, OSError, ValueError) as e:
@@ -729,14 +774,15 @@ def _iter_folder(shard: InputShard, storage_options: dict | None, max_bytes: int
         raise ShardReadError(f"{shard.uri}: input folder {name_key(shard.root)} disappeared")
     real_root = os.path.realpath(root) if is_local(fs) and not follow else None
     for f in shard.files:
-        key = name_key(f.rel)
+        key, name = folder_key(f.rel), name_key(f.rel)  # messages name the file, extension included
         if f.refused is not None:
             yield Sample(key, shard.uri, None, None, None,
-                         error=f"{key}: {f.refused} {name_key(shard.root)}: not read (pass --follow-symlinks to "
-                               "read files through such links)")
+                         error=f.refused if f.refused.startswith("duplicate key") else
+                         f"{name}: {f.refused} {name_key(shard.root)}: not read (pass --follow-symlinks to "
+                         "read files through such links)")
             continue
         if f.size is not None and f.size > max_bytes:
-            yield Sample(key, shard.uri, None, None, None, error=_too_big(key, f.size, max_bytes))
+            yield Sample(key, shard.uri, None, None, None, error=_too_big(name, f.size, max_bytes))
             continue
         stem = f.rel.rsplit(".", 1)[0]
         paths = [_join(root, rel) for rel in (f.rel, stem + ".txt" if f.txt else None,
@@ -753,10 +799,10 @@ def _iter_folder(shard: InputShard, storage_options: dict | None, max_bytes: int
             meta = fs.cat_file(_join(root, stem + ".json")) if f.json else None
         except OSError as e:  # one unreadable file (permissions, vanished) is this sample's problem only
             yield Sample(key, shard.uri, None, None, None,
-                         error=f"cannot read {key}: {type(e).__name__}: {name_key(str(e))}")
+                         error=f"cannot read {name}: {type(e).__name__}: {name_key(str(e))}")
             continue
         if len(data) > max_bytes:  # the listing gave no size (or the file grew since)
-            yield Sample(key, shard.uri, None, None, None, error=_too_big(key, len(data), max_bytes))
+            yield Sample(key, shard.uri, None, None, None, error=_too_big(name, len(data), max_bytes))
             continue
-        caption, url = _caption_and_url(txt, meta, f"{shard.uri}/{key}")
+        caption, url = _caption_and_url(txt, meta, f"{shard.uri}/{name}")
         yield Sample(key, shard.uri, data, caption, url)

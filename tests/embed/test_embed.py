@@ -263,9 +263,10 @@ def test_folder_with_bad_name_and_outside_symlink_embeds_the_rest(tmp_path, ray_
     assert summary.exit_code == 0 and summary.shards_committed == 3 and (summary.images, summary.errors) == (4, 1)
     manifest, table = read_run(out)
     assert manifest.column("source").to_pylist() == [f"{folder}#{a:07d}-{a + 1:07d}" for a in (0, 2, 4)]
-    assert sorted(table.column("key").to_pylist()) == ["0.jpg", "1.jpg", "2.jpg", "caf%E9.jpg"]
+    assert sorted(table.column("key").to_pylist()) == ["0", "1", "2", "caf%E9"]  # keys drop the extension, as in tars
     errors = pq.read_table(out / "errors").to_pylist()
-    assert [(e["key"], e["stage"]) for e in errors] == [("x.jpg", "read")]
+    assert [(e["key"], e["stage"]) for e in errors] == [("x", "read")]
+    assert errors[0]["error"].startswith("x.jpg: ")  # the message names the file
     assert "symlink outside the input" in errors[0]["error"]
     assert not [p for p in out.rglob("*") if p.is_file() and b"TOP-SECRET" in p.read_bytes()]
     again = embed([folder], out, full_depth=True, folder_shard_size=2)  # the same shards: all skipped

@@ -9,7 +9,7 @@ unit tests and end-to-end tests assert the same thing:
         else: ... error row whose message contains case.error_contains
 
 Keys: tar shards use WebDataset keys (``dir/000001`` for ``dir/000001.jpg``); folder shards use the path
-relative to the folder, extension included (``dir/000001.jpg``); Parquet uses the ``key`` column.
+relative to the folder without the extension (``dir/000001`` too); Parquet uses the ``key`` column.
 """
 
 from __future__ import annotations
@@ -207,7 +207,8 @@ def parquet_without_image_column(path: str | os.PathLike, n: int = 3) -> str:
 def write_image_folder(directory: str | os.PathLike, samples: list[ShardSample]) -> list[str]:
     """Write each sample as ``KEY.<ext>`` (+ ``KEY.txt`` caption) under ``directory``; return the folder keys.
 
-    Folder keys are paths relative to ``directory`` with the extension, sorted: what the reader yields.
+    Folder keys are paths relative to ``directory`` without the extension, in the order the reader yields them
+    (sorted file names).
     """
     keys = []
     for s in samples:
@@ -217,11 +218,11 @@ def write_image_folder(directory: str | os.PathLike, samples: list[ShardSample])
         if s.image is not None:
             with open(full, "wb") as f:
                 f.write(s.image)
-            keys.append(rel)
+            keys.append((rel, s.key))
         if s.caption is not None:
             with open(os.path.join(directory, *f"{s.key}.txt".split("/")), "wb") as f:
                 f.write(s.caption.encode() if isinstance(s.caption, str) else s.caption)
-    return sorted(keys)
+    return [key for _, key in sorted(keys)]
 
 
 # ----------------------------------------------------------------------------------------------- bad input zoo

@@ -110,10 +110,10 @@ def test_folder_shard_keys_captions_and_junk(tmp_path, corpus):
     assert shard.size == sum(len(c.image) + len(c.caption) for c in corpus)
     samples = _read(shard)
     assert [s.key for s in samples] == expected
-    assert "sub/deeper/000000001.png" in expected  # key = relative posix path with its extension
+    assert "sub/deeper/000000001" in expected  # key = relative posix path without its extension, as in a tar
     by_key = {s.key: s for s in samples}
     for n, c in zip(nested, corpus):
-        s = by_key[f"{n.key}.{n.ext}"]
+        s = by_key[n.key]
         assert (s.data, s.caption, s.error) == (c.image, c.caption, None)
 
 
@@ -153,8 +153,8 @@ def test_expand_subfolders_glob_gives_one_folder_shard_each(tmp_path, corpus):
     per_year = expand_inputs([str(tmp_path / "imgs" / "*")])
     assert [s.uri for s in per_year] == [f"{tmp_path}/imgs/2020#0000000-0000999", f"{tmp_path}/imgs/2021#0000000-0000999"]
     # keys are relative to the input root (imgs/), so the two years' files never share a key
-    assert [[x.key for x in _read(s)] for s in per_year] == [[f"2020/{c.key}.{c.ext}" for c in corpus[:2]],
-                                                            [f"2021/{c.key}.{c.ext}" for c in corpus[2:4]]]
+    assert [[x.key for x in _read(s)] for s in per_year] == [[f"2020/{c.key}" for c in corpus[:2]],
+                                                            [f"2021/{c.key}" for c in corpus[2:4]]]
 
 
 def test_expand_errors_name_the_url(tmp_path, corpus):
@@ -317,7 +317,7 @@ def test_s3_glob_tar_parquet_and_folder(s3_bucket, corpus):
     assert p.format == "parquet" and [x.key for x in iter_samples(p)] == ["p0"]
     (folder,) = expand_inputs([f"s3://{s3_bucket}/imgs"])
     assert folder.format == "folder" and folder.uri == f"s3://{s3_bucket}/imgs#0000000-0000999"
-    assert [x.key for x in iter_samples(folder)] == [f"a/{c.key}.{c.ext}" for c in corpus[:2]]
+    assert [x.key for x in iter_samples(folder)] == [f"a/{c.key}" for c in corpus[:2]]
 
     with pytest.raises(InputError, match=f"s3://{s3_bucket}/nothing/\\*.tar matched nothing"):
         expand_inputs([f"s3://{s3_bucket}/nothing/*.tar"])
@@ -368,17 +368,20 @@ def test_folder_symlink_outside_the_input_is_refused_and_never_read(tmp_path, co
     (root / "loop").symlink_to(root)  # a link back up the tree: not walked twice
     samples = _read(_only([str(root)]))
     _no_secret(samples)
-    by_key = {s.key: s for s in samples}
-    assert sorted(by_key) == sorted([a, f"{corpus[1].key}.{corpus[1].ext}", "inner.jpg", "x.jpg", "y.jpg", "y.txt"])
-    for link in ("x.jpg", "y.txt"):
-        assert by_key[link].data is None and "symlink outside the input" in by_key[link].error
-        assert by_key[link].error.startswith(f"{link}:") and "--follow-symlinks" in by_key[link].error
-    assert (by_key["y.jpg"].data, by_key["y.jpg"].caption, by_key["y.jpg"].error) == (corpus[2].image, None, None)
-    assert by_key["inner.jpg"].data == corpus[0].image
+    # y.txt's refusal is keyed by the sample it belongs to (y), beside y's own row; its message names the file
+    by_key = {(s.key, s.error is None): s for s in samples}
+    assert sorted(s.key for s in samples) == sorted([corpus[0].key, corpus[1].key, "inner", "x", "y", "y"])
+    for key, link in (("x", "x.jpg"), ("y", "y.txt")):
+        bad = by_key[key, False]
+        assert bad.data is None and "symlink outside the input" in bad.error
+        assert bad.error.startswith(f"{link}:") and "--follow-symlinks" in bad.error
+    y = by_key["y", True]
+    assert (y.data, y.caption, y.error) == (corpus[2].image, None, None)
+    assert by_key["inner", True].data == corpus[0].image
 
     followed = {s.key: s for s in _read(_only([str(root)], follow_symlinks=True), follow_symlinks=True)}
-    assert followed["x.jpg"].data == SECRET and followed["y.jpg"].caption == SECRET.decode()
-    assert followed["outdir/far.jpg"].data == SECRET
+    assert followed["x"].data == SECRET and followed["y"].caption == SECRET.decode()
+    assert followed["outdir/far"].data == SECRET
 
     # A link swapped in after the listing is caught when the file is read.
     shard = _only([str(root)])
@@ -386,7 +389,7 @@ def test_folder_symlink_outside_the_input_is_refused_and_never_read(tmp_path, co
     (root / "y.jpg").symlink_to(tmp_path / "secret.jpg")
     late = {s.key: s for s in _read(shard)}
     _no_secret(list(late.values()))
-    assert late["y.jpg"].data is None and "symlink outside the input" in late["y.jpg"].error
+    assert late["y"].data is None and "symlink outside the input" in late["y"].error
 
 
 def test_non_utf8_and_percent_names_become_lossless_keys(tmp_path, corpus):
@@ -400,8 +403,8 @@ def test_non_utf8_and_percent_names_become_lossless_keys(tmp_path, corpus):
             f.write(c.image)
     samples = _read(_only([str(root)]))
     keys = [s.key for s in samples]
-    assert sorted(keys) == sorted(["caf%E9.jpg", "100%25.jpg", "ok.jpg", "日本.jpg"])
-    assert {unquote_to_bytes(s.key): s.data for s in samples} == {n: c.image for n, c in zip(names, corpus)}
+    assert sorted(keys) == sorted(["caf%E9", "100%25", "ok", "日本"])
+    assert {unquote_to_bytes(s.key) + b".jpg": s.data for s in samples} == {n: c.image for n, c in zip(names, corpus)}
     pa.array(keys, pa.string())  # what the shard and errors/ writers do with keys: no UnicodeEncodeError
 
     buf = io.BytesIO()
@@ -533,3 +536,36 @@ def test_folder_is_cut_into_resumable_shards_and_changes_are_reported(tmp_path, 
         assert assign_parts(changed, Committed()) == []
     assert "2 committed input shard(s) changed" in caplog.text and "--reembed-changed" in caplog.text
     assert [p for _, p in assign_parts(changed, Committed(), reembed_changed=True)] == [0, 1]
+
+
+def test_one_key_and_caption_rule_across_tar_folder_and_parquet(tmp_path, corpus):
+    """The same image with the same caption file gives the same key and caption whichever layout holds it."""
+    img = corpus[0].image
+    caption = b"  a red bicycle\r\n"  # as editors save it: trailing newline (CRLF), stray spaces
+    (tmp_path / "t.tar").write_bytes(_tar_of([("sub/cat.jpg", img), ("sub/cat.txt", caption),
+                                              ("sub/dog.jpg", img), ("sub/dog.txt", b"\n \n")]))
+    folder = tmp_path / "f" / "sub"
+    folder.mkdir(parents=True)
+    (folder / "cat.jpg").write_bytes(img)
+    (folder / "cat.txt").write_bytes(caption)
+    (folder / "dog.jpg").write_bytes(img)
+    (folder / "dog.json").write_bytes(b'{"caption": "\\n"}')  # a blank caption is no caption
+    pq.write_table(pa.table({"key": ["sub/cat", "sub/dog"], "jpg": [img, img],
+                             "caption": [caption.decode(), " "]}), tmp_path / "p.parquet")
+    for url in (tmp_path / "t.tar", tmp_path / "f", tmp_path / "p.parquet"):
+        got = [(s.key, s.caption, s.error) for s in _read(_only([str(url)]))]
+        assert got == [("sub/cat", "a red bicycle", None), ("sub/dog", None, None)], url
+
+
+def test_folder_images_differing_only_in_extension_keep_one_and_report_the_other(tmp_path, corpus):
+    root = tmp_path / "f"
+    root.mkdir()
+    (root / "a.png").write_bytes(corpus[1].image)
+    (root / "a.jpg").write_bytes(corpus[0].image)  # jpg wins, as a tar sample holding a.jpg and a.png picks it
+    (root / "a.txt").write_bytes(b"the caption\n")
+    (root / "b.webp").write_bytes(corpus[2].image)
+    samples = _read(_only([str(root)]))
+    assert [(s.key, s.data, s.caption) for s in samples] == [
+        ("a", corpus[0].image, "the caption"), ("a", None, None), ("b", corpus[2].image, None)]
+    assert samples[1].error == ("duplicate key 'a': a.png and a.jpg differ only in their extension; a.jpg was kept "
+                                "(rename one of them)")
