@@ -2,7 +2,10 @@
 
 One command rebuilds `default.safetensors` and its card `default.json`:
 
-    python -m jobs.train_scorer --savoias ../shared/savoias --output pipeline/assets/scorer
+    icar train-scorer --data DIR --output pipeline/assets/scorer
+
+DIR holds the SAVOIAS subset the recipe trains on (see --data for its layout, where to get it and its licence);
+it is never part of the repository.
 
 What it does, in order:
 
@@ -43,7 +46,10 @@ def build_parser() -> argparse.ArgumentParser:
     reproduce = scorer_recipe.REPRODUCE
     p = argparse.ArgumentParser(prog="icar train-scorer", description=__doc__, formatter_class=HelpFormatter,
                                 epilog=f"example:\n  {reproduce}\n  {reproduce} --skip-eval   # retrain only (~5 min)")
-    p.add_argument("--savoias", required=True, help="SAVOIAS folder with images/ and labels.txt (../shared/savoias)")
+    p.add_argument("--data", metavar="DIR", default=None,
+                   help=f"the SAVOIAS training data (required): {scorer_recipe.DATA_LAYOUT}")
+    # The shipped card's reproduce command was written with --savoias: it keeps working.
+    p.add_argument("--savoias", dest="data", help=argparse.SUPPRESS)
     p.add_argument("--output", "-o", default="pipeline/assets/scorer",
                    help="folder for default.safetensors and default.json")
     p.add_argument("--weights", default=None, help="torchvision's mobilenet_v2-b0353104.pth "
@@ -64,8 +70,12 @@ def main(argv: list[str] | None = None) -> int:
     a = build_parser().parse_args(argv)
     apply_logging(a)
     set_torch_threads(a.threads)
+    if a.data is None:
+        print("icar train-scorer: error: --data DIR is required: the folder holding the SAVOIAS training data, "
+              f"{scorer_recipe.DATA_LAYOUT}", file=sys.stderr)
+        return 2
     try:
-        images, labels = scorer_recipe.savoias_paths(a.savoias)
+        images, labels = scorer_recipe.savoias_paths(a.data)
         if a.weights:
             scorer_recipe.check_weights(a.weights)
         weights = a.weights or scorer_recipe.locate_weights(install=not a.no_install)

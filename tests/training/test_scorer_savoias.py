@@ -70,7 +70,11 @@ def test_default_scorer_loads_counts_gflops_and_ranks_simple_below_complex():
     # The card names the backbone, its source and licence, the data and its licence note, metrics, the command.
     assert card["backbone_weights"]["sha256"] == R.WEIGHTS_SHA256 and "licence" in card["backbone_weights"]
     assert "SAVOIAS" in card["training"]["data"] and "non-commercial" in card["training"]["data"]
-    assert card["reproduce"] == R.REPRODUCE and card["storage_dtype"] == "float32"
+    assert card["storage_dtype"] == "float32"
+    # The command recorded in the card still runs (it predates --data and says --savoias).
+    command = card["reproduce"].split()
+    assert command[:3] == ["python", "-m", "jobs.train_scorer"]
+    assert J.build_parser().parse_args(command[3:]).data == "../shared/savoias"
     assert set(card["metrics"]["loco"]["scorer"]["per_category"]) == set(R.CATEGORIES)
     assert S.DEFAULT_CHECKPOINT.stat().st_size < 10e6  # MobileNetV2 + head, float32
     assert sorted(p.name for p in S.DEFAULT_CHECKPOINT.parent.iterdir()) == ["default.json", "default.safetensors"]
@@ -204,8 +208,25 @@ def test_weights_are_located_or_the_error_names_the_pip_command(monkeypatch, tmp
 
 
 def test_train_scorer_refuses_a_folder_that_is_not_savoias(tmp_path, capsys):
-    assert J.main(["--savoias", str(tmp_path), "--output", str(tmp_path / "out"), "--no-progress"]) == 2
-    assert "not a SAVOIAS folder" in capsys.readouterr().err
+    assert J.main(["--data", str(tmp_path), "--output", str(tmp_path / "out"), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "not a SAVOIAS folder: images/ and labels.txt missing" in err and "labels.txt with one line" in err
+    assert not (tmp_path / "out").exists()
+    (tmp_path / "images" / "Art").mkdir(parents=True)
+    (tmp_path / "labels.txt").write_text("Art/0.jpg  0.5\n")
+    assert J.main(["--data", str(tmp_path), "--output", str(tmp_path / "out"), "--no-progress"]) == 2
+    assert "images/ has no folder for Advertisement, Scenes, Suprematism" in capsys.readouterr().err
+
+
+def test_train_scorer_without_data_says_what_to_give_and_where_to_get_it(tmp_path, capsys):
+    """No path to the training data, or one that does not exist: exit 2 with the layout, source and licence."""
+    assert J.main(["--output", str(tmp_path / "out"), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("icar train-scorer: error: --data DIR is required")
+    for part in ("images/<Category>/<name>.<ext>", "labels.txt", "arXiv:1810.01771", "non-commercial"):
+        assert part in err
+    assert J.main(["--data", str(tmp_path / "nowhere"), "--output", str(tmp_path / "out")]) == 2
+    assert f"--data {tmp_path / 'nowhere'}: no such folder" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
 
 
@@ -228,7 +249,7 @@ def test_train_scorer_end_to_end_on_a_slice(tmp_path, monkeypatch):
         lines += [l for l in (SAVOIAS / "labels.txt").read_text().splitlines() if l.startswith(f"{cat}/")][:12]
     (root / "labels.txt").write_text("\n".join(lines) + "\n")
     out = tmp_path / "out"
-    rc = J.main(["--savoias", str(root), "--output", str(out), "--folds", "2", "--cache-dir", str(tmp_path / "c"),
+    rc = J.main(["--data", str(root), "--output", str(out), "--folds", "2", "--cache-dir", str(tmp_path / "c"),
                  "--no-progress"])
     assert rc == 0
     card = json.loads((out / "default.json").read_text())
