@@ -129,8 +129,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="images per tar (the peer hangs with fewer tars than workers)")
     p.add_argument("--model", default="ViT-B-32", help="open_clip architecture, both tools (seeded random init)")
     p.add_argument("--batch-size", type=int, default=32, help="images per model call, both tools")
-    p.add_argument("--precision", default="fp32", choices=["fp32", "fp16", "bf16"],
-                   help="ICAR's autocast on a GPU (the peer picks bf16, else fp16, on a GPU by itself; fp32 on CPU)")
+    p.add_argument("--precision", default="fp32", choices=["fp32", "fp16", "bf16", "auto"],
+                   help="ICAR's precision in the full and routed variants (the peer picks bf16, else fp16, on a GPU by "
+                        "itself; fp32 on CPU)")
+    p.add_argument("--auto", action="store_true",
+                   help="add the variant icar_auto: full depth with `--precision auto` (bf16 where the CPU runs it "
+                        "natively), judged against the peer's fp32 rate and embeddings")
     p.add_argument("--threads", type=int, default=1,
                    help="model intra-op threads, both tools (ICAR's CPU actor default)")
     p.add_argument("--workers", type=int, default=2,
@@ -260,13 +264,13 @@ def run_peer(args, tars: list[str], checkpoint: str, out: Path, kind: str) -> di
     return r
 
 
-def run_icar(args, tars: list[str], out: Path, routed: bool) -> dict:
+def run_icar(args, tars: list[str], out: Path, routed: bool, precision: str | None = None) -> dict:
     """Run `icar embed` (jobs.embed, with a timed model actor) once into ``out``; return timings and batch window."""
     out.mkdir(parents=True)
     batches = out / "batches.log"
     cmd = [str(ROOT / ".venv" / "bin" / "python"), "-m", "bench.common", "timed-embed", str(batches), *tars,
            "--output", str(out / "run"), "--model", args.model, "--pretrained", "none", "--seed", "0",
-           "--precision", args.precision,
+           "--precision", precision or args.precision,
            "--batch-size", str(args.batch_size), "--threads", str(args.threads),
            "--decode-tasks", str(min(args.workers, len(tars))), "--no-progress"]
     cmd += ["--scorer", "heuristic", "--route-fractions", args.route_fractions] if routed else \
@@ -373,13 +377,14 @@ def main(argv: list[str] | None = None) -> int:
           f"{args.model} seed-0 weights at {checkpoint}; batch {args.batch_size}, {args.threads} model thread(s), "
           f"{args.workers} decode workers")
     work = Path(tempfile.mkdtemp(prefix="icar-bench-vscr-"))
-    names = ["peer", "icar_full", "icar_routed"]
+    names = ["peer", "icar_full", "icar_routed"] + (["icar_auto"] if args.auto else [])
 
     def run(name: str, tars: list[str], tag: str) -> dict:
         out = work / f"{name}-{tag}"
         if name == "peer":
             return run_peer(args, tars, checkpoint, out, peer_kind)
-        return run_icar(args, tars, out, routed=name == "icar_routed")
+        return run_icar(args, tars, out, routed=name == "icar_routed",
+                        precision="auto" if name == "icar_auto" else None)
 
     tiny_runs = {}
     if not args.no_fixed_cost:
@@ -388,9 +393,9 @@ def main(argv: list[str] | None = None) -> int:
             tiny_runs[name] = r
             print(f"  fixed cost {name:12s} {r['wall']:6.1f}s wall ({r['start_seconds']:.1f}s before the first batch), "
                   f"{r['cpu']:6.1f}s CPU (2 images)")
-        tiny_runs["icar_routed"] = tiny_runs["icar_full"]
+        tiny_runs["icar_routed"] = tiny_runs["icar_auto"] = tiny_runs["icar_full"]
     results: dict[str, list[dict]] = {k: [] for k in names}
-    equal = None
+    equal = equal_auto = None
     for i, name in enumerate(interleaved(names, args.repeats)):
         r = run(name, corpus.tars, str(i))
         r.update(index=str(i), load_average=load_average(), rates=rates(r, args.n, tiny_runs.get(name)))
@@ -402,25 +407,32 @@ def main(argv: list[str] | None = None) -> int:
             equal = agreement(icar_embeddings(work / f"icar_full-{results['icar_full'][0]['index']}"),
                               peer_embeddings(work / f"peer-{results['peer'][0]['index']}", peer_kind))
             print(f"  embeddings at full depth, icar vs peer: {equal}")
+        if equal_auto is None and results["peer"] and results.get("icar_auto"):
+            equal_auto = agreement(icar_embeddings(work / f"icar_auto-{results['icar_auto'][0]['index']}"),
+                                   peer_embeddings(work / f"peer-{results['peer'][0]['index']}", peer_kind))
+            print(f"  embeddings at full depth, icar --precision auto vs peer (fp32): {equal_auto}")
 
     med = {k: {m: median(r["rates"][m] for r in v) for m in v[0]["rates"]} for k, v in results.items()}
     print(f"\n{peer_label} vs icar embed: {args.model} (same seed-0 weights), batch {args.batch_size}, {args.n} images, "
           f"{args.repeats} interleaved rounds (medians)")
     print(f"  embeddings at full depth, icar vs peer: {equal}")
+    if equal_auto is not None:
+        print(f"  embeddings at full depth, icar --precision auto vs peer: {equal_auto}")
     cols = ["steady", "model_only", "wall_minus_start", "whole_run", "cpu_ms_per_img", "marginal_cpu_ms_per_img"]
     cols = [c for c in cols if c in med["peer"]]
     print("  " + f"{'':16s}" + "".join(f"{c:>18s}" for c in cols))
     for k in names:
         print("  " + f"{k:16s}" + "".join(f"{med[k][c]:18.2f}" for c in cols))
     ratios = {}
-    for k in ("icar_full", "icar_routed"):
+    for k in names[1:]:
         ratios[k] = {c: (med["peer"][c] / med[k][c] if "cpu" in c else med[k][c] / med["peer"][c]) for c in cols}
         print("  " + f"{k + ' ÷ peer':16s}" + "".join(f"{ratios[k][c]:17.3f}x" for c in cols))
     print("  (CPU ratios are peer ÷ icar: above 1 means icar spends less CPU per image)")
     print("  wall spread: " + ", ".join(f"{k} {spread(r['wall'] for r in v)}s" for k, v in results.items()))
     print(f"# total bench time {time.perf_counter() - t_start:.0f}s, load average now {load_average()}")
     write_json(args.json, {"facts": facts, "args": vars(args), "peer": peer_label, "tiny_runs": tiny_runs,
-                           "runs": results, "medians": med, "ratios_vs_peer": ratios, "agreement": equal})
+                           "runs": results, "medians": med, "ratios_vs_peer": ratios, "agreement": equal,
+                           "agreement_auto": equal_auto})
     shutil.rmtree(work, ignore_errors=True)
     return 0
 
