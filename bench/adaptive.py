@@ -1,0 +1,678 @@
+"""Benchmark: every adaptive-depth policy against full depth, fixed exits and random routing, with paired-bootstrap
+95 % intervals, on the demo corpus's held-out test split (issue #20 point 3).
+
+For the shipped demo CLIP (8 blocks, exits 4/6/8) and each exit-head file given (``--heads NAME=PATH``, repeatable:
+the shipped heads and the mixed-gallery heads run in one go), on the test split (never used to train the model,
+its heads, the scorer or to calibrate a router):
+
+- policies: full depth; each fixed exit; the complexity router (the paper's design: a ThresholdRouter on the
+  demo's training-free scorer, calibrated on the val split as ``icar calibrate --gflops-budget`` does, scorer
+  cost counted); random routing with exactly the same exit mix as the complexity router (same GFLOPs, images
+  shuffled, ``--random-seeds`` shuffles averaged per query); and the confidence policies when their module is
+  there (``confidence_policies``: confidence exits, confidence + complexity), each at budgets
+  ``--budgets`` (0.55-0.9 of full-depth GFLOPs);
+- per row: recall@1/5 text→image and image→text, instance-level (the query's own image or caption, identical
+  captions being one query) and category-level (any image whose scene's main object, the first object group the
+  caption names, has the query's shape and colour: the demo corpus regenerates each test image's scene), mean
+  counted GFLOPs per image (pipeline/model/flops.py, scorer included), and exit mix;
+- paired-bootstrap 95 % intervals (``--bootstrap`` resamples of the queries, the same resamples for both sides)
+  of: method minus the best fixed exit at equal GFLOPs (the deepest fixed exit costing no more than the
+  method's realised GFLOPs), method minus random routing with the same mix, method ÷ full depth (instance R@1),
+  method minus full depth (category level), and mixed heads minus old heads for the same policy;
+- measured images/s of ``ModelWorker.embed`` (what `icar embed` runs per batch) per policy on ``--time-images``
+  test images, interleaved over ``--time-repeats`` rounds, and the realised speedup beside the GFLOP bound.
+
+Every image is embedded once at every exit (``AdaptiveEncoder.forward_all_exits``); a policy only picks each
+image's exit (``router.routed_embeddings``), as bench/quality.py does (which also checks that this equals what
+ModelWorker.embed writes).
+
+    python -m bench.adaptive [--heads old=pipeline/assets/demo/exit_heads.safetensors --heads mixed=PATH]
+                             [--json adaptive.json] [--plot docs/adaptive_tradeoff.svg]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from bench.common import interleaved, load_average, machine_facts, median  # noqa: E402
+from bench.quality import DEFAULT_CORPUS, embed_all_exits, ensure_corpus, read_split, score_all  # noqa: E402
+from pipeline.demo.corpus import scene_caption, scene_of  # noqa: E402
+from pipeline.io import storage  # noqa: E402
+from pipeline.logs import setup_logging  # noqa: E402
+from pipeline.model import models  # noqa: E402
+from pipeline.model import router as routers  # noqa: E402
+from pipeline.model.router import routed_embeddings  # noqa: E402
+from pipeline.model.spec import ModelSpec  # noqa: E402
+from pipeline.model.worker import DEMO_ASSETS, ModelWorker  # noqa: E402
+from pipeline.report.html import escape, tick_label, ticks  # noqa: E402
+from pipeline.training.recall import caption_groups, caption_queries  # noqa: E402
+
+log = logging.getLogger("bench.adaptive")
+
+DEFAULT_BUDGETS = [0.55, 0.6, 0.65, 0.7, 0.75, 0.8, 0.85, 0.9]
+DEFAULT_TIME_BUDGETS = [0.6, 0.7, 0.8, 0.9]
+KS = (1, 5)
+DIRECTIONS = ("t2i", "i2t")
+LEVELS = ("instance", "category")
+# Targets of issue #20 point 3.
+TARGET_MAX_COST = 0.80  # at <= 0.80 of full-depth GFLOPs ...
+TARGET_RATIO = 0.95  # ... t2i and i2t recall@1 >= 95 % of full depth
+TARGET_MIN_BUDGET = 0.6  # at every budget >= 0.6, confidence exits ahead of the best fixed exit and of random
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m bench.adaptive", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--corpus", default=str(DEFAULT_CORPUS), help="demo corpus (from `icar make-demo-corpus`)")
+    p.add_argument("--cache-dir", default=os.path.join(os.path.expanduser("~"), ".cache", "icar", "bench-quality"),
+                   help="where a generated corpus is kept when --corpus has none")
+    p.add_argument("--heads", action="append", default=None, metavar="NAME=PATH",
+                   help="exit heads to measure (repeatable; the first is the reference the others are compared "
+                        "with); default: old=the shipped demo heads")
+    p.add_argument("--budgets", default=",".join(map(str, DEFAULT_BUDGETS)),
+                   help="GFLOP budgets as fractions of full depth, comma-separated")
+    p.add_argument("--bootstrap", type=int, default=1000, help="paired-bootstrap resamples per interval")
+    p.add_argument("--random-seeds", type=int, default=5, help="shuffles of random routing averaged per query")
+    p.add_argument("--n-test", type=int, default=None, help="test images (default: the whole split)")
+    p.add_argument("--n-val", type=int, default=None, help="val images to calibrate on (default: the whole split)")
+    p.add_argument("--time-images", type=int, default=384, help="test images per timed ModelWorker.embed round "
+                                                                   "(0: no timing)")
+    p.add_argument("--time-repeats", type=int, default=3, help="interleaved timing rounds (median reported)")
+    p.add_argument("--time-budgets", default=",".join(map(str, DEFAULT_TIME_BUDGETS)),
+                   help="budgets whose policies are timed (fixed depths always are)")
+    p.add_argument("--batch-size", type=int, default=128, help="images per model call")
+    p.add_argument("--threads", type=int, default=1, help="torch CPU threads")
+    p.add_argument("--json", default=None, help="also write every number here")
+    p.add_argument("--plot", default=None, help="write the recall@1-vs-GFLOPs figure (SVG) here")
+    return p.parse_args(argv)
+
+
+def parse_heads(items: list[str] | None) -> dict[str, str]:
+    """Return {name: heads path} from NAME=PATH items (default: the shipped demo heads as "old")."""
+    if not items:
+        return {"old": str(DEMO_ASSETS / "exit_heads.safetensors")}
+    out = {}
+    for item in items:
+        name, sep, path = item.partition("=")
+        if not sep or not name or not path:
+            raise ValueError(f"--heads {item!r}: give NAME=PATH, e.g. --heads mixed=heads/mixed.safetensors")
+        if name in out:
+            raise ValueError(f"--heads names {name!r} twice; give each heads file its own name")
+        if not os.path.exists(path):
+            raise FileNotFoundError(f"--heads {item}: {path} does not exist")
+        out[name] = path
+    return out
+
+
+# ------------------------------------------------------------------------------------------------ pure parts
+
+
+def main_objects(corpus: str, split: str, keys: list[str]) -> np.ndarray:
+    """Return, per key, its scene's main object "colour shape" (the first object group its caption names).
+
+    The demo corpus regenerates any sample's scene from (seed, split, index in split); the index is the key's
+    position among the split's rows of scenes.parquet, and the regenerated caption must equal the stored one.
+    """
+    import pyarrow.parquet as pq
+
+    seed = int(json.loads(Path(corpus, "corpus.json").read_text())["seed"])
+    table = pq.read_table(os.path.join(corpus, "scenes.parquet"), columns=["key", "split", "caption"]).to_pydict()
+    index, caption = {}, {}
+    for k, s, c in zip(table["key"], table["split"], table["caption"]):
+        if s == split:
+            index[k], caption[k] = len(index), c
+    out = []
+    for k in keys:
+        if k not in index:
+            raise ValueError(f"scenes.parquet of {corpus} has no {split} row for key {k}; regenerate the corpus")
+        scene = scene_of(seed, split, index[k])
+        if scene_caption(scene) != caption[k]:
+            raise ValueError(f"the regenerated scene of {split} key {k} does not match its stored caption "
+                             f"({caption[k]!r}): the corpus was made by another generator version; regenerate it")
+        g = scene.groups[0]
+        out.append(f"{g.color} {g.shape}")
+    return np.asarray(out)
+
+
+def label_ranks(sim: np.ndarray, query_labels: np.ndarray, gallery_labels: np.ndarray) -> np.ndarray:
+    """Return, per query (row of ``sim``), the 0-based rank of its best-scored gallery item with the same label.
+
+    Ties with a non-matching item do not hurt (items scored strictly higher are counted), as in
+    pipeline.metrics.best_relevant_rank.
+    """
+    match = np.asarray(query_labels)[:, None] == np.asarray(gallery_labels)[None, :]
+    lonely = np.flatnonzero(~match.any(axis=1))
+    if lonely.size:
+        raise ValueError(f"queries {lonely[:5].tolist()} have no gallery item with their label")
+    best = np.where(match, sim, -np.inf).max(axis=1)
+    return (sim > best[:, None]).sum(axis=1)
+
+
+@dataclass
+class Queries:
+    """The test split's queries: distinct captions (t2i) and images (i2t), with instance and category labels."""
+
+    text: np.ndarray  # (distinct captions, D) L2-normalised
+    caption_label: np.ndarray  # instance label of each distinct caption (its group id)
+    image_label: np.ndarray  # instance label of each image (its caption's group id)
+    caption_category: np.ndarray  # main object of the first image of each distinct caption
+    image_category: np.ndarray  # main object of each image
+
+    @classmethod
+    def build(cls, text: np.ndarray, captions: list[str], categories: np.ndarray) -> "Queries":
+        groups = caption_groups(captions)
+        first, _ = caption_queries(groups)
+        categories = np.asarray(categories)
+        return cls(text=np.asarray(text, np.float32)[first], caption_label=np.arange(len(first)),
+                   image_label=groups, caption_category=categories[first], image_category=categories)
+
+    def ranks(self, images: np.ndarray) -> dict[tuple[str, str], np.ndarray]:
+        """Return {(direction, level): per-query rank of the best relevant item} for a gallery of ``images``."""
+        sim = self.text @ np.asarray(images, np.float32).T  # (captions, images)
+        return {("t2i", "instance"): label_ranks(sim, self.caption_label, self.image_label),
+                ("t2i", "category"): label_ranks(sim, self.caption_category, self.image_category),
+                ("i2t", "instance"): label_ranks(sim.T, self.image_label, self.caption_label),
+                ("i2t", "category"): label_ranks(sim.T, self.image_category, self.caption_category)}
+
+    def hits(self, images: np.ndarray) -> dict[str, np.ndarray]:
+        """Return {"t2i/instance/1": per-query hit (0/1 float), ...} for every direction, level and k in KS."""
+        return {f"{d}/{lv}/{k}": (r < k).astype(np.float64) for (d, lv), r in self.ranks(images).items() for k in KS}
+
+
+def bootstrap_indices(n: int, resamples: int, seed: int = 0) -> np.ndarray:
+    """Return (resamples, n) query indices drawn with replacement: the same draws serve every paired comparison."""
+    return np.random.default_rng(seed).integers(0, n, size=(resamples, n))
+
+
+def paired_diff(a: np.ndarray, b: np.ndarray, idx: np.ndarray) -> dict:
+    """Return mean(a) - mean(b) over the same queries, with the paired-bootstrap 95 % interval (2.5/97.5 %)."""
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    if a.shape != b.shape:
+        raise ValueError(f"paired hits must cover the same queries, got {a.shape} and {b.shape}")
+    boot = (a - b)[idx].mean(axis=1)
+    lo, hi = np.percentile(boot, [2.5, 97.5])
+    return {"diff": float(a.mean() - b.mean()), "lo": float(lo), "hi": float(hi)}
+
+
+def paired_ratio(a: np.ndarray, b: np.ndarray, idx: np.ndarray) -> dict:
+    """Return mean(a) / mean(b) over the same queries, with the paired-bootstrap 95 % interval."""
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    num, den = a[idx].mean(axis=1), b[idx].mean(axis=1)
+    boot = np.divide(num, den, out=np.full_like(num, np.nan), where=den > 0)
+    lo, hi = np.nanpercentile(boot, [2.5, 97.5])
+    return {"ratio": float(a.mean() / b.mean()) if b.mean() else float("nan"), "lo": float(lo), "hi": float(hi)}
+
+
+def same_mix_shuffle(depth: np.ndarray, seed: int) -> np.ndarray:
+    """Return ``depth`` randomly permuted: the same exit counts (so the same GFLOPs), assigned at random."""
+    return np.random.default_rng(seed).permutation(np.asarray(depth))
+
+
+def best_fixed_exit(cost_fraction: float, fixed_costs: dict[int, float]) -> int | None:
+    """Return the deepest fixed exit whose cost (fraction of full depth) is at most ``cost_fraction`` (None: none)."""
+    ok = [e for e, c in fixed_costs.items() if c <= cost_fraction + 1e-9]
+    return max(ok) if ok else None
+
+
+def confidence_policies(ctx: dict, budget: float) -> dict[str, dict]:
+    """Return {policy name: {"depth": test exits (N,), "gflops": mean GFLOPs per image, "router": for timing}}.
+
+    Hook for the confidence exits of issue #20 (confidence heads + ConfidenceRouter): empty until that module
+    exists. ``ctx`` holds the worker, the val/test pixels, keys, scores and per-exit embeddings.
+    """
+    return {}
+
+
+# ------------------------------------------------------------------------------------------------ measuring
+
+
+class KeyRouter:
+    """Routes by a fixed {key: exit} table (timing random routing with an exact mix); needs no scores."""
+
+    kind = "key_table"
+    needs_scores = False
+
+    def __init__(self, keys: list[str], depth: np.ndarray):
+        self.table = dict(zip(keys, np.asarray(depth).tolist()))
+
+    def route(self, scores, keys: list[str]) -> np.ndarray:
+        """Return the tabled exit (int16) of each of ``keys``."""
+        return np.asarray([self.table[k] for k in keys], np.int16)
+
+    def to_dict(self) -> dict:
+        return {"kind": self.kind, "keys": len(self.table)}
+
+
+def summarise(hits: dict[str, np.ndarray]) -> dict[str, float]:
+    return {k: float(v.mean()) for k, v in hits.items()}
+
+
+def evaluate(name: str, policy: str, budget: float | None, depth: np.ndarray, gflops: float, full_gflops: float,
+             exits: list[int], hits: dict[str, np.ndarray], **extra) -> dict:
+    """Return one result row (recall by direction/level/k, GFLOPs, cost fraction, exit mix); hits kept aside."""
+    depth = np.asarray(depth)
+    return {"name": name, "policy": policy, "budget": budget, "recall": summarise(hits), "gflops": gflops,
+            "cost_fraction": gflops / full_gflops, "mix": {str(e): float(np.mean(depth == e)) for e in exits},
+            **extra}
+
+
+def measure_heads(name: str, path: str, ctx: dict, budgets: list[float], a: argparse.Namespace) -> dict:
+    """Return rows and per-query hits of every policy for one heads file."""
+    worker = ModelWorker(ModelSpec(model="demo", heads=path, device="cpu", torch_threads=a.threads))
+    if worker.exits != ctx["exits"]:
+        raise ValueError(f"--heads {name}={path} has exits {worker.exits}, the reference {ctx['exits']}")
+    t = time.perf_counter()
+    emb = embed_all_exits(worker, ctx["test_px"], a.batch_size)
+    embed_s = time.perf_counter() - t
+    exits, gpe, q = ctx["exits"], ctx["gpe"], ctx["queries"]
+    full_g = gpe[exits[-1]]
+    n = len(ctx["test_keys"])
+    rows, hits = [], {}
+
+    def add(key: str, label: str, policy: str, budget, depth, gflops, h=None, **extra):
+        h = q.hits(routed_embeddings(np.asarray(depth), emb)) if h is None else h
+        hits[key] = h
+        rows.append(evaluate(label, policy, budget, depth, gflops, full_g, exits, h, key=key, heads=name, **extra))
+
+    add("full", f"full depth ({exits[-1]} blocks)", "full", None, np.full(n, exits[-1]), full_g)
+    for e in exits[:-1]:
+        add(f"exit{e}", f"fixed exit {e}", "fixed", None, np.full(n, e), gpe[e])
+    ctx_h = {**ctx, "worker": worker, "test_embeddings": emb}
+    for b in budgets:
+        policies = {}
+        try:
+            r = routers.calibrate_budget(ctx["val_scores"], exits, gpe, ctx["scorer_gflops"], b)
+        except ValueError as e:
+            log.info("complexity router at budget %.2f: %s", b, e)
+        else:
+            depth = r.route(ctx["test_scores"])
+            policies["complexity"] = {"depth": depth, "router": r, "scored": True,
+                                      "gflops": float(np.mean([gpe[int(d)] for d in depth])) + ctx["scorer_gflops"],
+                                      "thresholds": r.thresholds}
+        policies.update(confidence_policies(ctx_h, b))
+        for pol, p in policies.items():
+            add(f"{pol}@{b:g}", f"{pol} at budget {b:g}", pol, b, p["depth"], p["gflops"],
+                **({"thresholds": p["thresholds"]} if "thresholds" in p else {}))
+            # Random routing with exactly this policy's exit mix: same tower GFLOPs, no scorer.
+            runs = [q.hits(routed_embeddings(same_mix_shuffle(p["depth"], s), emb)) for s in range(a.random_seeds)]
+            mean_h = {k: np.mean([r[k] for r in runs], axis=0) for k in runs[0]}
+            tower = float(np.mean([gpe[int(d)] for d in p["depth"]]))
+            add(f"random[{pol}]@{b:g}", f"random, {pol}'s mix at budget {b:g}", f"random[{pol}]", b, p["depth"],
+                tower, h=mean_h, shuffles=a.random_seeds)
+            ctx.setdefault("timing_routers", {}).setdefault(name, {})[f"{pol}@{b:g}"] = p
+    return {"rows": rows, "hits": hits, "embed_seconds": embed_s, "path": path,
+            "identity": worker.heads.identity if worker.heads is not None else None}
+
+
+def comparisons(results: dict[str, dict], ctx: dict, idx_by_dir: dict[str, np.ndarray]) -> list[dict]:
+    """Return the paired-bootstrap comparisons of every budgeted row (see the module docstring)."""
+    exits, gpe = ctx["exits"], ctx["gpe"]
+    full_g = gpe[exits[-1]]
+    fixed_costs = {e: gpe[e] / full_g for e in exits}
+    ref = next(iter(results))
+    out = []
+    for hname, res in results.items():
+        hits = res["hits"]
+        for row in res["rows"]:
+            if row["budget"] is None:
+                continue
+            c = {"heads": hname, "key": row["key"], "policy": row["policy"], "budget": row["budget"],
+                 "cost_fraction": row["cost_fraction"]}
+            fe = best_fixed_exit(row["cost_fraction"], fixed_costs)
+            c["best_fixed_exit"] = fe
+            for d in DIRECTIONS:
+                i1, ic = f"{d}/instance/1", f"{d}/category/1"
+                mine, idx = hits[row["key"]], idx_by_dir[d]
+                if fe is not None:
+                    c[f"{d}_vs_fixed"] = paired_diff(mine[i1], hits["full" if fe == exits[-1] else f"exit{fe}"][i1],
+                                                     idx)
+                if not row["policy"].startswith("random"):
+                    c[f"{d}_vs_random"] = paired_diff(mine[i1], hits[f"random[{row['policy']}]@{row['budget']:g}"][i1],
+                                                      idx)
+                c[f"{d}_ratio_full"] = paired_ratio(mine[i1], hits["full"][i1], idx)
+                c[f"{d}_category_vs_full"] = paired_diff(mine[ic], hits["full"][ic], idx)
+                if hname != ref and row["key"] in results[ref]["hits"]:
+                    c[f"{d}_vs_{ref}_heads"] = paired_diff(mine[i1], results[ref]["hits"][row["key"]][i1], idx)
+            out.append(c)
+    return out
+
+
+def time_policies(ctx: dict, a: argparse.Namespace, time_budgets: list[float]) -> dict:
+    """Return images/s of ModelWorker.embed per policy (median of interleaved rounds) and the load during it."""
+    n = min(a.time_images, len(ctx["test_keys"]))
+    px, keys = ctx["test_px"][:n], ctx["test_keys"][:n]
+    spec = ModelSpec(model="demo", device="cpu", torch_threads=a.threads)
+    scored = ModelWorker(spec)  # the complexity router's worker: scores every batch (its cost is in the GFLOPs)
+    plain = ModelWorker(spec)
+    plain.drop_scorer()  # fixed, full and random routing do not score
+    exits = ctx["exits"]
+    jobs = {"full": (plain, routers.FixedRouter(exits[-1]))}
+    for e in exits[:-1]:
+        jobs[f"exit{e}"] = (plain, routers.FixedRouter(e))
+    ref = next(iter(ctx.get("timing_routers", {}).values()), {})
+    for key, p in ref.items():
+        pol, b = key.split("@")
+        if float(b) not in time_budgets:
+            continue
+        if "router" in p:
+            jobs[key] = (scored if p.get("scored") else plain, p["router"])
+        depth = np.asarray(p["depth"])[:n]
+        jobs[f"random[{pol}]@{b}"] = (plain, KeyRouter(keys, same_mix_shuffle(depth, 0)))
+    seconds: dict[str, list[float]] = {k: [] for k in jobs}
+    load_before = load_average()
+    for w in (scored, plain):  # warm-up: first calls allocate
+        w.router = routers.FixedRouter(exits[-1])
+        w.embed(px[:a.batch_size], keys[:a.batch_size])
+    for key in interleaved(list(jobs), a.time_repeats):
+        w, r = jobs[key]
+        w.router = r
+        t0 = time.perf_counter()
+        for i in range(0, n, a.batch_size):
+            w.embed(px[i:i + a.batch_size], keys[i:i + a.batch_size])
+        seconds[key].append(time.perf_counter() - t0)
+    ips = {k: n / median(v) for k, v in seconds.items()}
+    return {"images": n, "repeats": a.time_repeats, "images_per_s": ips,
+            "speedup": {k: v / ips["full"] for k, v in ips.items()},
+            "seconds": seconds, "load_average_before": load_before, "load_average_after": load_average()}
+
+
+def run(a: argparse.Namespace) -> dict:
+    """Measure everything; return the result document."""
+    import torch
+
+    t0 = time.perf_counter()
+    torch.set_num_threads(a.threads)
+    heads = parse_heads(a.heads)
+    budgets = [float(b) for b in a.budgets.split(",") if b.strip()]
+    time_budgets = [float(b) for b in a.time_budgets.split(",") if b.strip()]
+    corpus, doc = ensure_corpus(a.corpus, a.cache_dir)
+    base = ModelWorker(ModelSpec(model="demo", heads=next(iter(heads.values())), device="cpu",
+                                 torch_threads=a.threads))
+    size = base.bundle.image_size
+    test_keys, test_px, test_caps = read_split(corpus, doc, "test", size, a.n_test)
+    val_keys, val_px, _ = read_split(corpus, doc, "val", size, a.n_val)
+    text = models.encode_text(base.bundle, test_caps)
+    categories = main_objects(corpus, "test", test_keys)
+    queries = Queries.build(text, test_caps, categories)
+    ctx = {"exits": base.exits, "gpe": base.gflops_per_exit, "scorer_gflops": base.scorer_gflops,
+           "test_keys": test_keys, "test_px": test_px, "val_keys": val_keys, "val_px": val_px,
+           "val_scores": score_all(base.scorer, val_px, a.batch_size),
+           "test_scores": score_all(base.scorer, test_px, a.batch_size), "queries": queries,
+           "heads": heads, "corpus": corpus}
+    results = {name: measure_heads(name, path, ctx, budgets, a) for name, path in heads.items()}
+    idx = {"t2i": bootstrap_indices(len(queries.text), a.bootstrap, 1),
+           "i2t": bootstrap_indices(len(test_keys), a.bootstrap, 2)}
+    comps = comparisons(results, ctx, idx)
+    timing = time_policies(ctx, a, time_budgets) if a.time_images else None
+    rows = [r for res in results.values() for r in res["rows"]]
+    if timing:
+        for r in rows:
+            if r["heads"] == next(iter(heads)) and r["key"] in timing["images_per_s"]:
+                r["images_per_s"] = timing["images_per_s"][r["key"]]
+                r["speedup"] = timing["speedup"][r["key"]]
+    full_g = base.gflops_per_exit[base.exits[-1]]
+    return {
+        "facts": machine_facts(), "command": "python -m bench.adaptive " + " ".join(a._argv),
+        "corpus": {"path": corpus, "command": doc.get("command"), "test_images": len(test_keys),
+                   "t2i_queries": len(queries.text), "val_images": len(val_keys),
+                   "categories": int(len(set(categories.tolist())))},
+        "model": {"identity": base.bundle.identity, "exits": base.exits,
+                  "gflops_per_exit": {str(k): v for k, v in base.gflops_per_exit.items()},
+                  "full_gflops": full_g, "scorer": base.scorer.identity, "scorer_gflops": base.scorer_gflops},
+        "heads": {k: {"path": v["path"], "identity": v["identity"]} for k, v in results.items()},
+        "budgets": budgets, "bootstrap": a.bootstrap, "random_seeds": a.random_seeds,
+        "confidence_available": any(r["policy"].startswith("confidence") for r in rows),
+        "rows": rows, "comparisons": comps, "timing": timing, "targets": targets(rows, comps),
+        "threads": a.threads, "seconds": time.perf_counter() - t0, "load_average_end": load_average(),
+    }
+
+
+def targets(rows: list[dict], comps: list[dict]) -> dict:
+    """Return the issue's targets, judged per heads and policy, with the numbers they were judged on."""
+    out: dict = {"cost_ratio": [], "ahead": [], "category": []}
+    by_key = {(c["heads"], c["key"]): c for c in comps}
+    for r in rows:
+        if r["budget"] is None or r["policy"].startswith("random"):
+            continue
+        c = by_key[(r["heads"], r["key"])]
+        if r["cost_fraction"] <= TARGET_MAX_COST + 1e-9:
+            out["cost_ratio"].append({"heads": r["heads"], "key": r["key"], "cost_fraction": r["cost_fraction"],
+                                      "t2i": c["t2i_ratio_full"], "i2t": c["i2t_ratio_full"],
+                                      "met": all(c[f"{d}_ratio_full"]["ratio"] >= TARGET_RATIO for d in DIRECTIONS)})
+        if r["budget"] >= TARGET_MIN_BUDGET - 1e-9:
+            ahead = {}
+            for d in DIRECTIONS:
+                for vs in ("fixed", "random"):
+                    x = c.get(f"{d}_vs_{vs}")
+                    ahead[f"{d}_vs_{vs}"] = None if x is None else x["lo"] > 0
+            out["ahead"].append({"heads": r["heads"], "key": r["key"], **ahead})
+        out["category"].append({"heads": r["heads"], "key": r["key"],
+                                **{d: c[f"{d}_category_vs_full"] for d in DIRECTIONS},
+                                "unchanged": all(c[f"{d}_category_vs_full"]["lo"] <= 0 <= c[f"{d}_category_vs_full"]["hi"]
+                                                 for d in DIRECTIONS)})
+    return out
+
+
+# ------------------------------------------------------------------------------------------------ output
+
+
+def _ci(x: dict | None, pct: bool = True) -> str:
+    if x is None:
+        return "—"
+    if "ratio" in x:
+        return f"{100 * x['ratio']:.1f} % [{100 * x['lo']:.1f}, {100 * x['hi']:.1f}]"
+    s = 100 if pct else 1
+    return f"{s * x['diff']:+.1f} [{s * x['lo']:+.1f}, {s * x['hi']:+.1f}]"
+
+
+def format_report(r: dict) -> str:
+    """Return the tables of a result document (markdown)."""
+    f = r["facts"]
+    m = r["model"]
+    lines = [f"# {f['date']}, load average {f['load_average_1_5_15']} at start, {r['load_average_end']} at end, "
+             f"{f['cpu_count']} CPUs, icar {f['git']}, {r['threads']} torch thread(s), {r['seconds']:.0f} s", "",
+             f"Held-out test split: {r['corpus']['test_images']} images, {r['corpus']['t2i_queries']} distinct "
+             f"captions, {r['corpus']['categories']} main-object categories (colour + shape); routers calibrated on "
+             f"{r['corpus']['val_images']} val images. Demo CLIP, exits {m['exits']}, full depth "
+             f"{m['full_gflops']:.4f} GFLOPs/image; scorer {m['scorer']['name']} {m['scorer_gflops']:.5f} GFLOPs. "
+             f"Intervals: paired bootstrap, {r['bootstrap']} resamples of the queries, 95 %.", "",
+             "| heads | policy | GFLOPs ÷ full | exit mix % | t2i R@1 | R@5 | i2t R@1 | R@5 | cat. t2i R@1 | R@5 "
+             "| cat. i2t R@1 | R@5 | images/s | speedup (GFLOP bound) |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for row in r["rows"]:
+        rc = row["recall"]
+        mix = " / ".join(f"{100 * v:.0f}" for v in row["mix"].values())
+        ips = f"{row['images_per_s']:.0f}" if "images_per_s" in row else "—"
+        sp = (f"{row['speedup']:.2f}× ({1 / row['cost_fraction']:.2f}×)" if "speedup" in row
+              else f"({1 / row['cost_fraction']:.2f}×)")
+        lines.append(f"| {row['heads']} | {row['name']} | {row['cost_fraction']:.3f} | {mix} | "
+                     + " | ".join(f"{rc[f'{d}/{lv}/{k}']:.3f}" for lv in LEVELS for d in DIRECTIONS for k in KS)
+                     + f" | {ips} | {sp} |")
+    lines += ["", "Paired differences in recall@1 (percentage points, instance level unless said; [95 % interval]). "
+                  "'vs fixed': minus the deepest fixed exit costing no more than the row (its number in brackets); "
+                  "'vs random': minus random routing with the row's exact exit mix; '% of full': R@1 ÷ full depth's; "
+                  "'cat. vs full': category-level R@1 minus full depth's.", "",
+              "| heads | policy | cost | t2i vs fixed | i2t vs fixed | t2i vs random | i2t vs random | t2i % of full "
+              "| i2t % of full | cat. t2i vs full | cat. i2t vs full | vs first heads (t2i / i2t) |",
+              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for c in r["comparisons"]:
+        other = [k for k in c if k.endswith("_heads")]
+        vs_heads = " / ".join(_ci(c[k]) for k in other) if other else "—"
+        lines.append(f"| {c['heads']} | {c['key']} | {c['cost_fraction']:.3f} | {_ci(c.get('t2i_vs_fixed'))} "
+                     f"(exit {c['best_fixed_exit']}) | {_ci(c.get('i2t_vs_fixed'))} | {_ci(c.get('t2i_vs_random'))} | "
+                     f"{_ci(c.get('i2t_vs_random'))} | {_ci(c['t2i_ratio_full'])} | {_ci(c['i2t_ratio_full'])} | "
+                     f"{_ci(c['t2i_category_vs_full'])} | {_ci(c['i2t_category_vs_full'])} | {vs_heads} |")
+    t = r["targets"]
+    lines += ["", "Targets:"]
+    met = [x for x in t["cost_ratio"] if x["met"]]
+    cheapest = {}
+    for x in met:
+        k = (x["heads"], x["key"].split("@")[0])
+        if k not in cheapest or x["cost_fraction"] < cheapest[k]["cost_fraction"]:
+            cheapest[k] = x
+    lines.append(f"- R@1 >= {100 * TARGET_RATIO:.0f} % of full (t2i and i2t) at <= {TARGET_MAX_COST} of full GFLOPs: "
+                 + ("; ".join(f"{h} {p}: met at {x['cost_fraction']:.3f} ({100 * x['t2i']['ratio']:.1f} % / "
+                              f"{100 * x['i2t']['ratio']:.1f} %)" for (h, p), x in cheapest.items()) or "not met by "
+                    "any policy")
+                 + ". Best ratio per policy at <= 0.80: " + "; ".join(
+                     f"{h} {p}: {100 * x['t2i']['ratio']:.1f} % / {100 * x['i2t']['ratio']:.1f} % at "
+                     f"{x['cost_fraction']:.3f}" for (h, p), x in _best_ratio(t["cost_ratio"]).items()))
+    for x in t["ahead"]:
+        if not x["key"].startswith("confidence"):
+            continue
+        lines.append(f"- {x['heads']} {x['key']}: ahead of best fixed exit (interval > 0) t2i {x['t2i_vs_fixed']}, "
+                     f"i2t {x['i2t_vs_fixed']}; ahead of random same mix t2i {x['t2i_vs_random']}, "
+                     f"i2t {x['i2t_vs_random']}")
+    if not r["confidence_available"]:
+        lines.append("- confidence exits: no confidence policy was available to this run (confidence_policies hook)")
+    bad = [x for x in t["category"] if not x["unchanged"]]
+    lines.append(f"- category-level R@1 unchanged within its interval: {len(t['category']) - len(bad)} of "
+                 f"{len(t['category'])} budgeted rows" + (" (changed: " + ", ".join(
+                     f"{x['heads']} {x['key']}" for x in bad) + ")" if bad else ""))
+    if r["timing"]:
+        tm = r["timing"]
+        lines += ["", f"Timing: ModelWorker.embed on {tm['images']} test images, batch of the run, {tm['repeats']} "
+                      f"interleaved rounds (median), first heads; load average {tm['load_average_before']} before, "
+                      f"{tm['load_average_after']} after."]
+    return "\n".join(lines)
+
+
+def _best_ratio(items: list[dict]) -> dict:
+    best = {}
+    for x in items:
+        k = (x["heads"], x["key"].split("@")[0])
+        score = min(x["t2i"]["ratio"], x["i2t"]["ratio"])
+        if k not in best or score > min(best[k]["t2i"]["ratio"], best[k]["i2t"]["ratio"]):
+            best[k] = x
+    return best
+
+
+STYLE = {"full": ("#000000", "star"), "fixed": ("#555555", "square"), "complexity": ("#1f77b4", "circle"),
+         "random[complexity]": ("#9ecae1", "circle"), "confidence": ("#d62728", "diamond"),
+         "random[confidence]": ("#f4a582", "diamond"), "confidence+complexity": ("#2ca02c", "triangle"),
+         "random[confidence+complexity]": ("#a1d99b", "triangle")}
+
+
+def _marker(kind: str, x: float, y: float, colour: str, filled: bool = True) -> str:
+    fill = colour if filled else "#ffffff"
+    if kind == "square":
+        return f'<rect x="{x - 3.5:.1f}" y="{y - 3.5:.1f}" width="7" height="7" fill="{fill}" stroke="{colour}"/>'
+    if kind == "diamond":
+        return (f'<polygon points="{x:.1f},{y - 5:.1f} {x + 5:.1f},{y:.1f} {x:.1f},{y + 5:.1f} {x - 5:.1f},{y:.1f}" '
+                f'fill="{fill}" stroke="{colour}"/>')
+    if kind == "triangle":
+        return (f'<polygon points="{x:.1f},{y - 5:.1f} {x + 5:.1f},{y + 4:.1f} {x - 5:.1f},{y + 4:.1f}" '
+                f'fill="{fill}" stroke="{colour}"/>')
+    if kind == "star":
+        return f'<circle cx="{x:.1f}" cy="{y:.1f}" r="5" fill="{fill}" stroke="{colour}" stroke-width="2"/>'
+    return f'<circle cx="{x:.1f}" cy="{y:.1f}" r="3.5" fill="{fill}" stroke="{colour}"/>'
+
+
+def plot(r: dict) -> str:
+    """Return a self-contained SVG: recall@1 (t2i and i2t panels) against GFLOPs ÷ full depth, a curve per method
+    and heads (the first heads filled and solid, the others hollow and dashed)."""
+    rows = r["rows"]
+    heads = list(r["heads"])
+    xs = [row["cost_fraction"] for row in rows]
+    xt = ticks(min(xs) - 0.02, 1.02, 6)
+    pw, ph, left, gap, top, bottom, legend = 330, 300, 58, 60, 64, 46, 230
+    w, h = left + 2 * pw + gap + legend, top + ph + bottom
+    f = r["facts"]
+    out = [f'<svg xmlns="http://www.w3.org/2000/svg" viewBox="0 0 {w} {h}" width="{w}" height="{h}" '
+           f'font-family="Helvetica, Arial, sans-serif" font-size="11">',
+           "<title>ICAR adaptive depth: recall@1 vs GFLOPs per method</title>",
+           f'<rect width="{w}" height="{h}" fill="#ffffff"/>',
+           f'<text x="{left}" y="18" font-size="13" font-weight="bold">Demo CLIP, {r["corpus"]["test_images"]} '
+           f'held-out test images: recall@1 vs counted GFLOPs (÷ full depth)</text>',
+           f'<text x="{left}" y="32" fill="#555">{escape(f["date"])}, icar {escape(f["git"])}; one run; heads: '
+           f'{escape(", ".join(heads))} (first: filled/solid, others: hollow/dashed)</text>']
+    for panel, d in enumerate(DIRECTIONS):
+        x0 = left + panel * (pw + gap)
+        ys = [row["recall"][f"{d}/instance/1"] for row in rows]
+        yt = ticks(min(ys) - 0.01, max(ys) + 0.01, 6)
+
+        def X(v, x0=x0):
+            return x0 + (v - xt[0]) / (xt[-1] - xt[0]) * pw
+
+        def Y(v, yt=yt):
+            return top + (1 - (v - yt[0]) / (yt[-1] - yt[0])) * ph
+
+        out.append(f'<text x="{x0 + pw / 2:.1f}" y="{top - 8}" text-anchor="middle" font-weight="bold">'
+                   f'{"text→image" if d == "t2i" else "image→text"} recall@1</text>')
+        for v in yt:
+            out.append(f'<line x1="{x0}" x2="{x0 + pw}" y1="{Y(v):.1f}" y2="{Y(v):.1f}" stroke="#e3e3e3"/>'
+                       f'<text x="{x0 - 5}" y="{Y(v) + 3.5:.1f}" text-anchor="end" fill="#444">{tick_label(v)}</text>')
+        for v in xt:
+            out.append(f'<line x1="{X(v):.1f}" x2="{X(v):.1f}" y1="{top}" y2="{top + ph}" stroke="#f0f0f0"/>'
+                       f'<text x="{X(v):.1f}" y="{top + ph + 15}" text-anchor="middle" fill="#444">'
+                       f'{tick_label(v)}</text>')
+        full = next(row for row in rows if row["policy"] == "full")["recall"][f"{d}/instance/1"]
+        out.append(f'<line x1="{x0}" x2="{x0 + pw}" y1="{Y(TARGET_RATIO * full):.1f}" y2="{Y(TARGET_RATIO * full):.1f}"'
+                   f' stroke="#999" stroke-dasharray="3,3"/><text x="{x0 + 3}" y="{Y(TARGET_RATIO * full) - 3:.1f}" '
+                   f'fill="#777" font-size="9">95 % of full</text>')
+        out.append(f'<line x1="{X(TARGET_MAX_COST):.1f}" x2="{X(TARGET_MAX_COST):.1f}" y1="{top}" y2="{top + ph}" '
+                   f'stroke="#999" stroke-dasharray="3,3"/>')
+        out.append(f'<rect x="{x0}" y="{top}" width="{pw}" height="{ph}" fill="none" stroke="#888"/>')
+        out.append(f'<text x="{x0 + pw / 2:.1f}" y="{h - 12}" text-anchor="middle">GFLOPs per image ÷ full depth '
+                   f'(scorer included)</text>')
+        for hi, hname in enumerate(heads):
+            mine = [row for row in rows if row["heads"] == hname]
+            for pol, (colour, marker) in STYLE.items():
+                pts = sorted((row for row in mine if row["policy"] == pol or (pol == "fixed" and row["policy"]
+                                                                               in ("fixed", "full"))),
+                             key=lambda row: row["cost_fraction"])
+                if pol == "full" or not pts:
+                    continue
+                # Fixed exits are joined only to guide the eye (a point between them is a mixed gallery).
+                dash = ' stroke-dasharray="1,3"' if pol == "fixed" else "" if hi == 0 else ' stroke-dasharray="5,3"'
+                out.append(f'<polyline fill="none" stroke="{colour}" stroke-width="1.5"{dash} points="' + " ".join(
+                    f'{X(p["cost_fraction"]):.1f},{Y(p["recall"][f"{d}/instance/1"]):.1f}' for p in pts) + '"/>')
+                for p in pts:
+                    out.append(_marker(marker, X(p["cost_fraction"]), Y(p["recall"][f"{d}/instance/1"]), colour,
+                                       filled=hi == 0))
+    lx, ly = left + 2 * pw + gap + 10, top + 6
+    for pol, (colour, marker) in STYLE.items():
+        if pol == "full" or not any(row["policy"] == pol for row in rows):
+            continue
+        label = {"fixed": "fixed exits and full depth"}.get(pol, pol.replace("random[", "random, mix of ").rstrip("]"))
+        out.append(_marker(marker, lx, ly, colour))
+        out.append(f'<text x="{lx + 10}" y="{ly + 4}">{escape(label)}</text>')
+        ly += 20
+    out.append("</svg>")
+    return "\n".join(out) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    setup_logging()
+    logging.getLogger("pipeline.model.router").setLevel(logging.WARNING)
+    a = parse_args(argv)
+    a._argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        result = run(a)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"bench.adaptive: error: {e}", file=sys.stderr)
+        return 2
+    print(format_report(result))
+    if a.json:
+        storage.write_json(result, a.json)
+    if a.plot:
+        Path(a.plot).write_text(plot(result))
+        print(f"# figure written to {a.plot}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
