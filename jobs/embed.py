@@ -65,6 +65,9 @@ def build_parser() -> argparse.ArgumentParser:
                          title="runtime and execution")
     add_deprecated_alias(x, "--torch-threads", "--threads", dest="torch_threads", type=positive_int)
     x.add_argument("--batch-size", type=positive_int, default=d.batch_size, help="images per model call")
+    x.add_argument("--decode-device", default=d.decode_device, choices=["cpu", "cuda"],
+                   help="where JPEGs are decoded and resized: cpu (the shard tasks, default) or cuda (nvJPEG on the "
+                        "model actor's GPU; other formats and JPEGs it refuses still decode on CPU)")
     x.add_argument("--image-column", default=d.image_column, help="Parquet column with image bytes (default: auto)")
     x.add_argument("--max-pixels", type=positive_int, default=d.max_pixels, help="larger images are refused as decompression bombs")
     x.add_argument("--max-sample-bytes", type=positive_int, default=d.max_sample_bytes,
@@ -103,6 +106,7 @@ def config_from_args(a: argparse.Namespace) -> EmbedConfig:
                      scorer=a.scorer, scorer_checkpoint=a.scorer_checkpoint, device=a.device,
                      precision=a.precision, torch_threads=a.torch_threads, merge=a.merge)
     return EmbedConfig(inputs=a.inputs, output=a.output, spec=spec, batch_size=a.batch_size,
+                       decode_device=a.decode_device,
                        image_column=a.image_column, max_pixels=a.max_pixels, address=a.address,
                        num_actors=a.num_actors, gpus_per_actor=a.gpus_per_actor, cpus_per_actor=a.cpus_per_actor,
                        decode_tasks=a.decode_tasks, shard_retries=a.shard_retries, shard_timeout_s=a.shard_timeout,

@@ -17,6 +17,9 @@ class EmbedConfig:
     output: str  # run directory (local path or URL)
     spec: ModelSpec = field(default_factory=ModelSpec)
     batch_size: int = 32  # images per model call
+    # Where JPEGs are decoded: "cpu" in the shard tasks (pixels shipped), "cuda" on the model actor's GPU (bytes
+    # shipped, pipeline.model.device_decode; other formats still decoded by the shard tasks).
+    decode_device: str = "cpu"
     image_column: str | None = None  # Parquet image-bytes column; None: auto-detect (jpg, image, bytes, img)
     max_pixels: int = 89_478_485  # decompression-bomb limit per image (PIL's default)
     address: str | None = None  # Ray cluster to join; None: $RAY_ADDRESS, else an embedded local Ray

@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 
 from pipeline.embed.config import EmbedConfig
 from pipeline.io import storage
-from pipeline.io.decode import DecodeConfig, DecodeError, decode_image
+from pipeline.io.decode import DecodeConfig, DecodeError, EncodedBatch, decode_image, probe_jpeg
 from pipeline.io.lock import RootLock, output_lock
 from pipeline.io.readers import expand_inputs, iter_samples
 from pipeline.io.schema import RUN_JSON
@@ -76,6 +76,8 @@ def process_shard(shard, part: int, cfg: EmbedConfig, facts: ModelFacts, submit,
     ``submit(pixels, keys)`` queues a batch at a model and returns a handle; ``fetch(handle)`` returns the
     model's result dict. At most ``cfg.batches_in_flight`` batches are queued, so decoding the next batch
     overlaps with the model working on the previous ones, and memory stays bounded by configuration.
+    With ``cfg.decode_device`` "cuda", JPEGs are not decoded here: ``submit(EncodedBatch, keys)`` ships their
+    bytes (the model's ``embed_encoded``), and the samples its device could not decode come back as errors.
     """
     t0 = time.perf_counter()
     dcfg = DecodeConfig(image_size=facts.image_size, max_pixels=cfg.max_pixels)
@@ -85,6 +87,8 @@ def process_shard(shard, part: int, cfg: EmbedConfig, facts: ModelFacts, submit,
     model_seconds = 0.0
     batch_meta: list = []
     batch_pixels: list[np.ndarray] = []
+    batch_jpegs: list[tuple[int, bytes, object]] = []  # (batch position, bytes, JpegHeader): decoded by the model
+    ship_jpegs = cfg.decode_device != "cpu"
     dim = None
 
     def collect(entry):
@@ -93,6 +97,10 @@ def process_shard(shard, part: int, cfg: EmbedConfig, facts: ModelFacts, submit,
         result = fetch(handle)
         model_seconds += float(result["seconds"])
         dim = result["embedding"].shape[1]
+        if "index" in result:  # decoded by the model: only the rows at "index" were embedded
+            for at, message in result["errors"]:
+                rows.add_error(meta[at][0], "decode", message)
+            meta = [meta[at] for at in result["index"]]
         for key, caption, url, width, height in meta:
             rows.keys.append(key)
             rows.captions.append(caption)
@@ -110,9 +118,21 @@ def process_shard(shard, part: int, cfg: EmbedConfig, facts: ModelFacts, submit,
         if not batch_meta:
             return
         keys = [m[0] for m in batch_meta]
-        in_flight.append((list(batch_meta), submit(np.stack(batch_pixels), keys)))
+        if ship_jpegs:
+            jpeg_at = [j[0] for j in batch_jpegs]
+            shipped = set(jpeg_at)
+            pixels_at = [i for i in range(len(keys)) if i not in shipped]
+            pixels = np.stack(batch_pixels) if batch_pixels else np.zeros((0, dcfg.image_size, dcfg.image_size, 3),
+                                                                             np.uint8)
+            batch = EncodedBatch(size=len(keys), max_pixels=dcfg.max_pixels, jpeg_at=jpeg_at,
+                                 jpegs=[j[1] for j in batch_jpegs], headers=[j[2] for j in batch_jpegs],
+                                 pixels_at=pixels_at, pixels=pixels)
+            in_flight.append((list(batch_meta), submit(batch, keys)))
+        else:
+            in_flight.append((list(batch_meta), submit(np.stack(batch_pixels), keys)))
         batch_meta.clear()
         batch_pixels.clear()
+        batch_jpegs.clear()
         while len(in_flight) > cfg.batches_in_flight:
             collect(in_flight.popleft())
 
@@ -124,6 +144,13 @@ def process_shard(shard, part: int, cfg: EmbedConfig, facts: ModelFacts, submit,
         seen.add(sample.key)
         if sample.error is not None or sample.data is None:
             rows.add_error(sample.key, "read", sample.error or "no image data")
+            continue
+        header = probe_jpeg(sample.data, dcfg) if ship_jpegs else None
+        if header is not None:  # the model decodes it; anything else takes the CPU path below, errors included
+            batch_jpegs.append((len(batch_meta), sample.data, header))
+            batch_meta.append((sample.key, sample.caption, sample.url, header.width, header.height))
+            if len(batch_meta) >= cfg.batch_size:
+                flush()
             continue
         try:
             decoded = decode_image(sample.data, dcfg)
@@ -260,6 +287,10 @@ def _embed_plan(ray, cfg: EmbedConfig, plan: list, manifest: Manifest, summary: 
                 f"{resources['cluster_cpus']:g} CPUs, {resources['cluster_gpus']:g} GPUs "
                 f"(see `ray status`; raise --actor-start-timeout for slow model downloads)") from None
         description = descriptions[0]
+        if cfg.decode_device != "cpu" and not str(description["device"]).startswith("cuda"):
+            raise RuntimeError(f"--decode-device {cfg.decode_device} decodes JPEGs on the model actors' GPU, but they "
+                               f"run on {description['device']} (the cluster has {resources['cluster_gpus']:g} GPUs); "
+                               f"drop --decode-device, or run where the actors get a GPU")
         check_run_identity(cfg.output, description, cfg.storage_options, manifest.rows, cfg.repair)
         run_json = dict(description, inputs=list(cfg.inputs), resources=resources)
         run_json["spec"] = asdict(cfg.spec)
@@ -402,6 +433,9 @@ class ModelActor:
     def embed(self, pixels: np.ndarray, keys: list[str]) -> dict:
         return self.worker.embed(pixels, keys)
 
+    def embed_encoded(self, batch: EncodedBatch, keys: list[str]) -> dict:
+        return self.worker.embed_encoded(batch, keys)
+
 
 class ProgressCounter:
     """Counts images embedded and samples failed across all shard tasks, for the progress bar."""
@@ -429,7 +463,8 @@ def shard_task(shard, part: int, cfg: EmbedConfig, facts: ModelFacts, actor, cou
         # A batch that takes this long means a hung actor: fail the shard (it is retried) instead of waiting.
         return ray.get(ref, timeout=max(600.0, cfg.shard_timeout_s / 4))
 
-    row = process_shard(shard, part, cfg, facts, submit=lambda px, keys: actor.embed.remote(px, keys), fetch=fetch,
+    method = actor.embed if cfg.decode_device == "cpu" else actor.embed_encoded
+    row = process_shard(shard, part, cfg, facts, submit=lambda batch, keys: method.remote(batch, keys), fetch=fetch,
                         on_batch=lambda n: counter.add.remote(n))
     counter.add.remote(0, row["errors"])
     return row

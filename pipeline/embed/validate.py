@@ -367,9 +367,44 @@ def check_output(output: str, inputs: list[str]) -> None:
 # ------------------------------------------------------------------------------------------------- jobs
 
 
+def cuda_device_count() -> int:
+    """Return how many CUDA devices the driver library shows this process (0 without one), without importing torch.
+
+    Asks libcuda itself (cuInit, cuDeviceGetCount), which honours CUDA_VISIBLE_DEVICES as torch does.
+    """
+    import ctypes  # only here: the one check that talks to a shared library
+
+    try:
+        lib = ctypes.CDLL("libcuda.so.1")
+    except OSError:
+        return 0
+    count = ctypes.c_int(0)
+    if lib.cuInit(0) != 0 or lib.cuDeviceGetCount(ctypes.byref(count)) != 0:
+        return 0
+    return int(count.value)
+
+
+def check_decode_device(cfg: EmbedConfig) -> None:
+    """Refuse ``--decode-device cuda`` where the model actors get no GPU: a CPU model, or no CUDA device on a
+    machine whose embedded Ray runs them. (On a cluster, --address, the actors' device is checked once they start.)"""
+    if cfg.decode_device not in ("cpu", "cuda"):
+        raise ArgumentProblem(f"--decode-device {cfg.decode_device}: use cpu (decode in the shard tasks) or cuda "
+                              f"(decode JPEGs on the model actor's GPU)")
+    if cfg.decode_device == "cpu":
+        return
+    if cfg.spec.device == "cpu":
+        raise ArgumentProblem("--decode-device cuda decodes JPEGs on the model's GPU, but --device cpu puts the model "
+                              "on the CPU; drop --decode-device (the default decodes on CPU) or use --device cuda")
+    if cfg.resolved_address() is None and cuda_device_count() == 0:
+        raise ArgumentProblem("--decode-device cuda: this machine has no CUDA device (libcuda finds none), so the "
+                              "model actors run on CPU; drop --decode-device (the default decodes on CPU) or run on a "
+                              "GPU machine")
+
+
 def check_embed(cfg: EmbedConfig) -> None:
     """Refuse, before Ray starts, every `icar embed` value that is known to fail later; raise ArgumentProblem."""
     check_output(cfg.output, list(cfg.inputs))
+    check_decode_device(cfg)
     spec = cfg.spec
     model_cfg = model_config(spec.model, spec.pretrained)
     check_pretrained(spec.model, spec.pretrained)

@@ -134,6 +134,62 @@ def decode_image(data: bytes, cfg: DecodeConfig) -> Decoded:
     return Decoded(pixels=pixels, width=width, height=height)
 
 
+@dataclass
+class JpegHeader:
+    """What a JPEG's header says, read without decoding a pixel: enough to ship its bytes to the model's device."""
+
+    width: int  # after EXIF orientation (what Decoded.width would say)
+    height: int  # after EXIF orientation
+    orientation: int  # EXIF orientation 1..8, applied by the device decoder (pipeline.model.device_decode)
+
+
+@dataclass
+class EncodedBatch:
+    """One batch as a shard task ships it when JPEGs are decoded on the model's device (``--decode-device cuda``).
+
+    Each sample is either JPEG bytes (decoded by the model actor) or pixels the shard task already decoded on
+    its CPU (every image that ``probe_jpeg`` leaves to the CPU path: PNG, WebP, CMYK JPEG, ...).
+    """
+
+    size: int  # samples in the batch; positions 0..size-1 follow the keys the batch is submitted with
+    max_pixels: int  # DecodeConfig.max_pixels, for the actor's CPU fallback on a JPEG its device cannot decode
+    jpeg_at: list[int]  # batch positions of the JPEG samples
+    jpegs: list[bytes]  # their encoded bytes
+    headers: list[JpegHeader]  # their headers (size and EXIF orientation)
+    pixels_at: list[int]  # batch positions of the samples decoded on the CPU
+    pixels: np.ndarray  # uint8 (len(pixels_at), S, S, 3)
+
+
+def probe_jpeg(data: bytes, cfg: DecodeConfig) -> JpegHeader | None:
+    """Return the header of a JPEG that a device decoder can take as it is, or None to leave it to ``decode_image``.
+
+    Taken: baseline or progressive JPEG (not MPO), 8-bit RGB/YCbCr or greyscale, within ``cfg.max_pixels``, with
+    an aspect ratio that ``resize_center_crop`` resizes whole. Everything else (other formats, CMYK, a bad
+    header, a decompression bomb, a 1x5000 banner) returns None: the CPU path decodes it, or writes the error row
+    it always wrote. Reads the header and the EXIF block only (the EXIF block of a JPEG precedes its pixel data).
+    """
+    if not data or not data.startswith(b"\xff\xd8\xff") or "JPEG" not in cfg.formats:
+        return None
+    try:
+        img = _open(data, cfg)
+    except DecodeError:
+        return None
+    try:
+        width, height = img.size
+        if img.format != "JPEG" or img.mode not in ("RGB", "L") or width <= 0 or height <= 0 \
+                or width * height > cfg.max_pixels:
+            return None
+        short, long = min(width, height), max(width, height)
+        if int(cfg.image_size * long / short) > _MAX_INTERMEDIATE_FACTOR * cfg.image_size:
+            return None  # the CPU path resamples only the crop of such images; the device path resizes whole ones
+        orientation = _orientation(img)
+    finally:
+        img.close()
+    if orientation in _SWAPPING_ORIENTATIONS:
+        width, height = height, width
+    return JpegHeader(width=width, height=height, orientation=orientation)
+
+
 def to_rgb(img: Image.Image) -> Image.Image:
     """Return ``img`` as an 8-bit RGB image (alpha composited on white, 16-bit and float data scaled, not clipped).
 

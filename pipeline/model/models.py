@@ -402,12 +402,17 @@ def encode_text(bundle: ClipBundle, texts: list[str], batch_size: int = 256) -> 
     return out
 
 
-def pixels_to_tensor(bundle: ClipBundle, pixels_uint8: np.ndarray, device: str | None = None,
+def pixels_to_tensor(bundle: ClipBundle, pixels_uint8: np.ndarray | torch.Tensor, device: str | None = None,
                      dtype: torch.dtype = torch.float32, channels_last: bool = False) -> torch.Tensor:
     """Return the normalised float tensor (N, 3, S, S) for decoded uint8 pixels (N, S, S, 3): /255, then (x-mean)/std.
 
-    The uint8 batch moves to ``device`` first (4x fewer bytes over PCIe than floats), then is converted there.
+    The uint8 batch moves to ``device`` first (4x fewer bytes over PCIe than floats), then is converted there. A
+    uint8 tensor (pixels decoded on the model's device, pipeline.model.device_decode) is taken where it lies.
     """
+    if isinstance(pixels_uint8, torch.Tensor) and pixels_uint8.dtype == torch.uint8 and pixels_uint8.ndim == 4 \
+            and pixels_uint8.shape[-1] == 3 and tuple(pixels_uint8.shape[1:3]) == (bundle.image_size,) * 2:
+        x = pixels_uint8.to(device or pixels_uint8.device, non_blocking=True)
+        return _normalise(bundle, x, dtype, channels_last)
     if not isinstance(pixels_uint8, np.ndarray) or pixels_uint8.dtype != np.uint8 or pixels_uint8.ndim != 4 \
             or pixels_uint8.shape[-1] != 3:
         raise ValueError(f"pixels must be a uint8 array (N, S, S, 3), got "
@@ -419,6 +424,11 @@ def pixels_to_tensor(bundle: ClipBundle, pixels_uint8: np.ndarray, device: str |
     if not pixels_uint8.flags.writeable:  # Ray's object-store views: torch warns on sharing read-only memory
         pixels_uint8 = pixels_uint8.copy()
     x = torch.from_numpy(np.ascontiguousarray(pixels_uint8)).to(device or "cpu", non_blocking=True)
+    return _normalise(bundle, x, dtype, channels_last)
+
+
+def _normalise(bundle: ClipBundle, x: torch.Tensor, dtype: torch.dtype, channels_last: bool) -> torch.Tensor:
+    """Return uint8 pixels ``x`` (N, S, S, 3) as the model's normalised input (N, 3, S, S), on x's device."""
     x = x.permute(0, 3, 1, 2).to(torch.float32).div_(255.0)
     mean = torch.tensor(bundle.mean, dtype=torch.float32, device=x.device).view(1, 3, 1, 1)
     std = torch.tensor(bundle.std, dtype=torch.float32, device=x.device).view(1, 3, 1, 1)

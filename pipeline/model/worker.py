@@ -15,6 +15,8 @@ import numpy as np
 import torch
 
 from pipeline import __version__
+from pipeline.io.decode import EncodedBatch
+from pipeline.model import device_decode
 from pipeline.model import encoder as enc
 from pipeline.model import flops, models, scorer
 from pipeline.model import router as routers
@@ -251,3 +253,23 @@ class ModelWorker:
             "gflops": gflops,
             "seconds": time.perf_counter() - t0,
         }
+
+    @torch.inference_mode()
+    def embed_encoded(self, batch: EncodedBatch, keys: list[str]) -> dict:
+        """Return ``embed``'s result for the samples of ``batch`` that decode on this worker's device, plus
+        "index" (their batch positions) and "errors" ((position, message) of the others; stage "decode").
+
+        JPEG bytes are decoded here, on the model's device (``icar embed --decode-device cuda``); samples the shard
+        task already decoded on its CPU come as pixels. ``seconds`` includes the decoding.
+        """
+        t0 = time.perf_counter()
+        decoded = device_decode.decode_batch(batch, self.bundle.image_size, self.device)
+        if decoded.index:
+            result = self.embed(decoded.pixels, [keys[i] for i in decoded.index])
+        else:  # every sample failed to decode: nothing to embed, the errors are the whole answer
+            result = {"embedding": np.zeros((0, self.bundle.embed_dim), np.float16),
+                      "complexity": np.zeros(0, np.float32), "exit_layer": np.zeros(0, np.int16),
+                      "gflops": np.zeros(0, np.float32)}
+        result.update(index=decoded.index, errors=decoded.errors, decode_seconds=decoded.seconds,
+                      decode_fallbacks=decoded.fallbacks, seconds=time.perf_counter() - t0)
+        return result
