@@ -1,8 +1,8 @@
 """`make demo`: the whole pipeline offline on a fresh machine, with the shipped demo model, in a few minutes.
 
 Makes a seeded demo corpus, embeds it with the demo CLIP + scorer + calibrated router (`icar embed`), builds
-the index (`icar index`), runs a few text queries (`icar search`) and prints the cost report's summary
-(`icar report`). Every step is the real job, called in one process that shares one embedded Ray instance.
+the index (`icar index`), runs a few text queries (`icar search`, which also writes their results as one page,
+OUTPUT/search.html) and prints the cost report's summary (`icar report`). Every step is the real job, called in one process that shares one embedded Ray instance.
 """
 
 from __future__ import annotations
@@ -58,15 +58,16 @@ def main(argv: list[str] | None = None) -> int:
     rc = index.main([run, "--output", idx, *quiet])
     if rc:
         return rc
-    for q in QUERIES:
-        step(f'icar search {idx} "{q}" -k 5')
-        rc = search.main([idx, q, "-k", "5"])
-        if rc:
-            return rc
+    page = os.path.join(out, "search.html")
+    step(f"icar search {idx} " + " ".join(f'"{q}"' for q in QUERIES) + f" -k 5 --html {page}")
+    rc = search.main([idx, *QUERIES, "-k", "5", "--html", page])
+    if rc:
+        return rc
     step(f"icar report {run}")
     rc = report.main([run, "--output", os.path.join(out, "report")])
-    print(f"\ndemo finished in {time.perf_counter() - t0:.0f}s; outputs under {out}/ "
-          f"(open {out}/report/report.html)")
+    print(f"\nsearch results page: {page}")
+    print(f"demo finished in {time.perf_counter() - t0:.0f}s; outputs under {out}/ "
+          f"(open {page} and {out}/report/report.html)")
     return rc
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import shutil
 import sys
 import unicodedata
@@ -15,10 +16,13 @@ from pipeline.io.storage import CorruptFileError
 from pipeline.logs import setup_logging
 from pipeline.model.models import ModelLoadError
 from pipeline.reindex.root import INDEXES, LATEST, resolve_latest
+from pipeline.report.gallery import Panel, Tile, add_thumbnails, thumbnail, write_gallery
 from pipeline.runtime import resolve_device
 
 from jobs.common import (HelpFormatter, add_logging_args, add_runtime_args, add_storage_args, apply_logging,
                          set_torch_threads)
+
+log = logging.getLogger(__name__)
 
 EXAMPLES = """
 The text is encoded by the text tower of the model named in IDX/index.json (its weights hash is checked),
@@ -28,6 +32,7 @@ examples:
   icar search idx/demo "a red bicycle" -k 5
   icar search idx/demo "a red bicycle" "a bowl of apples" --json        # one JSON document per query
   icar search idx/demo --image photo.jpg --nprobe 64
+  icar search idx/demo "a red bicycle" -k 24 --html results.html         # look at the results: one page
   icar search s3://bucket/icar/laion-l14 "a red bicycle"                  # a reindex root: follows indexes/LATEST
 """
 
@@ -40,6 +45,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-k", type=int, default=10, help="results per query (1..100000; at most the index's vectors)")
     p.add_argument("--nprobe", type=int, default=None, help="inverted lists to visit (default: the tuned value in index.json)")
     p.add_argument("--json", action="store_true", help="JSON for machines instead of a table")
+    p.add_argument("--html", metavar="PATH", default=None,
+                   help="also write one self-contained page (local path or URL): per query its text or image, then "
+                        "the top-k images as thumbnails read back from their source shards, with key, score, exit "
+                        "depth, complexity and caption")
     add_runtime_args(p, device_help="device of the query encoder",
                      threads_help="CPU threads of the query encoder (default: torch's choice)")
     add_storage_args(p)
@@ -103,6 +112,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"icar search: error: {e}", file=sys.stderr)
         return 2
     set_torch_threads(args.threads)
+    failed = False
     try:
         index_dir = resolve_index_dir(args.index, args.storage_options)
         with Searcher(index_dir, device=resolve_device(args.device), nprobe=args.nprobe,
@@ -112,6 +122,14 @@ def main(argv: list[str] | None = None) -> int:
                 results += list(zip(args.texts, searcher.search_text(args.texts, args.k)))
             if args.image:
                 results += list(zip(args.image, searcher.search_image(args.image, args.k)))
+            if args.html:
+                try:
+                    write_html(args.html, searcher, results, len(args.texts), args.storage_options)
+                except OSError as e:  # the results are printed below all the same
+                    print(f"icar search: error: cannot write --html {args.html}: {type(e).__name__}: {e}",
+                          file=sys.stderr)
+                    args.html = None
+                    failed = True
     except (CorruptFileError, FileNotFoundError, ValueError, ModelLoadError) as e:  # bad paths, damaged index
         # files, images, mismatched models
         print(f"icar search: error: {e}", file=sys.stderr)
@@ -121,7 +139,38 @@ def main(argv: list[str] | None = None) -> int:
             print(json.dumps({"query": query, "hits": [h.to_dict() for h in hits]}))
     else:
         print("\n\n".join(format_table(q, hits) for q, hits in results))
-    return 0
+    if args.html:
+        print(f"icar search: wrote {args.html}", file=sys.stderr)
+    return 2 if failed else 0
+
+
+def write_html(url: str, searcher: Searcher, results: list, n_texts: int, storage_options: dict) -> str:
+    """Write the results page (pipeline.report.gallery) for ``results`` (text queries first); return its URL."""
+    hits = [h for _, found in results for h in found]
+    details = iter(searcher.row_details(hits))
+    panels = []
+    for i, (query, found) in enumerate(results):
+        panel = Panel(query=query, kind="text" if i < n_texts else "image")
+        for h in found:
+            d = next(details) or {}
+            panel.tiles.append(Tile(key=h.key, score=h.score, source=h.source, caption=h.caption,
+                                    exit_layer=d.get("exit_layer"), complexity=d.get("complexity")))
+        if panel.kind == "image":
+            try:
+                panel.query_thumbnail = thumbnail(storage.read_bytes(query, storage_options or None))
+            except (OSError, ValueError) as e:  # it was encoded a moment ago; a page without it is still useful
+                panel.query_problem = f"{type(e).__name__}: {e}"
+        panels.append(panel)
+    add_thumbnails(panels, storage_options or None)
+    model = searcher.info.get("model", {})
+    meta = f"model {model.get('name', '?')}" + (f" ({model['pretrained']})" if model.get("pretrained") else "")
+    write_gallery(url, panels, searcher.index_dir, meta, storage_options or None)
+    shown = sum(t.thumbnail is not None for p in panels for t in p.tiles)
+    missing = [t for p in panels for t in p.tiles if t.thumbnail is None]
+    if missing:
+        log.warning("%d of %d result images could not be shown, e.g. %s: %s", len(missing), shown + len(missing),
+                    missing[0].key, missing[0].problem)
+    return url
 
 
 if __name__ == "__main__":

@@ -25,6 +25,7 @@ from pipeline.index.faiss_ops import (
     set_search_params,
 )
 from pipeline.index.layout import IDS_FILE, INDEX_FILE, INDEX_JSON
+from pipeline.index.read import open_parquet, plan_runs
 from pipeline.io import storage
 from pipeline.io.decode import DecodeConfig, decode_image
 from pipeline.io.schema import model_key
@@ -119,6 +120,7 @@ class Searcher:
         self.index_dir = index_dir.rstrip("/")
         self.device = device
         so = storage_options or None
+        self.storage_options = so
         json_url = storage.join(self.index_dir, INDEX_JSON)
         if not storage.exists(json_url, so):
             raise FileNotFoundError(f"{self.index_dir} has no {INDEX_JSON}: not an index directory, or its build did "
@@ -223,6 +225,56 @@ class Searcher:
                 rows = self.ids.rows(irow[keep])
                 out.append([Hit(key=r["key"], score=float(s), caption=r["caption"], url=r["url"],
                                 source=r["source"], row_id=int(i)) for r, s, i in zip(rows, srow[keep], irow[keep])])
+        return out
+
+    def row_details(self, hits: list[Hit], columns: tuple[str, ...] = ("exit_layer", "complexity")) -> list[dict | None]:
+        """Return, per hit, ``columns`` of its row in the run shards the index was built from; None where unknown.
+
+        Row ids number the runs' committed rows in build order (index.json "runs", part by part), so a hit's row
+        is found without a scan; its key is checked, and a run that moved, changed or cannot be read since the
+        build gives None (with a warning) rather than another image's numbers.
+        """
+        out: list[dict | None] = [None] * len(hits)
+        runs = [r["path"] for r in self.info.get("runs", []) if isinstance(r, dict) and r.get("path")]
+        if not hits or not runs:
+            return out
+        try:
+            plan = plan_runs(runs, self.storage_options)
+        except (OSError, ValueError) as e:
+            log.warning("exit depth and complexity not shown: the runs this index was built from cannot be read "
+                        "(%s: %s)", type(e).__name__, e)
+            return out
+        firsts = np.array([sh.first_id for sh in plan.shards], dtype=np.int64)
+        per_shard: dict[int, list[int]] = {}
+        for i, h in enumerate(hits):
+            if 0 <= h.row_id < plan.ntotal:
+                per_shard.setdefault(int(np.searchsorted(firsts, h.row_id, side="right") - 1), []).append(i)
+        stale = 0
+        for s, idx in per_shard.items():
+            shard = plan.shards[s]
+            try:
+                f, pf = open_parquet(shard.url, self.storage_options)
+                with f:
+                    sizes = [pf.metadata.row_group(g).num_rows for g in range(pf.num_row_groups)]
+                    starts = np.concatenate([[0], np.cumsum(sizes)])
+                    groups: dict[int, dict] = {}
+                    for i in idx:
+                        local = hits[i].row_id - shard.first_id
+                        g = int(np.searchsorted(starts, local, side="right") - 1)
+                        if g not in groups:
+                            table = pf.read_row_group(g, columns=["key", *columns])
+                            groups[g] = {c: table.column(c).to_pylist() for c in table.column_names}
+                        row = {c: v[local - int(starts[g])] for c, v in groups[g].items()}
+                        if row.pop("key") == hits[i].key:
+                            out[i] = row
+                        else:
+                            stale += 1
+            except (OSError, ValueError, pa.ArrowException) as e:
+                log.warning("exit depth and complexity not shown for rows of %s (%s: %s)", shard.url,
+                            type(e).__name__, e)
+        if stale:
+            log.warning("exit depth and complexity not shown for %d result(s): their runs changed since the index was "
+                        "built (rebuild it with `icar index`)", stale)
         return out
 
     def encode_text(self, texts: list[str]) -> np.ndarray:
