@@ -2,7 +2,8 @@
 
 Makes a seeded demo corpus, embeds it with the demo CLIP + scorer + calibrated router (`icar embed`), builds
 the index (`icar index`), runs a few text queries (`icar search`, which also writes their results as one page,
-OUTPUT/search.html) and prints the cost report's summary (`icar report`). Every step is the real job, called in one process that shares one embedded Ray instance.
+OUTPUT/search.html) and prints the cost report's summary (`icar report`). Every step is the real job, called in
+one process that shares one embedded Ray instance.
 """
 
 from __future__ import annotations

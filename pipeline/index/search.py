@@ -227,7 +227,8 @@ class Searcher:
                                 source=r["source"], row_id=int(i)) for r, s, i in zip(rows, srow[keep], irow[keep])])
         return out
 
-    def row_details(self, hits: list[Hit], columns: tuple[str, ...] = ("exit_layer", "complexity")) -> list[dict | None]:
+    def row_details(self, hits: list[Hit],
+                    columns: tuple[str, ...] = ("exit_layer", "complexity")) -> list[dict | None]:
         """Return, per hit, ``columns`` of its row in the run shards the index was built from; None where unknown.
 
         Row ids number the runs' committed rows in build order (index.json "runs", part by part), so a hit's row

@@ -24,7 +24,8 @@ faiss = pytest.importorskip("faiss")
 torch = pytest.importorskip("torch")
 
 from PIL import Image  # noqa: E402
-from zoo import ShardSample, make_corpus, tar_bytes, write_image_folder, write_parquet_shard, write_tar_shard  # noqa: E402
+from zoo import (ShardSample, make_corpus, tar_bytes, write_image_folder, write_parquet_shard,  # noqa: E402
+                 write_tar_shard)
 
 from jobs import search as search_job  # noqa: E402
 from pipeline.index.build import IndexConfig, build_index  # noqa: E402
