@@ -117,6 +117,8 @@ def main(argv: list[str] | None = None) -> int:
         index_dir = resolve_index_dir(args.index, args.storage_options)
         with Searcher(index_dir, device=resolve_device(args.device), nprobe=args.nprobe,
                       storage_options=args.storage_options) as searcher:
+            if searcher.random_weights:  # `--model ViT-B-32` without --pretrained: said before any result
+                log.warning("%s", searcher.random_weights_warning())
             results = []
             if args.texts:
                 results += list(zip(args.texts, searcher.search_text(args.texts, args.k)))
@@ -164,7 +166,8 @@ def write_html(url: str, searcher: Searcher, results: list, n_texts: int, storag
     add_thumbnails(panels, storage_options or None)
     model = searcher.info.get("model", {})
     meta = f"model {model.get('name', '?')}" + (f" ({model['pretrained']})" if model.get("pretrained") else "")
-    write_gallery(url, panels, searcher.index_dir, meta, storage_options or None)
+    warning = searcher.random_weights_warning() if searcher.random_weights else None
+    write_gallery(url, panels, searcher.index_dir, meta, storage_options or None, warning=warning)
     shown = sum(t.thumbnail is not None for p in panels for t in p.tiles)
     missing = [t for p in panels for t in p.tiles if t.thumbnail is None]
     if missing:

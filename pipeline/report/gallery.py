@@ -171,6 +171,8 @@ figure img,.missing{display:block;width:100%;aspect-ratio:1;object-fit:cover;bor
   padding:8px;box-sizing:border-box;overflow-wrap:anywhere}
 figcaption{font-size:12px;margin-top:6px} .key{font-weight:600;overflow-wrap:anywhere}
 .nums{color:#3a4150;font-variant-numeric:tabular-nums} .cap{color:#5b6270;overflow-wrap:anywhere}
+.warning{background:#fdecee;border:1px solid #d1495b;color:#8a2b36;padding:10px 12px;border-radius:6px;
+  font-weight:600;overflow-wrap:anywhere}
 """
 
 
@@ -201,10 +203,12 @@ def _panel(p: Panel) -> str:
     return f'<section>{head}<div class="grid">{tiles}</div></section>'
 
 
-def render_gallery(panels: Iterable[Panel], index: str, meta: str = "") -> str:
-    """Return the page: a header naming the index, then per query its text (or image) and the grid of results."""
+def render_gallery(panels: Iterable[Panel], index: str, meta: str = "", warning: str | None = None) -> str:
+    """Return the page: a header naming the index (and ``warning`` above all, e.g. random weights), then per query
+    its text (or image) and the grid of results."""
     when = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-    body = "".join(_panel(p) for p in panels)
+    body = (f'<p class="warning" role="alert">{escape(warning)}</p>' if warning else "") + \
+        "".join(_panel(p) for p in panels)
     return ("<!DOCTYPE html><html lang=\"en\"><head><meta charset=\"utf-8\">"
             '<meta name="viewport" content="width=device-width,initial-scale=1">'
             f"<title>icar search: {escape(index)}</title><style>{_CSS}</style></head><body>"
@@ -215,7 +219,7 @@ def render_gallery(panels: Iterable[Panel], index: str, meta: str = "") -> str:
 
 
 def write_gallery(url: str, panels: list[Panel], index: str, meta: str = "",
-                  storage_options: dict | None = None) -> str:
+                  storage_options: dict | None = None, warning: str | None = None) -> str:
     """Write the page to ``url`` (a local path or fsspec URL) in one piece; return ``url``."""
-    storage.atomic_write_bytes(url, render_gallery(panels, index, meta).encode("utf-8"), storage_options)
+    storage.atomic_write_bytes(url, render_gallery(panels, index, meta, warning).encode("utf-8"), storage_options)
     return url

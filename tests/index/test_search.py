@@ -205,3 +205,22 @@ def test_cli_follows_latest_of_a_reindex_root(index_dir, tmp_path, capsys):
     (root / "indexes" / "LATEST").write_text(json.dumps({"version": "v0001"}))
     assert search_job.main([str(root), "caption of img002", "-k", "1", "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["hits"][0]["key"].startswith("img")
+
+
+def test_search_warns_when_the_index_was_embedded_with_random_weights(index_dir, tiny, corpus, tmp_path, caplog,
+                                                                       capsys):
+    """`--model X` without --pretrained embeds with a seeded random init: search says so, a checkpoint does not."""
+    page = tmp_path / "r.html"
+    assert search_job.main([str(index_dir), "caption of img002", "-k", "1", "--html", str(page)]) == 0
+    words = "was embedded with random weights (model tiny, pretrained none, seed 0)"
+    assert words in caplog.text and "--pretrained TAG" in caplog.text
+    assert words in page.read_text(encoding="utf-8")  # the page says it above the results too
+    caplog.clear()
+    checkpoint = tmp_path / "tiny.pt"
+    torch.save(tiny.model.state_dict(), checkpoint)
+    trained = models.bundle_from_config(copy.deepcopy(TINY), name="tiny", weights=str(checkpoint))
+    run = make_run(str(tmp_path / "run"), corpus.astype(np.float16), shards=1, model=trained.identity)
+    build_index(IndexConfig(runs=[run], output=str(tmp_path / "idx"), workers=1, threads=1, queries=10,
+                            text_queries=False, progress=False))
+    assert search_job.main([str(tmp_path / "idx"), "caption of img002", "-k", "1"]) == 0
+    assert "random weights" not in caplog.text + capsys.readouterr().err
