@@ -95,6 +95,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="budgets whose policies are timed (fixed depths always are)")
     p.add_argument("--batch-size", type=int, default=128, help="images per model call")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads")
+    p.add_argument("--precision", default="fp32",
+                   help="model precision (ModelSpec.precision); fp32 by default so that the recall figures do not "
+                        "depend on whether this CPU computes bfloat16 natively")
     p.add_argument("--json", default=None, help="also write every number here")
     p.add_argument("--plot", default=None, help="write the recall@1-vs-GFLOPs figure (SVG) here")
     return p.parse_args(argv)
@@ -272,7 +275,8 @@ def evaluate(name: str, policy: str, budget: float | None, depth: np.ndarray, gf
 
 def measure_heads(name: str, path: str, ctx: dict, budgets: list[float], a: argparse.Namespace) -> dict:
     """Return rows and per-query hits of every policy for one heads file."""
-    worker = ModelWorker(ModelSpec(model="demo", heads=path, device="cpu", torch_threads=a.threads))
+    worker = ModelWorker(ModelSpec(model="demo", heads=path, device="cpu", torch_threads=a.threads,
+                                   precision=a.precision))
     if worker.exits != ctx["exits"]:
         raise ValueError(f"--heads {name}={path} has exits {worker.exits}, the reference {ctx['exits']}")
     t = time.perf_counter()
@@ -361,7 +365,7 @@ def time_policies(ctx: dict, a: argparse.Namespace, time_budgets: list[float]) -
     """Return images/s of ModelWorker.embed per policy (median of interleaved rounds) and the load during it."""
     n = min(a.time_images, len(ctx["test_keys"]))
     px, keys = ctx["test_px"][:n], ctx["test_keys"][:n]
-    spec = ModelSpec(model="demo", device="cpu", torch_threads=a.threads)
+    spec = ModelSpec(model="demo", device="cpu", torch_threads=a.threads, precision=a.precision)
     scored = ModelWorker(spec)  # the complexity router's worker: scores every batch (its cost is in the GFLOPs)
     plain = ModelWorker(spec)
     plain.drop_scorer()  # fixed, full and random routing do not score
@@ -407,7 +411,7 @@ def run(a: argparse.Namespace) -> dict:
     time_budgets = [float(b) for b in a.time_budgets.split(",") if b.strip()]
     corpus, doc = ensure_corpus(a.corpus, a.cache_dir)
     base = ModelWorker(ModelSpec(model="demo", heads=next(iter(heads.values())), device="cpu",
-                                 torch_threads=a.threads))
+                                 torch_threads=a.threads, precision=a.precision))
     size = base.bundle.image_size
     test_keys, test_px, test_caps = read_split(corpus, doc, "test", size, a.n_test)
     val_keys, val_px, _ = read_split(corpus, doc, "val", size, a.n_val)
@@ -443,7 +447,8 @@ def run(a: argparse.Namespace) -> dict:
         "budgets": budgets, "bootstrap": a.bootstrap, "random_seeds": a.random_seeds,
         "confidence_available": any(r["policy"].startswith("confidence") for r in rows),
         "rows": rows, "comparisons": comps, "timing": timing, "targets": targets(rows, comps),
-        "threads": a.threads, "seconds": time.perf_counter() - t0, "load_average_end": load_average(),
+        "threads": a.threads, "precision": a.precision, "seconds": time.perf_counter() - t0,
+        "load_average_end": load_average(),
     }
 
 
@@ -466,9 +471,8 @@ def targets(rows: list[dict], comps: list[dict]) -> dict:
         if r["budget"] is not None and r["budget"] >= TARGET_MIN_BUDGET - 1e-9:
             out["ahead"].append({**base, **{f"{d}_vs_{vs}": c.get(f"{d}_vs_{vs}") for d in DIRECTIONS
                                             for vs in ("fixed", "random")}})
-        out["category"].append({**base, **{d: c[f"{d}_category_vs_full"] for d in DIRECTIONS},
-                                "unchanged": all(c[f"{d}_category_vs_full"]["lo"] <= 0 <= c[f"{d}_category_vs_full"]["hi"]
-                                                 for d in DIRECTIONS)})
+        cat = {d: c[f"{d}_category_vs_full"] for d in DIRECTIONS}
+        out["category"].append({**base, **cat, "unchanged": all(x["lo"] <= 0 <= x["hi"] for x in cat.values())})
     return out
 
 
@@ -487,9 +491,9 @@ def target_lines(t: dict) -> list[str]:
         else:
             x = max(xs, key=lambda x: min(x["t2i"]["ratio"], x["i2t"]["ratio"]))
             gap = [100 * (TARGET_RATIO - x[d]["ratio"]) for d in DIRECTIONS]
-            lines.append(f"- {h} {p}: R@1 >= {100 * TARGET_RATIO:.0f} % of full at <= {TARGET_MAX_COST} × full GFLOPs: "
-                         f"MISSED; best point {x['cost_fraction']:.3f}: t2i {_ci(x['t2i'])}, i2t {_ci(x['i2t'])} "
-                         f"(short by {max(gap[0], 0):.1f} / {max(gap[1], 0):.1f} points)")
+            lines.append(f"- {h} {p}: R@1 >= {100 * TARGET_RATIO:.0f} % of full at <= {TARGET_MAX_COST} × full "
+                         f"GFLOPs: MISSED; best point {x['cost_fraction']:.3f}: t2i {_ci(x['t2i'])}, "
+                         f"i2t {_ci(x['i2t'])} (short by {max(gap[0], 0):.1f} / {max(gap[1], 0):.1f} points)")
     ahead: dict[tuple, list[dict]] = {}
     for x in t["ahead"]:
         ahead.setdefault((x["heads"], x["policy"]), []).append(x)
@@ -497,9 +501,11 @@ def target_lines(t: dict) -> list[str]:
         for vs in ("fixed", "random"):
             ok = [x for x in xs if all(x[f"{d}_vs_{vs}"] is not None and x[f"{d}_vs_{vs}"]["lo"] > 0
                                        for d in DIRECTIONS)]
-            worst = {d: min(xs, key=lambda x: x[f"{d}_vs_{vs}"]["diff"] if x[f"{d}_vs_{vs}"] else 9) for d in DIRECTIONS}
-            lines.append(f"- {h} {p} ahead of {'the best fixed exit at equal GFLOPs' if vs == 'fixed' else 'random routing with the same mix'}"
-                         f" (interval above 0, both directions) at budgets >= {TARGET_MIN_BUDGET}: {len(ok)} of {len(xs)}"
+            worst = {d: min(xs, key=lambda x: x[f"{d}_vs_{vs}"]["diff"] if x[f"{d}_vs_{vs}"] else 9)
+                     for d in DIRECTIONS}
+            what = "the best fixed exit at equal GFLOPs" if vs == "fixed" else "random routing with the same mix"
+            lines.append(f"- {h} {p} ahead of {what} (interval above 0, both directions) at budgets >= "
+                         f"{TARGET_MIN_BUDGET}: {len(ok)} of {len(xs)}"
                          + ("" if len(ok) == len(xs) else "; worst t2i " + f"{worst['t2i']['key']} "
                             f"{_ci(worst['t2i'][f't2i_vs_{vs}'])}, worst i2t {worst['i2t']['key']} "
                             f"{_ci(worst['i2t'][f'i2t_vs_{vs}'])} points"))
@@ -533,7 +539,8 @@ def format_report(r: dict) -> str:
     f = r["facts"]
     m = r["model"]
     lines = [f"# {f['date']}, load average {f['load_average_1_5_15']} at start, {r['load_average_end']} at end, "
-             f"{f['cpu_count']} CPUs, icar {f['git']}, {r['threads']} torch thread(s), {r['seconds']:.0f} s", "",
+             f"{f['cpu_count']} CPUs, icar {f['git']}, {r['threads']} torch thread(s), {r['precision']}, "
+             f"{r['seconds']:.0f} s", "",
              f"Held-out test split: {r['corpus']['test_images']} images, {r['corpus']['t2i_queries']} distinct "
              f"captions, {r['corpus']['categories']} main-object categories (colour + shape); routers calibrated on "
              f"{r['corpus']['val_images']} val images. Demo CLIP, exits {m['exits']}, full depth "
