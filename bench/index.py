@@ -4,14 +4,20 @@ What it measures, for each tool on the same corpus and the same fresh queries (d
 distribution, not in it): build time per phase, peak memory, bytes per vector on disk, and recall@10 vs
 exact (brute-force) search, at icar's tuned nprobe and at a fixed list of nprobes for a like-for-like view.
 
-    .venv/bin/python bench/index.py                          # 200k x 512 in a 20M budget, autofaiss beside it
+    .venv/bin/python bench/index.py                          # 200k x 512 in a 20M budget, autofaiss beside it,
+                                                             # on 200 and on 3000 clusters, one after the other
+    .venv/bin/python bench/index.py --clusters 3000 --autofaiss-choice own   # autofaiss picks its own index
     .venv/bin/python bench/index.py --n 50000 --no-autofaiss # quick look
+
+Latency is reported at each tool's own nprobe (icar's tuned one; autofaiss's tuned or --autofaiss-nprobe): ms per
+query in one batch of all queries, and the median of single-query searches.
 
 autofaiss runs in its own virtualenv (bench/.venvs/autofaiss, never a project dependency), created with
 `--setup-autofaiss` (offline: autofaiss==2.18.0 numpy<2 pyarrow<26 faiss-cpu==1.13.2, as ENVIRONMENT.md says).
 By default it builds the same factory string icar chose (its own choice at small budgets trains OPQ for ~10
-minutes on 2 cores); `--autofaiss-choice own` lets it choose. Its nprobe is fixed (index_param), because its
-own tuning times single queries against a 10 ms target and so depends on machine load.
+minutes on 2 cores); `--autofaiss-choice own` lets it choose. With the same factory its nprobe is fixed to icar's
+(index_param); with its own choice it tunes nprobe itself, by timing single queries against a 10 ms target, so the
+result follows the machine's load: `--autofaiss-nprobe N` fixes it.
 """
 
 from __future__ import annotations
@@ -197,7 +203,8 @@ def run_autofaiss(npy_dir: str, out_dir: str, args, index_key: str | None, nprob
          "infos_path": os.path.join(out_dir, "infos.json"), "budget": f"{budget_mb:g}MB",
          # It refuses unless the memory it is told about is >= ~1.11x the index budget.
          "available": f"{max(4096, int(budget_mb * 2))}MB", "index_key": index_key,
-         "index_param": None if index_key is None else f"nprobe={nprobe},efSearch={max(16, 2 * nprobe)}",
+         "index_param": None if index_key is None and not args.autofaiss_nprobe else
+         f"nprobe={args.autofaiss_nprobe or nprobe},efSearch={max(16, 2 * (args.autofaiss_nprobe or nprobe))}",
          "cores": args.threads or os.cpu_count()}
     t0 = time.perf_counter()
     proc = subprocess.run([python, "-c", AUTOFAISS_SCRIPT, json.dumps(a)], capture_output=True, text=True,
@@ -216,7 +223,9 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--n", type=int, default=200_000, help="corpus vectors")
     p.add_argument("--dim", type=int, default=512, help="dimension (512: ViT-B CLIP)")
-    p.add_argument("--clusters", type=int, default=200, help="cluster centres in the synthetic corpus")
+    p.add_argument("--clusters", default="200,3000",
+                   help="cluster centres of the synthetic corpus; a comma list measures one corpus after another "
+                        "(200: few broad clusters; 3000: many, as real embedding sets have)")
     p.add_argument("--budget", default="20M", help="--max-index-memory for both tools (1024-based)")
     p.add_argument("--build-memory", default=None, help="--max-build-memory for icar")
     p.add_argument("--factory", default=None, help="force a factory for icar (default: its own choice)")
@@ -229,9 +238,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--workdir", default=None, help="where data and indexes go (default: a temp dir, removed)")
     p.add_argument("--reuse-data", action="store_true", help="reuse the corpus already in --workdir (same --n/--dim/--seed)")
+    p.add_argument("--icar", action=argparse.BooleanOptionalAction, default=True, help="build with icar")
     p.add_argument("--autofaiss", action=argparse.BooleanOptionalAction, default=True, help="run autofaiss beside")
     p.add_argument("--autofaiss-choice", choices=["same", "own"], default="same",
                    help="same: autofaiss builds icar's factory; own: autofaiss picks its own (slow OPQ training)")
+    p.add_argument("--autofaiss-nprobe", type=int, default=None,
+                   help="fix autofaiss's nprobe (its own tuning times queries against 10 ms, so it follows the load)")
     p.add_argument("--autofaiss-timeout", type=float, default=1800.0, help="seconds before autofaiss is given up")
     p.add_argument("--setup-autofaiss", action="store_true", help="create the autofaiss venv and exit")
     p.add_argument("--json", default=None, help="also write the results to this JSON file")
@@ -239,12 +251,53 @@ def main(argv: list[str] | None = None) -> int:
     if args.setup_autofaiss:
         setup_autofaiss()
         return 0
-    import faiss
-
     work = args.workdir or tempfile.mkdtemp(prefix="icar-bench-index-")
     os.makedirs(work, exist_ok=True)
+    corpora = []
+    for clusters in [int(c) for c in str(args.clusters).split(",") if c.strip()]:
+        r = run_corpus(args, clusters, os.path.join(work, f"c{clusters}"))
+        print_table(r)
+        corpora.append(r)
+        if args.json:  # after each corpus, so a long second corpus never loses the first one's figures
+            with open(args.json, "w") as f:
+                json.dump({"command": " ".join(sys.argv), "corpora": corpora}, f, indent=2, default=str)
+    if not args.workdir:
+        shutil.rmtree(work, ignore_errors=True)
+    return 0
+
+
+def parse_index_param(text: str | None) -> dict:
+    """Return autofaiss's index_param string ("nprobe=16,efSearch=32,ht=2048") as a dict of ints."""
+    out = {}
+    for part in (text or "").split(","):
+        if "=" in part:
+            key, value = part.split("=", 1)
+            out[key.strip()] = int(float(value))
+    return out
+
+
+def latency(index, queries: np.ndarray, k: int = 10, singles: int = 200) -> dict:
+    """Return query latency at the index's current search parameters: ms per query in one batch of all
+    ``queries``, and the median ms of ``singles`` one-query searches (what a search server answers)."""
+    t0 = time.perf_counter()
+    index.search(queries, k)
+    batch = 1000 * (time.perf_counter() - t0) / len(queries)
+    times = []
+    for q in queries[:singles]:
+        t0 = time.perf_counter()
+        index.search(q[None, :], k)
+        times.append(1000 * (time.perf_counter() - t0))
+    return {"ms_per_query_batch": round(batch, 4), "ms_single_p50": round(float(np.median(times)), 4)}
+
+
+def run_corpus(args, clusters: int, work: str) -> dict:
+    """Build and measure both tools on one synthetic corpus with ``clusters`` centres; return the results."""
+    import faiss
+
+    faiss.omp_set_num_threads(args.threads or os.cpu_count() or 1)
+    os.makedirs(work, exist_ok=True)
     run, npy_dir = os.path.join(work, "run"), os.path.join(work, "npy")
-    data = Synthetic(args.dim, args.clusters, seed=args.seed)
+    data = Synthetic(args.dim, clusters, seed=args.seed)
     t0 = time.perf_counter()
     if args.reuse_data and os.path.exists(os.path.join(run, RUN_JSON)):
         corpus = np.concatenate([np.load(os.path.join(npy_dir, f)).astype(np.float16)
@@ -252,6 +305,8 @@ def main(argv: list[str] | None = None) -> int:
         if corpus.shape != (args.n, args.dim):
             raise SystemExit(f"--reuse-data: {work} holds {corpus.shape}, not ({args.n}, {args.dim})")
     else:
+        shutil.rmtree(run, ignore_errors=True)
+        shutil.rmtree(npy_dir, ignore_errors=True)
         corpus = write_run(run, npy_dir, data, args.n, args.shard_rows, args.seed)
     gen_s = time.perf_counter() - t0
     for name in ("icar-idx", "autofaiss-idx"):
@@ -260,84 +315,99 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     exact = exact_top(queries, corpus, 10)
     exact_s = time.perf_counter() - t0
-    print(f"corpus: {args.n:,} x {args.dim} in {gen_s:.1f}s; exact top-10 of {args.queries} fresh queries in "
-          f"{exact_s:.1f}s; budget {args.budget} ({format_size(parse_size(args.budget))})", flush=True)
+    print(f"corpus: {args.n:,} x {args.dim} in {clusters} clusters in {gen_s:.1f}s; exact top-10 of {args.queries} "
+          f"fresh queries in {exact_s:.1f}s; budget {args.budget} ({format_size(parse_size(args.budget))})", flush=True)
     del corpus
+    results = {"n": args.n, "dim": args.dim, "clusters": clusters, "budget": args.budget, "cpus": os.cpu_count(),
+               "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "load_avg_start": os.getloadavg()}
 
-    icar = run_icar(run, os.path.join(work, "icar-idx"), args)
-    info = icar["info"]
-    index = faiss.read_index(os.path.join(work, "icar-idx", "index.faiss"))
-    nprobe = info["nprobe"]
-    compare = [int(v) for v in args.compare_nprobe.split(",")] if info["nlist"] else [None]
-    icar_row = {
-        "tool": "icar", "factory": info["factory"], "nprobe": nprobe,
-        "recall@10_fresh": recall_at(index, queries, exact, 10, nprobe),
-        "recall@10_heldout": info["recall"]["image"]["at_nprobe"],
-        "recall_by_nprobe": {str(n): recall_at(index, queries, exact, 10, n) for n in compare if n is not None
-                             and n <= info["nlist"]},
-        "build_s": info["build_seconds"]["total"], "wall_s": icar["wall_s"], "phases_s": info["build_seconds"],
-        "peak_rss_driver": info["memory"]["peak_rss_driver_bytes"],
-        "peak_rss_task": info["memory"]["peak_rss_task_bytes"],
-        "estimated_index_bytes": info["memory"]["estimated_index_bytes"],
-        "index_bytes": info["memory"]["index_file_bytes"], "bytes_per_vector": info["bytes_per_vector"],
-        "reasons": info["reasons"],
-    }
-    results = {"n": args.n, "dim": args.dim, "budget": args.budget, "cpus": os.cpu_count(),
-               "load_avg_start": os.getloadavg(), "icar": icar_row}
+    if args.icar:
+        icar = run_icar(run, os.path.join(work, "icar-idx"), args)
+        info = icar["info"]
+        index = faiss.read_index(os.path.join(work, "icar-idx", "index.faiss"))
+        nprobe = info["nprobe"]
+        compare = [int(v) for v in args.compare_nprobe.split(",")] if info["nlist"] else [None]
+        by_nprobe = {str(n): recall_at(index, queries, exact, 10, n) for n in compare if n is not None
+                     and n <= info["nlist"]}
+        results["icar"] = {
+            "tool": "icar", "factory": info["factory"], "nprobe": nprobe,
+            "recall@10_fresh": recall_at(index, queries, exact, 10, nprobe),
+            **latency(index, queries),  # at the tuned nprobe, which recall_at left set
+            "recall@10_heldout": info["recall"]["image"]["at_nprobe"],
+            "recall_by_nprobe": by_nprobe,
+            "build_s": info["build_seconds"]["total"], "wall_s": icar["wall_s"], "phases_s": info["build_seconds"],
+            "peak_rss_driver": info["memory"]["peak_rss_driver_bytes"],
+            "peak_rss_task": info["memory"]["peak_rss_task_bytes"],
+            "estimated_index_bytes": info["memory"]["estimated_index_bytes"],
+            "index_bytes": info["memory"]["index_file_bytes"], "bytes_per_vector": info["bytes_per_vector"],
+            "estimated_recall": info.get("estimated_recall"), "opq_training": info.get("opq_training"),
+            "reasons": info["reasons"],
+        }
+        icar_factory, icar_nprobe = info["factory"], nprobe
+    else:
+        icar_factory, icar_nprobe, compare = None, None, [int(v) for v in args.compare_nprobe.split(",")]
 
     if args.autofaiss:
-        key = autofaiss_key(info["factory"], args.dim) if args.autofaiss_choice == "same" else None
-        af = run_autofaiss(npy_dir, os.path.join(work, "autofaiss-idx"), args, key, nprobe or 1)
+        if args.autofaiss_choice == "same":
+            if icar_factory is None:
+                raise SystemExit("--autofaiss-choice same needs the icar build: pass --icar or --autofaiss-choice own")
+            key = autofaiss_key(icar_factory, args.dim)
+        else:
+            key = None
+        af = run_autofaiss(npy_dir, os.path.join(work, "autofaiss-idx"), args, key, icar_nprobe or 1)
         if "skipped" in af:
             results["autofaiss"] = af
         else:
             aidx = faiss.read_index(af["index_path"])
             akey = af["infos"].get("index_key", key)
+            tuned = af["infos"].get("index_param")
             a_ivf = None
             try:
                 a_ivf = faiss.extract_index_ivf(aidx)
             except RuntimeError:
                 pass
+            by_nprobe = {str(n): recall_at(aidx, queries, exact, 10, n) for n in compare
+                         if n is not None and a_ivf is not None and n <= a_ivf.nlist}
+            if tuned:  # its own setting (nprobe, the HNSW quantizer's efSearch, ht), as it chose or was given
+                faiss.ParameterSpace().set_index_parameters(aidx, tuned)
             results["autofaiss"] = {
-                "tool": "autofaiss", "factory": akey, "nprobe": a_ivf.nprobe if a_ivf else None,
-                "recall@10_fresh": recall_at(aidx, queries, exact, 10, nprobe if a_ivf else None),
-                "recall_by_nprobe": {str(n): recall_at(aidx, queries, exact, 10, n) for n in compare
-                                     if n is not None and a_ivf is not None and n <= a_ivf.nlist},
+                "tool": "autofaiss", "factory": akey, "index_param": tuned,
+                "nprobe": parse_index_param(tuned).get("nprobe", a_ivf.nprobe if a_ivf else None),
+                "recall@10_fresh": recall_at(aidx, queries, exact, 10, None),
+                **latency(aidx, queries),
+                "recall_by_nprobe": by_nprobe,
                 "build_s": af["wall_s"], "wall_s": af["total_wall_s"], "peak_rss_driver": af["peak_rss"],
                 "index_bytes": os.path.getsize(af["index_path"]),
                 "bytes_per_vector": os.path.getsize(af["index_path"]) / max(1, aidx.ntotal),
                 "infos": af["infos"],
             }
     results["load_avg_end"] = os.getloadavg()
-    print_table(results)
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(results, f, indent=2, default=str)
-    if not args.workdir:
-        shutil.rmtree(work, ignore_errors=True)
-    return 0
+    return results
 
 
 def print_table(r: dict) -> None:
-    """Print the side-by-side comparison."""
-    rows = [r["icar"]] + ([r["autofaiss"]] if "tool" in r.get("autofaiss", {}) else [])
-    print(f"\n{r['n']:,} x {r['dim']} vectors, --max-index-memory {r['budget']}, {r['cpus']} CPUs "
-          f"(load average {r['load_avg_start'][0]:.1f} -> {r['load_avg_end'][0]:.1f})")
-    print(f"{'tool':<10} {'factory':<34} {'nprobe':>6} {'recall@10':>9} {'build s':>8} {'peak RSS':>9} "
-          f"{'bytes/vec':>9} {'index':>8}")
+    """Print the side-by-side comparison of one corpus."""
+    rows = [r[t] for t in ("icar", "autofaiss") if "tool" in r.get(t, {})]
+    print(f"\n{r['n']:,} x {r['dim']} vectors in {r['clusters']} clusters, --max-index-memory {r['budget']}, "
+          f"{r['cpus']} CPUs, {r['date']} (load average {r['load_avg_start'][0]:.1f} -> {r['load_avg_end'][0]:.1f})")
+    print(f"{'tool':<10} {'factory':<34} {'nprobe':>6} {'recall@10':>9} {'ms/q batch':>10} {'ms/q one':>8} "
+          f"{'build s':>8} {'peak RSS':>9} {'bytes/vec':>9} {'index':>8}")
     for x in rows:
         print(f"{x['tool']:<10} {str(x['factory']):<34} {str(x['nprobe']):>6} {x['recall@10_fresh']:>9.3f} "
+              f"{x['ms_per_query_batch']:>10.3f} {x['ms_single_p50']:>8.3f} "
               f"{x['build_s']:>8.1f} {format_size(x['peak_rss_driver']):>9} {x['bytes_per_vector']:>9.1f} "
               f"{format_size(x['index_bytes']):>8}")
     for x in rows:
         if x["recall_by_nprobe"]:
-            print(f"{x['tool']:<10} recall@10 by nprobe: " + ", ".join(f"{k}: {v:.3f}" for k, v in x["recall_by_nprobe"].items()))
-    print("icar phases: " + ", ".join(f"{k} {v:.1f}s" for k, v in r["icar"]["phases_s"].items()))
-    print(f"icar peak RSS: driver {format_size(r['icar']['peak_rss_driver'])}, add task "
-          f"{format_size(r['icar']['peak_rss_task'])}; estimated index {format_size(r['icar']['estimated_index_bytes'])}")
+            print(f"{x['tool']:<10} recall@10 by nprobe: "
+                  + ", ".join(f"{k}: {v:.3f}" for k, v in x["recall_by_nprobe"].items()))
+    if "icar" in r:
+        print("icar phases: " + ", ".join(f"{k} {v:.1f}s" for k, v in r["icar"]["phases_s"].items()))
+        print(f"icar peak RSS: driver {format_size(r['icar']['peak_rss_driver'])}, add task "
+              f"{format_size(r['icar']['peak_rss_task'])}; estimated index "
+              f"{format_size(r['icar']['estimated_index_bytes'])}, estimated recall {r['icar']['estimated_recall']}")
     if "skipped" in r.get("autofaiss", {}):
         print(f"autofaiss: skipped: {r['autofaiss']['skipped']}")
-
 
 if __name__ == "__main__":
     raise SystemExit(main())

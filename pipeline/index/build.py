@@ -351,7 +351,8 @@ class _Build:
             del self.xt
             log.info("reusing the trained %s from %s", self.params.factory, self.cfg.trained_index)
         else:
-            index = new_index(self.dim, self.params.factory, self.cfg.seed)
+            index = new_index(self.dim, self.params.factory, self.cfg.seed, self.params.opq_train_points,
+                              self.params.opq_iterations)
             if not index.is_trained:
                 index.train(self.xt)
             self.trained = faiss.serialize_index(index)
@@ -456,6 +457,9 @@ class _Build:
             "pq_nbits": p.nbits if p.m else None,
             "opq": p.opq,
             "opq_dim": p.opq_dim or None,
+            "opq_training": {"points": p.opq_train_points, "iterations": p.opq_iterations} if p.opq else None,
+            "estimated_recall": p.estimated_recall or None,
+            "candidates": p.candidates,
             "nprobe": self.nprobe,
             "quantizer_efsearch": efsearch,
             "k": self.k,

@@ -57,17 +57,26 @@ def is_ivf(index) -> bool:
         return False
 
 
-def new_index(dim: int, factory: str, seed: int = 0):
+def new_index(dim: int, factory: str, seed: int = 0, opq_train_points: int = 0, opq_iterations: int = 0):
     """Return an empty index for ``factory`` (inner product), seeded, without polysemous PQ training.
 
     index_factory turns on polysemous training for PQ codes; we never search with Hamming thresholds, and
-    on 2 cores it costs minutes (12k x 32 dims: PQ8 trains in ~40 s with it, ~1 s without).
+    on 2 cores it costs minutes (12k x 32 dims: PQ8 trains in ~40 s with it, ~1 s without). An OPQ rotation
+    is trained on at most ``opq_train_points`` vectors for ``opq_iterations`` iterations (0: FAISS's defaults,
+    65,536 and 50, which cost most of the build on 2 cores).
     """
     import faiss  # lazy: see the module docstring
 
     index = faiss.index_factory(dim, factory, faiss.METRIC_INNER_PRODUCT)
     inner = index
     while isinstance(inner, faiss.IndexPreTransform):
+        for i in range(inner.chain.size()):
+            vt = faiss.downcast_VectorTransform(inner.chain.at(i))
+            if isinstance(vt, faiss.OPQMatrix):
+                if opq_train_points:
+                    vt.max_train_points = int(opq_train_points)
+                if opq_iterations:
+                    vt.niter = int(opq_iterations)
         inner = faiss.downcast_index(inner.index)
     if is_ivf(inner):
         ivf = faiss.downcast_index(faiss.extract_index_ivf(inner))

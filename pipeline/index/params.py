@@ -10,8 +10,11 @@ index.json. The rules follow the FAISS wiki ("Guidelines to choose an index") an
   per list, and the sample holds ``train_points_per_list`` (default 64) per list where the data allows;
 - scalar codes (8 or 4 bits per dimension) when the budget holds them: near-exact, and nothing to train
   but the lists; below that, product quantization (PQ) with the largest code that fits the memory budget
-  (m bytes per vector at 8 bits, m dividing the dimension, at most dim/4), and an OPQ rotation when each
-  sub-quantizer has to encode many dimensions;
+  (m bytes per vector at 8 bits, m dividing the dimension, at most dim/4);
+- at that code, the variants are weighed by estimated recall per byte (``code_variants``): an OPQ rotation
+  when each sub-quantizer encodes >= 8 dimensions (trained on a 32k subsample, 10 iterations), into fewer
+  dimensions (at most 1/8 dropped) when that is what makes it fit; an HNSW32 coarse quantizer once a flat
+  centroid scan costs >= 2**20 multiply-adds per query, where its graph fits;
 - every phase's memory is estimated before any work starts; a budget that cannot hold the index is refused.
 
 Sizes are 1024-based: "4G" = 4 * 2**30 bytes.
@@ -36,6 +39,14 @@ ADD_BATCH_ROWS = 4096  # vectors an add task converts, assigns and encodes at on
 GT_QUERIES = 2000  # tuning queries (image + text) whose exact top-k an add task keeps (scores per batch)
 PQ_TRAIN_POINTS = 65536  # FAISS trains each PQ sub-quantizer on at most 256 * 256 points
 PQ_MIN_TRAIN_POINTS = 39 * 256  # below this FAISS warns that the 256-centroid PQ k-means is under-trained
+# OPQ's rotation is trained on a subsample, few iterations: FAISS's defaults (65,536 points, 50 iterations) are what
+# made autofaiss's OPQ64_448 build take 560 of its 596 s on 200k x 512 vectors (2 cores).
+OPQ_TRAIN_POINTS = 32768
+OPQ_ITERATIONS = 10
+# An HNSW coarse quantizer pays for its graph once a flat scan of the centroids costs about as much per query as
+# scanning the probed lists' codes (2**20 multiply-adds: 2048 lists of 512 dims).
+HNSW_MIN_CENTROID_SCAN = 2**20
+OPQ_MIN_KEPT_DIMS = 7 / 8  # an OPQ rotation may drop at most 1/8 of the dimensions to make room (autofaiss: 448/512)
 
 
 class BudgetError(ValueError):
@@ -77,7 +88,11 @@ class IndexParams:
     m: int = 0  # PQ sub-quantizers = code bytes per vector at 8 bits (0: no PQ)
     nbits: int = 8  # bits per PQ sub-code (SQ: bits per dimension)
     opq: bool = False  # an OPQ rotation precedes the IVF
-    opq_dim: int = 0  # OPQ output dimension (= dim unless padded to a multiple of m)
+    opq_dim: int = 0  # OPQ output dimension (= dim unless padded to a multiple of m or reduced to make room)
+    opq_train_points: int = 0  # vectors of the sample the OPQ rotation is trained on (0: no OPQ)
+    opq_iterations: int = 0  # OPQ's alternating iterations (rotation, then PQ codebooks)
+    estimated_recall: float = 0.0  # the policy's recall@10 estimate at full nprobe (0: not estimated)
+    candidates: list = field(default_factory=list)  # the code variants weighed: factory, bytes, estimated recall
     train_size: int = 0  # vectors sampled to train (0: no training)
     code_bytes: float = 0.0  # bytes of one vector's code
     bytes_per_vector: float = 0.0  # code + id bytes stored per vector
@@ -192,6 +207,114 @@ def parse_factory(factory: str, dim: int) -> dict:
     return out
 
 
+# Recall model of a PQ code (recall@10 at full nprobe, 1 - miss): the miss halves for every 1/RECALL_SLOPE more
+# code bits per input dimension; an OPQ rotation acts like OPQ_BIT_GAIN times the bits. Calibrated on 200k x 512
+# clustered unit vectors (bench/index.py, 3000 clusters): PQ64 (1 bit/dim) 0.63, OPQ64 0.70, PQ128 0.85.
+RECALL_MISS_AT_1BIT = 0.37
+RECALL_SLOPE = 0.8
+OPQ_BIT_GAIN = 1.3
+
+
+def estimated_recall(dim: int, m: int, nbits: int = 8, opq: bool = False) -> float:
+    """Return the recall model's recall@10 at full nprobe for an m x nbits PQ code of ``dim`` input dimensions.
+
+    A ranking aid, not a promise: it orders code variants of one budget; tuning measures the real recall.
+    """
+    bits = m * nbits / dim * (OPQ_BIT_GAIN if opq else 1.0)
+    return round(max(0.0, min(1.0, 1 - RECALL_MISS_AT_1BIT * 2 ** (-RECALL_SLOPE * (bits - 1)))), 3)
+
+
+@dataclass
+class CodeVariant:
+    """One way to spend a budget at a given PQ code: rotation (OPQ) and coarse quantizer, its size and recall."""
+
+    factory: str  # e.g. "OPQ64_448,IVF2048_HNSW32,PQ64"
+    opq_dim: int  # 0: no rotation
+    coarse: str  # "flat" | "hnsw32" | "" (no IVF)
+    estimated_bytes: int
+    recall: float  # estimated_recall(...)
+    fits: bool
+
+    def to_dict(self) -> dict:
+        """Return the variant as a JSON-ready dict."""
+        return dict(self.__dict__)
+
+
+def _variant_factory(dim: int, nlist: int, coarse: str, m: int, opq_dim: int) -> str:
+    opq_part = (f"OPQ{m}," if opq_dim == dim else f"OPQ{m}_{opq_dim},") if opq_dim else ""
+    if not nlist:
+        return f"{opq_part}PQ{m}"
+    return f"{opq_part}IVF{nlist}{'_HNSW32' if coarse == 'hnsw32' else ''},PQ{m}"
+
+
+def code_variants(n: int, dim: int, nlist: int, coarse: str, m: int, pad_dim: int, max_index_bytes: int,
+                  opq_min_dsub: int) -> list[CodeVariant]:
+    """Return the variants of a PQ``m`` index, best first: those that fit, by estimated recall (to 0.01), then
+    with an HNSW coarse quantizer (faster queries and adds), then fewest bytes; those that do not fit follow.
+
+    Rotations weighed: none; OPQ into ``dim`` when each sub-quantizer encodes >= ``opq_min_dsub`` dims; when that
+    does not fit, OPQ into the largest multiple of m that does, dropping at most 1/8 of the dimensions (as
+    autofaiss's OPQ64_448 does); ``pad_dim`` (no m divides dim) forces OPQ into that padded dimension. Coarse
+    quantizers: ``coarse`` as given when it is "hnsw32" (nlist too large for a flat scan) or ""; else flat and,
+    once a flat centroid scan costs HNSW_MIN_CENTROID_SCAN multiply-adds, HNSW32.
+    """
+    if coarse == "flat" and nlist * dim >= HNSW_MIN_CENTROID_SCAN:
+        coarses = ["flat", "hnsw32"]
+    else:
+        coarses = [coarse]
+    out: list[CodeVariant] = []
+    for c in coarses:
+        dims = [pad_dim] if pad_dim else [0] + ([dim] if dim // m >= opq_min_dsub else [])
+        for d in dims:
+            size = estimate_index_bytes(n, dim, nlist, c, m, 8, d)
+            out.append(CodeVariant(_variant_factory(dim, nlist, c, m, d), d, c, size,
+                                   estimated_recall(dim, m, 8, bool(d)), size <= max_index_bytes))
+        if dims[-1] == dim and not out[-1].fits:
+            d = dim - m
+            while d >= dim * OPQ_MIN_KEPT_DIMS:
+                size = estimate_index_bytes(n, dim, nlist, c, m, 8, d)
+                if size <= max_index_bytes:
+                    out.append(CodeVariant(_variant_factory(dim, nlist, c, m, d), d, c, size,
+                                           estimated_recall(dim, m, 8, True), True))
+                    break
+                d -= m
+    out.sort(key=lambda v: (not v.fits, -round(v.recall, 2), v.coarse != "hnsw32", v.estimated_bytes))
+    return out
+
+
+def explain_variants(variants: list[CodeVariant], dim: int, m: int, opq_min_dsub: int, budget: str) -> list[str]:
+    """Return the reasons for the first (chosen) variant, naming the others weighed."""
+    best = variants[0]
+    lines = [f"weighed at PQ{m} within {budget} (estimated recall@10 at full nprobe; size): "
+             + "; ".join(f"{v.factory} {v.recall:.2f}, {format_size(v.estimated_bytes)}"
+                         + ("" if v.fits else " (does not fit)") for v in variants)
+             + f" -> {best.factory}: the highest estimated recall, then an HNSW coarse quantizer, then the fewest "
+               f"bytes"]
+    dsub = dim / m
+    plain = next((v for v in variants if not v.opq_dim and v.coarse == best.coarse), None)
+    if best.opq_dim and plain is not None:
+        lines.append(f"OPQ{m}: each sub-quantizer encodes {dsub:g} dims (>= {opq_min_dsub}); a learned rotation "
+                     f"balances the variance across sub-vectors: estimated recall {best.recall:.2f} vs "
+                     f"{plain.recall:.2f} without, for {format_size(best.estimated_bytes - plain.estimated_bytes)} "
+                     f"more (the rotation matrix)")
+    elif not best.opq_dim and dsub < opq_min_dsub:
+        lines.append(f"no OPQ: each sub-quantizer encodes {dsub:g} dims (< {opq_min_dsub}); a rotation gains "
+                     f"little at {8 * m / dim:g} code bits per dimension")
+    if best.opq_dim and best.opq_dim < dim and plain is not None:
+        lines.append(f"OPQ output {best.opq_dim} dims: the rotation keeps the {best.opq_dim} of {dim} directions "
+                     f"that encode best, shrinking centroids and codebooks so that OPQ"
+                     + (" and the HNSW graph fit" if best.coarse == "hnsw32" else " fits"))
+    flat_twin = any(v.coarse == "flat" for v in variants) and any(v.coarse == "hnsw32" for v in variants)
+    if flat_twin and best.coarse == "hnsw32":
+        lines.append(f"HNSW32 coarse quantizer: a flat scan of the centroids costs {HNSW_MIN_CENTROID_SCAN:,}+ "
+                     f"multiply-adds per query and per added vector, more than the probed lists' codes; its graph "
+                     f"fits the budget")
+    elif flat_twin:
+        lines.append("flat coarse quantizer: an HNSW32 graph over the centroids would cost recall or not fit "
+                     "beside the chosen code")
+    return lines
+
+
 def _build_estimates(n: int, dim: int, p: IndexParams, workers: int, shard_rows: int,
                      group_vectors: int) -> dict[str, int]:
     """Return estimated peak bytes per build phase (driver: train, merge; each add task: add)."""
@@ -230,7 +353,7 @@ def choose_index_params(
     flat_below: int = 50_000,
     train_points_per_list: int = 64,
     max_train_points: int | None = None,
-    opq_min_dsub: int = 16,
+    opq_min_dsub: int = 8,
     hnsw_from_nlist: int = 16384,
     merge: str = "auto",
     scalar_codes: bool = True,
@@ -336,21 +459,18 @@ def _choose_auto(n, dim, max_index_bytes, max_build_bytes, per_list, max_train_p
             f"bytes. Raise --max-index-memory to at least "
             f"{format_size(n * (m_min + (ID_BYTES if nlist else 0)) + fixed_guess)} or index fewer vectors")
     target = min(int(per_vector_budget), m_cap)
-    # Options in order of preference: the largest code first; m dividing dim (OPQ added when each
-    # sub-quantizer encodes >= opq_min_dsub dims); for a dimension no such m divides, OPQ into a padded one.
-    options: list[tuple[int, int]] = []
-    for d in sorted((d for d in _divisors(dim) if m_min <= d <= target), reverse=True):
-        options.append((d, dim if dim // d >= opq_min_dsub else 0))
+    # The code size first: the largest m dividing dim whose plain PQ code fits; for a dimension no such m
+    # divides, OPQ into a padded one. The rotation and the coarse quantizer are weighed afterwards, at that m.
+    options: list[tuple[int, int]] = [(d, 0) for d in sorted((d for d in _divisors(dim) if m_min <= d <= target),
+                                                             reverse=True)]
     padded = not options
     if padded:
         for c in range(target, m_min - 1, -1):
             if c % 4 == 0 or c == m_min:
                 options.append((c, c * math.ceil(dim / c)))
-    m = opq_dim = 0
-    estimated = 0
-    for m, opq_dim in options:
-        estimated = estimate_index_bytes(n, dim, nlist, coarse, m, 8, opq_dim)
-        if estimated <= max_index_bytes:
+    m = pad_dim = 0
+    for m, pad_dim in options:
+        if estimate_index_bytes(n, dim, nlist, coarse, m, 8, pad_dim) <= max_index_bytes:
             break
     else:
         need = estimate_index_bytes(n, dim, nlist, coarse, m_min, 8, 0)
@@ -359,19 +479,19 @@ def _choose_auto(n, dim, max_index_bytes, max_build_bytes, per_list, max_train_p
             f"the smallest useful code ({m_min} bytes + {ID_BYTES if nlist else 0} id bytes per vector and "
             f"{format_size(fixed_guess)} fixed): raise it to at least {format_size(need * 1.05)}")
     if padded:
-        reasons.append(f"PQ{m} with OPQ{m}_{opq_dim}: no divisor of dim {dim} lies in [{m_min}, {target}], so OPQ "
-                       f"rotates into {opq_dim} dims, a multiple of {m}")
+        reasons.append(f"PQ{m} with OPQ{m}_{pad_dim}: no divisor of dim {dim} lies in [{m_min}, {target}], so OPQ "
+                       f"rotates into {pad_dim} dims, a multiple of {m}")
     elif int(per_vector_budget) > m_cap:
         reasons.append(f"PQ{m}: the budget allows {per_vector_budget:.0f} code bytes/vector; PQ codes stop at "
                        f"dim/4 = {m_cap} bytes (smaller sub-vectors train slowly and gain little)")
     else:
         reasons.append(f"PQ{m}: the largest code dividing dim {dim} that fits the budget "
                        f"({per_vector_budget:.0f} code bytes/vector before fixed structures)")
+    variants = code_variants(n, dim, nlist, coarse, m, pad_dim, max_index_bytes, opq_min_dsub)
+    best = variants[0]
+    opq_dim, coarse, estimated = best.opq_dim, best.coarse, best.estimated_bytes
+    reasons.extend(explain_variants(variants, dim, m, opq_min_dsub, format_size(max_index_bytes)))
     opq = opq_dim > 0
-    dsub = (opq_dim or dim) / m
-    if opq and not padded:
-        reasons.append(f"OPQ{m}: each sub-quantizer encodes {dsub:g} dims (>= {opq_min_dsub}); a learned rotation "
-                       f"balances the variance across sub-vectors, worth its training cost at this compression")
     opq_part = (f"OPQ{m}," if opq_dim == dim else f"OPQ{m}_{opq_dim},") if opq else ""
     if nlist:
         coarse_part = f"IVF{nlist}_HNSW32" if coarse == "hnsw32" else f"IVF{nlist}"
@@ -390,14 +510,23 @@ def _choose_auto(n, dim, max_index_bytes, max_build_bytes, per_list, max_train_p
             reasons.append(f"nlist lowered to {lowered}: with OPQ's rotated copy the build budget holds "
                            f"{cap:,} training points, and k-means needs >= 39 per list")
             nlist = lowered
-            coarse = "hnsw32" if nlist >= hnsw_from_nlist else "flat"
+            if nlist >= hnsw_from_nlist:
+                coarse = "hnsw32"
+            elif coarse == "hnsw32" and nlist * opq_dim < HNSW_MIN_CENTROID_SCAN:
+                coarse = "flat"
             coarse_part = f"IVF{nlist}_HNSW32" if coarse == "hnsw32" else f"IVF{nlist}"
             factory = f"{opq_part}{coarse_part},PQ{m}"
             estimated = estimate_index_bytes(n, dim, nlist, coarse, m, 8, opq_dim)
     train = _train_size(n, nlist, m, per_list, cap)
     p = IndexParams(factory=factory, kind=kind, dim=dim, nlist=nlist, coarse=coarse, m=m, nbits=8, opq=opq,
                     opq_dim=opq_dim if opq else 0, train_size=train, code_bytes=float(m),
-                    bytes_per_vector=float(m + (ID_BYTES if nlist else 0)), estimated_bytes=estimated)
+                    bytes_per_vector=float(m + (ID_BYTES if nlist else 0)), estimated_bytes=estimated,
+                    estimated_recall=best.recall, candidates=[v.to_dict() for v in variants])
+    if opq:
+        p.opq_train_points = min(train, OPQ_TRAIN_POINTS)
+        p.opq_iterations = OPQ_ITERATIONS
+        reasons.append(f"OPQ rotation trained on {p.opq_train_points:,} of the sample's vectors, {OPQ_ITERATIONS} "
+                       f"iterations (FAISS's default 65,536 x 50 is most of autofaiss's build time)")
     reasons.append("metric inner product: embeddings are L2-normalised, so inner product = cosine")
     reasons.append(f"training sample {train:,} vectors ({per_list} per list"
                    + (f", at least {PQ_TRAIN_POINTS:,} for PQ" if m else "") + ", capped by N and the build budget)")
@@ -452,9 +581,13 @@ def _params_from_factory(factory, n, dim, code_bytes, per_list, max_train_points
     train = _train_size(n, nlist, m, per_list, max_train_points) if needs_train and kind != "flat" else 0
     per_vector = code_bytes + (ID_BYTES if ivf else 0)
     estimated = estimate_index_bytes(n, dim, nlist, info["coarse"], m, nbits, opq_dim, code_bytes=code_bytes)
-    return IndexParams(factory=factory, kind=kind, dim=dim, nlist=nlist, coarse=info["coarse"], m=m, nbits=nbits,
-                       opq=info["opq"], opq_dim=opq_dim, train_size=train, code_bytes=float(code_bytes),
-                       bytes_per_vector=float(per_vector), estimated_bytes=estimated)
+    p = IndexParams(factory=factory, kind=kind, dim=dim, nlist=nlist, coarse=info["coarse"], m=m, nbits=nbits,
+                    opq=info["opq"], opq_dim=opq_dim, train_size=train, code_bytes=float(code_bytes),
+                    bytes_per_vector=float(per_vector), estimated_bytes=estimated)
+    if info["opq"] and train:
+        # The same short OPQ training as the automatic choice: FAISS's defaults cost minutes for little recall.
+        p.opq_train_points, p.opq_iterations = min(train, OPQ_TRAIN_POINTS), OPQ_ITERATIONS
+    return p
 
 
 def _plan_build(p: IndexParams, n: int, dim: int, max_build_bytes: int | None, workers: int, shard_rows: int,

@@ -17,10 +17,13 @@ from pipeline.index.build import IndexConfig, build_index  # noqa: E402
 from pipeline.index.exact import TopK, exact_topk  # noqa: E402
 from pipeline.index.layout import IDS_FILE, INDEX_FILE, INDEX_JSON, TRAINED_FILE  # noqa: E402
 from pipeline.index.read import RunMismatchError, sample_rows  # noqa: E402
+from pipeline.index.search import Searcher  # noqa: E402
 from pipeline.index.tune import neighbour_recall  # noqa: E402
 from pipeline.index.params import (  # noqa: E402
     BudgetError,
     choose_index_params,
+    estimate_index_bytes,
+    estimated_recall,
     format_size,
     group_shards,
     parse_size,
@@ -131,12 +134,15 @@ def test_parse_and_format_sizes():
         (200_000, 512, "4G", {"factory": "IVF2048,SQ8", "nlist": 2048, "kind": "ivfsq", "m": 0}),
         # between dim/2 and dim code bytes: 4-bit scalar codes
         (200_000, 512, "66M", {"factory": "IVF2048,SQ4", "nbits": 4}),
-        # below dim/2: PQ, capped at dim/4 bytes
-        (200_000, 512, "40M", {"factory": "IVF2048,PQ128", "m": 128, "opq": False}),
-        # same corpus in 20M: 96 code bytes fit, the largest divisor of 512 below is 64
-        (200_000, 512, "20M", {"factory": "IVF2048,PQ64", "m": 64}),
+        # below dim/2: PQ, capped at dim/4 bytes; 4 dims per sub-quantizer: no rotation; 2048 x 512 centroids
+        # cost a flat scan of 2**20 multiply-adds per query, and the HNSW graph fits: HNSW32 coarse quantizer
+        (200_000, 512, "40M", {"factory": "IVF2048_HNSW32,PQ128", "m": 128, "opq": False, "coarse": "hnsw32"}),
+        # same corpus in 20M: 96 code bytes fit, the largest divisor of 512 below is 64; 8 dims per sub-quantizer:
+        # OPQ, and OPQ beside the HNSW graph fits only by dropping 64 dims (autofaiss's own choice here)
+        (200_000, 512, "20M", {"factory": "OPQ64_448,IVF2048_HNSW32,PQ64", "m": 64, "opq_dim": 448,
+                               "opq_train_points": 32768}),
         # tight: 32 bytes for 512 dims -> 16 dims per sub-quantizer -> OPQ
-        (200_000, 512, "14M", {"factory": "OPQ32,IVF2048,PQ32", "opq": True, "m": 32}),
+        (200_000, 512, "14M", {"factory": "OPQ32_480,IVF2048_HNSW32,PQ32", "opq": True, "m": 32}),
         # 5M vectors: FAISS's IVF65536 with an HNSW coarse quantizer
         (5_000_000, 768, "1G", {"factory": "IVF65536_HNSW32,PQ128", "coarse": "hnsw32", "nlist": 65536}),
         # ... and in half the memory, 48-byte codes with OPQ, whose rotated sample copy halves nlist in 16G
@@ -156,6 +162,46 @@ def test_choose_index_params_table(n, dim, budget, expect):
     if p.nlist:
         assert 39 * p.nlist <= p.train_size <= n
         assert p.kind == "ivfsq" or dim % p.m == 0 or p.opq_dim % p.m == 0
+
+
+def test_choice_weighs_rotation_and_coarse_quantizer_by_estimated_recall_per_byte():
+    # 200k x 512 in 20M: PQ64 (8 dims per sub-quantizer). OPQ beside an HNSW graph only fits by dropping 1/8 of
+    # the dimensions; every variant weighed is recorded with its estimated recall and size.
+    p = choose_index_params(200_000, 512, parse_size("20M"), max_build_bytes=parse_size("16G"))
+    by_factory = {c["factory"]: c for c in p.candidates}
+    assert p.factory == "OPQ64_448,IVF2048_HNSW32,PQ64" and p.candidates[0]["factory"] == p.factory
+    assert not by_factory["OPQ64,IVF2048_HNSW32,PQ64"]["fits"]
+    assert by_factory["IVF2048,PQ64"]["fits"] and by_factory["OPQ64,IVF2048,PQ64"]["fits"]
+    assert by_factory["IVF2048,PQ64"]["recall"] < p.estimated_recall == by_factory[p.factory]["recall"]
+    assert all(c["estimated_bytes"] <= parse_size("20M") for c in p.candidates if c["fits"])
+    assert p.estimated_bytes == by_factory[p.factory]["estimated_bytes"]
+    text = " | ".join(p.reasons)
+    assert "weighed at PQ64" in text and "OPQ64: each sub-quantizer encodes 8 dims" in text
+    assert "OPQ output 448 dims" in text and "HNSW32 coarse quantizer" in text and "(does not fit)" in text
+    # The rotation trains on a subsample, briefly: what made autofaiss's OPQ build slow.
+    assert p.opq_train_points == 32768 < p.train_size and p.opq_iterations == 10
+    assert "OPQ rotation trained on 32,768" in text
+
+
+def test_no_rotation_for_small_sub_vectors_and_no_hnsw_for_few_centroids():
+    # PQ128 on 512 dims: 4 dims per sub-quantizer, a rotation gains little.
+    p = choose_index_params(200_000, 512, parse_size("40M"), max_build_bytes=parse_size("16G"))
+    assert not p.opq and p.opq_train_points == 0 and any(r.startswith("no OPQ") for r in p.reasons)
+    # 60k vectors: 1024 lists x 512 dims scan cheaply, so HNSW is not even weighed; OPQ64 fits at full dimension.
+    p = choose_index_params(60_000, 512, parse_size("8M"), max_build_bytes=parse_size("16G"))
+    assert p.factory == "OPQ64,IVF1024,PQ64" and {c["coarse"] for c in p.candidates} == {"flat"}
+    assert not any("HNSW32" in r for r in p.reasons)
+    # A budget too small for the rotation beside the codes: plain PQ, the rotation listed as not fitting.
+    plain = estimate_index_bytes(60_000, 512, 1024, "flat", 64, 8, 0)
+    p = choose_index_params(60_000, 512, plain + 1024, max_build_bytes=parse_size("16G"))
+    assert p.factory == "IVF1024,PQ64" and not p.opq
+    assert [c["fits"] for c in p.candidates if c["opq_dim"]] == [False]
+
+
+def test_estimated_recall_grows_with_code_bits_and_rotation():
+    assert estimated_recall(512, 32) < estimated_recall(512, 64) < estimated_recall(512, 128)
+    assert estimated_recall(512, 64) < estimated_recall(512, 64, opq=True) <= 1.0
+    assert estimated_recall(512, 64) == pytest.approx(0.63, abs=0.01)  # measured: IVF2048,PQ64, 3000 clusters
 
 
 def test_choose_refuses_a_budget_that_cannot_hold_the_index():
@@ -329,6 +375,47 @@ def test_on_disk_merge_through_opq(tmp_path, ray_session):
     os.rename(disk, moved)
     again = faiss.read_index(str(moved / INDEX_FILE), faiss.IO_FLAG_ONDISK_SAME_DIR)
     assert np.array_equal(found, again.search(q, 10)[1])
+
+
+def test_chosen_opq_index_is_one_file_that_searches_through_its_rotation(tmp_path):
+    x = clustered(12_000, 32, seed=11)
+    run = make_run(str(tmp_path / "run"), x, shards=3)
+    out = tmp_path / "idx"
+    # 4-byte codes on 32 dims (8 per sub-quantizer): the policy adds an OPQ rotation, trained briefly.
+    build_index(cfg_for([run], out, flat_below=1000, max_index_memory="240K"))
+    info = _read_json(out / INDEX_JSON)
+    assert info["factory"] == "OPQ4,IVF256,PQ4" and info["opq"] and info["opq_dim"] == 32
+    assert info["opq_training"] == {"points": min(info["train_size"], 32768), "iterations": 10}
+    assert info["estimated_recall"] and info["candidates"][0]["factory"] == info["factory"]
+    assert any(r.startswith("OPQ4: each sub-quantizer encodes 8 dims") for r in info["reasons"])
+    # The rotation lives inside index.faiss (an IndexPreTransform): readers need nothing else.
+    index = faiss.read_index(str(out / INDEX_FILE))
+    assert isinstance(index, faiss.IndexPreTransform) and index.d == 32 and index.ntotal == 12_000
+    q = x[:20].astype(np.float32)
+    with Searcher(str(out)) as s:
+        hits = s.search_vectors(q, k=5)
+    assert [[h.row_id for h in row] for row in hits] == index.search(q, 5)[1].tolist()
+    assert neighbour_recall(index.search(q, 11)[1], np.argsort(-(q @ x.astype(np.float32).T), axis=1)[:, :11],
+                            10, np.arange(20)) > 0.5
+
+
+def test_reduced_opq_with_hnsw_coarse_quantizer_merges_partials(tmp_path, ray_session):
+    x = clustered(6000, 32, seed=12)
+    run = make_run(str(tmp_path / "run"), x, shards=4)
+    one, many = tmp_path / "one", tmp_path / "many"
+    # OPQ into 28 of 32 dims and an HNSW graph over the centroids, built by one task and by two merged ones.
+    build_index(cfg_for([run], one, factory="OPQ4_28,IVF32_HNSW32,PQ4", workers=1))
+    build_index(cfg_for([run], many, factory="OPQ4_28,IVF32_HNSW32,PQ4", workers=2))
+    info = _read_json(many / INDEX_JSON)
+    assert info["opq_dim"] == 28 and info["coarse_quantizer"] == "hnsw32" and info["quantizer_efsearch"]
+    assert info["opq_training"]["iterations"] == 10
+    a, b = faiss.read_index(str(one / INDEX_FILE)), faiss.read_index(str(many / INDEX_FILE))
+    assert a.ntotal == b.ntotal == 6000
+    for (ia, ca), (ib, cb) in zip(_ivf_contents(a), _ivf_contents(b)):
+        assert np.array_equal(ia, ib) and np.array_equal(ca, cb)
+    q = x[:30].astype(np.float32)
+    with Searcher(str(many)) as s:
+        assert [[h.row_id for h in row] for row in s.search_vectors(q, k=5)] == b.search(q, 5)[1].tolist()
 
 
 def test_runs_of_different_models_are_refused(tmp_path):
