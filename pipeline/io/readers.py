@@ -612,7 +612,7 @@ def _tar_sample(source: str, key: str, fields: dict[str, bytes], other: list[str
 
 
 def _caption_and_url(txt: bytes | None, meta: bytes | None, where: str) -> tuple[str | None, str | None]:
-    """Return (caption, url) from a .txt and a .json member; the .txt caption wins over the json one."""
+    """Return (caption, url) from a .txt and a .json member; the .txt caption wins over the json one unless blank."""
     caption = url = None
     if meta is not None:
         try:
@@ -624,7 +624,7 @@ def _caption_and_url(txt: bytes | None, meta: bytes | None, where: str) -> tuple
             url = doc.get("url") if isinstance(doc.get("url"), str) else None
             caption = doc.get("caption") if isinstance(doc.get("caption"), str) else None
     if txt is not None:
-        caption = _text(txt)
+        caption = clean_caption(_text(txt)) or caption
     return clean_caption(caption), url
 
 

@@ -543,18 +543,23 @@ def test_one_key_and_caption_rule_across_tar_folder_and_parquet(tmp_path, corpus
     img = corpus[0].image
     caption = b"  a red bicycle\r\n"  # as editors save it: trailing newline (CRLF), stray spaces
     (tmp_path / "t.tar").write_bytes(_tar_of([("sub/cat.jpg", img), ("sub/cat.txt", caption),
-                                              ("sub/dog.jpg", img), ("sub/dog.txt", b"\n \n")]))
+                                              ("sub/dog.jpg", img), ("sub/dog.txt", b"\n \n"),
+                                              ("sub/eel.jpg", img), ("sub/eel.json", b'{"caption": "an eel"}'),
+                                              ("sub/eel.txt", b" ")]))
     folder = tmp_path / "f" / "sub"
     folder.mkdir(parents=True)
     (folder / "cat.jpg").write_bytes(img)
     (folder / "cat.txt").write_bytes(caption)
     (folder / "dog.jpg").write_bytes(img)
     (folder / "dog.json").write_bytes(b'{"caption": "\\n"}')  # a blank caption is no caption
-    pq.write_table(pa.table({"key": ["sub/cat", "sub/dog"], "jpg": [img, img],
-                             "caption": [caption.decode(), " "]}), tmp_path / "p.parquet")
+    (folder / "eel.jpg").write_bytes(img)
+    (folder / "eel.txt").write_bytes(b"\n")  # a blank .txt does not hide the .json's caption
+    (folder / "eel.json").write_bytes(b'{"caption": "an eel "}')
+    pq.write_table(pa.table({"key": ["sub/cat", "sub/dog", "sub/eel"], "jpg": [img, img, img],
+                             "caption": [caption.decode(), " ", "an eel\n"]}), tmp_path / "p.parquet")
     for url in (tmp_path / "t.tar", tmp_path / "f", tmp_path / "p.parquet"):
         got = [(s.key, s.caption, s.error) for s in _read(_only([str(url)]))]
-        assert got == [("sub/cat", "a red bicycle", None), ("sub/dog", None, None)], url
+        assert got == [("sub/cat", "a red bicycle", None), ("sub/dog", None, None), ("sub/eel", "an eel", None)], url
 
 
 def test_folder_images_differing_only_in_extension_keep_one_and_report_the_other(tmp_path, corpus):
