@@ -55,8 +55,10 @@ def main(argv: list[str] | None = None) -> int:
     rc = embed.main([*shards, "--output", run, *quiet])
     if rc:
         return rc
-    step(f"icar index {run} --output {idx}")
-    rc = index.main([run, "--output", idx, *quiet])
+    # --overwrite: a second `make demo` into the same folder resumes the embed (nothing left to do) and rebuilds
+    # the index instead of stopping at "already holds an index".
+    step(f"icar index {run} --output {idx} --overwrite")
+    rc = index.main([run, "--output", idx, "--overwrite", *quiet])
     if rc:
         return rc
     page = os.path.join(out, "search.html")
