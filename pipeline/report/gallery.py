@@ -196,7 +196,8 @@ def _tile(rank: int, t: Tile) -> str:
 def _panel(p: Panel) -> str:
     if p.kind == "image":
         head = (f'<h2>image query: {escape(p.query)}</h2><div class="query-image">'
-                f'<figure style="width:200px">{_img(p.query_thumbnail, "query image", p.query_problem)}</figure></div>')
+                f'<figure style="width:200px">{_img(p.query_thumbnail, "query image", p.query_problem)}'
+                "<figcaption>the query image</figcaption></figure></div>")
     else:
         head = f"<h2>“{escape(p.query)}”</h2>"
     tiles = "".join(_tile(i, t) for i, t in enumerate(p.tiles, 1)) or "<p>(no results)</p>"
