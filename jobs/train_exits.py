@@ -3,11 +3,14 @@
 Dual-path training (pipeline/training/exits.py). By default the backbone and the text tower stay frozen and only
 the exit heads (LayerNorm + projection per early exit) and their temperatures train, on features computed once
 per image: loss per exit = contrastive loss against the frozen caption embeddings + distillation toward the
-full-depth embedding of the same image. Full-depth embeddings stay identical to the model's, so existing
-full-depth runs and indexes stay valid. --finetune-backbone is the paper's recipe instead (see below).
+full-depth embedding of the same image. The contrastive loss is computed in the gallery an index of routed rows
+holds (an exit's image competes with full-depth and other exits' images), and the heads written are those of the
+epoch with the best validation mixed-gallery recall@1. Full-depth embeddings stay identical to the model's, so
+existing full-depth runs and indexes stay valid. --finetune-backbone is the paper's recipe instead (see below).
 
 Writes DIR/exit_heads.safetensors (pass it to `icar embed --heads`), DIR/metrics.json (per-exit recall@1/5/10
-text->image and image->text, and mean cosine to full depth, before and after training), DIR/checkpoint.pt
+text->image and image->text, text->image in mixed-depth galleries, and mean cosine to full depth, before and
+after training, and per epoch), DIR/checkpoint.pt
 (every epoch; --resume continues) and DIR/features-{train,val}.safetensors (the cache of frozen features).
 """
 
@@ -88,6 +91,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="weight of 1 - cos(exit, full depth) (default: 1.0; 0.0 with --finetune-backbone)")
     t.add_argument("--fixed-temperature", dest="learn_temperature", action="store_false",
                    help="keep each exit's temperature at the model's instead of learning it")
+    t.add_argument("--own-gallery", dest="mixed_gallery", action="store_false",
+                   help="contrast each exit only with images at its own depth (before issue #20), not in the mixed "
+                        "gallery an index of routed rows holds (default: mixed; frozen backbone only)")
+    t.add_argument("--select-epoch", choices=("mixed", "last"), default=d.select_epoch,
+                   help="heads written: those of the epoch with the best validation mixed-gallery t2i R@1, or the "
+                        "last epoch's (frozen backbone only)")
     t.add_argument("--extract-batch-size", type=int, default=d.extract_batch_size,
                    help="images per forward pass while extracting features")
     t.add_argument("--resume", action="store_true", help="continue from OUTPUT/checkpoint.pt")

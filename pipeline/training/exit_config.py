@@ -44,6 +44,8 @@ class ExitTrainConfig:
     contrastive_weight: float = 1.0  # weight of the CLIP contrastive loss of each exit
     distill_weight: float | None = None  # weight of 1 - cos(exit, full); None: 1.0 frozen, 0.0 with finetune
     learn_temperature: bool = True  # learn one logit scale per exit (initialised from the model's)
+    mixed_gallery: bool = True  # frozen: contrastive negatives at every depth, as in an index of routed rows
+    select_epoch: str = "mixed"  # frozen: keep the epoch with the best val mixed-gallery recall@1 ("mixed"), or "last"
     finetune_backbone: bool = False  # the paper's recipe: backbone trains too (new model; see module doc)
     merge: str | None = None  # token-merging schedule the heads will serve under (pipeline.model.merging spec, e.g. keep0.8)
     full_path_weight: float = 0.5  # finetune: weight of the full-depth contrastive loss (early exits share 1 - it)

@@ -6,7 +6,11 @@ Loss per exit, on L2-normalised embeddings:
   + distill_weight     * (1 - cos(exit embedding, full-depth embedding of the same image))
 
 The contrastive term keeps early embeddings answerable by the same text queries; the distillation term keeps
-them close to where the full tower puts the image, so early- and full-depth rows mix in one index. Every loss
+them close to where the full tower puts the image, so early- and full-depth rows mix in one index. By default
+(``mixed_clip_loss_share``) the contrastive term is computed in the gallery such an index holds: a caption's
+image at exit k competes with the other images at full depth and at every exit, and its full-depth image with the
+other images at exit k, so an exit learns to neither lose to nor push down full-depth rows; trained in a gallery
+of its own depth only (``clip_loss_share``), an exit scored 5-10 points lower text→image when mixed. Every loss
 here is computed as this process's *share* of a global batch (the shares of a data-parallel group sum to the
 single-process loss), so a step's update does not depend on the number of processes.
 """
@@ -61,28 +65,70 @@ def clip_loss_share(d: Dist, image: torch.Tensor, text: torch.Tensor, all_text: 
     return (i2t + t2i) / (2 * n)
 
 
+def mixed_clip_loss_share(d: Dist, e: int, image: torch.Tensor, all_images: dict[int, torch.Tensor],
+                          text: torch.Tensor, all_text: torch.Tensor, all_full: torch.Tensor, scale: torch.Tensor,
+                          sizes: list[int]) -> torch.Tensor:
+    """Return this process's share of exit ``e``'s contrastive loss in the mixed gallery; the shares sum to the loss.
+
+    ``image``: this process's exit-``e`` rows; ``all_images``: every early exit's rows of the global batch
+    (gathered with their gradient); ``all_full``: the global batch at full depth (frozen). Image→text is CLIP's
+    (its gallery is captions, the same for every depth). Text→image is the mean of two terms: the caption's image
+    at exit ``e`` against every other image at every depth (full and each early exit), and its image at full depth
+    against every other image at full depth and at exit ``e``. One scale per row: an index compares raw cosines
+    across depths, so no depth may hide behind a temperature of its own. The caption's image at another depth
+    is no negative (an index holds each image once).
+    """
+    n, lo, m = sum(sizes), sum(sizes[:d.rank]), text.shape[0]
+    rows = torch.arange(m, device=text.device)
+    target = lo + rows
+    i2t = F.cross_entropy(scale * image @ all_text.T, target, reduction="sum")
+
+    def t2i(blocks: list[torch.Tensor]) -> torch.Tensor:  # blocks[0] holds the positive
+        sim = scale * text @ torch.cat(blocks).T  # (m, len(blocks) * n)
+        same = torch.zeros(sim.shape, dtype=torch.bool, device=sim.device)
+        for b in range(1, len(blocks)):
+            same[rows, b * n + target] = True
+        return F.cross_entropy(sim.masked_fill(same, float("-inf")), target, reduction="sum")
+
+    others = [all_images[o] for o in sorted(all_images) if o != e]
+    t2i_exit = t2i([all_images[e], all_full] + others)
+    t2i_full = t2i([all_full, all_images[e]])
+    return (i2t + (t2i_exit + t2i_full) / 2) / (2 * n)
+
+
 def exit_losses(trainer: HeadTrainer, feats: dict[int, torch.Tensor], full: torch.Tensor, text: torch.Tensor,
-                contrastive_weight: float, distill_weight: float) -> tuple[torch.Tensor, dict[int, float]]:
+                contrastive_weight: float, distill_weight: float,
+                mixed_gallery: bool = True) -> tuple[torch.Tensor, dict[int, float]]:
     """Return (mean loss over exits, {exit: its loss}) for one batch of cached features (frozen recipe)."""
     emb = {e: F.normalize(trainer.heads.head(e).from_features(f), dim=-1) for e, f in feats.items()}
     total, parts = exit_loss_shares(Dist(), trainer, emb, full, text, text, [full.shape[0]], contrastive_weight,
-                                    distill_weight)
+                                    distill_weight, all_full=full if mixed_gallery else None)
     return total, {e: float(v) for e, v in parts.items()}
 
 
 def exit_loss_shares(d: Dist, trainer: HeadTrainer, emb: dict[int, torch.Tensor], full: torch.Tensor,
                      text: torch.Tensor, all_text: torch.Tensor, sizes: list[int], contrastive_weight: float,
-                     distill_weight: float) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
+                     distill_weight: float, *,
+                     all_full: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
     """Return (this process's share of the mean loss over exits, {exit: its share, detached}) of a global batch.
 
-    Per exit: contrastive_weight * CLIP loss against the captions + distill_weight * mean(1 - cos(exit, full)),
-    both split by rows as in ``clip_loss_share``; summed over processes the shares are the single-process loss.
+    Per exit: contrastive_weight * contrastive loss + distill_weight * mean(1 - cos(exit, full)), both split by
+    rows; summed over processes the shares are the single-process loss. The contrastive loss is the mixed
+    gallery's (``mixed_clip_loss_share``) when ``all_full`` (the global batch at full depth) is given, else each
+    exit's own-depth gallery (``clip_loss_share``).
     """
     n = sum(sizes)
     total, parts = 0.0, {}
-    for e in sorted(emb):  # one order in every process: each exit's gather must meet its own
+    # One order in every process: each gather must meet its own.
+    gathered = ({e: distributed.all_gather_rows_with_grad(d, emb[e], sizes) for e in sorted(emb)}
+                if all_full is not None else {})
+    for e in sorted(emb):
         x = emb[e]
-        loss = contrastive_weight * clip_loss_share(d, x, text, all_text, trainer.scale(e), sizes)
+        if all_full is not None:
+            contrastive = mixed_clip_loss_share(d, e, x, gathered, text, all_text, all_full, trainer.scale(e), sizes)
+        else:
+            contrastive = clip_loss_share(d, x, text, all_text, trainer.scale(e), sizes)
+        loss = contrastive_weight * contrastive
         if distill_weight:
             loss = loss + distill_weight * (1 - (x * full).sum(dim=1)).sum() / n
         parts[e] = loss.detach()

@@ -55,10 +55,14 @@ from pipeline.training.exit_step import (EncoderStep, HeadsStep, HeadTrainer, cl
                                          optimizer_step, parallel)
 from pipeline.training.features import FeatureCache, evaluate_features
 from pipeline.training.pairs import PairStats, batches, decode_pixels, shuffled, stack_pixels, take
-from pipeline.training.recall import evaluate_embeddings, format_table, summary
+from pipeline.training.recall import evaluate_embeddings, format_table, mixed_score, summary
 from pipeline.training.shares import Assembly, SplitReader
 
 log = logging.getLogger(__name__)
+
+SELECT_EPOCH = ("mixed", "last")
+SELECTED_BY = ("val mixed-gallery text→image recall@1: mean over early exits of exit|full (the caption's image at "
+               "the exit, every other at full depth) and full|exit (the reverse)")
 
 
 class ExitTrainer:
@@ -78,6 +82,8 @@ class ExitTrainer:
         if cfg.epochs < 0 or cfg.batch_size < 2:
             raise TrainExitsError(f"need epochs >= 0 and batch_size >= 2 (contrastive needs negatives), got "
                                   f"epochs={cfg.epochs} batch_size={cfg.batch_size}")
+        if cfg.select_epoch not in SELECT_EPOCH:
+            raise TrainExitsError(f"select_epoch must be one of {', '.join(SELECT_EPOCH)}, got {cfg.select_epoch!r}")
         if not 0.0 <= cfg.val_fraction < 1.0:
             raise TrainExitsError(f"val_fraction must be in [0, 1), got {cfg.val_fraction}")
         self.dist = distributed.current()
@@ -109,7 +115,7 @@ class ExitTrainer:
     def _checkpoint_url(self) -> str:
         return storage.join(self.cfg.output, CHECKPOINT)
 
-    def _save_checkpoint(self, epoch: int, opt, sched, history: list) -> None:
+    def _save_checkpoint(self, epoch: int, opt, sched, history: list, best: dict | None = None) -> None:
         """Write the state after ``epoch`` (rank 0 only: the state is the same in every process)."""
         if not self.dist.is_main:
             return
@@ -118,6 +124,8 @@ class ExitTrainer:
                  "optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "history": history,
                  "finetune_backbone": self.cfg.finetune_backbone, "world_size": self.dist.world_size,
                  "merge": merge_spec(self.merge)}
+        if best is not None:
+            state["best"] = best
         if self.cfg.finetune_backbone:
             state["visual"] = {k: v.detach().cpu() for k, v in self.bundle.model.visual.state_dict().items()}
         buf = io.BytesIO()
@@ -163,6 +171,7 @@ class ExitTrainer:
         sched.load_state_dict(state["scheduler"])
         log.info("resumed from %s after epoch %d (written by %d process(es), resumed by %d)", self._checkpoint_url(),
                  state["epoch"] + 1, state.get("world_size", 1), self.dist.world_size)
+        self._best = state.get("best")
         return state["epoch"] + 1, state["history"]
 
     # --- the job
@@ -193,6 +202,7 @@ class ExitTrainer:
         before = evaluate_features(self.heads, val, self.bundle.num_blocks)
         steps = math.ceil(len(train) / cfg.batch_size)
         opt, sched = self._optimizer(steps)
+        self._best = None  # {"epoch", "score", "trainer": state}: the epoch select_epoch keeps
         start, history = self._load_checkpoint(opt, sched)
         early = self.heads.early_exits
         model = parallel(HeadsStep(self.trainer, early), d, self.device)
@@ -213,23 +223,32 @@ class ExitTrainer:
                 mine = idx[lo:lo + sizes[d.rank]]
                 emb = model({e: feats[e][mine] for e in early})
                 share, parts = exit_loss_shares(d, self.trainer, emb, full[mine], text[mine], text[idx], sizes,
-                                                cfg.contrastive_weight, cfg.distill_weight)
+                                                cfg.contrastive_weight, cfg.distill_weight,
+                                                all_full=full[idx] if cfg.mixed_gallery else None)
                 optimizer_step(share, opt, sched, d)
                 sums += torch.stack([parts[e] for e in early]).double()
                 n_steps += 1
             sums = distributed.all_sum(d, sums).cpu()  # the shares of every process make each step's loss
             self.trainer.eval()
             val_metrics = evaluate_features(self.heads, val, self.bundle.num_blocks)
+            score = mixed_score(val_metrics, early)
             entry = {"epoch": epoch, "seconds": time.perf_counter() - t0,
                      "train_loss": {str(e): float(v) / max(1, n_steps) for e, v in zip(early, sums)},
-                     "val": {str(e): summary(m) for e, m in val_metrics.items()}}
+                     "val": {str(e): summary(m) for e, m in val_metrics.items()}, "val_mixed_t2i@1": score}
             history.append(entry)
-            log.info("epoch %d/%d: loss %s; val t2i R@1 %s (%.1fs)", epoch + 1, cfg.epochs,
+            if cfg.select_epoch == "last" or self._best is None or score > self._best["score"]:
+                self._best = {"epoch": epoch, "score": score,
+                              "trainer": {k: v.detach().cpu().clone() for k, v in self.trainer.state_dict().items()}}
+            log.info("epoch %d/%d: loss %s; val t2i R@1 %s, mixed gallery %.3f (%.1fs)", epoch + 1, cfg.epochs,
                      {e: round(v, 4) for e, v in entry["train_loss"].items()},
-                     {e: round(m["t2i@1"], 3) for e, m in entry["val"].items()}, entry["seconds"])
-            self._save_checkpoint(epoch, opt, sched, history)
+                     {e: round(m["t2i@1"], 3) for e, m in entry["val"].items()}, score, entry["seconds"])
+            self._save_checkpoint(epoch, opt, sched, history, self._best)
+        selected = None
+        if self._best is not None:  # the heads of the selected epoch are the ones written
+            self.trainer.load_state_dict(self._best["trainer"])
+            selected = self._best["epoch"]
         after = evaluate_features(self.heads, val, self.bundle.num_blocks)
-        return self._finish(before, after, history, len(train), len(val), time.perf_counter() - t_start)
+        return self._finish(before, after, history, len(train), len(val), time.perf_counter() - t_start, selected)
 
     def _run_finetune(self) -> dict | None:
         """The paper's recipe: backbone + heads train on streamed pixels; 0.5/0.5 contrastive on both paths."""
@@ -335,7 +354,7 @@ class ExitTrainer:
         return evaluate_embeddings(per_exit, per_exit[self.bundle.num_blocks], val.text, val.assembly.groups)
 
     def _finish(self, before: dict, after: dict, history: list, n_train: int, n_val: int,
-                seconds: float) -> dict | None:
+                seconds: float, selected_epoch: int | None = None) -> dict | None:
         """Write heads (+ fine-tuned backbone), metrics.json; print the before/after table; return the metrics.
 
         Rank 0 only; the other processes return None.
@@ -349,15 +368,18 @@ class ExitTrainer:
             self.heads.backbone = model_key(identity)
         heads_url = storage.join(cfg.output, HEADS)
         self.heads.to("cpu")
-        write_output(heads_url, self.heads.to_bytes({"trained_by": "icar train-exits", "epochs": cfg.epochs,
-                                              "finetune_backbone": cfg.finetune_backbone}), cfg)
+        meta = {"trained_by": "icar train-exits", "epochs": cfg.epochs, "finetune_backbone": cfg.finetune_backbone}
+        if selected_epoch is not None:
+            meta["selected_epoch"] = selected_epoch
+        write_output(heads_url, self.heads.to_bytes(meta), cfg)
         self.heads.path = heads_url
         doc = {
             "model": identity,
             "heads": self.heads.identity,
             "exits": self.exits,
             "recipe": "finetune_backbone (paper: 0.5/0.5 contrastive on both paths)" if cfg.finetune_backbone
-            else "frozen backbone and text tower; heads only (contrastive + distillation)",
+            else "frozen backbone and text tower; heads only (contrastive in the "
+                 f"{'mixed-depth' if cfg.mixed_gallery else 'own-depth'} gallery + distillation)",
             "config": {k: v for k, v in dataclasses.asdict(cfg).items() if k != "storage_options"},
             "world_size": self.dist.world_size,
             "pairs": {"train": n_train, "val": n_val},
@@ -365,6 +387,9 @@ class ExitTrainer:
             "before": {str(e): m for e, m in before.items()},
             "after": {str(e): m for e, m in after.items()},
             "history": history,
+            "selected_epoch": selected_epoch,
+            "selected_by": ("last epoch" if cfg.select_epoch == "last" else SELECTED_BY)
+            if selected_epoch is not None else None,
             "seconds": seconds,
             "logit_scales": {k: float(v.detach().exp()) for k, v in self.trainer.log_scales.items()},
         }
@@ -372,7 +397,11 @@ class ExitTrainer:
         print(f"exit heads: {heads_url}\nvalidation ({n_val} pairs; before → after training):")
         print(format_table(before, after))
         print("mixed t2i R@1: recall in a gallery of every other image at that exit and the rest at full depth, "
-              "as an index of routed rows holds them")
+              "as an index of routed rows holds them; exit|full: the caption's image at the exit, every other at "
+              "full depth; full|exit: the reverse")
+        if selected_epoch is not None:
+            print(f"heads of epoch {selected_epoch + 1}/{cfg.epochs} written (selected by "
+                  f"{doc['selected_by']})")
         return doc
 
 @dataclass

@@ -42,13 +42,31 @@ def recall_table(text: np.ndarray, images: np.ndarray, groups: np.ndarray) -> di
     return {"t2i": recall_at_k(sim, images_of, KS), "i2t": recall_at_k(sim.T, groups, KS)}
 
 
+def mixed_gallery_recall(text: np.ndarray, target: np.ndarray, others: np.ndarray, groups: np.ndarray) -> dict:
+    """Return {k: text→image recall@k} when each caption's own images are ``target`` rows, all other images ``others``.
+
+    With ``target`` an exit's embeddings and ``others`` full depth: can an early-exit image still be found for its
+    caption among full-depth images (the case an index of routed rows puts it in)? Swapped: can a full-depth
+    image still be found among early-exit ones? Identical captions are one query, as in ``recall_table``.
+    """
+    first, images_of = caption_queries(groups)
+    q = text[first]
+    own = groups[None, :] == np.arange(len(first))[:, None]  # query (caption group) × image: its own images
+    sim = np.where(own, q @ target.T, q @ others.T)
+    return recall_at_k(sim, images_of, KS)
+
+
 def evaluate_embeddings(per_exit: dict[int, torch.Tensor], full: torch.Tensor, text: torch.Tensor,
                         groups: torch.Tensor) -> dict:
-    """Return {exit: {"t2i": {k: r}, "i2t": {k: r}, "cos_to_full": mean cosine, "mixed_t2i": {k: r}}}.
+    """Return {exit: {"t2i", "i2t", "mixed_t2i", "exit_vs_full_t2i", "full_vs_exit_t2i": {k: r}, "cos_to_full"}}.
 
     ``mixed_t2i`` is text→image recall in the gallery an index of routed rows holds: every other image embedded
     at this exit, the rest at full depth. An exit whose embeddings drift from the full-depth space loses more
     there than its own-gallery recall shows (exit embeddings crowd together or apart from full-depth ones).
+    ``exit_vs_full_t2i``: the caption's images at this exit, every other image at full depth (does an early row
+    lose to full-depth rows?); ``full_vs_exit_t2i``: the caption's images at full depth, every other at this exit
+    (does an early row push a full-depth one down?). Their mean is the mixed-gallery recall exit training selects
+    epochs by (``mixed_score``). Image→text has no mixed form: its gallery is captions, one tower for all.
     """
     out = {}
     t, g = text.float().numpy(), groups.numpy()
@@ -60,6 +78,8 @@ def evaluate_embeddings(per_exit: dict[int, torch.Tensor], full: torch.Tensor, t
         mixed = full_np.copy()
         mixed[::2] = emb.numpy()[::2]
         row["mixed_t2i"] = recall_table(t, mixed, g)["t2i"]
+        row["exit_vs_full_t2i"] = mixed_gallery_recall(t, emb.numpy(), full_np, g)
+        row["full_vs_exit_t2i"] = mixed_gallery_recall(t, full_np, emb.numpy(), g)
         out[int(e)] = row
     return out
 
@@ -71,6 +91,8 @@ def format_table(before: dict, after: dict | None = None) -> str:
         for k in KS:
             cols.append((f"{d} R@{k}", lambda r, d=d, k=k: r[d][k]))
     cols.append(("mixed t2i R@1", lambda r: r["mixed_t2i"][1]))
+    cols.append(("exit|full R@1", lambda r: r["exit_vs_full_t2i"][1]))
+    cols.append(("full|exit R@1", lambda r: r["full_vs_exit_t2i"][1]))
     width = 15 if after is not None else 8
     lines = ["exit  " + "  ".join(f"{name:>{width}}" for name, _ in cols)]
     for e in sorted(before):
@@ -85,4 +107,15 @@ def format_table(before: dict, after: dict | None = None) -> str:
 def summary(m: dict) -> dict:
     """Return the few numbers of an exit's metrics that each epoch's history keeps."""
     return {"t2i@1": m["t2i"][1], "t2i@5": m["t2i"][5], "i2t@1": m["i2t"][1], "cos_to_full": m["cos_to_full"],
-            "mixed_t2i@1": m["mixed_t2i"][1]}
+            "mixed_t2i@1": m["mixed_t2i"][1], "exit_vs_full_t2i@1": m["exit_vs_full_t2i"][1],
+            "full_vs_exit_t2i@1": m["full_vs_exit_t2i"][1]}
+
+
+def mixed_score(metrics: dict, exits) -> float:
+    """Return the mixed-gallery recall@1 of ``exits`` (early ones): the mean of both mixed directions over them.
+
+    What exit training picks its epoch by: an exit whose rows lose to full-depth rows, or push them down, in the
+    index they will share scores low, whatever its own-gallery recall.
+    """
+    vals = [(metrics[e]["exit_vs_full_t2i"][1] + metrics[e]["full_vs_exit_t2i"][1]) / 2 for e in exits]
+    return float(sum(vals) / max(1, len(vals)))

@@ -80,9 +80,10 @@ def test_cli_trains_on_shards_and_reports_before_and_after(corpus, model_dir, tm
     assert set(doc["before"]) == set(doc["after"]) == {"1", "2", "4"}
     for split in ("before", "after"):
         for row in doc[split].values():
-            assert set(row) == {"t2i", "i2t", "cos_to_full", "mixed_t2i"}
+            assert set(row) == {"t2i", "i2t", "cos_to_full", "mixed_t2i", "exit_vs_full_t2i", "full_vs_exit_t2i"}
             assert set(row["t2i"]) == set(row["i2t"]) == set(row["mixed_t2i"]) == {"1", "5", "10"}
-        assert doc[split]["4"]["mixed_t2i"] == doc[split]["4"]["t2i"]  # full depth mixed with itself
+        for mixed in ("mixed_t2i", "exit_vs_full_t2i", "full_vs_exit_t2i"):
+            assert doc[split]["4"][mixed] == doc[split]["4"]["t2i"]  # full depth mixed with itself
     assert doc["before"]["4"] == doc["after"]["4"]  # frozen backbone: full depth untouched
     assert doc["after"]["4"]["cos_to_full"] == pytest.approx(1.0, abs=1e-5)
     losses = [h["train_loss"] for h in doc["history"]]
