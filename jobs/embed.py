@@ -129,10 +129,12 @@ def main(argv: list[str] | None = None) -> int:
     apply_logging(args)
     cfg = config_from_args(args)
     try:  # values that would fail on the model actors are refused here, before Ray and a model start
-        check_embed(cfg)
+        surprises = check_embed(cfg)
     except ArgumentProblem as e:
         print(f"icar embed: error: {e}", file=sys.stderr)
         return 2
+    for warning in surprises:  # the first lines a user sees, not a line deep in a model actor's log
+        log.warning("%s", warning)
     try:
         summary = execution.run_embed(cfg)  # looked up at call time: tests stand in for the Ray part
     except KeyboardInterrupt as e:  # Ctrl-C, or SIGTERM (which Ray may hand back as a plain KeyboardInterrupt)

@@ -56,11 +56,27 @@ def setup_logging() -> None:
         root.removeHandler(old)
     root.addHandler(handler)
     root.setLevel(logging.WARNING)
+    plain_worker_prefixes()
     # Our own loggers at the asked level; libraries (open_clip logs to the root logger) only warn.
     for ours in ("pipeline", "jobs", "icar"):
         logging.getLogger(ours).setLevel(level)
     for noisy in ("botocore", "s3fs", "aiobotocore", "urllib3", "fsspec", "werkzeug", "PIL", "faiss"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def plain_worker_prefixes() -> None:
+    """Keep colour codes out of Ray's worker-log prefixes ("(ModelActor pid=...)") when stdout or stderr is a file
+    or a pipe: Ray reads $RAY_COLOR_PREFIX each time it prints a worker's line in the driver. A terminal keeps
+    the colours, and a value the user set wins."""
+    if not (_is_terminal(sys.stderr) and _is_terminal(sys.stdout)):
+        os.environ.setdefault("RAY_COLOR_PREFIX", "0")
+
+
+def _is_terminal(stream) -> bool:
+    try:
+        return bool(stream.isatty())
+    except (AttributeError, ValueError):  # no stream, or a closed one
+        return False
 
 
 class Phase:

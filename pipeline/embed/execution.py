@@ -11,15 +11,16 @@ import datetime as dt
 import json
 import logging
 import math
-import sys
 import time
 from collections import deque
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
-from tqdm.auto import tqdm
 
 from pipeline.embed.config import EmbedConfig
+from pipeline.embed.progress import Progress, SampleTotals
+from pipeline.embed.validate import image_size as predicted_image_size
+from pipeline.embed.validate import routes_by_score
 from pipeline.io import storage
 from pipeline.io.decode import DecodeConfig, DecodeError, EncodedBatch, decode_image, probe_jpeg
 from pipeline.io.lock import RootLock, output_lock
@@ -29,6 +30,7 @@ from pipeline.io.rundir import assign_parts, check_run_identity, record_invocati
 from pipeline.io.repair import repair_run
 from pipeline.io.shards import (Manifest, ShardRows, commit_shard, manifest_row, read_run_json,
                      record_duplicate_keys, write_shard_failure)
+from pipeline.logs import plain_worker_prefixes
 from pipeline.model.spec import ModelSpec
 from pipeline.runtime import apply_secrets, forwarded_env, forwarded_secrets, init_ray, sigterm_as_interrupt
 
@@ -51,6 +53,8 @@ class EmbedSummary:
     model_seconds: float = 0.0
     exit_counts: dict[int, int] = field(default_factory=dict)
     duplicate_keys: int = 0  # rows whose key another input shard committed first (RUN/duplicates.parquet)
+    scored_not_routed: bool = False  # a scorer ran on every image but the router did not use its scores
+    random_weights: bool = False  # the model is a seeded random init: the embeddings carry no meaning
 
     @property
     def exit_code(self) -> int:
@@ -62,12 +66,17 @@ class EmbedSummary:
         saved = (1 - self.gflops / self.full_depth_gflops) * 100 if self.full_depth_gflops else 0.0
         mix = ", ".join(f"{d}:{c}" for d, c in sorted(self.exit_counts.items())) or "-"
         rate = self.images / self.seconds if self.seconds else 0.0
+        if self.scored_not_routed and saved < 0:  # the scorer's cost bought nothing here but scores to calibrate on
+            cost = f"scored but not routed: {-saved:.1f}% more than full depth, for calibration"
+        else:
+            cost = f"{saved:.1f}% below full depth" if saved >= 0 else f"{-saved:.1f}% more than full depth"
         return (f"icar embed: {self.images} images, {self.errors} errors, {self.shards_committed} shards committed "
                 f"({self.shards_skipped} already done, {len(self.shards_failed)} failed), "
-                f"{self.gflops:.1f} GFLOPs ({saved:.1f}% below full depth), exits {mix}, "
+                f"{self.gflops:.1f} GFLOPs ({cost}), exits {mix}, "
                 f"{self.seconds:.1f}s wall, {rate:.1f} images/s"
                 + (f"; {self.duplicate_keys} duplicate keys across shards (duplicates.parquet)"
-                   if self.duplicate_keys else ""))
+                   if self.duplicate_keys else "")
+                + ("; random weights: embeddings carry no meaning" if self.random_weights else ""))
 
 
 def process_shard(shard, part: int, cfg: EmbedConfig, facts: ModelFacts, submit, fetch, on_batch=None) -> dict:
@@ -186,6 +195,37 @@ class ModelFacts:
         return cls(int(d["image_size"]), int(d["embed_dim"]), float(d["scorer_gflops"]))
 
 
+class StartingModelFacts:
+    """ModelFacts of a model actor that may still be building its model: the image size comes from the model's
+    config (read by the driver without torch), the rest from the actor's description when first needed, which is
+    after the task's first batch came back from that actor, so waiting for it costs nothing then."""
+
+    def __init__(self, image_size: int, description: list):
+        self.image_size = image_size
+        # [ObjectRef]: inside a list, so Ray starts the task at once instead of waiting for the description.
+        self._description = description
+        self._facts: ModelFacts | None = None
+
+    def _resolved(self) -> ModelFacts:
+        if self._facts is None:
+            import ray  # lazy, as everywhere in this module: see init_ray (pipeline.runtime) for why
+
+            facts = ModelFacts.from_description(ray.get(self._description[0], timeout=3600))
+            if facts.image_size != self.image_size:  # pixels were decoded to the wrong size: never commit them
+                raise RuntimeError(f"the model decodes images to {facts.image_size} px but its config says "
+                                   f"{self.image_size} px; this shard was decoded for the config (a bug: report it)")
+            self._facts = facts
+        return self._facts
+
+    @property
+    def embed_dim(self) -> int:
+        return self._resolved().embed_dim
+
+    @property
+    def scorer_gflops(self) -> float:
+        return self._resolved().scorer_gflops
+
+
 def plan_resources(ray, cfg: EmbedConfig) -> dict:
     """Return how many model actors and concurrent shard tasks fit the cluster, and what each reserves."""
     res = ray.cluster_resources()
@@ -243,12 +283,29 @@ def _run_embed_locked(cfg: EmbedConfig, lock: RootLock, t_start: float, started:
         plan = plan[: cfg.limit_shards]
     log.info("%d input shards: %d already committed, %d to embed", len(shards), summary.shards_skipped, len(plan))
 
-    ray = init_ray(cfg.resolved_address())
-    restore_sigterm = sigterm_as_interrupt()  # after ray.init, which installs a SIGTERM handler of its own
-    try:
-        full_gflops = _embed_plan(ray, cfg, plan, manifest, summary, t_start, lock)
-    finally:
-        restore_sigterm()
+    run_json = (read_run_json(cfg.output, cfg.storage_options)
+                if not plan and storage.exists(storage.join(cfg.output, RUN_JSON), cfg.storage_options) else None)
+    if run_json is not None and not same_spec(run_json.get("spec"), cfg.spec):
+        # Other model options than the run's: only the loaded model can tell whether they compute the same
+        # (check_run_identity), and a run directory must refuse another model even with nothing left to embed.
+        log.info("nothing to embed, but the model options differ from the run's: loading the model to compare")
+        run_json = None
+    if run_json is not None:
+        # Nothing to embed: neither Ray nor a model starts (they cost 10-20 s); the run directory alone says the rest.
+        log.info("nothing to embed: every input shard is committed in %s", cfg.output)
+        remove_orphans(cfg.output, manifest, cfg.storage_options, lock)
+        summary.scored_not_routed = scored_not_routed(run_json)
+        summary.random_weights = bool(run_json.get("random_weights"))
+        full_gflops = 0.0  # no image embedded by this invocation
+    else:
+        totals = SampleTotals([shard for shard, _ in plan], cfg.storage_options)  # counted while Ray starts
+        plain_worker_prefixes()  # also for drivers that did not set logging up through pipeline.logs
+        ray = init_ray(cfg.resolved_address())
+        restore_sigterm = sigterm_as_interrupt()  # after ray.init, which installs a SIGTERM handler of its own
+        try:
+            full_gflops = _embed_plan(ray, cfg, plan, manifest, summary, t_start, lock, totals)
+        finally:
+            restore_sigterm()
 
     lock.check()
     if manifest.rows:
@@ -261,11 +318,17 @@ def _run_embed_locked(cfg: EmbedConfig, lock: RootLock, t_start: float, started:
 
 
 def _embed_plan(ray, cfg: EmbedConfig, plan: list, manifest: Manifest, summary: EmbedSummary,
-                t_start: float, lock: RootLock) -> float:
+                t_start: float, lock: RootLock, totals: SampleTotals | None = None) -> float:
     """Embed ``plan``'s (shard, part) pairs on model actors, recording commits in ``manifest`` and ``summary``.
 
     Return the full-depth GFLOPs per image. The actors are stopped and the manifest flushed however it ends,
-    unless the run directory's ``lock`` was lost: the run that took it over owns the manifest then.
+    unless the run directory's ``lock`` was lost: the run that took it over owns the manifest then. ``totals``
+    counts the plan's samples for the progress line.
+
+    Start-up is kept off the critical path: in a new run directory the shard tasks start reading and decoding as
+    soon as the model actors are asked for, and their first batches wait queued at the actors while those import
+    torch, build the model and count its GFLOPs. A run directory that already holds shards waits for the actors'
+    description first, since a shard may only be added once the model is known to be the one it was made with.
     """
     resources = plan_resources(ray, cfg)
     env = forwarded_env()
@@ -277,9 +340,34 @@ def _embed_plan(ray, cfg: EmbedConfig, plan: list, manifest: Manifest, summary: 
                           max_restarts=-1, max_task_retries=-1, runtime_env=runtime_env).remote(cfg.spec, secrets)
         for _ in range(resources["actors"])
     ]
+    described = [a.describe.remote() for a in actors]
+    counter = ray.remote(ProgressCounter).options(num_cpus=0).remote()
+    task = ray.remote(shard_task).options(num_cpus=1, max_retries=cfg.shard_retries, retry_exceptions=True,
+                                          runtime_env=runtime_env)
+    pending = deque(plan)
+    in_flight: dict = {}
+    next_actor = 0
+
+    def launch(facts_of) -> None:
+        """Start shard tasks until ``decode_tasks`` run; ``facts_of(i)`` gives the facts of actor i."""
+        nonlocal next_actor
+        while pending and len(in_flight) < resources["decode_tasks"]:
+            shard, part = pending.popleft()
+            i = next_actor % len(actors)
+            ref = task.remote(shard, part, cfg, facts_of(i), actors[i], counter, secrets)
+            next_actor += 1
+            in_flight[ref] = (shard, part, time.monotonic())
+
+    size = predicted_image_size(cfg.spec)
+    early = size is not None and not cfg.repair and not storage.exists(storage.join(cfg.output, RUN_JSON),
+                                                                       cfg.storage_options)
     try:
         try:
-            descriptions = ray.get([a.describe.remote() for a in actors], timeout=cfg.actor_start_timeout_s)
+            if early:
+                # Before any task can commit: from now on an unrecorded part may be one of this run's.
+                remove_orphans(cfg.output, manifest, cfg.storage_options, lock)
+                launch(lambda i: StartingModelFacts(size, [described[i]]))
+            descriptions = ray.get(described, timeout=cfg.actor_start_timeout_s)
         except ray.exceptions.GetTimeoutError:
             raise RuntimeError(
                 f"model actors did not start within {cfg.actor_start_timeout_s:.0f}s; each asks for "
@@ -291,39 +379,41 @@ def _embed_plan(ray, cfg: EmbedConfig, plan: list, manifest: Manifest, summary: 
             raise RuntimeError(f"--decode-device {cfg.decode_device} decodes JPEGs on the model actors' GPU, but they "
                                f"run on {description['device']} (the cluster has {resources['cluster_gpus']:g} GPUs); "
                                f"drop --decode-device, or run where the actors get a GPU")
+        if early and int(description["image_size"]) != size:
+            raise RuntimeError(f"{cfg.spec.model} decodes images to {description['image_size']} px but its config "
+                               f"says {size} px (a bug: report it); nothing was committed")
         check_run_identity(cfg.output, description, cfg.storage_options, manifest.rows, cfg.repair)
         run_json = dict(description, inputs=list(cfg.inputs), resources=resources)
         run_json["spec"] = asdict(cfg.spec)
+        run_json.update(run_json_notes(description))
         if not storage.exists(storage.join(cfg.output, RUN_JSON), cfg.storage_options):
             storage.write_json(run_json, storage.join(cfg.output, RUN_JSON), cfg.storage_options)
-        remove_orphans(cfg.output, manifest, cfg.storage_options, lock)
+        if not early:
+            remove_orphans(cfg.output, manifest, cfg.storage_options, lock)
     except BaseException:
         # A refused run (another model's run directory, actors that never started) must not leave its model
-        # actors holding CPUs/GPUs in a Ray that lives on (a cluster, a test session, a retry in the same driver).
+        # actors holding CPUs/GPUs in a Ray that lives on (a cluster, a test session, a retry in the same driver),
+        # nor shard tasks started early waiting on them.
+        for ref in in_flight:
+            ray.cancel(ref, force=True)
         for a in actors:
             ray.kill(a)
+        ray.kill(counter)
         raise
 
     facts = ModelFacts.from_description(description)
     full_gflops = float(description["gflops_per_exit"][str(description["exits"][-1])])
+    notes = run_json_notes(description)
+    summary.scored_not_routed = scored_not_routed(dict(description, **notes))
+    summary.random_weights = notes["random_weights"]
 
-    counter = ray.remote(ProgressCounter).options(num_cpus=0).remote()
-    task = ray.remote(shard_task).options(num_cpus=1, max_retries=cfg.shard_retries, retry_exceptions=True,
-                                          runtime_env=runtime_env)
-    bar = progress_bar(len(plan), cfg.progress)
-    pending = deque(plan)
-    in_flight: dict = {}
-    next_actor = 0
+    progress = Progress(totals, cfg.progress)
     last_poll = 0.0
     try:
         while pending or in_flight:
             lock.check()  # LockLost: stop before writing the manifest another run may be using now
             manifest.flush_if_due()  # commits of a quiet spell reach the file, not only those before the next
-            while pending and len(in_flight) < resources["decode_tasks"]:
-                shard, part = pending.popleft()
-                ref = task.remote(shard, part, cfg, facts, actors[next_actor % len(actors)], counter, secrets)
-                next_actor += 1
-                in_flight[ref] = (shard, part, time.monotonic())
+            launch(lambda i: facts)
             ready, _ = ray.wait(list(in_flight), num_returns=1, timeout=2.0)
             for ref in ready:
                 shard, part, _ = in_flight.pop(ref)
@@ -343,8 +433,6 @@ def _embed_plan(ray, cfg: EmbedConfig, plan: list, manifest: Manifest, summary: 
                     summary.model_seconds += row["model_seconds"]
                     for depth, count in json.loads(row["exit_counts"]).items():
                         summary.exit_counts[int(depth)] = summary.exit_counts.get(int(depth), 0) + count
-                if bar is not None:
-                    bar.update(1)
             now = time.monotonic()
             for ref, (shard, part, submitted) in list(in_flight.items()):
                 if now - submitted > cfg.shard_timeout_s:
@@ -353,11 +441,10 @@ def _embed_plan(ray, cfg: EmbedConfig, plan: list, manifest: Manifest, summary: 
                     message = f"timed out after {cfg.shard_timeout_s:.0f}s (--shard-timeout)"
                     write_shard_failure(cfg.output, part, shard.uri, message, cfg.storage_options)
                     summary.shards_failed.append((shard.uri, message))
-            if bar is not None and now - last_poll > 1.0:
+            if progress.enabled and now - last_poll > 1.0:
                 last_poll = now
                 images, errors = ray.get(counter.totals.remote(), timeout=60)
-                elapsed = time.perf_counter() - t_start
-                bar.set_postfix_str(f"{images} images, {images / elapsed:.1f} img/s, {errors} errors")
+                progress.update(images + errors, errors)
     except BaseException:
         # A failing or interrupted loop (an exception, Ctrl-C) still records what it committed, so the next run
         # redoes only what was in flight; a flush that fails too must not hide why the loop stopped. A lost lock
@@ -373,8 +460,7 @@ def _embed_plan(ray, cfg: EmbedConfig, plan: list, manifest: Manifest, summary: 
         lock.check()
         manifest.flush()
     finally:
-        if bar is not None:
-            bar.close()
+        progress.close(summary.images + summary.errors, summary.errors)
         for a in actors:
             ray.kill(a)
         ray.kill(counter)
@@ -405,11 +491,31 @@ def failure_message(e: Exception) -> str:
     return text[-1] if text else type(e).__name__
 
 
-def progress_bar(total: int, enabled: bool):
-    """Return a tqdm bar over shards, or None when progress is off or stderr is not for people."""
-    if not enabled:
-        return None
-    return tqdm(total=total, unit="shard", desc="embed", file=sys.stderr, dynamic_ncols=True)
+def run_json_notes(description: dict) -> dict:
+    """Return what run.json says of a run beside the model's description, for people and for `icar search`:
+    ``random_weights`` (a seeded random init: the embeddings carry no meaning) and ``routes_by_score`` (whether
+    the router used the scorer's scores; a scorer that ran while it did not was spent for calibration only)."""
+    model = description.get("model") or {}
+    # A random init is the one identity whose pretrained is "none" (pipeline.model.models: open_clip names and
+    # model configs alike); the demo says "shipped", a checkpoint its path.
+    return {"random_weights": str(model.get("pretrained", "")).lower() == "none",
+            "routes_by_score": routes_by_score(description.get("router"))}
+
+
+# ModelSpec fields that change where and how fast a run computes, not what: a resume may change them.
+RUNTIME_SPEC_FIELDS = ("device", "precision", "torch_threads")
+
+
+def same_spec(recorded: dict | None, spec: ModelSpec) -> bool:
+    """Return True when run.json's recorded "spec" asks for what ``spec`` asks for (runtime fields aside)."""
+    if not isinstance(recorded, dict):
+        return False
+    return all(recorded.get(k) == v for k, v in asdict(spec).items() if k not in RUNTIME_SPEC_FIELDS)
+
+
+def scored_not_routed(run_json: dict) -> bool:
+    """Return True when a scorer ran on every image of a run whose router did not use the scores."""
+    return bool(run_json.get("scorer", True)) and run_json.get("routes_by_score") is False
 
 
 class ModelActor:

@@ -30,6 +30,7 @@ import warnings
 from pathlib import Path
 
 from pipeline.embed.config import EmbedConfig
+from pipeline.io.storage import safetensors_metadata
 from pipeline.model.spec import ModelSpec
 from pipeline.model.scorer_identity import expected_identity, router_scorer_mismatch
 
@@ -91,6 +92,68 @@ def tower_depth(cfg: dict) -> int | None:
     """Return the number of transformer blocks of a cfg's image tower, or None (ResNet and timm towers)."""
     layers = (cfg.get("vision_cfg") or {}).get("layers")
     return layers if isinstance(layers, int) and not isinstance(layers, bool) else None
+
+
+def heads_exits(spec: ModelSpec) -> tuple[str, list[int]] | None:
+    """Return (where, exits) of the exit heads a run would load (--heads, else the demo's shipped heads), read from
+    the file's metadata without torch; None when no heads apply or they cannot be read here (the actors judge)."""
+    path = spec.heads
+    if path is None and spec.model == "demo" and (DEMO_DIR / "exit_heads.safetensors").exists():
+        path = str(DEMO_DIR / "exit_heads.safetensors")
+    if path is None or "://" in path or not os.path.isfile(path):
+        return None
+    try:
+        exits = json.loads(safetensors_metadata(Path(path).read_bytes())["exits"])
+        exits = [int(e) for e in exits]
+    except (ValueError, KeyError, OSError, TypeError):
+        return None  # not a heads file: the actors say so with the full reason
+    where = f"the exit heads {path}" if spec.heads else "the demo's shipped exit heads"
+    return where, exits
+
+
+def default_exits(depth: int) -> list[int]:
+    """Return the exits a tower of ``depth`` blocks gets when none are given (as pipeline.model.encoder's
+    default_exits, which imports torch): half, three quarters, all."""
+    return sorted({max(1, round(depth / 2)), max(1, round(3 * depth / 4)), depth})
+
+
+def check_exit_at(spec: ModelSpec, depth: int | None) -> str | None:
+    """Refuse an --exit-at that the exit heads were not trained for; return a warning (else None) when it adds an
+    exit of its own, whose head is then the tower's own ln_post/proj, which no training has seen."""
+    if spec.exit_at is None or depth is None or spec.exit_at == depth or spec.exits:
+        return None  # full depth needs no head; with --exits, check_exits has judged the list
+    trained = heads_exits(spec)
+    if trained is not None:
+        where, exits = trained
+        if spec.exit_at not in exits:
+            early = [e for e in exits if e != depth]
+            raise ArgumentProblem(
+                f"--exit-at {spec.exit_at}: {where} were trained for exits {', '.join(map(str, early))} (and full "
+                f"depth {depth}), not {spec.exit_at}; pick one of those, or train heads for it with `icar "
+                f"train-exits --exits {','.join(map(str, sorted(set(early) | {spec.exit_at})))},{depth}`")
+        return None
+    defaults = default_exits(depth)
+    if spec.exit_at in defaults:
+        return None
+    return (f"--exit-at {spec.exit_at} is not one of the default exits {', '.join(map(str, defaults))} of "
+            f"{spec.model}: exit {spec.exit_at} is added, with the tower's own ln_post/proj as its head (no --heads "
+            f"given, so no head was trained for it)")
+
+
+def random_weights(spec: ModelSpec) -> bool:
+    """Return True when ``spec`` embeds with a seeded random init (an open_clip name with no --pretrained, or
+    --pretrained none): embeddings that carry no meaning. The demo and model directories carry their own weights."""
+    if spec.model == "demo" or is_model_dir(spec.model) or is_model_dir(spec.pretrained):
+        return False
+    return spec.pretrained is None or spec.pretrained.lower() in RANDOM_INIT
+
+
+def routes_by_score(router: dict | None) -> bool:
+    """Return True when a router (run.json's or a router JSON's dict) routes images by their complexity score:
+    thresholds, or several profiles. Fixed depths, fixed fractions, one profile and confidence exits do not."""
+    router = router or {}
+    kind = router.get("kind")
+    return kind == "threshold" or (kind == "profile" and len(router.get("profiles") or []) > 1)
 
 
 def check_exits(spec: ModelSpec, depth: int | None) -> None:
@@ -271,9 +334,7 @@ def check_scorer_and_router(spec: ModelSpec, depth: int | None) -> None:
     if depth is not None and isinstance(exits, list) and exits and max(exits) > depth:
         raise ArgumentProblem(f"--router {path}: routes to exits {exits}, beyond the {depth} blocks of {spec.model}'s "
                               f"tower; calibrate a router for this model with `icar calibrate ... --model {spec.model}`")
-    needs_scores = doc.get("kind") == "threshold" or (doc.get("kind") == "profile"
-                                                      and len(doc.get("profiles") or []) > 1)
-    if not needs_scores:
+    if not routes_by_score(doc):
         return
     if spec.scorer == "none":
         raise ArgumentProblem(f"--scorer none: {where} routes by complexity score; choose a scorer (--scorer default) "
@@ -401,8 +462,11 @@ def check_decode_device(cfg: EmbedConfig) -> None:
                               "GPU machine")
 
 
-def check_embed(cfg: EmbedConfig) -> None:
-    """Refuse, before Ray starts, every `icar embed` value that is known to fail later; raise ArgumentProblem."""
+def check_embed(cfg: EmbedConfig) -> list[str]:
+    """Refuse, before Ray starts, every `icar embed` value that is known to fail later; raise ArgumentProblem.
+
+    Return warnings for values that work but surprise (the driver logs them on its first lines).
+    """
     check_output(cfg.output, list(cfg.inputs))
     check_decode_device(cfg)
     spec = cfg.spec
@@ -411,6 +475,28 @@ def check_embed(cfg: EmbedConfig) -> None:
     depth = tower_depth(model_cfg)
     check_exits(spec, depth)
     check_scorer_and_router(spec, depth)
+    warned = []
+    if random_weights(spec):
+        given = "--pretrained none" if spec.pretrained is not None else "no --pretrained given"
+        warned.append(f"random weights: {spec.model} with {given} embeds with a seeded random init, so the "
+                      f"embeddings carry no meaning (fine for benchmarks and tests); pass --pretrained TAG or a "
+                      f"checkpoint file for a searchable index")
+    exit_at = check_exit_at(spec, depth)
+    if exit_at:
+        warned.append(exit_at)
+    return warned
+
+
+def image_size(spec: ModelSpec) -> int | None:
+    """Return the side (pixels) the model of ``spec`` decodes images to, read from its config without torch; None
+    when the config does not say (the shard tasks then wait for the model actor's description)."""
+    try:
+        size = ((model_config(spec.model, spec.pretrained) or {}).get("vision_cfg") or {}).get("image_size")
+    except (ArgumentProblem, OSError, ValueError):
+        return None
+    if isinstance(size, (list, tuple)) and len(size) == 2 and size[0] == size[1]:
+        size = size[0]
+    return int(size) if isinstance(size, int) and not isinstance(size, bool) else None
 
 
 def check_k(k: int, option: str = "-k") -> None:

@@ -90,13 +90,25 @@ class RunData:
         return fixed and bool(np.all(self.exit_layer == self.full_depth))
 
 
+RANDOM_WEIGHTS = "random weights: embeddings carry no meaning"
+
+
+def random_weights(identity: dict) -> bool:
+    """Return True for a model identity (run.json / index.json "model") of a seeded random init: its "pretrained"
+    is "none" (the demo says "shipped", a checkpoint its path, open_clip weights their tag)."""
+    return str(identity.get("pretrained") or "").lower() == "none"
+
+
 def model_label(identity: dict) -> str:
-    """Return a short human name for a model: name, pretrained tag and the first hex digits of its weights hash."""
+    """Return a short human name for a model: name, pretrained tag (or that its weights are random) and the first
+    hex digits of its weights hash."""
     name = identity.get("name") or "unknown model"
     tag = identity.get("pretrained")
     sha = (identity.get("weights_sha256") or "")[:10]
     parts = [str(name)]
-    if tag and str(tag).lower() != "none":
+    if random_weights(identity):
+        parts.append(RANDOM_WEIGHTS)
+    elif tag:
         parts.append(str(tag))
     if sha:
         parts.append(f"weights {sha}")

@@ -345,6 +345,10 @@ def _section(scope: str, name: str, runs: list[RunData], timings: list[dict], co
             "spent_per_image": spent / images if images else None,
             "full_depth_per_image": full / images if images else None,
             "baseline": "every image through exits[-1] blocks (gflops_per_exit of the last exit), no scorer",
+            # Every run scored its images but none routed by the score (run.json "routes_by_score", written since
+            # 2026-12; older runs do not say, and read as routed): the scorer's GFLOPs bought calibration data only.
+            "scored_not_routed": bool(runs) and all(r.info.get("routes_by_score") is False and r.scorer_gflops > 0
+                                                    for r in runs),
         },
         "exit_mix": exit_mix,
         "by_complexity_decile": deciles,

@@ -214,7 +214,8 @@ def plot_gflops_breakdown(s: dict, scope: str, colours: dict[int, str]) -> str:
           series="full depth")
     p.text(x2 + bw / 2, p.y(g["full_depth"]) - 5, f"{fmt_num(g['full_depth'])}")
     if g["saved_pct"] is not None:
-        p.text(p.left + band, p.y(max(g["full_depth"], g["spent"]) / 2), saved_phrase(g["saved_pct"]), cls="callout")
+        p.text(p.left + band, p.y(max(g["full_depth"], g["spent"]) / 2),
+               saved_phrase(g["saved_pct"], g.get("scored_not_routed", False)), cls="callout")
     return p.svg()
 
 
@@ -389,7 +390,8 @@ def _cards(s: dict, audit_status: str) -> str:
     cards = [
         ("Images embedded", escape(f"{s['images']:,}"),
          escape(f"{f['samples']:,} failed samples, {f['input_shards']} failed input shards")),
-        ("GFLOPs saved", f'<span class="{tone(g["saved_pct"])}">{escape(saved_phrase(g["saved_pct"]))}</span>',
+        ("GFLOPs saved", f'<span class="{tone(g["saved_pct"])}">'
+                         f'{escape(saved_phrase(g["saved_pct"], g.get("scored_not_routed", False)))}</span>',
          escape(f"{fmt_num(g['spent'])} spent vs {fmt_num(g['full_depth'])} at full depth")),
         ("Cost as run", escape(fmt_money(c["cost"], cur)),
          escape(f"{fmt_sig(c['accelerator_hours'])} accelerator-h at {c['price_per_hour']:g} {cur}/h")),
@@ -525,7 +527,7 @@ def render_html(report: dict) -> str:
         body.append("<h2>Runs</h2>")
         for s in runs:
             body.append(f"<details><summary class='mono'>{escape(s['name'])} — {s['images']:,} images, "
-                        f"{escape(saved_phrase(s['gflops']['saved_pct']))}</summary>"
+                        f"{escape(saved_phrase(s['gflops']['saved_pct'], s['gflops'].get('scored_not_routed', False)))}</summary>"
                         f"{_section_html(s, 'run:' + s['name'], colours)}</details>")
     comp = report["compare"]
     if comp:

@@ -8,7 +8,7 @@ import io
 import math
 import posixpath
 
-from pipeline.report.audit import parse_time
+from pipeline.report.audit import RANDOM_WEIGHTS, parse_time, random_weights
 
 # --------------------------------------------------------------------------------------------------------------
 # Text: the one-line summary and the readable summary
@@ -50,9 +50,13 @@ def fmt_when(stamp: str | None) -> str:
     return t.strftime("%Y-%m-%d %H:%M UTC")
 
 
-def saved_phrase(pct: float | None) -> str:
+def saved_phrase(pct: float | None, scored_not_routed: bool = False) -> str:
+    """Return the GFLOPs saved against full depth in words; a run that scored every image but routed none by the
+    score spent the scorer's GFLOPs for calibration, and says so instead of reading as a loss."""
     if pct is None:
         return "no baseline"
+    if pct < 0 and scored_not_routed:
+        return f"scored but not routed: {-pct:.1f}% more than full depth, for calibration"
     return f"{pct:.1f}% saved" if pct >= 0 else f"{-pct:.1f}% MORE than full depth"
 
 
@@ -67,11 +71,14 @@ def summary_line(report: dict) -> str:
     text = f"{t['images']} images, {failed['samples']} failed"
     if failed["input_shards"]:
         text += f" (+{failed['input_shards']} input shard{'s' if failed['input_shards'] != 1 else ''} failed)"
-    text += f"; {fmt_num(g['spent'])} GFLOPs vs {fmt_num(g['full_depth'])} at full depth: {saved_phrase(g['saved_pct'])}"
+    text += (f"; {fmt_num(g['spent'])} GFLOPs vs {fmt_num(g['full_depth'])} at full depth: "
+             f"{saved_phrase(g['saved_pct'], g.get('scored_not_routed', False))}")
     if t["exit_mix"]:
         text += "; exits " + " ".join(f"{e['depth']}:{e['images']}" for e in t["exit_mix"])
     if report["audit"]["status"] != "passed":
         text += f"; AUDIT FAILED ({t['audit']['row_violations']} rows disagree with run.json)"
+    if any(random_weights(m.get("identity") or {}) for m in t["models"]):
+        text += f"; {RANDOM_WEIGHTS}"
     return text
 
 
@@ -85,7 +92,8 @@ def _section_text(s: dict, indent: str = "  ") -> list[str]:
     lines.append(f"{indent}GFLOPs   {fmt_num(g['spent'])} spent (scorer {fmt_num(g['scorer'])} + encoder "
                  f"{fmt_num(g['encoder'])}) "
                  f"vs {fmt_num(g['full_depth'])} at full depth")
-    lines.append(f"{indent}         saved {fmt_num(g['saved'])} GFLOPs: {saved_phrase(g['saved_pct'])} "
+    lines.append(f"{indent}         saved {fmt_num(g['saved'])} GFLOPs: "
+                 f"{saved_phrase(g['saved_pct'], g.get('scored_not_routed', False))} "
                  f"({fmt_sig(g['spent_per_image'])} vs {fmt_sig(g['full_depth_per_image'])} GFLOPs per image)")
     if s["exit_mix"]:
         lines.append(f"{indent}exits    " + "   ".join(f"{e['depth']}: {e['images']:,} ({100 * e['share']:.1f}%)"

@@ -177,7 +177,7 @@ def test_totals_agree_three_ways_and_with_hand_computed_figures(run_a):
     # One-line summary in the agreed form.
     assert summary_line(report) == (f"36 images, 2 failed (+1 input shard failed); {spent:,.1f} GFLOPs vs "
                                     f"{full:,.1f} at full depth: {100 * (full - spent) / full:.1f}% saved; "
-                                    f"exits 6:12 9:10 12:14")
+                                    f"exits 6:12 9:10 12:14; random weights: embeddings carry no meaning")
 
 
 def test_summary_line_matches_the_lead_example_format(tmp_path):
@@ -187,8 +187,10 @@ def test_summary_line_matches_the_lead_example_format(tmp_path):
                    scorer=0.0, gflops_per_exit=per_exit)
     spent = 12 * 4.45 + 10 * 6.63 + 14 * 8.82
     line = summary_line(build_report([run]))
+    # The synthetic runs' model is a seeded random init (MODEL: pretrained "none"), and the line says so.
     assert line == f"36 images, 2 failed; {spent:.1f} GFLOPs vs 317.5 at full depth: " \
-                   f"{100 * (317.52 - spent) / 317.52:.1f}% saved; exits 6:12 9:10 12:14"
+                   f"{100 * (317.52 - spent) / 317.52:.1f}% saved; exits 6:12 9:10 12:14; " \
+                   f"random weights: embeddings carry no meaning"
 
 
 def _rewrite_shard(run: str, part: int, transform) -> None:
