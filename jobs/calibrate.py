@@ -13,6 +13,11 @@ schedule (pipeline/model/merging.py), ordered by their counted GFLOPs; both mode
 must hold the unmerged full depth (the cost reference and the fallback for unscorable images). --merge-heads
 SPEC=FILE names exit heads trained under a schedule (`icar train-exits --merge SPEC`); the router file records them.
 
+With --confidence-heads FILE (from `icar train-confidence`) the router decides inside the tower instead: a row
+leaves at the first early exit whose learned confidence clears that exit's threshold; both modes fit one threshold
+per early exit on the sample (every image through every exit), counting the confidence heads' GFLOPs. No complexity
+scorer is needed (one named with --scorer runs besides and is counted).
+
 The router file records mode, target, the achieved cost (and recall) on the sample, the sample size, the scorer
 and model identities and the exits; pass it to `icar embed --router FILE`.
 """
@@ -58,6 +63,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="choose among (exit, merge) profiles, e.g. 4,6,8@keep0.8,8 (needs input shards)")
     p.add_argument("--merge-heads", action="append", default=[], metavar="SPEC=FILE",
                    help="exit heads trained under merge schedule SPEC (repeatable), e.g. keep0.8=heads.safetensors")
+    p.add_argument("--confidence-heads", default=None, metavar="FILE",
+                   help="fit a confidence router (exits decided inside the tower, no scorer needed) for these heads "
+                        "from `icar train-confidence` (needs input shards)")
     p.add_argument("--sample", type=int, default=c.sample, help="images to calibrate on")
     p.add_argument("--seed", type=int, default=c.seed, help="seed of the sample (and of a random-init model)")
     p.add_argument("--output", "-o", required=True, help="router JSON to write (local path or URL)")

@@ -22,6 +22,7 @@ JOBS = {
     "reindex": ("jobs.reindex", "scheduled incremental embed + versioned index from a YAML job config"),
     "calibrate": ("jobs.calibrate", "pick router thresholds for a GFLOP budget or a recall floor"),
     "train-exits": ("jobs.train_exits", "train early-exit heads (dual-path: contrastive + distillation)"),
+    "train-confidence": ("jobs.train_confidence", "train confidence heads: exit where the embedding is already good"),
     "train-complexity": ("jobs.train_complexity", "train a ConvNeXt-IC complexity scorer on IC9600-layout data"),
     "eval-complexity": ("jobs.eval_complexity", "evaluate a complexity scorer: PLCC, SRCC, RMSE, MAE, images/s"),
     "train-scorer": ("jobs.train_scorer", "retrain the shipped default complexity scorer from SAVOIAS (ImageNet MobileNetV2)"),

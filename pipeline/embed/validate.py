@@ -31,7 +31,7 @@ from pathlib import Path
 
 from pipeline.embed.config import EmbedConfig
 from pipeline.io.storage import safetensors_metadata
-from pipeline.model.spec import ModelSpec
+from pipeline.model.spec import ModelSpec, confidence_heads_file
 from pipeline.model.scorer_identity import expected_identity, router_scorer_mismatch
 
 log = logging.getLogger(__name__)
@@ -334,6 +334,8 @@ def check_scorer_and_router(spec: ModelSpec, depth: int | None) -> None:
     if depth is not None and isinstance(exits, list) and exits and max(exits) > depth:
         raise ArgumentProblem(f"--router {path}: routes to exits {exits}, beyond the {depth} blocks of {spec.model}'s "
                               f"tower; calibrate a router for this model with `icar calibrate ... --model {spec.model}`")
+    if doc.get("kind") == "confidence":
+        check_confidence_router(path, doc)
     if not routes_by_score(doc):
         return
     if spec.scorer == "none":
@@ -344,6 +346,32 @@ def check_scorer_and_router(spec: ModelSpec, depth: int | None) -> None:
     problem = router_scorer_mismatch(where, recorded, identity, spec.model, spec.scorer) if identity else None
     if problem:
         raise ArgumentProblem(problem)
+
+
+def check_confidence_router(path: str, doc: dict) -> None:
+    """Refuse a confidence router whose heads file is missing, is no confidence-heads file, or holds other heads
+    than the ones its thresholds were fitted for (read from the file's safetensors header, no torch)."""
+    recorded = (doc.get("confidence") or {}).get("path")
+    if not recorded:
+        raise ArgumentProblem(f"--router {path}: a confidence router must name its confidence-heads file; write it "
+                              f"with `icar calibrate --confidence-heads FILE`")
+    heads = confidence_heads_file(recorded, path)
+    if "://" in heads:
+        return  # the actors read and check it
+    if not os.path.isfile(heads):
+        raise ArgumentProblem(f"--router {path}: its confidence heads {recorded} do not exist (nor beside the router); "
+                              f"put them back or recalibrate with `icar calibrate --confidence-heads FILE`")
+    try:
+        meta = safetensors_metadata(Path(heads).read_bytes())
+    except ValueError:
+        meta = {}
+    if meta.get("format") != "icar-confidence-heads":
+        raise ArgumentProblem(f"--router {path}: {heads} is not a confidence-heads file from `icar train-confidence`")
+    want = (doc.get("confidence") or {}).get("sha256")
+    if want and meta.get("sha256") != want:
+        raise ArgumentProblem(f"--router {path}: its thresholds were fitted for confidence heads {want[:16]}…, but "
+                              f"{heads} holds {str(meta.get('sha256'))[:16]}…; recalibrate with `icar calibrate "
+                              f"--confidence-heads {heads}`")
 
 
 # -------------------------------------------------------------------------------------------------- output

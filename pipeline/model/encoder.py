@@ -337,3 +337,45 @@ class AdaptiveEncoder(nn.Module):
             if e < self.num_blocks:
                 feats[e] = merging.pool_head(self.heads.head(e), x, size)
         return feats, F.normalize(self._exit(self.num_blocks, x, size).float(), dim=-1)
+
+    def forward_confident(self, pixels: torch.Tensor, confidence, thresholds) -> tuple[torch.Tensor, torch.Tensor]:
+        """Return (float32 L2-normalised embeddings (N, D), exit depth per row (int16, CPU)), each row leaving at
+        the first early exit where ``confidence`` (ConfidenceHeads, pipeline/model/confidence.py) scores it >= that
+        exit's threshold; the last exit takes the rest.
+
+        One shrinking-batch pass: at each early exit the remaining rows' pooled features feed the confidence head,
+        the rows that clear the threshold leave through the exit head (from the same pooled features) and only
+        the rest run the next blocks; no block runs twice. A threshold of +inf skips the exit's confidence head.
+        Unmerged only (token-merging profiles route by complexity score).
+        """
+        thresholds = [float(t) for t in thresholds]
+        if len(thresholds) != len(self.exits) - 1:
+            raise ValueError(f"{len(thresholds)} confidence thresholds for the {len(self.exits) - 1} early exits "
+                             f"{self.exits[:-1]} of this encoder")
+        n = pixels.shape[0]
+        out = torch.empty(n, self.visual.output_dim, dtype=torch.float32, device=pixels.device)
+        depth_of = torch.full((n,), self.num_blocks, dtype=torch.int16)
+        if n == 0:
+            return out, depth_of
+        x = self.visual._embeds(pixels.to(self._dtype()))
+        rows = torch.arange(n, device=pixels.device)  # original position of each row still in the tower
+        depth = 0
+        for e, threshold in zip(self.exits[:-1], thresholds):
+            x, _ = self._blocks(x, None, depth, e, None, 0)
+            depth = e
+            if threshold == float("inf"):
+                continue
+            head = self.heads.head(e)
+            feats = head.pool_features(x)
+            leave = confidence.score(e, feats) >= threshold
+            leaving = rows[leave]
+            if leaving.numel():  # one host sync per open exit
+                out[leaving] = F.normalize(head.from_features(feats[leave]).float(), dim=-1)
+                depth_of[leaving.cpu()] = e
+                stay = ~leave
+                x, rows = x[stay], rows[stay]
+            if rows.numel() == 0:
+                return out, depth_of
+        x, _ = self._blocks(x, None, depth, self.num_blocks, None, 0)
+        out[rows] = F.normalize(self._final(x).float(), dim=-1)
+        return out, depth_of

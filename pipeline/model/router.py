@@ -1,6 +1,6 @@
 """Routing: which exit depth each image runs to, and the calibration that picks the thresholds.
 
-A router maps complexity scores (and sample keys) to exit depths. Three policies:
+A router maps complexity scores (and sample keys) to exit depths. The policies:
 
 - ``FixedRouter(depth)``: every image to one depth (baselines, full-depth runs).
 - ``FractionRouter(exits, fractions)``: a fixed share of images per exit, chosen by a stable hash of the
@@ -8,6 +8,10 @@ A router maps complexity scores (and sample keys) to exit depths. Three policies
   every process and every run.
 - ``ThresholdRouter(exits, thresholds)``: score <= thresholds[0] -> exits[0], ..., > thresholds[-1] ->
   exits[-1]. Simple images leave early; any number of exits (the paper's binary router is two exits).
+- ``ProfileRouter(profiles, thresholds)``: the same by score, over (exit, token-merging) profiles.
+- ``ConfidenceRouter(exits, thresholds, confidence)``: decided inside the tower, no score needed: a row leaves
+  at the first early exit whose learned confidence (pipeline/model/confidence.py) clears that exit's threshold;
+  its thresholds are fitted by pipeline/model/confidence_calibration.py.
 
 Calibration is pure functions over a sample of scores: ``calibrate_budget`` (a GFLOP budget as a share of
 full-depth cost, scorer included) and ``calibrate_recall`` (the cheapest thresholds whose text→image
@@ -214,6 +218,85 @@ class ProfileRouter:
         return d
 
 
+class ConfidenceRouter:
+    """Routes inside the tower: a row leaves at the first early exit whose confidence is >= that exit's threshold.
+
+    Confidences come from ConfidenceHeads (pipeline/model/confidence.py) evaluated on the way by
+    ``AdaptiveEncoder.forward_confident``; the last exit takes every row left. A threshold of +inf closes its exit
+    (its confidence head is not even run), -inf sends every row that reaches it out there. No complexity score is
+    needed (``needs_scores`` False); ``confidence`` is the identity of the heads file the thresholds were fitted
+    for (its "path" is where the worker loads it from).
+    """
+
+    kind = "confidence"
+    needs_scores = False
+
+    def __init__(self, exits: Sequence[int], thresholds: Sequence[float | str], confidence: dict,
+                 scorer_identity: dict | None = None, calibration: dict | None = None):
+        self.exits = _check_exits(exits)
+        self.thresholds = [float(t) for t in thresholds]
+        if len(self.thresholds) != len(self.exits) - 1:
+            raise ValueError(f"{len(self.exits)} exits {self.exits} need {len(self.exits) - 1} confidence thresholds "
+                             f"(one per early exit), got {len(self.thresholds)}: {self.thresholds}")
+        if any(math.isnan(t) for t in self.thresholds):
+            raise ValueError(f"confidence thresholds must be numbers or +-inf, got {self.thresholds}")
+        if not isinstance(confidence, dict) or not confidence.get("path"):
+            raise ValueError("a confidence router names its confidence-heads file ({'path': ..., 'sha256': ...}); "
+                             "write one with `icar calibrate --confidence-heads FILE`")
+        self.confidence = dict(confidence)
+        self.scorer_identity = scorer_identity  # a scorer the run is asked to run besides (its GFLOPs were counted)
+        self.calibration = dict(calibration or {})
+
+    @property
+    def evaluated_exits(self) -> list[int]:
+        """Return the early exits whose confidence head runs (those with a threshold below +inf)."""
+        return [e for e, t in zip(self.exits, self.thresholds) if t != math.inf]
+
+    def route(self, scores, keys=None) -> np.ndarray:
+        """Refuse: this router decides from confidences inside the tower, not from complexity scores."""
+        raise TypeError("a confidence router decides inside the tower; embed with AdaptiveEncoder.forward_confident "
+                        "(the model worker does), or route precomputed confidences with route_confidences")
+
+    def route_confidences(self, confidences: dict) -> np.ndarray:
+        """Return each row's exit depth (int16) from every early exit's confidences {exit: (N,)} (e.g. on a sample).
+
+        The same rule as ``forward_confident``: the first early exit whose confidence >= its threshold; NaN never
+        clears a threshold.
+        """
+        n = len(np.asarray(confidences[self.exits[0]]).reshape(-1)) if self.exits[:-1] else 0
+        out = np.full(n, self.exits[-1], np.int16)
+        open_rows = np.ones(n, bool)
+        for e, t in zip(self.exits, self.thresholds):
+            if t == math.inf:
+                continue
+            leave = open_rows & (np.asarray(confidences[e], np.float64).reshape(-1) >= t)
+            out[leave] = e
+            open_rows &= ~leave
+        return out
+
+    def gflops_per_exit(self, tower_gflops: dict, confidence_gflops: dict, scorer_gflops: float = 0.0) -> dict:
+        """Return {exit: GFLOPs a row leaving there spent}: tower up to it (its head included), every confidence head
+        run on the way (at the open early exits up to and including it), and the scorer if one runs."""
+        tower = _gflops_table(self.exits, tower_gflops)
+        conf = {int(k): float(v) for k, v in confidence_gflops.items()}
+        missing = [e for e in self.evaluated_exits if e not in conf]
+        if missing:
+            raise ValueError(f"no counted confidence-head GFLOPs for exits {missing}; count them with "
+                             "pipeline.model.confidence.confidence_gflops")
+        out, spent = {}, 0.0
+        for e in self.exits:
+            if e in self.evaluated_exits:
+                spent += conf[e]
+            out[e] = float(tower[e] + spent + scorer_gflops)
+        return out
+
+    def to_dict(self) -> dict:
+        """Return the JSON-ready description of this router."""
+        return {"format": ROUTER_FORMAT, "kind": self.kind, "exits": self.exits,
+                "thresholds": [_encode_float(t) for t in self.thresholds], "confidence": self.confidence,
+                "scorer": self.scorer_identity, "calibration": self.calibration}
+
+
 def router_from_dict(d: dict):
     """Return the router described by ``d`` (the output of ``.to_dict()``)."""
     kind = d.get("kind")
@@ -230,7 +313,10 @@ def router_from_dict(d: dict):
     if kind == ProfileRouter.kind:
         return ProfileRouter(d["profiles"], d["thresholds"], scorer_identity=d.get("scorer"),
                              calibration=d.get("calibration"), heads=d.get("heads"))
-    raise ValueError(f"unknown router kind {kind!r}; expected fixed, fraction, threshold or profile")
+    if kind == ConfidenceRouter.kind:
+        return ConfidenceRouter(d["exits"], d["thresholds"], d.get("confidence"), scorer_identity=d.get("scorer"),
+                                calibration=d.get("calibration"))
+    raise ValueError(f"unknown router kind {kind!r}; expected fixed, fraction, threshold, profile or confidence")
 
 
 def save_router(router, url: str, storage_options: dict | None = None) -> None:

@@ -10,6 +10,7 @@ router and the CLI parse schedules and profiles without loading torch. What a sc
 
 from __future__ import annotations
 
+import os
 import re
 from dataclasses import dataclass
 
@@ -147,3 +148,15 @@ def parse_profiles(specs: str | list) -> list[Profile]:
     if len({p.spec for p in out}) != len(out):
         raise ValueError(f"profiles must be unique, got {[p.spec for p in out]}")
     return out
+
+
+# --------------------------------------------------------------------------------------------- confidence heads
+
+
+def confidence_heads_file(recorded: str, router_file: str | None) -> str:
+    """Return where a confidence router's heads file is: the path it records, else the file of that name beside the
+    router file (a router moved together with its heads, e.g. the demo's shipped pair)."""
+    if "://" in recorded or os.path.exists(recorded) or not router_file or "://" in router_file:
+        return recorded
+    beside = os.path.join(os.path.dirname(router_file), os.path.basename(recorded))
+    return beside if os.path.exists(beside) else recorded

@@ -20,8 +20,10 @@ from pipeline.model import device_decode
 from pipeline.model import encoder as enc
 from pipeline.model import flops, models, scorer
 from pipeline.model import router as routers
+from pipeline.model.confidence import ConfidenceHeads, confidence_gflops
 from pipeline.model.scorer_identity import router_scorer_mismatch
-from pipeline.model.spec import ModelSpec, Profile, merge_spec, parse_merge, parse_profiles
+from pipeline.model.spec import (ModelSpec, Profile, confidence_heads_file, merge_spec, parse_merge,
+                                 parse_profiles)
 from pipeline.runtime import resolve_device
 
 log = logging.getLogger(__name__)
@@ -127,9 +129,11 @@ class ModelWorker:
             exits = list(self.heads.exits)
         self.encoder = enc.AdaptiveEncoder(self.bundle.model.visual, exits, self.heads).to(self.device).eval()
         self.exits = exits
-        self.scorer = scorer.scorer_for_model(spec.model, spec.scorer, spec.scorer_checkpoint, device=self.device,
-                                              image_size=self.bundle.image_size)
         self.router = build_router(spec, exits)
+        # A confidence router decides inside the tower: a scorer then runs only when named (--scorer heuristic ...).
+        unasked = isinstance(self.router, routers.ConfidenceRouter) and spec.scorer == "default"
+        self.scorer = None if unasked else scorer.scorer_for_model(
+            spec.model, spec.scorer, spec.scorer_checkpoint, device=self.device, image_size=self.bundle.image_size)
         if self.scorer is None and getattr(self.router, "needs_scores", False):
             raise ValueError("the router routes by complexity score but --scorer none was given; choose a scorer")
         self._check_router_scorer()
@@ -139,6 +143,7 @@ class ModelWorker:
         for depth, g in self.gflops_per_exit.items():
             self._gflops_lookup[depth] = g + self.scorer_gflops
         self.profiles = self._setup_profiles(exits)  # None unless the router routes to (exit, merge) profiles
+        self.confidence = self._setup_confidence()  # None unless the router decides by confidence inside the tower
         self.autocast = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(spec.precision)
         log.info("model worker ready in %.1fs on %s: %s exits %s", time.perf_counter() - t0, self.device,
                  self.bundle.identity.get("name"), exits)
@@ -189,6 +194,39 @@ class ModelWorker:
         return [{"profile": p.spec, "exit": p.exit, "merge": merge_spec(p.merge), "gflops": g,
                  "heads": self.router.heads.get(merge_spec(p.merge))} for p, g in zip(profiles, costs)]
 
+    def _setup_confidence(self) -> ConfidenceHeads | None:
+        """Load a confidence router's heads (bound to this model and these exit heads) and count their GFLOPs.
+
+        Sets the per-row cost lookup: a row leaving at an exit spent the tower to it, every confidence head run on
+        the way and the scorer if one runs (``ConfidenceRouter.gflops_per_exit``).
+        """
+        if not isinstance(self.router, routers.ConfidenceRouter):
+            return None
+        path = confidence_heads_file(self.router.confidence["path"], self.spec.router or str(DEMO_ASSETS / "router.json"))
+        heads = ConfidenceHeads.load(path, self.bundle, self.encoder.heads)
+        recorded = self.router.confidence.get("sha256")
+        if recorded and recorded != heads.sha256():
+            raise ValueError(f"router {self.spec.router} was calibrated for confidence heads {recorded[:16]}…, but "
+                             f"{path} holds {heads.sha256()[:16]}…; recalibrate with `icar calibrate "
+                             f"--confidence-heads {path}`")
+        self.confidence_gflops = confidence_gflops(heads, self.bundle.model.visual)
+        self._confidence_cost = self.router.gflops_per_exit(self.gflops_per_exit, self.confidence_gflops,
+                                                            self.scorer_gflops)
+        self._gflops_lookup = np.zeros(max(self.exits) + 1, np.float32)
+        for depth, g in self._confidence_cost.items():
+            self._gflops_lookup[depth] = g
+        return heads.to(self.device).eval()
+
+    def _embed_confident(self, pixels: np.ndarray, scores: np.ndarray, t0: float) -> dict:
+        """Return ``embed``'s result with each row's exit decided by the confidence heads inside the tower."""
+        x = models.pixels_to_tensor(self.bundle, pixels).to(self.device, non_blocking=True)
+        with torch.autocast(self.device.split(":")[0], dtype=self.autocast, enabled=self.autocast is not None):
+            emb, depth = self.encoder.forward_confident(x, self.confidence, self.router.thresholds)
+        exit_layer = depth.numpy().astype(np.int16)
+        emb = torch.nn.functional.normalize(emb.float(), dim=-1).to(torch.float16).cpu().numpy()
+        return {"embedding": emb, "complexity": scores, "exit_layer": exit_layer,
+                "gflops": self._gflops_lookup[exit_layer], "seconds": time.perf_counter() - t0}
+
     def drop_scorer(self) -> None:
         """Stop scoring: release the scorer and stop counting its GFLOPs in each row (for routers that route
         without scores, e.g. by a hash of the key in benchmarks)."""
@@ -209,6 +247,9 @@ class ModelWorker:
             "model": self.bundle.identity,
             "exits": self.exits,
             **({"profiles": self.profiles} if self.profiles is not None else {}),
+            **({"confidence": {**self.confidence.identity, "gflops": {str(k): v for k, v in self.confidence_gflops.items()},
+                               "gflops_per_exit": {str(k): v for k, v in self._confidence_cost.items()}}}
+               if self.confidence is not None else {}),
             "heads": heads,
             "router": self.router.to_dict(),
             "scorer": self.scorer.identity if self.scorer is not None else None,
@@ -234,6 +275,8 @@ class ModelWorker:
             scores = np.asarray(self.scorer.score(pixels), np.float32)
         else:
             scores = np.full(len(keys), np.nan, np.float32)
+        if self.confidence is not None:
+            return self._embed_confident(pixels, scores, t0)
         merge_ids = None
         if self.profiles is not None:
             profile = self.router.route_profiles(scores, keys).astype(np.int64)

@@ -226,6 +226,11 @@ class _Audit:
 
     @property
     def per_exit(self) -> dict[int, float]:
+        """Return {exit: what a row leaving there spent, scorer aside}: a confidence-routed run's rows also paid the
+        confidence heads run on the way (run.json "confidence" "gflops_per_exit", scorer included)."""
+        paths = (self.info.get("confidence") or {}).get("gflops_per_exit")
+        if paths:
+            return {int(k): float(v) - self.scorer for k, v in paths.items()}
         return {int(k): float(v) for k, v in self.info["gflops_per_exit"].items()}
 
     @property

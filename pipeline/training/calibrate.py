@@ -28,9 +28,12 @@ from pipeline.io.readers import expand_inputs, iter_samples
 from pipeline.model import encoder as enc
 from pipeline.model import flops, models
 from pipeline.model import router as routers
+from pipeline.model.confidence import ConfidenceHeads, confidence_gflops, every_exit
+from pipeline.model.confidence_calibration import calibrate_confidence_budget, calibrate_confidence_recall
 from pipeline.model.scorer import scorer_for_model
 from pipeline.model.spec import ModelSpec, merge_spec, parse_merge, parse_profiles
 from pipeline.runtime import resolve_device
+from pipeline.training.confidence import exit_heads_for
 
 log = logging.getLogger("icar.calibrate")
 
@@ -46,6 +49,7 @@ class CalibrateConfig:
     shares: list[float] | None = None  # how the early exits share the images moved off full depth; None: equal
     profiles: str | None = None  # choose among (exit, merge) profiles, e.g. "4,6,8@keep0.8,8" (needs inputs)
     merge_heads: list[str] = field(default_factory=list)  # "SPEC=FILE": exit heads trained under merge schedule SPEC
+    confidence_heads: str | None = None  # from `icar train-confidence`: fit a ConfidenceRouter instead (needs inputs)
     sample: int = 2000  # images (or run scores) to calibrate on
     seed: int = 0  # seed of the sample (and of a random-init model)
     output: str = ""  # router JSON to write (local path or URL)
@@ -121,12 +125,18 @@ def captioned_indices(captions: list[str | None]) -> list[int]:
 
 
 def calibrate(cfg: CalibrateConfig):
-    """Return the calibrated router (ThresholdRouter, or ProfileRouter with profiles) and write it to cfg.output."""
+    """Return the calibrated router (ThresholdRouter, ProfileRouter with profiles, ConfidenceRouter with confidence
+    heads) and write it to cfg.output."""
     if bool(cfg.scores_from) == bool(cfg.inputs):
         raise ValueError("give either --scores-from RUN or input shards to sample, not both or neither")
     if cfg.sample < 2:
         raise ValueError(f"--sample must be at least 2, got {cfg.sample}")
-    if cfg.scores_from:
+    if cfg.confidence_heads:
+        if cfg.scores_from or cfg.profiles:
+            raise ValueError("--confidence-heads needs every sample image taken through every exit: pass input shards "
+                             "(not --scores-from), and no --profiles (confidence routing is unmerged)")
+        router = calibrate_confidence(cfg)
+    elif cfg.scores_from:
         if cfg.profiles:
             raise ValueError("--profiles needs the model to count each profile's GFLOPs (and, for --min-recall, to "
                              "embed under it): pass input shards instead of --scores-from")
@@ -241,4 +251,55 @@ def calibrate_profiles(cfg: CalibrateConfig, bundle, heads, exits, scorer, pixel
                                                scorer_identity=scorer.identity)
     router.heads.update(paths)
     router.calibration.update(identity)
+    return router
+
+
+def calibrate_confidence(cfg: CalibrateConfig) -> routers.ConfidenceRouter:
+    """Return the ConfidenceRouter fitted on a sample: every image through every exit, its confidence at each.
+
+    The exit heads are the ones `icar embed` runs (``--heads``, the demo's shipped heads by default), and the
+    confidence heads must have been trained for them. No scorer runs unless one is named (``--scorer heuristic``
+    ...): then its GFLOPs count in the budget, as `icar embed` will spend them.
+    """
+    device = resolve_device(cfg.device)
+    bundle = models.load_clip(cfg.model, cfg.pretrained, seed=cfg.seed, device=device)
+    heads = exit_heads_for(cfg.model, cfg.heads, bundle)
+    exits = list(cfg.exits) if cfg.exits else (list(heads.exits) if heads is not None
+                                               else enc.default_exits(bundle.num_blocks))
+    encoder = enc.AdaptiveEncoder(bundle.model.visual, exits, heads).to(device).eval()
+    conf = ConfidenceHeads.load(cfg.confidence_heads, bundle, encoder.heads)
+    if conf.exits != exits:
+        raise ValueError(f"confidence heads {cfg.confidence_heads} were trained for exits {conf.exits}, the encoder "
+                         f"has {exits}; pass --exits {','.join(map(str, conf.exits))}")
+    scorer = None if cfg.scorer == "default" else scorer_for_model(cfg.model, cfg.scorer, cfg.checkpoint,
+                                                                   device=device, image_size=bundle.image_size)
+    pixels, keys, captions = sample_inputs(cfg.inputs, bundle.image_size, cfg.sample, cfg.seed, cfg.storage_options)
+    confidences: dict[int, list[np.ndarray]] = {}
+    embeddings: dict[int, list[np.ndarray]] = {}
+    with torch.inference_mode():
+        for i in range(0, len(pixels), cfg.batch_size):
+            x = models.pixels_to_tensor(bundle, pixels[i:i + cfg.batch_size], device=device)
+            _, c, emb = every_exit(encoder, conf, x)
+            for e, v in c.items():
+                confidences.setdefault(e, []).append(v.float().cpu().numpy())
+            for e, v in emb.items():
+                embeddings.setdefault(e, []).append(v.float().cpu().numpy())
+    conf_sample = {e: np.concatenate(v) for e, v in confidences.items()}
+    tower = flops.exit_gflops(bundle, exits)
+    conf_gflops = confidence_gflops(conf, bundle.model.visual)
+    scorer_gflops = float(scorer.gflops_per_image) if scorer is not None else 0.0
+    scorer_identity = scorer.identity if scorer is not None else None
+    if cfg.gflops_budget is not None:
+        router = calibrate_confidence_budget(conf_sample, exits, tower, conf_gflops, cfg.gflops_budget, conf.identity,
+                                             scorer_gflops=scorer_gflops, shares=cfg.shares,
+                                             scorer_identity=scorer_identity)
+    else:
+        captioned = captioned_indices(captions)
+        text = models.encode_text(bundle, [captions[i] for i in captioned])
+        router = calibrate_confidence_recall(conf_sample, {e: np.concatenate(v) for e, v in embeddings.items()},
+                                             text, np.asarray(captioned), cfg.min_recall, tower, conf_gflops,
+                                             conf.identity, scorer_gflops=scorer_gflops, shares=cfg.shares,
+                                             scorer_identity=scorer_identity)
+    router.calibration.update(model=bundle.identity, exits=exits, heads=encoder.heads.identity,
+                              confidence=conf.identity, source={"inputs": list(cfg.inputs), "sample_seed": cfg.seed})
     return router

@@ -382,7 +382,7 @@ def test_chosen_opq_index_is_one_file_that_searches_through_its_rotation(tmp_pat
     run = make_run(str(tmp_path / "run"), x, shards=3)
     out = tmp_path / "idx"
     # 4-byte codes on 32 dims (8 per sub-quantizer): the policy adds an OPQ rotation, trained briefly.
-    build_index(cfg_for([run], out, flat_below=1000, max_index_memory="240K"))
+    build_index(cfg_for([run], out, flat_below=1000, max_index_memory="240K", max_nprobe=32))
     info = _read_json(out / INDEX_JSON)
     assert info["factory"] == "OPQ4,IVF256,PQ4" and info["opq"] and info["opq_dim"] == 32
     assert info["opq_training"] == {"points": min(info["train_size"], 32768), "iterations": 10}
