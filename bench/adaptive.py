@@ -7,9 +7,13 @@ its heads, the scorer or to calibrate a router):
 
 - policies: full depth; each fixed exit; the complexity router (the paper's design: a ThresholdRouter on the
   demo's training-free scorer, calibrated on the val split as ``icar calibrate --gflops-budget`` does, scorer
-  cost counted); random routing with exactly the same exit mix as the complexity router (same GFLOPs, images
-  shuffled, ``--random-seeds`` shuffles averaged per query); and the confidence policies when their module is
-  there (``confidence_policies``: confidence exits, confidence + complexity), each at budgets
+  cost counted); confidence exits (a ConfidenceRouter fitted on val as ``icar calibrate --confidence-heads``
+  does, confidence heads' cost counted; the heads from ``--confidence`` or trained here once, as
+  ``icar train-confidence`` trains them, on the train split); confidence + complexity (the same rule on each
+  exit's confidence minus the complexity score, both standardised on val; recall and GFLOPs only, no worker runs
+  it); each router calibrated two ways, its early exits sharing the images moved off full depth equally (the
+  default) or deepest exit first (``--shares 0,1``); and, beside every routed row, random routing with exactly
+  its exit mix (same GFLOPs, images shuffled, ``--random-seeds`` shuffles averaged per query); at budgets
   ``--budgets`` (0.55-0.9 of full-depth GFLOPs);
 - per row: recall@1/5 text→image and image→text, instance-level (the query's own image or caption, identical
   captions being one query) and category-level (any image whose scene's main object, the first object group the
@@ -290,9 +294,11 @@ def load_confidence(path: str, worker, ctx: dict, batch_size: int) -> dict:
     heads = ConfidenceHeads.load(path, worker.bundle, worker.encoder.heads)
     if heads.exits != worker.exits:
         raise ValueError(f"confidence heads {path} have exits {heads.exits}, the encoder {worker.exits}")
+    val = confidence_sample(worker, heads, ctx["val_px"], batch_size)
+    test = confidence_sample(worker, heads, ctx["test_px"], batch_size)
+    combined_val, combined_test = combined_signal(val, test, ctx["val_scores"], ctx["test_scores"])
     return {"heads": heads, "path": path, "gflops": confidence_gflops(heads, worker.bundle.model.visual),
-            "val": confidence_sample(worker, heads, ctx["val_px"], batch_size),
-            "test": confidence_sample(worker, heads, ctx["test_px"], batch_size)}
+            "val": val, "test": test, "combined_val": combined_val, "combined_test": combined_test}
 
 
 def confidence_policies(ctx: dict, budget: float) -> dict[str, dict]:
@@ -319,7 +325,33 @@ def confidence_policies(ctx: dict, budget: float) -> dict[str, dict]:
         out["confidence" + suffix] = {"depth": depth, "router": r, "thresholds": r.thresholds,
                                       "gflops": float(np.mean([cost[int(d)] for d in depth])),
                                       "heads_path": ctx["heads_path"]}
+        # Confidence + complexity: the same rule on a combined signal, each exit's confidence minus the image's
+        # complexity score, both standardised on val (equal weights, nothing tuned on test). The scorer runs
+        # first and its GFLOPs count. No ModelWorker path runs it (forward_confident reads confidences only), so
+        # it has recall and counted GFLOPs but no images/s.
+        try:
+            r = calibrate_confidence_budget(c["combined_val"], exits, gpe, c["gflops"], budget, c["heads"].identity,
+                                            scorer_gflops=ctx["scorer_gflops"], shares=shares)
+        except ValueError as e:
+            log.info("confidence+complexity router at budget %.2f: %s", budget, e)
+            continue
+        depth = r.route_confidences(c["combined_test"])
+        cost = r.gflops_per_exit(gpe, c["gflops"], ctx["scorer_gflops"])
+        out["confidence+complexity" + suffix] = {"depth": depth, "router": None, "thresholds": r.thresholds,
+                                                 "gflops": float(np.mean([cost[int(d)] for d in depth]))}
     return out
+
+
+def combined_signal(conf_val: dict, conf_test: dict, scores_val: np.ndarray, scores_test: np.ndarray
+                    ) -> tuple[dict, dict]:
+    """Return ({exit: val signal}, {exit: test signal}): each exit's confidence minus the complexity score, both
+    standardised with the val split's mean and spread (a confident, simple image leaves first)."""
+    def z(x, ref):
+        sd = float(np.std(ref))
+        return (np.asarray(x, np.float64) - float(np.mean(ref))) / (sd if sd > 0 else 1.0)
+
+    return ({e: z(v, v) - z(scores_val, scores_val) for e, v in conf_val.items()},
+            {e: z(conf_test[e], v) - z(scores_test, scores_val) for e, v in conf_val.items()})
 
 
 # ------------------------------------------------------------------------------------------------ measuring
@@ -468,6 +500,8 @@ def time_policies(ctx: dict, a: argparse.Namespace, time_budgets: list[float]) -
     for key, p in ref.items():
         pol, b = key.split("@")
         if float(b) not in time_budgets:
+            continue
+        if p["router"] is None:  # no worker path decides this way (confidence+complexity)
             continue
         if isinstance(p["router"], routers.ConfidenceRouter):
             # Decided inside the tower (AdaptiveEncoder.forward_confident): a worker built from the router file, as
@@ -696,7 +730,9 @@ STYLE = {"full": ("#000000", "star"), "fixed": ("#555555", "square"), "complexit
          "random[complexity deep-first]": ("#cab2d6", "circle"), "confidence": ("#d62728", "diamond"),
          "random[confidence]": ("#f4a582", "diamond"), "confidence deep-first": ("#ff7f00", "diamond"),
          "random[confidence deep-first]": ("#fdbf6f", "diamond"), "confidence+complexity": ("#2ca02c", "triangle"),
-         "random[confidence+complexity]": ("#a1d99b", "triangle")}
+         "random[confidence+complexity]": ("#a1d99b", "triangle"),
+         "confidence+complexity deep-first": ("#8c510a", "triangle"),
+         "random[confidence+complexity deep-first]": ("#dfc27d", "triangle")}
 
 
 def _marker(kind: str, x: float, y: float, colour: str, filled: bool = True) -> str:
