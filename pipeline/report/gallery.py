@@ -110,7 +110,7 @@ def read_images(wanted: dict[str, set[str]], storage_options: dict | None = None
                 found[source, key] = sample.data if sample.data is not None else f"not readable: {sample.error}"
                 if len(found) == len(keys):
                     break
-        except (InputError, ShardReadError, OSError) as e:
+        except (InputError, ShardReadError, OSError, ValueError) as e:  # one source's failure is its tiles' only
             reason = f"source not readable: {type(e).__name__}: {e}"
             return {(source, k): found.get((source, k), reason) for k in keys}
         return {(source, k): found.get((source, k), f"key not found in {source} (the input changed since)")
