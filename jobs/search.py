@@ -16,6 +16,7 @@ from pipeline.io.storage import CorruptFileError
 from pipeline.logs import setup_logging
 from pipeline.model.models import ModelLoadError
 from pipeline.reindex.root import INDEXES, LATEST, resolve_latest
+from pipeline.report.audit import random_weights
 from pipeline.report.gallery import Panel, Tile, add_thumbnails, thumbnail, write_gallery
 from pipeline.runtime import resolve_device
 
@@ -117,8 +118,8 @@ def main(argv: list[str] | None = None) -> int:
         index_dir = resolve_index_dir(args.index, args.storage_options)
         with Searcher(index_dir, device=resolve_device(args.device), nprobe=args.nprobe,
                       storage_options=args.storage_options) as searcher:
-            if searcher.random_weights:  # `--model ViT-B-32` without --pretrained: said before any result
-                log.warning("%s", searcher.random_weights_warning())
+            if random_weights(searcher.info.get("model") or {}):  # a --model without --pretrained: said first
+                log.warning("%s", random_weights_warning(searcher))
             results = []
             if args.texts:
                 results += list(zip(args.texts, searcher.search_text(args.texts, args.k)))
@@ -146,6 +147,18 @@ def main(argv: list[str] | None = None) -> int:
     return 2 if failed else 0
 
 
+def random_weights_warning(searcher: Searcher) -> str:
+    """Return the sentence that says the index's embeddings are random (pipeline.report.audit.random_weights) and how
+    to get meaningful ones."""
+    model = searcher.info.get("model") or {}
+    name = model.get("name", "?")
+    seed = f", seed {model['seed']}" if "seed" in model else ""
+    return (f"{searcher.index_dir} was embedded with random weights (model {name}, pretrained none{seed}): its "
+            f"embeddings carry no meaning and neither do these results. Re-embed with trained weights, e.g. "
+            f"`icar embed ... --model {name} --pretrained TAG` (an open_clip tag such as openai, or a checkpoint "
+            f"file), then `icar index` again")
+
+
 def write_html(url: str, searcher: Searcher, results: list, n_texts: int, storage_options: dict) -> str:
     """Write the results page (pipeline.report.gallery) for ``results`` (text queries first); return its URL."""
     hits = [h for _, found in results for h in found]
@@ -166,7 +179,7 @@ def write_html(url: str, searcher: Searcher, results: list, n_texts: int, storag
     add_thumbnails(panels, storage_options or None)
     model = searcher.info.get("model", {})
     meta = f"model {model.get('name', '?')}" + (f" ({model['pretrained']})" if model.get("pretrained") else "")
-    warning = searcher.random_weights_warning() if searcher.random_weights else None
+    warning = random_weights_warning(searcher) if random_weights(searcher.info.get("model") or {}) else None
     write_gallery(url, panels, searcher.index_dir, meta, storage_options or None, warning=warning)
     shown = sum(t.thumbnail is not None for p in panels for t in p.tiles)
     missing = [t for p in panels for t in p.tiles if t.thumbnail is None]

@@ -180,22 +180,6 @@ class Searcher:
 
     # ------------------------------------------------------------------------------------------- model
 
-    @property
-    def random_weights(self) -> bool:
-        """Return True when the index was embedded by a seeded random init (identity "pretrained": "none"; the demo
-        says "shipped", a checkpoint its path, open_clip weights their tag): its results carry no meaning."""
-        return str(self.info.get("model", {}).get("pretrained") or "").lower() == "none"
-
-    def random_weights_warning(self) -> str:
-        """Return the sentence that says this index's embeddings are random and how to get meaningful ones."""
-        model = self.info.get("model", {})
-        name = model.get("name", "?")
-        seed = f", seed {model['seed']}" if "seed" in model else ""
-        return (f"{self.index_dir} was embedded with random weights (model {name}, pretrained none{seed}): its "
-                f"embeddings carry no meaning and neither do these results. Re-embed with trained weights, e.g. "
-                f"`icar embed ... --model {name} --pretrained TAG` (an open_clip tag such as openai, or a checkpoint "
-                f"file), then `icar index` again")
-
     def _check_model(self, bundle) -> None:
         want, got = self.info["model_key"], model_key(bundle.identity)
         if want != got:
