@@ -70,6 +70,10 @@ class RunData:
         return float(self.info.get("scorer_gflops") or 0.0)
 
     @property
+    def path_gflops(self) -> dict[int, float]:
+        return path_gflops(self.info)
+
+    @property
     def full_gflops(self) -> float:
         """Return the full-depth baseline per image: the last exit's GFLOPs, no scorer."""
         return self.gflops_per_exit[self.full_depth]
@@ -88,6 +92,17 @@ class RunData:
         router = self.info.get("router") or {}
         fixed = router.get("kind") == "fixed" and int(router.get("depth", -1)) == self.full_depth
         return fixed and bool(np.all(self.exit_layer == self.full_depth))
+
+
+def path_gflops(info: dict) -> dict[int, float]:
+    """Return {exit: GFLOPs a row leaving there spent, scorer aside} from a run.json: the tower to the exit, and for
+    a confidence-routed run also the confidence heads run on the way (its "confidence" "gflops_per_exit", which
+    includes the scorer)."""
+    paths = (info.get("confidence") or {}).get("gflops_per_exit")
+    if paths:
+        scorer = float(info.get("scorer_gflops") or 0.0)
+        return {int(k): float(v) - scorer for k, v in paths.items()}
+    return {int(k): float(v) for k, v in info["gflops_per_exit"].items()}
 
 
 RANDOM_WEIGHTS = "random weights: embeddings carry no meaning"
@@ -226,12 +241,7 @@ class _Audit:
 
     @property
     def per_exit(self) -> dict[int, float]:
-        """Return {exit: what a row leaving there spent, scorer aside}: a confidence-routed run's rows also paid the
-        confidence heads run on the way (run.json "confidence" "gflops_per_exit", scorer included)."""
-        paths = (self.info.get("confidence") or {}).get("gflops_per_exit")
-        if paths:
-            return {int(k): float(v) - self.scorer for k, v in paths.items()}
-        return {int(k): float(v) for k, v in self.info["gflops_per_exit"].items()}
+        return path_gflops(self.info)
 
     @property
     def scorer(self) -> float:

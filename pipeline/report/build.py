@@ -248,7 +248,7 @@ def _section(scope: str, name: str, runs: list[RunData], timings: list[dict], co
             recomputed += float(r.gflops.sum())
             continue
         depths, counts = np.unique(r.exit_layer, return_counts=True)
-        per_exit = r.gflops_per_exit
+        per_exit = r.path_gflops  # the tower to each exit (+ confidence heads on the way, for confidence runs)
         recomputed += sum(int(c) * per_exit.get(int(d), math.nan) for d, c in zip(depths, counts))
         recomputed += r.scorer_gflops * r.images
     agree = gflops_agree(spent, manifest_sum) and gflops_agree(spent, recomputed)

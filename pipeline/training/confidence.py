@@ -7,8 +7,9 @@ images at full depth (what an index mostly holds; images with an identical capti
 
 - ``margin`` (default): t_i·v_e(i) − max_j t_i·v_full(j), how far the image's own caption prefers the exit
   embedding over the best other image. Positive: the caption still finds this image first from this exit.
-- ``rank``: 1 when the image's own caption ranks it at this exit at least as high as at full depth, else 0
-  (fitted by logistic regression; the confidence is the log-odds).
+- ``rank``: 1 when the image's own caption ranks it at this exit at least as high as at full depth, ranks past
+  ``RANK_CAP`` counting as one (in a gallery of thousands few images keep an exact deep rank, and past the top 10
+  a search shows nothing), else 0; fitted by logistic regression, the confidence is the log-odds.
 - ``cosine``: cos(v_e(i), v_full(i)), the exit's agreement with full depth (what ridge maps were tried on first;
   issue #20 measured that routing by it only ties a fixed exit).
 
@@ -45,6 +46,7 @@ log = logging.getLogger("icar.train_confidence")
 HEADS_FILE = "confidence_heads.safetensors"
 METRICS_FILE = "confidence_heads.metrics.json"
 DEMO_HEADS = Path(__file__).parent.parent / "assets" / "demo" / "exit_heads.safetensors"
+RANK_CAP = 10  # target "rank": ranks from here on are all "not found"
 
 
 @dataclass
@@ -104,7 +106,8 @@ def confidence_targets(kind: str, embeddings: dict[int, np.ndarray], text: np.nd
             ranks[e][s:s + chunk] = (sim > own[e][s:s + chunk, None]).sum(1)
     if kind == "margin":
         return {e: own[e] - best_other for e in exits[:-1]}
-    return {e: (ranks[e] <= ranks[exits[-1]]).astype(np.float32) for e in exits[:-1]}
+    full_rank = np.minimum(ranks[exits[-1]], RANK_CAP)
+    return {e: (np.minimum(ranks[e], RANK_CAP) <= full_rank).astype(np.float32) for e in exits[:-1]}
 
 
 def read_pairs(inputs: list[str], image_size: int, limit: int | None, storage_options: dict,

@@ -145,3 +145,19 @@ def test_confidence_gflops_are_counted(bundle):
     assert set(small) == {1, 2}
     # LayerNorm + Linear(64, h) + Linear(h, 1): the matmuls alone are 2·(64·h + h) FLOPs
     assert small[1] >= 2 * (64 * 8 + 8) / 1e9 and big[1] >= 2 * (64 * 64 + 64) / 1e9 > small[1]
+
+
+def test_shipped_demo_pair_runs_without_a_scorer(tmp_path, monkeypatch):
+    """The demo's confidence heads fit the demo's shipped exit heads (retrain them when those change)."""
+    from pipeline.model.spec import ModelSpec
+    from pipeline.model.worker import DEMO_ASSETS, ModelWorker
+
+    monkeypatch.setenv("ICAR_CACHE_DIR", str(tmp_path / "cache"))
+    w = ModelWorker(ModelSpec(model="demo", device="cpu", torch_threads=1,
+                              router=str(DEMO_ASSETS / "confidence_router.json")))
+    assert w.scorer is None and w.confidence is not None and w.describe()["confidence"]["target"] == "margin"
+    pixels = np.random.default_rng(0).integers(0, 256, (8, 64, 64, 3), dtype=np.uint8)
+    out = w.embed(pixels, [f"k{i}" for i in range(8)])
+    cost = w.router.gflops_per_exit(w.gflops_per_exit, w.confidence_gflops)
+    assert set(out["exit_layer"].tolist()) <= {4, 6, 8} and np.isnan(out["complexity"]).all()
+    np.testing.assert_allclose(out["gflops"], [cost[int(e)] for e in out["exit_layer"]], rtol=1e-6)

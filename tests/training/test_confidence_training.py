@@ -90,6 +90,8 @@ def test_train_calibrate_embed_end_to_end(model_dir, corpus, tmp_path, ray_sessi
     run = tmp_path / "run"
     assert embed_job.main([val, "--output", str(run), "--router", str(router_path), "--batch-size", "8",
                            "--no-progress", *model]) == 0
+    said = capsys.readouterr()
+    assert "AUDIT FAILED" not in said.out + said.err  # the cost report accounts for the confidence heads too
     rows = pq.read_table(run / "shards").to_pandas() if (run / "shards").is_dir() else None
     assert rows is not None and len(rows) == 40
     run_json = json.loads((run / "run.json").read_text())
