@@ -45,7 +45,6 @@ def build_parser() -> argparse.ArgumentParser:
                                   "e.g. r2 or keep0.8 (pipeline/model/merging.py); run.json records it as a "
                                   "one-profile router. Not with --router or --route-fractions: calibrate "
                                   "profiles with `icar calibrate --profiles` instead")
-    g.add_argument("--precision", default=m.precision, choices=["fp32", "fp16", "bf16"], help="autocast precision on GPU")
     r = p.add_argument_group("routing (choose one; default: the demo's calibrated router, else full depth)")
     r.add_argument("--router", default=m.router, help="router JSON written by `icar calibrate`")
     r.add_argument("--exit-at", type=int, default=m.exit_at, help="send every image to this exit depth")
@@ -60,7 +59,7 @@ def build_parser() -> argparse.ArgumentParser:
     x = add_runtime_args(p, device_help="model device",
                          threads_help="intra-op threads of a CPU model actor (default: $ICAR_TORCH_THREADS, else the "
                                       "CPUs reserved per actor)", threads_dest="torch_threads",
-                         threads_default=m.torch_threads,
+                         threads_default=m.torch_threads, precision_default=m.precision,
                          address_help="Ray cluster to join (default: $RAY_ADDRESS, else embedded local Ray)",
                          title="runtime and execution")
     add_deprecated_alias(x, "--torch-threads", "--threads", dest="torch_threads", type=positive_int)

@@ -1,4 +1,4 @@
-"""The process and cluster runtime every job shares: the device a job computes on, joining Ray, forwarding
+"""The process and cluster runtime every job shares: the device and precision a job computes in, joining Ray, forwarding
 storage settings to workers, and turning SIGTERM into an orderly stop with the exit code a shell expects.
 
 A leaf of the package (it imports nothing else of ``pipeline``), so embed, index and reindex use one copy.
@@ -86,6 +86,70 @@ def resolve_device(device: str) -> str:
         raise DeviceUnavailableError(f"--device {name} was asked for but torch sees {count} CUDA device(s) here "
                                      f"(cuda:0..cuda:{count - 1}); pick one of them, or --device cpu")
     return name
+
+
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")  # what --precision accepts, in every job that computes embeddings
+
+# /proc/cpuinfo flags of x86 CPUs that compute bfloat16 dot products in hardware (AVX512_BF16: AMD Zen 4+, Intel
+# Cooper Lake and Sapphire Rapids+; AMX_BF16: Intel Sapphire Rapids+). Without them oneDNN emulates bfloat16 with
+# fp32 arithmetic plus conversions, slower than fp32 itself.
+NATIVE_BF16_FLAGS = ("avx512_bf16", "amx_bf16")
+
+
+@dataclass(frozen=True)
+class PrecisionChoice:
+    """The precision a model computes in, and why (what run.json records and the worker logs once)."""
+
+    precision: str  # fp32 | bf16 | fp16: what the model computes in
+    requested: str  # what was asked for (auto or one of the above)
+    reason: str  # one line: why this precision
+
+
+def native_bf16_flags(cpuinfo: str) -> list[str]:
+    """Return the flags among NATIVE_BF16_FLAGS that /proc/cpuinfo text ``cpuinfo`` lists (its first "flags" line)."""
+    for line in cpuinfo.splitlines():
+        key, _, value = line.partition(":")
+        if key.strip() == "flags":
+            flags = set(value.split())
+            return [f for f in NATIVE_BF16_FLAGS if f in flags]
+    return []
+
+
+def read_cpuinfo() -> str:
+    """Return this machine's /proc/cpuinfo text, or "" where there is none (not Linux)."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+            return f.read()
+    except OSError:
+        return ""
+
+
+def resolve_precision(precision: str, device: str, cpuinfo: str | None = None,
+                      cuda_bf16: bool | None = None) -> PrecisionChoice:
+    """Return the precision a model on torch device ``device`` computes in for ``--precision precision``.
+
+    "auto" is bf16 where the hardware computes it natively, else fp32: on a CPU, when ``cpuinfo`` (this machine's
+    /proc/cpuinfo when None) lists avx512_bf16 or amx_bf16; on CUDA, when the GPU supports bf16 (``cuda_bf16``;
+    torch is asked when None). fp32, bf16 and fp16 are taken as given. Raises ValueError naming the choices.
+    """
+    name = str(precision).strip().lower()
+    if name not in PRECISIONS:
+        raise ValueError(f"--precision {precision!r} is not one of {', '.join(PRECISIONS)}")
+    if name != "auto":
+        return PrecisionChoice(name, name, "asked for")
+    if str(device).startswith("cuda"):
+        if cuda_bf16 is None:
+            import torch  # lazy: see resolve_device
+
+            cuda_bf16 = bool(torch.cuda.is_bf16_supported())
+        if cuda_bf16:
+            return PrecisionChoice("bf16", name, f"{device} supports bfloat16")
+        return PrecisionChoice("fp32", name, f"{device} lacks bfloat16 support")
+    flags = native_bf16_flags(read_cpuinfo() if cpuinfo is None else cpuinfo)
+    if flags:
+        return PrecisionChoice("bf16", name, f"the CPU computes bfloat16 natively ({', '.join(flags)})")
+    return PrecisionChoice("fp32", name, f"the CPU has no native bfloat16 ({' or '.join(NATIVE_BF16_FLAGS)} absent "
+                                         f"from /proc/cpuinfo): bfloat16 would be emulated, slower than fp32")
 
 
 def init_ray(address: str | None):

@@ -156,14 +156,17 @@ class ExitHeads(nn.Module):
                 f"exit heads {path} were trained for backbone {meta.get('backbone')} but the model loaded is {want}; "
                 f"load the model they belong to, or train heads for this one with `icar train-exits`")
         exits = json.loads(meta["exits"])
-        heads = cls(bundle.model.visual, exits, backbone=want)
+        heads = cls(bundle.model.visual, exits, backbone=want).float()  # copies of a bf16 tower's ln_post/proj
         state = st_load(data)
         try:
             heads.heads.load_state_dict(state, strict=True)
         except RuntimeError as e:
             raise ValueError(f"exit heads {path} do not fit {want}'s tower: {e}") from e
         like = next(bundle.model.visual.parameters())
-        heads.to(device=like.device, dtype=like.dtype)
+        # Kept in float32, as saved, whatever the tower's precision: they are tiny beside it, take features in any
+        # dtype (ExitHead.from_features), and their identity (sha256, which run.json records and confidence heads
+        # are bound to) must not change with the precision a worker runs at.
+        heads.to(device=like.device)
         heads.path = path
         heads.merge = meta.get("merge") or "none"
         return heads

@@ -31,7 +31,7 @@ class ModelSpec:
     scorer: str = "default"  # default | heuristic | convnext | none
     scorer_checkpoint: str | None = None  # ConvNeXt-IC checkpoint (safetensors) for --scorer convnext
     device: str = "auto"  # auto | cpu | cuda
-    precision: str = "fp32"  # fp32 | fp16 | bf16 (autocast on accelerators)
+    precision: str = "auto"  # auto (bf16 where native, else fp32) | fp32 | bf16 | fp16; pipeline.runtime.resolve_precision
     torch_threads: int | None = None  # intra-op threads per CPU actor; None: CPUs per actor
     merge: str | None = None  # token-merging schedule (r2, keep0.8) for every image at exit_at or full depth: a one-profile router
 

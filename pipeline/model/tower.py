@@ -71,7 +71,8 @@ class ExitHead(nn.Module):
         return normed.mean(dim=1).to(tokens.dtype)
 
     def from_features(self, features: torch.Tensor) -> torch.Tensor:
-        """Return the (unnormalised) embeddings (N, D) for pooled ``features`` (N, width)."""
+        """Return the (unnormalised) embeddings (N, D), in the head's dtype, for pooled ``features`` (N, width)."""
+        features = features.to(self.ln.weight.dtype)  # a bf16 tower feeds heads kept in float32 (ExitHeads.load)
         if self.pool_type == "avg" and not self.final_ln_after_pool:
             x = features * self.ln.weight + self.ln.bias
         else:

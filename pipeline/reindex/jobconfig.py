@@ -31,7 +31,7 @@ from typing import Any, Literal
 from pipeline.embed.config import EmbedConfig
 from pipeline.index.build import IndexConfig
 from pipeline.model.spec import ModelSpec
-from pipeline.runtime import DEVICES, parse_device
+from pipeline.runtime import DEVICES, PRECISIONS, parse_device
 
 
 class ConfigError(ValueError):
@@ -415,8 +415,8 @@ def _cross_checks(cfg: JobConfig, errors: list[str]) -> None:
         parse_device(m.device)
     except ValueError:
         errors.append(f"model.device: expected {DEVICES}, got {m.device!r}")
-    if m.precision not in ("fp32", "fp16", "bf16"):
-        errors.append(f"model.precision: expected one of 'fp32', 'fp16', 'bf16', got {m.precision!r}")
+    if m.precision not in PRECISIONS:
+        errors.append(f"model.precision: expected one of {', '.join(PRECISIONS)}, got {m.precision!r}")
     if cfg.lock.stale_after_s < 3 * cfg.lock.heartbeat_s:
         errors.append(f"lock.stale_after_s: must be at least 3 x lock.heartbeat_s ({3 * cfg.lock.heartbeat_s:g}) so "
                       f"that a slow heartbeat never looks stale, got {cfg.lock.stale_after_s:g}")

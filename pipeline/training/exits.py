@@ -53,7 +53,7 @@ from pipeline.training.exit_config import (CHECKPOINT, HEADS, METRICS, ExitTrain
                                            write_output)
 from pipeline.training.exit_step import (EncoderStep, HeadsStep, HeadTrainer, clip_loss_share, exit_loss_shares,
                                          optimizer_step, parallel)
-from pipeline.training.features import FeatureCache, evaluate_features
+from pipeline.training.features import FeatureCache, evaluate_features, exit_scales
 from pipeline.training.pairs import PairStats, batches, decode_pixels, shuffled, stack_pixels, take
 from pipeline.training.recall import evaluate_embeddings, format_table, mixed_score, summary
 from pipeline.training.shares import Assembly, SplitReader
@@ -61,6 +61,10 @@ from pipeline.training.shares import Assembly, SplitReader
 log = logging.getLogger(__name__)
 
 SELECT_EPOCH = ("mixed", "last")
+# Heads-file metadata key: JSON {exit: scale}, chosen on validation by ``recall.choose_exit_scale``. An exit-k row
+# multiplied by its scale (stored as the vector's norm) ranks fairly against full-depth rows in an inner-product
+# index; the heads' forward does not apply it (their embeddings stay unit-norm), the writer of an index must.
+EXIT_SCALES = "exit_scales"
 SELECTED_BY = ("val mixed-gallery text→image recall@1: mean over early exits of exit|full (the caption's image at "
                "the exit, every other at full depth) and full|exit (the reverse)")
 
@@ -248,7 +252,9 @@ class ExitTrainer:
             self.trainer.load_state_dict(self._best["trainer"])
             selected = self._best["epoch"]
         after = evaluate_features(self.heads, val, self.bundle.num_blocks)
-        return self._finish(before, after, history, len(train), len(val), time.perf_counter() - t_start, selected)
+        scales = exit_scales(self.heads, val)
+        return self._finish(before, after, history, len(train), len(val), time.perf_counter() - t_start, selected,
+                            scales)
 
     def _run_finetune(self) -> dict | None:
         """The paper's recipe: backbone + heads train on streamed pixels; 0.5/0.5 contrastive on both paths."""
@@ -354,7 +360,7 @@ class ExitTrainer:
         return evaluate_embeddings(per_exit, per_exit[self.bundle.num_blocks], val.text, val.assembly.groups)
 
     def _finish(self, before: dict, after: dict, history: list, n_train: int, n_val: int,
-                seconds: float, selected_epoch: int | None = None) -> dict | None:
+                seconds: float, selected_epoch: int | None = None, scales: dict | None = None) -> dict | None:
         """Write heads (+ fine-tuned backbone), metrics.json; print the before/after table; return the metrics.
 
         Rank 0 only; the other processes return None.
@@ -371,6 +377,8 @@ class ExitTrainer:
         meta = {"trained_by": "icar train-exits", "epochs": cfg.epochs, "finetune_backbone": cfg.finetune_backbone}
         if selected_epoch is not None:
             meta["selected_epoch"] = selected_epoch
+        if scales:  # a recommendation: nothing in the heads' forward applies it (see EXIT_SCALES)
+            meta[EXIT_SCALES] = json.dumps({str(e): r["scale"] for e, r in sorted(scales.items())})
         write_output(heads_url, self.heads.to_bytes(meta), cfg)
         self.heads.path = heads_url
         doc = {
@@ -388,6 +396,7 @@ class ExitTrainer:
             "after": {str(e): m for e, m in after.items()},
             "history": history,
             "selected_epoch": selected_epoch,
+            "exit_scales": {str(e): r for e, r in sorted((scales or {}).items())} or None,
             "selected_by": ("last epoch" if cfg.select_epoch == "last" else SELECTED_BY)
             if selected_epoch is not None else None,
             "seconds": seconds,
@@ -399,6 +408,10 @@ class ExitTrainer:
         print("mixed t2i R@1: recall in a gallery of every other image at that exit and the rest at full depth, "
               "as an index of routed rows holds them; exit|full: the caption's image at the exit, every other at "
               "full depth; full|exit: the reverse")
+        for e, r in sorted((scales or {}).items()):
+            print(f"exit {e}: similarity scale {r['scale']:.3f} for a mixed index (exit|full R@1 "
+                  f"{r['exit_vs_full_t2i@1']:.3f}, full|exit {r['full_vs_exit_t2i@1']:.3f}); in the heads file as "
+                  f"{EXIT_SCALES}")
         if selected_epoch is not None:
             print(f"heads of epoch {selected_epoch + 1}/{cfg.epochs} written (selected by "
                   f"{doc['selected_by']})")

@@ -27,7 +27,7 @@ from pipeline.model.models import pixels_to_tensor
 from pipeline.training import distributed
 from pipeline.training.exit_config import NO_PAIRS, ExitTrainConfig, TrainExitsError, read_output, write_output
 from pipeline.training.pairs import PairStats, batches
-from pipeline.training.recall import caption_groups, evaluate_embeddings
+from pipeline.training.recall import caption_groups, choose_exit_scale, evaluate_embeddings
 from pipeline.training.shares import SplitReader
 
 log = logging.getLogger(__name__)
@@ -105,12 +105,23 @@ def features_from_bytes(data: bytes) -> tuple[FeatureSet, dict]:
 
 
 @torch.no_grad()
+def early_embeddings(heads, fs: FeatureSet) -> dict[int, torch.Tensor]:
+    """Return {early exit: L2-normalised embeddings (N, D) on the CPU} of ``heads`` on cached features."""
+    return {e: F.normalize(heads.head(e).from_features(fs.features[e].to(_device_of(heads))).float().cpu(), dim=-1)
+            for e in heads.early_exits}
+
+
 def evaluate_features(heads, fs: FeatureSet, num_blocks: int) -> dict:
     """Return per-exit recall and cosine to full depth of ``heads`` on cached features (full depth included)."""
-    per_exit = {e: F.normalize(heads.head(e).from_features(fs.features[e].to(_device_of(heads))).float().cpu(), dim=-1)
-                for e in heads.early_exits}
+    per_exit = early_embeddings(heads, fs)
     per_exit[num_blocks] = fs.full
     return evaluate_embeddings(per_exit, fs.full, fs.text, fs.groups)
+
+
+def exit_scales(heads, fs: FeatureSet) -> dict[int, dict]:
+    """Return {early exit: ``choose_exit_scale``'s result} of ``heads`` on cached (validation) features."""
+    t, full, g = fs.text.float().numpy(), fs.full.float().numpy(), fs.groups.numpy()
+    return {e: choose_exit_scale(t, x.numpy(), full, g) for e, x in early_embeddings(heads, fs).items()}
 
 
 def _device_of(module: torch.nn.Module) -> torch.device:

@@ -43,7 +43,7 @@ def recall_table(text: np.ndarray, images: np.ndarray, groups: np.ndarray) -> di
 
 
 def mixed_gallery_recall(text: np.ndarray, target: np.ndarray, others: np.ndarray, groups: np.ndarray) -> dict:
-    """Return {k: text→image recall@k} when each caption's own images are ``target`` rows, all other images ``others``.
+    """Return {k: text→image recall@k} with each caption's own images as ``target`` rows, all others as ``others``.
 
     With ``target`` an exit's embeddings and ``others`` full depth: can an early-exit image still be found for its
     caption among full-depth images (the case an index of routed rows puts it in)? Swapped: can a full-depth
@@ -82,6 +82,32 @@ def evaluate_embeddings(per_exit: dict[int, torch.Tensor], full: torch.Tensor, t
         row["full_vs_exit_t2i"] = mixed_gallery_recall(t, full_np, emb.numpy(), g)
         out[int(e)] = row
     return out
+
+
+SCALE_GRID = tuple(round(0.9 + 0.005 * i, 3) for i in range(61))  # 0.900 ... 1.200
+
+
+def choose_exit_scale(text: np.ndarray, emb: np.ndarray, full: np.ndarray, groups: np.ndarray) -> dict:
+    """Return {"scale", "exit_vs_full_t2i@1", "full_vs_exit_t2i@1", "penalty"}: an exit's scale for a mixed index.
+
+    An inner-product index ranks an exit row ``scale * emb`` against full-depth rows; the scale (on SCALE_GRID)
+    is the one whose worse mixed direction loses least against the own-depth gallery: the larger of
+    own-exit R@1 - exit|full R@1 and full-depth R@1 - full|exit R@1, the "penalty" (ties: the scale nearest 1).
+    """
+    first, images_of = caption_queries(groups)
+    q = text[first]
+    own = groups[None, :] == np.arange(len(first))[:, None]
+    se, sf = q @ emb.T, q @ full.T
+    own_exit = recall_at_k(se, images_of, (1,))[1]
+    own_full = recall_at_k(sf, images_of, (1,))[1]
+    best = None
+    for scale in sorted(SCALE_GRID, key=lambda v: abs(v - 1.0)):
+        ef = recall_at_k(np.where(own, scale * se, sf), images_of, (1,))[1]
+        fe = recall_at_k(np.where(own, sf, scale * se), images_of, (1,))[1]
+        penalty = max(own_exit - ef, own_full - fe)
+        if best is None or penalty < best["penalty"] - 1e-12:
+            best = {"scale": scale, "exit_vs_full_t2i@1": ef, "full_vs_exit_t2i@1": fe, "penalty": penalty}
+    return best
 
 
 def format_table(before: dict, after: dict | None = None) -> str:

@@ -21,6 +21,7 @@ from PIL import Image
 from pipeline.embed.config import EmbedConfig
 from pipeline.model.spec import ModelSpec
 from pipeline.io.schema import ERROR_SCHEMA, MANIFEST_SCHEMA, shard_schema
+from pipeline.runtime import resolve_precision
 
 # The shipped demo CLIP (64 px, 0.06 GFLOPs an image): these tests are about the pipeline, not the model; the
 # open_clip names (ViT-B-32, ViT-L-14) are covered by test_encoder, test_flops and the reliability tests.
@@ -130,11 +131,15 @@ def test_run_directory_contract(full_run, corpus):
     assert set(errors.column("stage").to_pylist()) == {"decode"}
     assert not (out / "errors" / "part-00000.parquet").exists()
     assert run["model"]["name"] == "demo" and "weights_sha256" in run["model"]
+    # The precision the model computed in (auto: bf16 on CPUs with native bf16, else fp32), beside what was asked.
+    assert run["spec"]["precision"] == "auto" and run["device"] == "cpu"
+    assert run["precision"] == resolve_precision("auto", "cpu").precision and run["precision_reason"]
     assert not list(out.rglob("*.tmp-*"))
 
 
 def test_full_depth_equals_encode_image(full_run, corpus):
-    """The full-depth rows are what open_clip's own encode_image gives for the same preprocessed image."""
+    """The full-depth rows are what open_clip's own encode_image gives for the same preprocessed image, at the
+    precision the run computed in (run.json's: bf16 where the CPU has it natively, else fp32)."""
     import torch
 
     from pipeline.io.decode import DecodeConfig, decode_image
@@ -142,13 +147,13 @@ def test_full_depth_equals_encode_image(full_run, corpus):
 
     out, _ = full_run
     _, table = read_run(out)
-    bundle = load_clip("demo")
+    bundle = load_clip("demo", precision=json.loads((out / "run.json").read_text())["precision"])
     with tarfile.open(corpus / "00002.tar") as tar:
         data = tar.extractfile("000020005.jpg").read()
     pixels = decode_image(data, DecodeConfig(image_size=bundle.image_size)).pixels
     with torch.no_grad():
-        ref = bundle.model.encode_image(pixels_to_tensor(bundle, pixels[None]))
-    ref = torch.nn.functional.normalize(ref, dim=-1)[0].numpy()
+        ref = bundle.model.encode_image(pixels_to_tensor(bundle, pixels[None], dtype=bundle.dtype))
+    ref = torch.nn.functional.normalize(ref.float(), dim=-1)[0].numpy()
     row = table.filter(pc.equal(table.column("key"), "000020005")).column("embedding").to_pylist()[0]
     np.testing.assert_allclose(np.asarray(row, np.float32), ref, atol=2e-3)
 

@@ -30,6 +30,7 @@ SHARED = {
     "--pretrained": {"embed", "calibrate", "train-exits"},
     "--exits": {"embed", "calibrate", "train-exits"},
     "--heads": {"embed", "calibrate"},
+    "--precision": {"embed"},
 }
 
 

@@ -15,7 +15,9 @@ from pipeline.model import models
 from pipeline.training import exits as et
 from pipeline.training.distributed import Dist
 from pipeline.training.exit_step import HeadTrainer, exit_loss_shares, exit_losses
-from pipeline.training.recall import caption_groups, evaluate_embeddings, mixed_gallery_recall, mixed_score
+from pipeline.io.storage import safetensors_metadata
+from pipeline.training.recall import (caption_groups, choose_exit_scale, evaluate_embeddings, mixed_gallery_recall,
+                                      mixed_score, recall_table)
 
 TINY = {
     "embed_dim": 32,
@@ -101,6 +103,28 @@ def test_mixed_gallery_recall_puts_the_captions_images_at_the_exit_and_the_rest_
     assert mixed_score(m, [1]) == (m[1]["exit_vs_full_t2i"][1] + m[1]["full_vs_exit_t2i"][1]) / 2
 
 
+def test_exit_scale_lifts_an_exit_whose_rows_score_low_against_full_depth():
+    rng = np.random.default_rng(0)
+
+    def unit(x):
+        return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
+
+    text = unit(rng.normal(size=(80, 64)))
+    full = unit(text + rng.normal(size=(80, 64)) / 4)
+    exit_rows = 0.9 * unit(text + rng.normal(size=(80, 64)) / 4)  # as good as full depth, but scoring 10 % low
+    groups = caption_groups([str(i) for i in range(80)])
+    unscaled = mixed_gallery_recall(text, exit_rows, full, groups)[1]
+    got = choose_exit_scale(text, exit_rows, full, groups)
+    assert 1.05 < got["scale"] < 1.2  # about 1 / 0.9
+    assert got["exit_vs_full_t2i@1"] == mixed_gallery_recall(text, got["scale"] * exit_rows, full, groups)[1]
+    assert got["exit_vs_full_t2i@1"] > unscaled
+    own = {name: recall_table(text, x, groups)["t2i"][1] for name, x in (("exit", exit_rows), ("full", full))}
+    assert got["penalty"] == max(own["exit"] - got["exit_vs_full_t2i@1"], own["full"] - got["full_vs_exit_t2i@1"])
+    assert got["penalty"] < own["exit"] - unscaled
+    # an exit that is full depth needs no scale
+    assert choose_exit_scale(text, full, full, groups)["scale"] == 1.0
+
+
 def _pairs(n: int, seed: int):
     colors = [(220, 40, 40), (40, 165, 60), (40, 80, 220), (240, 210, 40), (200, 60, 200), (40, 200, 200)]
     rng = np.random.default_rng(seed)
@@ -139,6 +163,9 @@ def test_train_exits_reports_mixed_recall_per_exit_and_keeps_the_best_mixed_epoc
     bundle = models.load_clip(model_dir)
     heads = enc.ExitHeads.load(str(tmp_path / "out" / "exit_heads.safetensors"), bundle)
     assert heads.identity["sha256"] == doc["heads"]["sha256"]
+    # the per-exit similarity scales chosen on validation are recorded in the heads file and the metrics
+    meta = safetensors_metadata((tmp_path / "out" / "exit_heads.safetensors").read_bytes())
+    assert json.loads(meta[et.EXIT_SCALES]) == {e: doc["exit_scales"][e]["scale"] for e in ("1", "2")}
 
     last = et.ExitTrainer(_cfg(tmp_path / "last", model_dir, lr=0.3, select_epoch="last"), _pairs(64, 0),
                           _pairs(30, 1)).run()
