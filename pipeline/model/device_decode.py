@@ -111,7 +111,8 @@ def resize_center_crop(image: torch.Tensor, size: int) -> torch.Tensor:
     top, left = int(round((new_h - size) / 2.0)), int(round((new_w - size) / 2.0))
     # Two one-axis passes, horizontal first, rounded to uint8 between them, as PIL does: bicubic overshoots at
     # sharp edges, and PIL clips that overshoot after its first pass (one float pass differed by up to 16 grey
-    # levels at such edges, measured on the demo corpus at 224 px).
+    # levels at such edges, measured on the demo corpus at 224 px). Pillow 13 runs the vertical pass first for
+    # some sizes; those images differ by up to ~6 grey levels at sharp edges (docs/benchmarks/gpu-check.md).
     for target in ([h, new_w], [new_h, new_w]):
         if tuple(image.shape[-2:]) != tuple(target):
             image = TF.resize(image.float(), target, interpolation=TF.InterpolationMode.BICUBIC, antialias=True)
