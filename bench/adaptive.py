@@ -117,6 +117,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         "depend on whether this CPU computes bfloat16 natively")
     p.add_argument("--json", default=None, help="also write every number here")
     p.add_argument("--plot", default=None, help="write the recall@1-vs-GFLOPs figure (SVG) here")
+    p.add_argument("--from-json", default=None, help="measure nothing: print the tables (and --plot the figure) of "
+                                                     "a result written by --json")
     return p.parse_args(argv)
 
 
@@ -757,7 +759,7 @@ def plot(r: dict) -> str:
     heads = list(r["heads"])
     xs = [row["cost_fraction"] for row in rows]
     xt = ticks(min(xs) - 0.02, 1.02, 6)
-    pw, ph, left, gap, top, vgap, bottom, legend = 330, 260, 58, 60, 64, 50, 40, 250
+    pw, ph, left, gap, top, vgap, bottom, legend = 330, 260, 58, 60, 64, 50, 40, 300
     w = left + 2 * pw + gap + legend
     h = top + len(heads) * ph + (len(heads) - 1) * vgap + bottom
     f = r["facts"]
@@ -835,12 +837,12 @@ def main(argv: list[str] | None = None) -> int:
     a = parse_args(argv)
     a._argv = list(sys.argv[1:] if argv is None else argv)
     try:
-        result = run(a)
+        result = json.loads(Path(a.from_json).read_text()) if a.from_json else run(a)
     except (ValueError, FileNotFoundError) as e:
         print(f"bench.adaptive: error: {e}", file=sys.stderr)
         return 2
     print(format_report(result))
-    if a.json:
+    if a.json and not a.from_json:
         storage.write_json(result, a.json)
     if a.plot:
         Path(a.plot).write_text(plot(result))
