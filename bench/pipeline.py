@@ -22,6 +22,16 @@ for the model to be busy >= 0.85 of the time.
     python -m bench.pipeline                            # ViT-B-32 random init, batch 32, heuristic scorer
     python -m bench.pipeline --n 256 --repeats 3 --route-fractions 0.3,0.3,0.4 --json out.json
 
+With ``--cli`` it measures what a user waits for instead: `icar embed` as a command in a fresh interpreter
+(Python start, imports, Ray's start, the model actor's start, the run, Ray's shutdown), interleaved with the bare
+model on the same batches, and the same command again with nothing left to do (the resume). ``--tree NAME=DIR``
+runs the same command from other source trees instead (e.g. ``git archive`` of two commits), interleaved, so a
+change to start-up is measured side by side with the code before it:
+
+    git archive C~1 | tar -x -C /tmp/before; git archive C | tar -x -C /tmp/after
+    python -m bench.pipeline --cli --n 256 --per-shard 64 --scorer default --torch-threads 2 --cpus-per-actor 2 \\
+        --tree before=/tmp/before --tree after=/tmp/after --repeats 2
+
 (Run it as a module from the repository root: `python bench/pipeline.py` would shadow the `pipeline` package.)
 """
 
@@ -37,18 +47,20 @@ sys.path[:] = [_ROOT] + [p for p in sys.path if Path(p or ".").resolve() != Path
 import argparse  # noqa: E402
 import cProfile  # noqa: E402
 import io  # noqa: E402
+import json  # noqa: E402
 import logging  # noqa: E402
 import math  # noqa: E402
 import os  # noqa: E402
 import pstats  # noqa: E402
 import shutil  # noqa: E402
+import subprocess  # noqa: E402
 import tempfile  # noqa: E402
 import time  # noqa: E402
 
 import numpy as np  # noqa: E402
 
-from bench.common import (interleaved, load_average, machine_facts, make_corpus, median, print_facts,  # noqa: E402
-                          same_priority_as_peers, spread, timed, timed_run_embed, write_json)
+from bench.common import (batch_window, interleaved, load_average, machine_facts, make_corpus, median,  # noqa: E402
+                          print_facts, same_priority_as_peers, spread, timed, timed_run_embed, write_json)
 from pipeline.embed import execution  # noqa: E402
 from pipeline.embed.config import EmbedConfig  # noqa: E402
 from pipeline.embed.execution import ModelFacts, process_shard  # noqa: E402
@@ -82,6 +94,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--compile", action="store_true",
                    help="also time the bare model with torch.compile'd encoder (GPU procedure: does compiling pay?)")
     p.add_argument("--json", default=None, help="also write the results as JSON here")
+    p.add_argument("--cli", action="store_true",
+                   help="measure `icar embed` as a command in a fresh interpreter (start-up included) and its resume")
+    p.add_argument("--cpus-per-actor", type=float, default=1.0, help="--cli: the command's --cpus-per-actor")
+    p.add_argument("--tree", action="append", default=[], metavar="NAME=DIR",
+                   help="--cli: run the command from the source tree DIR (e.g. an earlier commit), as NAME, instead "
+                        "of from this tree; repeat it to compare trees")
     return p.parse_args(argv)
 
 
@@ -130,6 +148,92 @@ def e2e_pass(cfg_kwargs: dict, workdir: str, index: int) -> dict:
     result = timed_run_embed(EmbedConfig(output=out_dir, **cfg_kwargs), os.path.join(workdir, f"e2e-{index}.batches"))
     shutil.rmtree(out_dir, ignore_errors=True)
     return result
+
+
+def cli_args(args, tars: list[str], output: str) -> list[str]:
+    """Return the `icar embed` arguments of a --cli pass (every option explicit: the trees' defaults may differ)."""
+    route = ["--route-fractions", args.route_fractions] if args.route_fractions else ["--full-depth"]
+    return [*tars, "--output", output, "--model", args.model, "--pretrained", args.pretrained, *route,
+            "--scorer", args.scorer, "--batch-size", str(args.batch_size), "--cpus-per-actor", f"{args.cpus_per_actor:g}",
+            "--device", args.device, "--precision", args.precision, "--no-progress"]
+
+
+def cli_pass(args, tree: str, tars: list[str], workdir: str, index: int) -> dict:
+    """Run `icar embed` from source tree ``tree`` in a fresh interpreter, then again with nothing to do; return the
+    whole command's wall time, the model window (first batch start to last batch end), and the resume's wall time."""
+    out = os.path.join(workdir, f"cli-{index}")
+    log_path = os.path.join(workdir, f"cli-{index}.batches")
+    cmd = [sys.executable, "-m", "bench.common", "timed-embed", log_path, *cli_args(args, tars, out)]
+    env = dict(os.environ, PYTHONPATH=tree, RAY_USAGE_STATS_ENABLED="0")
+    result: dict = {}
+    t0 = time.time()
+    with timed(result, tree=True):
+        p = subprocess.run(cmd, cwd=tree, env=env, capture_output=True, text=True, timeout=3600)
+    t1 = time.time()
+    if p.returncode != 0:
+        raise RuntimeError(f"icar embed from {tree} exited {p.returncode}: {p.stderr[-3000:]}")
+    w = batch_window(log_path)
+    run_json = json.loads(Path(out, "run.json").read_text())
+    # What the driver waited for, where the tree records it (plan, ray, model; absent in older trees).
+    result["startup_seconds"] = (run_json.get("invocations") or [{}])[0].get("startup_seconds")
+    with timed() as resume:
+        again = subprocess.run(cmd, cwd=tree, env=env, capture_output=True, text=True, timeout=3600)
+    if again.returncode != 0:
+        raise RuntimeError(f"the resume from {tree} exited {again.returncode}: {again.stderr[-3000:]}")
+    shutil.rmtree(out, ignore_errors=True)
+    result.update(images=w["images"], until_first_batch=w["first"] - t0, after_last_batch=t1 - w["last"],
+                  window_wall=w["window"], model_busy=w["busy"] / w["window"], resume_wall=resume["wall"],
+                  summary=[line for line in p.stdout.splitlines() if line.startswith("icar embed:")][-1:])
+    return result
+
+
+def cli_main(args, facts: dict, corpus, worker, batches) -> int:
+    """--cli: interleave the bare model with `icar embed` commands (this tree and every --tree); print the ratios."""
+    trees = {} if args.tree else {"cli": _ROOT}  # with --tree, only the trees named (e.g. before=..., after=...)
+    for spec in args.tree:
+        name, _, directory = spec.partition("=")
+        if not directory or not os.path.isdir(directory):
+            raise SystemExit(f"--tree {spec}: give NAME=DIR with DIR a source tree (e.g. `git archive` of a commit)")
+        trees[f"cli:{name}"] = os.path.abspath(directory)
+    workdir = tempfile.mkdtemp(prefix="icar-bench-cli-")
+    variants = ["bare", *trees]
+    results: dict[str, list[dict]] = {k: [] for k in variants}
+    try:
+        for i, name in enumerate(interleaved(variants, args.repeats)):
+            r = bare_pass(worker, batches) if name == "bare" else cli_pass(args, trees[name], corpus.tars, workdir, i)
+            r["load_average"] = load_average()
+            results[name].append(r)
+            extra = (f", window {r['images'] / r['window_wall']:.2f} img/s, first batch at {r['until_first_batch']:.1f}s, "
+                     f"resume {r['resume_wall']:.1f}s" if name != "bare" else "")
+            print(f"  pass {i + 1}: {name:12s} {r['images'] / r['wall']:6.2f} img/s wall{extra}  "
+                  f"(load {r['load_average'][0]})", flush=True)
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+    n = len(corpus.keys)
+    bare_wall = median(r["wall"] for r in results["bare"])
+    summary = {"bare_img_s": n / bare_wall}
+    print(f"\n`icar embed` as a command vs the bare model ({args.model} {args.pretrained}, scorer {args.scorer}, "
+          f"{args.precision}, batch {args.batch_size}, {n} images in {len(corpus.tars)} tars, "
+          f"--cpus-per-actor {args.cpus_per_actor:g}, bare on {args.torch_threads} thread(s); medians of "
+          f"{args.repeats} interleaved passes)")
+    print(f"  bare ModelWorker.embed   {n / bare_wall:7.2f} img/s")
+    for name in trees:
+        rs = results[name]
+        whole, window = median(r["wall"] for r in rs), median(r["window_wall"] for r in rs)
+        summary[name] = {"whole_img_s": n / whole, "window_img_s": n / window, "ratio_whole": bare_wall / whole,
+                         "ratio_window": bare_wall / window, "until_first_batch_s": median(r["until_first_batch"] for r in rs),
+                         "after_last_batch_s": median(r["after_last_batch"] for r in rs),
+                         "resume_s": median(r["resume_wall"] for r in rs), "model_busy": median(r["model_busy"] for r in rs),
+                         "startup_seconds": [r.get("startup_seconds") for r in rs]}
+        s = summary[name]
+        print(f"  {name:24s} whole run {s['whole_img_s']:6.2f} img/s = {s['ratio_whole']:.3f} of bare; steady (model "
+              f"window) {s['window_img_s']:6.2f} img/s = {s['ratio_window']:.3f}; first batch at "
+              f"{s['until_first_batch_s']:.1f}s, {s['after_last_batch_s']:.1f}s after the last; resume with nothing "
+              f"to do {s['resume_s']:.1f}s" + (f"; driver waited for {s['startup_seconds'][-1]}"
+                                                if s["startup_seconds"][-1] else ""))
+    print(f"# load average now {load_average()}")
+    write_json(args.json, {"facts": facts, "args": vars(args), "summary": summary, "passes": results})
+    return 0
 
 
 def transfer_cost(batch: np.ndarray, rounds: int = 5) -> dict:
@@ -277,6 +381,8 @@ def main(argv: list[str] | None = None) -> int:
     image_size, embed_dim = worker.bundle.image_size, worker.bundle.embed_dim
     batches = decoded_batches(corpus, image_size, args.batch_size)
     worker.embed(*batches[0])  # warm-up: allocator, kernels
+    if args.cli:
+        return cli_main(args, facts, corpus, worker, batches)
     compiled = None
     if args.compile:
         compiled = torch.compile(worker.encoder, dynamic=True)

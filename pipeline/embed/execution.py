@@ -30,7 +30,7 @@ from pipeline.io.rundir import assign_parts, check_run_identity, record_invocati
 from pipeline.io.repair import repair_run
 from pipeline.io.shards import (Manifest, ShardRows, commit_shard, manifest_row, read_run_json,
                      record_duplicate_keys, write_shard_failure)
-from pipeline.logs import plain_worker_prefixes
+from pipeline.logs import plain_worker_prefixes, timed_phase
 from pipeline.model.spec import ModelSpec
 from pipeline.runtime import apply_secrets, forwarded_env, forwarded_secrets, init_ray, sigterm_as_interrupt
 
@@ -55,6 +55,9 @@ class EmbedSummary:
     duplicate_keys: int = 0  # rows whose key another input shard committed first (RUN/duplicates.parquet)
     scored_not_routed: bool = False  # a scorer ran on every image but the router did not use its scores
     random_weights: bool = False  # the model is a seeded random init: the embeddings carry no meaning
+    # Seconds of each start-up phase (plan: listing + manifest; ray: joining/starting Ray; model: until the model
+    # actors described themselves), as run.json's invocation records them: what the driver waited for.
+    startup: dict[str, float] = field(default_factory=dict)
 
     @property
     def exit_code(self) -> int:
@@ -271,14 +274,16 @@ def run_embed(cfg: EmbedConfig) -> EmbedSummary:
 
 def _run_embed_locked(cfg: EmbedConfig, lock: RootLock, t_start: float, started: str) -> EmbedSummary:
     """Do run_embed's work while holding the run directory's ``lock``; return the summary."""
-    shards = expand_inputs(cfg.inputs, cfg.storage_options, cfg.folder_shard_size, cfg.follow_symlinks)
-    if cfg.repair:  # under the lock: no other run reads or writes the parts being moved aside
-        repair_run(cfg.output, cfg.storage_options)
-    elif storage.exists(storage.join(cfg.output, RUN_JSON), cfg.storage_options):
-        read_run_json(cfg.output, cfg.storage_options)  # a damaged one fails here, before Ray and the models start
-    manifest = Manifest(cfg.output, cfg.storage_options)
-    plan = assign_parts(shards, manifest, cfg.reembed_changed)
-    summary = EmbedSummary(run=cfg.output, shards_skipped=len(shards) - len(plan))
+    startup: dict[str, float] = {}
+    with timed_phase("plan", startup):
+        shards = expand_inputs(cfg.inputs, cfg.storage_options, cfg.folder_shard_size, cfg.follow_symlinks)
+        if cfg.repair:  # under the lock: no other run reads or writes the parts being moved aside
+            repair_run(cfg.output, cfg.storage_options)
+        elif storage.exists(storage.join(cfg.output, RUN_JSON), cfg.storage_options):
+            read_run_json(cfg.output, cfg.storage_options)  # a damaged one fails here, before Ray and the models start
+        manifest = Manifest(cfg.output, cfg.storage_options)
+        plan = assign_parts(shards, manifest, cfg.reembed_changed)
+    summary = EmbedSummary(run=cfg.output, shards_skipped=len(shards) - len(plan), startup=startup)
     if cfg.limit_shards is not None:
         plan = plan[: cfg.limit_shards]
     log.info("%d input shards: %d already committed, %d to embed", len(shards), summary.shards_skipped, len(plan))
@@ -300,7 +305,8 @@ def _run_embed_locked(cfg: EmbedConfig, lock: RootLock, t_start: float, started:
     else:
         totals = SampleTotals([shard for shard, _ in plan], cfg.storage_options)  # counted while Ray starts
         plain_worker_prefixes()  # also for drivers that did not set logging up through pipeline.logs
-        ray = init_ray(cfg.resolved_address())
+        with timed_phase("ray", startup):
+            ray = init_ray(cfg.resolved_address())
         restore_sigterm = sigterm_as_interrupt()  # after ray.init, which installs a SIGTERM handler of its own
         try:
             full_gflops = _embed_plan(ray, cfg, plan, manifest, summary, t_start, lock, totals)
@@ -358,6 +364,7 @@ def _embed_plan(ray, cfg: EmbedConfig, plan: list, manifest: Manifest, summary: 
             next_actor += 1
             in_flight[ref] = (shard, part, time.monotonic())
 
+    asked = time.perf_counter()
     size = predicted_image_size(cfg.spec)
     early = size is not None and not cfg.repair and not storage.exists(storage.join(cfg.output, RUN_JSON),
                                                                        cfg.storage_options)
@@ -375,6 +382,10 @@ def _embed_plan(ray, cfg: EmbedConfig, plan: list, manifest: Manifest, summary: 
                 f"{resources['cluster_cpus']:g} CPUs, {resources['cluster_gpus']:g} GPUs "
                 f"(see `ray status`; raise --actor-start-timeout for slow model downloads)") from None
         description = descriptions[0]
+        summary.startup["model"] = round(time.perf_counter() - asked, 3)
+        log.info("model actors ready %.1fs after they were asked for (Ray took %.1fs)%s", summary.startup["model"],
+                 summary.startup.get("ray", 0.0), f"; {len(in_flight)} shard task(s) already reading and decoding"
+                 if early else "")
         if cfg.decode_device != "cpu" and not str(description["device"]).startswith("cuda"):
             raise RuntimeError(f"--decode-device {cfg.decode_device} decodes JPEGs on the model actors' GPU, but they "
                                f"run on {description['device']} (the cluster has {resources['cluster_gpus']:g} GPUs); "
@@ -479,6 +490,7 @@ def invocation_figures(summary: EmbedSummary) -> dict:
         "duplicate_keys": summary.duplicate_keys,
         "gflops": summary.gflops,
         "model_seconds": round(summary.model_seconds, 3),
+        "startup_seconds": dict(summary.startup),
     }
 
 

@@ -33,7 +33,7 @@ from safetensors.torch import save as st_save
 
 from pipeline.io import storage
 from pipeline.model import models
-from pipeline.model.flops import count_gflops
+from pipeline.model.flops import cached_gflops, count_gflops
 from pipeline.model.scorer_identity import (CARD_KEY, DEFAULT_CHECKPOINT, HEURISTIC_EDGE_THRESHOLD,
                                             HEURISTIC_INPUT_SIZE, SHIPPED_NAME, demo_scorer_choice,
                                             heuristic_identity)
@@ -420,8 +420,10 @@ class TrainedScorer:
         self.identity = {"kind": self.kind, "name": self.name, "backbone": model.backbone_name,
                          "checkpoint": str(checkpoint), "sha256": sha256, "bins": model.bins,
                          "input_size": self.input_size, "trained_on": card.get("training", {}).get("data")}
-        example = torch.zeros(1, 3, self.input_size, self.input_size, device=self.device)
-        self.gflops_per_image = count_gflops(self.model, example)
+        # Counted once per checkpoint and input size, then read from the GFLOP cache (pipeline.model.flops).
+        self.gflops_per_image = cached_gflops(
+            f"scorer|{sha256}|{self.input_size}",
+            lambda: count_gflops(self.model, torch.zeros(1, 3, self.input_size, self.input_size, device=self.device)))
 
     @torch.inference_mode()
     def score(self, pixels: np.ndarray) -> np.ndarray:

@@ -111,6 +111,9 @@ def test_resume_with_nothing_to_do_starts_no_ray(piped_run):
     assert "report: 12 images, 0 failed" in again.stdout  # the summary of the whole run directory
     invocations = json.loads((out / "run.json").read_text())["invocations"]
     assert [i["images"] for i in invocations] == [12, 0]
+    # What each invocation waited for before its first batch: the resume only planned.
+    assert set(invocations[0]["startup_seconds"]) == {"plan", "ray", "model"}
+    assert set(invocations[1]["startup_seconds"]) == {"plan"}
 
 
 # ------------------------------------------------------------------------------------------ progress in images
@@ -231,3 +234,21 @@ def test_predicted_image_size_is_the_models():
     assert validate.image_size(ModelSpec()) == load_clip("demo").image_size
     assert validate.image_size(ModelSpec(model="ViT-B-32")) == 224
     assert validate.image_size(ModelSpec(model="ViT-L-14-336")) == 336
+
+
+def test_scorer_gflops_are_counted_once_across_runs(tmp_path, monkeypatch):
+    """The trained scorer's GFLOP count is cached by checkpoint and input size, like the towers' profiles."""
+    from pipeline.model import flops, scorer
+
+    monkeypatch.setenv("ICAR_CACHE_DIR", str(tmp_path))
+    counted = scorer.load_scorer("default")
+    assert counted.kind == "convnext"  # the shipped checkpoint: the FlopCounterMode pass worth caching
+    entry = json.loads((tmp_path / "flops.json").read_text())
+    key = f"v{flops.CACHE_VERSION}|scorer|{counted.identity['sha256']}|{counted.input_size}"
+    assert entry[key]["gflops"] == pytest.approx(counted.gflops_per_image) and counted.gflops_per_image > 0
+    # A figure another process wrote is read back, not counted again.
+    entry["v%d|scorer|other|99" % flops.CACHE_VERSION] = {"gflops": 1.25}
+    (tmp_path / "flops.json").write_text(json.dumps(entry))
+    assert flops.cached_gflops("scorer|other|99", lambda: pytest.fail("counted again")) == 1.25
+    assert flops.cached_gflops("scorer|new|1", lambda: 2.5) == 2.5
+    assert json.loads((tmp_path / "flops.json").read_text())[f"v{flops.CACHE_VERSION}|scorer|new|1"]["gflops"] == 2.5
