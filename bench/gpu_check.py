@@ -369,6 +369,8 @@ def measure_model(check: Check, worker: ModelWorker, key: str, state: dict, batc
             bound = row["full_mean_gflops"] / row["routed_mean_gflops"]
             speedup = row["routed_cpu_pixels"]["images_per_s"] / row["full_cpu_pixels"]["images_per_s"]
             row["speedup_routed_vs_full"] = round(speedup, 3)
+            row["speedup_routed_vs_full_gpu_decode"] = round(
+                row["routed_gpu_decode"]["images_per_s"] / row["full_gpu_decode"]["images_per_s"], 3)
             row["gflops_bound"] = round(bound, 3)
             row["realised"] = round(speedup / bound, 3)
             out[str(b)] = row
