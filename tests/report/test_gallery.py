@@ -133,9 +133,11 @@ def test_search_html_shows_every_result_from_tar_parquet_folder_and_s3(tmp_path,
     parquet = write_parquet_shard(tmp_path / "in" / "b.parquet", corpus[3:6])
     write_image_folder(tmp_path / "folder", [ShardSample(f"sub/{c.key}", c.image, c.ext, c.caption)
                                              for c in corpus[6:9]])
-    storage.atomic_write_bytes(f"s3://{s3_bucket}/shards/c.tar", tar_bytes(corpus[9:]))
+    storage.atomic_write_bytes(f"s3://{s3_bucket}/shards/c.tar", tar_bytes(corpus[9:11]))
+    storage.atomic_write_bytes(f"s3://{s3_bucket}/imgs/d/{corpus[11].key}.{corpus[11].ext}", corpus[11].image)
     rows = write_run(str(tmp_path / "run"), tiny, [tar, parquet, str(tmp_path / "folder"),
-                                                   f"s3://{s3_bucket}/shards/c.tar"])
+                                                   f"s3://{s3_bucket}/shards/c.tar", f"s3://{s3_bucket}/imgs"])
+    assert rows[-1]["source"] == f"s3://{s3_bucket}/imgs#0000000-0000999" and rows[-1]["key"] == f"d/{corpus[11].key}"
     assert {r["key"] for r in rows[6:9]} == {f"sub/{c.key}" for c in corpus[6:9]}  # folder keys: no extension
     idx = tmp_path / "idx"
     build_index(IndexConfig(runs=[str(tmp_path / "run")], output=str(idx), workers=1, threads=1, queries=5,
