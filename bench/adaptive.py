@@ -60,7 +60,8 @@ from pipeline.io import storage  # noqa: E402
 from pipeline.logs import setup_logging  # noqa: E402
 from pipeline.model import models  # noqa: E402
 from pipeline.model import router as routers  # noqa: E402
-from pipeline.model.confidence import ConfidenceHeads, confidence_gflops, every_exit  # noqa: E402
+from pipeline.model.confidence import (ConfidenceHeads, ConfidenceMismatchError, confidence_gflops,  # noqa: E402
+                                       every_exit)
 from pipeline.model.confidence_calibration import calibrate_confidence_budget  # noqa: E402
 from pipeline.model.models import pixels_to_tensor  # noqa: E402
 from pipeline.model.router import routed_embeddings  # noqa: E402
@@ -94,8 +95,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         "with); default: old=the shipped demo heads")
     p.add_argument("--confidence", action="append", default=None, metavar="NAME=PATH",
                    help="confidence heads (`icar train-confidence`) for the exit heads named NAME in --heads "
-                        "(repeatable; they are bound to those heads); heads without one get confidence heads "
-                        "trained here as `icar train-confidence` trains them, on the train split, kept in --cache-dir")
+                        "(repeatable; they are bound to those heads); heads without one get the demo's shipped "
+                        "confidence heads where those were trained for them, else confidence heads trained here as "
+                        "`icar train-confidence` trains them, on the train split, kept in --cache-dir")
     p.add_argument("--confidence-train", type=int, default=4000,
                    help="training pairs (the train split's first) of the confidence heads trained here")
     p.add_argument("--no-confidence", action="store_true", help="no confidence rows for heads without --confidence")
@@ -259,6 +261,18 @@ def share_variants(exits: list[int]) -> list[tuple[str, list[float] | None]]:
     return [("", None), (" deep-first", [0.0] * (len(exits) - 2) + [1.0])]
 
 
+def shipped_confidence(worker) -> str | None:
+    """Return the demo's shipped confidence heads when they were trained for ``worker``'s exit heads, else None."""
+    path = DEMO_ASSETS / HEADS_FILE
+    if not path.exists():
+        return None
+    try:
+        ConfidenceHeads.load(str(path), worker.bundle, worker.encoder.heads)
+    except ConfidenceMismatchError:
+        return None
+    return str(path)
+
+
 def trained_confidence(heads_name: str, heads_path: str, worker, corpus: str, doc: dict, a: argparse.Namespace
                        ) -> str:
     """Return confidence heads for ``worker``'s exit heads: cached, or trained now as `icar train-confidence` would
@@ -418,7 +432,8 @@ def measure_heads(name: str, path: str, ctx: dict, budgets: list[float], a: argp
         add(f"exit{e}", f"fixed exit {e}", "fixed", None, np.full(n, e), gpe[e])
     conf_path = ctx["confidence_paths"].get(name)
     if conf_path is None and not a.no_confidence:
-        conf_path = trained_confidence(name, path, worker, ctx["corpus"], ctx["corpus_doc"], a)
+        conf_path = shipped_confidence(worker) or trained_confidence(name, path, worker, ctx["corpus"],
+                                                                     ctx["corpus_doc"], a)
     ctx_h = {**ctx, "worker": worker, "test_embeddings": emb, "heads_path": path,
              "confidence": load_confidence(conf_path, worker, ctx, a.batch_size) if conf_path else None}
     for b in budgets:
@@ -444,7 +459,7 @@ def measure_heads(name: str, path: str, ctx: dict, budgets: list[float], a: argp
             add(f"random[{pol}]@{b:g}", f"random, {pol}'s mix at budget {b:g}", f"random[{pol}]", b, p["depth"],
                 tower, h=mean_h, shuffles=a.random_seeds)
             ctx.setdefault("timing_routers", {}).setdefault(name, {})[f"{pol}@{b:g}"] = p
-    return {"rows": rows, "hits": hits, "embed_seconds": embed_s, "path": path,
+    return {"rows": rows, "hits": hits, "embed_seconds": embed_s, "path": path, "confidence": conf_path,
             "identity": worker.heads.identity if worker.heads is not None else None}
 
 
@@ -583,7 +598,8 @@ def run(a: argparse.Namespace) -> dict:
         "model": {"identity": base.bundle.identity, "exits": base.exits,
                   "gflops_per_exit": {str(k): v for k, v in base.gflops_per_exit.items()},
                   "full_gflops": full_g, "scorer": base.scorer.identity, "scorer_gflops": base.scorer_gflops},
-        "heads": {k: {"path": v["path"], "identity": v["identity"]} for k, v in results.items()},
+        "heads": {k: {"path": v["path"], "identity": v["identity"], "confidence_heads": v["confidence"]}
+                  for k, v in results.items()},
         "budgets": budgets, "bootstrap": a.bootstrap, "random_seeds": a.random_seeds,
         "confidence_available": any(r["policy"].startswith("confidence") for r in rows),
         "rows": rows, "comparisons": comps, "timing": timing, "targets": targets(rows, comps),
@@ -685,7 +701,9 @@ def format_report(r: dict) -> str:
              f"captions, {r['corpus']['categories']} main-object categories (colour + shape); routers calibrated on "
              f"{r['corpus']['val_images']} val images. Demo CLIP, exits {m['exits']}, full depth "
              f"{m['full_gflops']:.4f} GFLOPs/image; scorer {m['scorer']['name']} {m['scorer_gflops']:.5f} GFLOPs. "
-             f"Intervals: paired bootstrap, {r['bootstrap']} resamples of the queries, 95 %.", "",
+             f"Intervals: paired bootstrap, {r['bootstrap']} resamples of the queries, 95 %. Heads: "
+             + "; ".join(f"{k} = {v['path']} (confidence heads {v.get('confidence_heads')})"
+                         for k, v in r["heads"].items()) + ".", "",
              "| heads | policy | GFLOPs ÷ full | exit mix % | t2i R@1 | R@5 | i2t R@1 | R@5 | cat. t2i R@1 | R@5 "
              "| cat. i2t R@1 | R@5 | t2i R@1, own-depth galleries | images/s | speedup (GFLOP bound) |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
