@@ -15,8 +15,10 @@ SPEC=FILE names exit heads trained under a schedule (`icar train-exits --merge S
 
 With --confidence-heads FILE (from `icar train-confidence`) the router decides inside the tower instead: a row
 leaves at the first early exit whose learned confidence clears that exit's threshold; both modes fit one threshold
-per early exit on the sample (every image through every exit), counting the confidence heads' GFLOPs. No complexity
-scorer is needed (one named with --scorer runs besides and is counted).
+per early exit on the sample (every image through every exit), counting the confidence heads' GFLOPs: by default one
+confidence level for every exit (--confidence-rule level), or along the same family of exit mixes as the complexity
+router (--confidence-rule mix, with --shares). No complexity scorer is needed (one named with --scorer runs besides
+and is counted).
 
 The router file records mode, target, the achieved cost (and recall) on the sample, the sample size, the scorer
 and model identities and the exits; pass it to `icar embed --router FILE`.
@@ -66,6 +68,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--confidence-heads", default=None, metavar="FILE",
                    help="fit a confidence router (exits decided inside the tower, no scorer needed) for these heads "
                         "from `icar train-confidence` (needs input shards)")
+    p.add_argument("--confidence-rule", choices=["level", "mix"], default=c.confidence_rule,
+                   help="with --confidence-heads: one confidence level at every exit (level), or the complexity "
+                        "router's family of exit mixes with --shares (mix)")
     p.add_argument("--sample", type=int, default=c.sample, help="images to calibrate on")
     p.add_argument("--seed", type=int, default=c.seed, help="seed of the sample (and of a random-init model)")
     p.add_argument("--output", "-o", required=True, help="router JSON to write (local path or URL)")

@@ -50,6 +50,7 @@ class CalibrateConfig:
     profiles: str | None = None  # choose among (exit, merge) profiles, e.g. "4,6,8@keep0.8,8" (needs inputs)
     merge_heads: list[str] = field(default_factory=list)  # "SPEC=FILE": exit heads trained under merge schedule SPEC
     confidence_heads: str | None = None  # from `icar train-confidence`: fit a ConfidenceRouter instead (needs inputs)
+    confidence_rule: str = "level"  # level (one confidence level at every exit) | mix (the exit_fractions family)
     sample: int = 2000  # images (or run scores) to calibrate on
     seed: int = 0  # seed of the sample (and of a random-init model)
     output: str = ""  # router JSON to write (local path or URL)
@@ -292,14 +293,14 @@ def calibrate_confidence(cfg: CalibrateConfig) -> routers.ConfidenceRouter:
     if cfg.gflops_budget is not None:
         router = calibrate_confidence_budget(conf_sample, exits, tower, conf_gflops, cfg.gflops_budget, conf.identity,
                                              scorer_gflops=scorer_gflops, shares=cfg.shares,
-                                             scorer_identity=scorer_identity)
+                                             scorer_identity=scorer_identity, rule=cfg.confidence_rule)
     else:
         captioned = captioned_indices(captions)
         text = models.encode_text(bundle, [captions[i] for i in captioned])
         router = calibrate_confidence_recall(conf_sample, {e: np.concatenate(v) for e, v in embeddings.items()},
                                              text, np.asarray(captioned), cfg.min_recall, tower, conf_gflops,
                                              conf.identity, scorer_gflops=scorer_gflops, shares=cfg.shares,
-                                             scorer_identity=scorer_identity)
+                                             scorer_identity=scorer_identity, rule=cfg.confidence_rule)
     router.calibration.update(model=bundle.identity, exits=exits, heads=encoder.heads.identity,
                               confidence=conf.identity, source={"inputs": list(cfg.inputs), "sample_seed": cfg.seed})
     return router

@@ -41,10 +41,11 @@ def test_thresholds_realise_the_mix_shallowest_first():
         thresholds_for_mix({4: np.zeros(3)}, EXITS, [0.5, 0.5, 0])
 
 
+@pytest.mark.parametrize("rule", ["level", "mix"])
 @pytest.mark.parametrize("budget", [0.6, 0.75, 0.9, 1.0])
-def test_budget_is_met_counting_the_confidence_heads(budget):
+def test_budget_is_met_counting_the_confidence_heads(budget, rule):
     conf = _sample()
-    r = calibrate_confidence_budget(conf, EXITS, TOWER, CONF_G, budget, IDENT)
+    r = calibrate_confidence_budget(conf, EXITS, TOWER, CONF_G, budget, IDENT, rule=rule)
     c = r.calibration
     cost = r.gflops_per_exit(TOWER, CONF_G)
     depth = r.route_confidences(conf)
@@ -56,6 +57,10 @@ def test_budget_is_met_counting_the_confidence_heads(budget):
     else:
         assert r.thresholds == [math.inf, math.inf] and c["achieved_fractions"]["8"] == 1.0
     assert c["mode"] == "gflops_budget" and c["sample_size"] == 500 and c["confidence_gflops"] == {"4": 0.05, "6": 0.05}
+    if rule == "level":  # one level: every early exit has the same threshold
+        assert r.thresholds[0] == r.thresholds[1] and c["rule"].startswith("level")
+    else:
+        assert "aggressiveness" in c and c["rule"].startswith("mix")
     # a closed exit's head is not paid for: full depth alone costs exactly the tower
     assert ConfidenceRouter(EXITS, [math.inf, math.inf], IDENT).gflops_per_exit(TOWER, CONF_G)[8] == 8.0
 
@@ -82,8 +87,11 @@ def test_recall_floor_is_met_and_good_confidence_beats_bad():
     blind = {4: rng.random(n), 6: rng.random(n)}
     kw = dict(text_embeddings=text, text_to_image=np.arange(n), min_recall=0.98, tower_gflops=TOWER,
               confidence_gflops=CONF_G, confidence_identity=IDENT, k=1, steps=20)
-    good = calibrate_confidence_recall(informed, emb, **kw).calibration
-    poor = calibrate_confidence_recall(blind, emb, **kw).calibration
-    for c in (good, poor):
-        assert c["achieved_recall"] >= 0.98 * c["full_depth_recall"] - 1e-12 and c["mode"] == "min_recall"
-    assert good["achieved_cost_fraction"] < poor["achieved_cost_fraction"] - 0.2
+    for rule in ("level", "mix"):
+        good = calibrate_confidence_recall(informed, emb, rule=rule, **kw).calibration
+        poor = calibrate_confidence_recall(blind, emb, rule=rule, **kw).calibration
+        for c in (good, poor):
+            assert c["achieved_recall"] >= 0.98 * c["full_depth_recall"] - 1e-12 and c["mode"] == "min_recall"
+        assert good["achieved_cost_fraction"] < poor["achieved_cost_fraction"] - 0.2
+    with pytest.raises(ValueError, match="rule 'best' is not one of level, mix"):
+        calibrate_confidence_recall(informed, emb, rule="best", **kw)
