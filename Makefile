@@ -36,7 +36,7 @@ demo-assets: install
 
 demo-heads: install
 	$(ICAR) train-exits '$(DEMO_CORPUS)/train/*.tar' --val '$(DEMO_CORPUS)/val/*.tar' --model demo \
-	    --max-train 4000 --max-val 500 --epochs 6 --seed 0 --output build/demo-exits
+	    --max-train 4000 --max-val 500 --epochs 10 --lr 3e-3 --seed 0 --output build/demo-exits
 	cp build/demo-exits/exit_heads.safetensors build/demo-exits/metrics.json pipeline/assets/demo/
 	mv pipeline/assets/demo/metrics.json pipeline/assets/demo/exit_heads.metrics.json
 	echo '{"kind": "heuristic", "input_size": 64}' > pipeline/assets/demo/scorer.json
