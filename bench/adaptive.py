@@ -8,12 +8,14 @@ its heads, the scorer or to calibrate a router):
 - policies: full depth; each fixed exit; the complexity router (the paper's design: a ThresholdRouter on the
   demo's training-free scorer, calibrated on the val split as ``icar calibrate --gflops-budget`` does, scorer
   cost counted); confidence exits (a ConfidenceRouter fitted on val as ``icar calibrate --confidence-heads``
-  does, confidence heads' cost counted; the heads from ``--confidence`` or trained here once, as
-  ``icar train-confidence`` trains them, on the train split); confidence + complexity (the same rule on each
-  exit's confidence minus the complexity score, both standardised on val; recall and GFLOPs only, no worker runs
-  it); each router calibrated two ways, its early exits sharing the images moved off full depth equally (the
-  default) or deepest exit first (``--shares 0,1``); and, beside every routed row, random routing with exactly
-  its exit mix (same GFLOPs, images shuffled, ``--random-seeds`` shuffles averaged per query); at budgets
+  does, by its default rule, one confidence level at every early exit; confidence heads' cost counted; the heads
+  from ``--confidence``, the demo's shipped ones, or trained here once as ``icar train-confidence`` trains them,
+  on the train split); confidence + complexity (the same rule on each exit's confidence minus the complexity
+  score, both standardised on val; recall and GFLOPs only, no worker runs it); each also calibrated "deep-first",
+  on the complexity router's family of exit mixes with the images moved off full depth going to the deepest
+  early exit first (``--shares 0,1``; for the complexity router its default shares them equally among the early
+  exits, for the confidence routers ``--confidence-rule mix``); and, beside every routed row, random routing with
+  exactly its exit mix (same GFLOPs, images shuffled, ``--random-seeds`` shuffles averaged per query); at budgets
   ``--budgets`` (0.55-0.9 of full-depth GFLOPs);
 - per row: recall@1/5 text→image and image→text, instance-level (the query's own image or caption, identical
   captions being one query) and category-level (any image whose scene's main object, the first object group the
@@ -329,10 +331,13 @@ def confidence_policies(ctx: dict, budget: float) -> dict[str, dict]:
         return {}
     exits, gpe = ctx["exits"], ctx["gpe"]
     out = {}
-    for suffix, shares in share_variants(exits):
+    # `icar calibrate --confidence-heads`'s default rule (one confidence level at every early exit), and the
+    # complexity router's family of mixes with the deepest early exit first (--confidence-rule mix --shares 0,1).
+    variants = [("", None, "level")] + [(sfx, sh, "mix") for sfx, sh in share_variants(exits) if sh is not None]
+    for suffix, shares, rule in variants:
         try:
             r = calibrate_confidence_budget(c["val"], exits, gpe, c["gflops"], budget, c["heads"].identity,
-                                            shares=shares)
+                                            shares=shares, rule=rule)
         except ValueError as e:
             log.info("confidence router at budget %.2f: %s", budget, e)
             continue
@@ -347,7 +352,7 @@ def confidence_policies(ctx: dict, budget: float) -> dict[str, dict]:
         # it has recall and counted GFLOPs but no images/s.
         try:
             r = calibrate_confidence_budget(c["combined_val"], exits, gpe, c["gflops"], budget, c["heads"].identity,
-                                            scorer_gflops=ctx["scorer_gflops"], shares=shares)
+                                            scorer_gflops=ctx["scorer_gflops"], shares=shares, rule=rule)
         except ValueError as e:
             log.info("confidence+complexity router at budget %.2f: %s", budget, e)
             continue
