@@ -47,7 +47,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_model_args(p, d)
     t = p.add_argument_group("training")
     t.add_argument("--target", choices=TARGETS, default=d.target,
-                   help="what a head predicts: margin (own caption vs best other image), rank (own caption ranks it "
+                   help="what a head predicts: margin (own caption vs best other image), loss (what leaving here costs that "
+                        "margin below 0, vs full depth), rank (own caption ranks it "
                         "as high as at full depth), cosine (to the full-depth embedding)")
     t.add_argument("--hidden", type=nonnegative_int, default=d.hidden, help="hidden units per head (0: linear)")
     t.add_argument("--epochs", type=positive_int, default=d.epochs, help="full-batch steps")

@@ -33,7 +33,7 @@ log = logging.getLogger(__name__)
 
 CONFIDENCE_FORMAT = "icar-confidence-heads"
 CONFIDENCE_VERSION = "1"
-TARGETS = ("margin", "rank", "cosine")  # what a head predicts; pipeline.training.confidence defines each
+TARGETS = ("margin", "loss", "rank", "cosine")  # what a head predicts; pipeline.training.confidence defines each
 
 
 class ConfidenceMismatchError(ValueError):

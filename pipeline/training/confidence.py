@@ -7,6 +7,9 @@ images at full depth (what an index mostly holds; images with an identical capti
 
 - ``margin`` (default): t_i·v_e(i) − max_j t_i·v_full(j), how far the image's own caption prefers the exit
   embedding over the best other image. Positive: the caption still finds this image first from this exit.
+- ``loss``: min(margin at this exit, 0) − min(margin at full depth, 0): what leaving here costs the image's own
+  caption, 0 when it finds the image first either way (and for images full depth cannot find either, only the
+  further drop). Low where going deeper would rescue the image, which is where depth should be spent.
 - ``rank``: 1 when the image's own caption ranks it at this exit at least as high as at full depth, ranks past
   ``RANK_CAP`` counting as one (in a gallery of thousands few images keep an exact deep rank, and past the top 10
   a search shows nothing), else 0; fitted by logistic regression, the confidence is the log-odds.
@@ -106,6 +109,9 @@ def confidence_targets(kind: str, embeddings: dict[int, np.ndarray], text: np.nd
             ranks[e][s:s + chunk] = (sim > own[e][s:s + chunk, None]).sum(1)
     if kind == "margin":
         return {e: own[e] - best_other for e in exits[:-1]}
+    if kind == "loss":
+        full_margin = np.minimum(own[exits[-1]] - best_other, 0.0)
+        return {e: np.minimum(own[e] - best_other, 0.0) - full_margin for e in exits[:-1]}
     full_rank = np.minimum(ranks[exits[-1]], RANK_CAP)
     return {e: (np.minimum(ranks[e], RANK_CAP) <= full_rank).astype(np.float32) for e in exits[:-1]}
 

@@ -36,6 +36,9 @@ def test_targets_by_hand():
     own = (text * early).sum(1)
     best_other = np.array([0.0, 0.0, text[2, 0]])  # the best OTHER image at full depth for each caption
     np.testing.assert_allclose(margin, own - best_other, atol=1e-6)
+    loss = confidence_targets("loss", emb, text, groups)[1]
+    full_margin = (text * full).sum(1) - best_other
+    np.testing.assert_allclose(loss, np.minimum(own - best_other, 0) - np.minimum(full_margin, 0), atol=1e-6)
     rank = confidence_targets("rank", emb, text, groups)[1]
     assert rank.tolist() == [1.0, 1.0, 1.0]  # caption 1 still prefers its own (0.707 > 0): no rank lost
     drifted = {1: _unit([[1, 0, 0], [1, -0.1, 0], [0, 0, 1]]), 2: full}  # caption 1 now prefers others
@@ -45,8 +48,8 @@ def test_targets_by_hand():
     # an identical caption's image is no competitor: with images 0 and 2 sharing a caption, 0 has no rival left
     same = confidence_targets("margin", emb, text, np.array([0, 1, 0]))[1]
     assert same[0] == pytest.approx(own[0] - 0.0) and same[2] == pytest.approx(own[2] - 0.0)
-    with pytest.raises(ValueError, match="--target 'loss'"):
-        confidence_targets("loss", emb, text, groups)
+    with pytest.raises(ValueError, match="--target 'gain'"):
+        confidence_targets("gain", emb, text, groups)
 
 
 @pytest.fixture(scope="module")
