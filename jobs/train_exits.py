@@ -94,7 +94,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--fixed-temperature", dest="learn_temperature", action="store_false",
                    help="keep each exit's temperature at the model's instead of learning it")
     t.add_argument("--own-gallery", dest="mixed_gallery", action="store_false",
-                   help="contrast each exit only with images at its own depth (before issue #20), not in the mixed "
+                   help="contrast each exit only with images at its own depth (the earlier loss), not in the mixed "
                         "gallery an index of routed rows holds (default: mixed; frozen backbone only)")
     t.add_argument("--select-epoch", choices=("mixed", "last"), default=d.select_epoch,
                    help="heads written: those of the epoch with the best validation mixed-gallery t2i R@1, or the "

@@ -3,8 +3,10 @@
 Default recipe (frozen backbone): the image backbone and the text tower stay frozen, only the exit heads
 (LayerNorm + projection, initialised from ``ln_post``/``proj``) and one temperature per exit train, on features
 computed once per image (``features``) for many epochs, which is fast even on a CPU; the loss per exit is CLIP
-contrastive against the frozen caption embedding plus distillation towards the full-depth embedding
-(``exit_step``). Full-depth embeddings stay bit-identical to the public model, so every existing full-depth
+contrastive against the frozen caption embedding, in the mixed-depth gallery an index of routed rows holds, plus
+distillation towards the full-depth embedding (``exit_step``). The heads written are those of the epoch with the
+best validation mixed-gallery recall@1, with a per-exit similarity scale for a mixed index recorded beside them
+(``recall.choose_exit_scale``, heads metadata ``EXIT_SCALES``). Full-depth embeddings stay bit-identical to the public model, so every existing full-depth
 index, run and query encoder stays valid, and heads can be retrained or swapped at any time.
 
 ``finetune_backbone`` is the paper's recipe (ICAR, ECIR 2026): the vision backbone trains too (lr ~1e-6,
