@@ -21,15 +21,15 @@ LOGGING = {"--no-progress", "--log-format"}
 # Which job has which shared flag beyond the logging group (every job has that one).
 SHARED = {
     "--device": {"embed", "index", "search", "calibrate", "train-exits", "train-complexity", "eval-complexity",
-                 "train-scorer", "reindex"},
+                 "train-scorer", "reindex", "train-confidence"},
     "--threads": {"embed", "index", "search", "calibrate", "train-exits", "train-complexity", "eval-complexity",
-                  "train-scorer", "train-demo", "reindex"},
+                  "train-scorer", "train-demo", "reindex", "train-confidence"},
     "--address": {"embed", "index", "reindex"},
-    "--storage-options": {"embed", "index", "search", "report", "calibrate", "train-exits"},
-    "--model": {"embed", "calibrate", "train-exits"},
-    "--pretrained": {"embed", "calibrate", "train-exits"},
-    "--exits": {"embed", "calibrate", "train-exits"},
-    "--heads": {"embed", "calibrate"},
+    "--storage-options": {"embed", "index", "search", "report", "calibrate", "train-exits", "train-confidence"},
+    "--model": {"embed", "calibrate", "train-exits", "train-confidence"},
+    "--pretrained": {"embed", "calibrate", "train-exits", "train-confidence"},
+    "--exits": {"embed", "calibrate", "train-exits", "train-confidence"},
+    "--heads": {"embed", "calibrate", "train-confidence"},
     "--precision": {"embed"},
 }
 
