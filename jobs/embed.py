@@ -53,7 +53,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="fixed share of images per exit, e.g. 0.3,0.3,0.4 (by a hash of the key; benchmarks)")
     s = p.add_argument_group("complexity scorer")
     s.add_argument("--scorer", default=m.scorer, choices=["default", "heuristic", "convnext", "none"],
-                   help="default = the shipped scorer; none = no scorer (complexity is null, no scorer GFLOPs)")
+                   help="default = the shipped scorer, which also scores every image of a run that routes without "
+                        "scores (--full-depth, --exit-at, no router), for calibrating one later; none = no scorer "
+                        "(complexity is null, no scorer GFLOPs: the baseline to compare a routed run with)")
     s.add_argument("--checkpoint", dest="scorer_checkpoint", default=m.scorer_checkpoint,
                    help="ConvNeXt-IC checkpoint for --scorer convnext")
     x = add_runtime_args(p, device_help="model device",

@@ -20,7 +20,7 @@ import numpy as np
 from pipeline.embed.config import EmbedConfig
 from pipeline.embed.progress import Progress, SampleTotals
 from pipeline.embed.validate import image_size as predicted_image_size
-from pipeline.embed.validate import routes_by_score
+from pipeline.embed.validate import routes_by_score, spec_files
 from pipeline.io import storage
 from pipeline.io.decode import DecodeConfig, DecodeError, EncodedBatch, decode_image, probe_jpeg
 from pipeline.io.lock import RootLock, output_lock
@@ -290,10 +290,11 @@ def _run_embed_locked(cfg: EmbedConfig, lock: RootLock, t_start: float, started:
 
     run_json = (read_run_json(cfg.output, cfg.storage_options)
                 if not plan and storage.exists(storage.join(cfg.output, RUN_JSON), cfg.storage_options) else None)
-    if run_json is not None and not same_spec(run_json.get("spec"), cfg.spec):
-        # Other model options than the run's: only the loaded model can tell whether they compute the same
-        # (check_run_identity), and a run directory must refuse another model even with nothing left to embed.
-        log.info("nothing to embed, but the model options differ from the run's: loading the model to compare")
+    if run_json is not None and not same_model(run_json, cfg.spec):
+        # Other model options or files than the run's: only the loaded model can tell whether they compute the
+        # same (check_run_identity), and a run directory refuses another model even with nothing left to embed.
+        log.info("nothing to embed, but the model options or files differ from the run's: loading the model to "
+                 "compare")
         run_json = None
     if run_json is not None:
         # Nothing to embed: neither Ray nor a model starts (they cost 10-20 s); the run directory alone says the rest.
@@ -397,6 +398,7 @@ def _embed_plan(ray, cfg: EmbedConfig, plan: list, manifest: Manifest, summary: 
         run_json = dict(description, inputs=list(cfg.inputs), resources=resources)
         run_json["spec"] = asdict(cfg.spec)
         run_json.update(run_json_notes(description))
+        run_json["spec_files"] = spec_files(cfg.spec)  # what a resume with nothing to do compares, with "spec"
         if not storage.exists(storage.join(cfg.output, RUN_JSON), cfg.storage_options):
             storage.write_json(run_json, storage.join(cfg.output, RUN_JSON), cfg.storage_options)
         if not early:
@@ -518,11 +520,16 @@ def run_json_notes(description: dict) -> dict:
 RUNTIME_SPEC_FIELDS = ("device", "precision", "torch_threads")
 
 
-def same_spec(recorded: dict | None, spec: ModelSpec) -> bool:
-    """Return True when run.json's recorded "spec" asks for what ``spec`` asks for (runtime fields aside)."""
-    if not isinstance(recorded, dict):
+def same_model(run_json: dict, spec: ModelSpec) -> bool:
+    """Return True when run.json's recorded "spec" asks for what ``spec`` asks for (runtime fields aside) and the
+    local files it loads are unchanged since the run began ("spec_files": size and mtime), so the model needs no
+    loading to know it is the run's; False when either cannot be told (older run.json, files behind URLs)."""
+    recorded, files = run_json.get("spec"), run_json.get("spec_files")
+    if not isinstance(recorded, dict) or not isinstance(files, dict):
         return False
-    return all(recorded.get(k) == v for k, v in asdict(spec).items() if k not in RUNTIME_SPEC_FIELDS)
+    if any(recorded.get(k) != v for k, v in asdict(spec).items() if k not in RUNTIME_SPEC_FIELDS):
+        return False
+    return files == spec_files(spec)
 
 
 def scored_not_routed(run_json: dict) -> bool:

@@ -32,7 +32,7 @@ from pathlib import Path
 from pipeline.embed.config import EmbedConfig
 from pipeline.io.storage import safetensors_metadata
 from pipeline.model.spec import ModelSpec, confidence_heads_file
-from pipeline.model.scorer_identity import expected_identity, router_scorer_mismatch
+from pipeline.model.scorer_identity import DEFAULT_CHECKPOINT, expected_identity, router_scorer_mismatch
 
 log = logging.getLogger(__name__)
 
@@ -146,6 +146,34 @@ def random_weights(spec: ModelSpec) -> bool:
     if spec.model == "demo" or is_model_dir(spec.model) or is_model_dir(spec.pretrained):
         return False
     return spec.pretrained is None or spec.pretrained.lower() in RANDOM_INIT
+
+
+def spec_files(spec: ModelSpec) -> dict[str, list[int]] | None:
+    """Return {path: [size, mtime_ns]} of the local files ``spec`` loads weights, heads, a router or a scorer from
+    (the demo's and the shipped scorer's included); None when one of them is behind a URL (not checked cheaply).
+
+    A resume with nothing to embed compares these with run.json's instead of loading the model: a checkpoint
+    replaced in place under the same path changes them, and the model is then loaded and checked after all.
+    """
+    paths = [spec.pretrained, spec.heads, spec.router, spec.scorer_checkpoint]
+    for directory in (spec.model, spec.pretrained):
+        if directory and is_model_dir(directory):
+            paths += [str(Path(directory) / MODEL_DIR_CONFIG), str(Path(directory) / "clip.safetensors")]
+    if spec.model == "demo":
+        paths += [str(DEMO_DIR / name) for name in (MODEL_DIR_CONFIG, "clip.safetensors", "exit_heads.safetensors",
+                                                     "router.json", "scorer.json")]
+    if spec.scorer == "default" and not spec.scorer_checkpoint:
+        paths.append(str(DEFAULT_CHECKPOINT))
+    out: dict[str, list[int]] = {}
+    for path in paths:
+        if not path or path.lower() in RANDOM_INIT:
+            continue
+        if "://" in path:
+            return None
+        if os.path.isfile(path):
+            st = os.stat(path)
+            out[os.path.abspath(path)] = [int(st.st_size), int(st.st_mtime_ns)]
+    return out
 
 
 def routes_by_score(router: dict | None) -> bool:

@@ -100,6 +100,25 @@ def test_first_run_says_progress_in_images_without_colour_codes(piped_run):
     run = json.loads((out / "run.json").read_text())
     # The demo carries its own weights, and its shipped router routes by the score.
     assert run["random_weights"] is False and run["routes_by_score"] is True
+    assert any(path.endswith("demo/clip.safetensors") for path in run["spec_files"])
+
+
+def test_a_resume_loads_the_model_when_its_files_changed(tmp_path):
+    """Nothing to embed skips the model only while the spec and the files it loads are the run's own."""
+    from dataclasses import asdict
+
+    from pipeline.embed.execution import same_model
+
+    heads = tmp_path / "heads.safetensors"
+    heads.write_bytes(b"x" * 10)
+    spec = ModelSpec(model="ViT-B-32", pretrained="none", heads=str(heads), scorer="heuristic")
+    run_json = json.loads(json.dumps({"spec": asdict(spec), "spec_files": validate.spec_files(spec)}))
+    assert same_model(run_json, spec)
+    assert same_model(run_json, ModelSpec(**{**asdict(spec), "torch_threads": 3}))  # runtime options may differ
+    assert not same_model(run_json, ModelSpec(**{**asdict(spec), "exit_at": 6}))
+    heads.write_bytes(b"y" * 11)  # replaced in place under the same path
+    assert not same_model(run_json, spec)
+    assert not same_model({"spec": asdict(spec)}, spec)  # a run.json from before spec_files: load and check
 
 
 def test_resume_with_nothing_to_do_starts_no_ray(piped_run):
