@@ -102,3 +102,16 @@ def test_parse_heads(tmp_path):
         adaptive.parse_heads([str(f)])
     with pytest.raises(FileNotFoundError):
         adaptive.parse_heads([f"a={tmp_path / 'missing'}"])
+
+
+def test_combined_signal_is_standardised_on_val_and_prefers_simple_confident_images():
+    rng = np.random.default_rng(2)
+    conf_val = {4: rng.normal(3.0, 2.0, 500), 6: rng.normal(-1.0, 0.5, 500)}
+    scores_val = rng.uniform(0, 1, 500)
+    conf_test = {4: np.array([3.0, 3.0]), 6: np.array([-1.0, -1.0])}
+    val, test = adaptive.combined_signal(conf_val, conf_test, scores_val, np.array([0.1, 0.9]))
+    for e in (4, 6):
+        assert abs(val[e].mean()) < 1e-9 and val[e].std() == pytest.approx(np.sqrt(2), rel=0.1)
+        assert test[e][0] > test[e][1]  # same confidence, the simpler image scores higher
+    assert adaptive.share_variants([4, 6, 8]) == [("", None), (" deep-first", [0.0, 1.0])]
+    assert adaptive.share_variants([4, 8]) == [("", None)]
