@@ -59,6 +59,7 @@ from bench.common import interleaved, load_average, machine_facts, median  # noq
 from bench.quality import DEFAULT_CORPUS, embed_all_exits, ensure_corpus, read_split, score_all  # noqa: E402
 from pipeline.demo.corpus import scene_caption, scene_of  # noqa: E402
 from pipeline.io import storage  # noqa: E402
+from pipeline.io.storage import read_bytes, safetensors_metadata  # noqa: E402
 from pipeline.logs import setup_logging  # noqa: E402
 from pipeline.model import models  # noqa: E402
 from pipeline.model import router as routers  # noqa: E402
@@ -103,6 +104,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--confidence-train", type=int, default=4000,
                    help="training pairs (the train split's first) of the confidence heads trained here")
     p.add_argument("--no-confidence", action="store_true", help="no confidence rows for heads without --confidence")
+    p.add_argument("--scaled", action="append", default=None, metavar="NAME",
+                   help="also measure the heads named NAME with the per-exit similarity scales their file "
+                        "recommends for a mixed index applied (rows 'NAME+scales'; repeatable)")
     p.add_argument("--budgets", default=",".join(map(str, DEFAULT_BUDGETS)),
                    help="GFLOP budgets as fractions of full depth, comma-separated")
     p.add_argument("--bootstrap", type=int, default=1000, help="paired-bootstrap resamples per interval")
@@ -408,8 +412,20 @@ def evaluate(name: str, policy: str, budget: float | None, depth: np.ndarray, gf
             **extra}
 
 
-def measure_heads(name: str, path: str, ctx: dict, budgets: list[float], a: argparse.Namespace) -> dict:
-    """Return rows and per-query hits of every policy for one heads file."""
+def recorded_exit_scales(path: str) -> dict[int, float]:
+    """Return the per-exit similarity scales a heads file recommends for a mixed-depth index (its metadata's
+    ``exit_scales``, written by `icar train-exits`), or raise naming the file."""
+    scales = safetensors_metadata(read_bytes(path)).get("exit_scales")
+    if not scales:
+        raise ValueError(f"--scaled: {path} records no exit_scales; train the heads with a current `icar "
+                         f"train-exits`, or drop --scaled for them")
+    return {int(e): float(v) for e, v in json.loads(scales).items()}
+
+
+def measure_heads(name: str, path: str, ctx: dict, budgets: list[float], a: argparse.Namespace,
+                  scales: dict[int, float] | None = None) -> dict:
+    """Return rows and per-query hits of every policy for one heads file (``scales``: each early exit's
+    embeddings multiplied by its scale, as an index that applies the heads' recommended scales would hold them)."""
     worker = ModelWorker(ModelSpec(model="demo", heads=path, device="cpu", torch_threads=a.threads,
                                    precision=a.precision))
     if worker.exits != ctx["exits"]:
@@ -417,6 +433,8 @@ def measure_heads(name: str, path: str, ctx: dict, budgets: list[float], a: argp
     t = time.perf_counter()
     emb = embed_all_exits(worker, ctx["test_px"], a.batch_size)
     embed_s = time.perf_counter() - t
+    for e, factor in (scales or {}).items():
+        emb[e] = emb[e] * np.float32(factor)
     exits, gpe, q = ctx["exits"], ctx["gpe"], ctx["queries"]
     full_g = gpe[exits[-1]]
     n = len(ctx["test_keys"])
@@ -435,7 +453,7 @@ def measure_heads(name: str, path: str, ctx: dict, budgets: list[float], a: argp
     add("full", f"full depth ({exits[-1]} blocks)", "full", None, np.full(n, exits[-1]), full_g)
     for e in exits[:-1]:
         add(f"exit{e}", f"fixed exit {e}", "fixed", None, np.full(n, e), gpe[e])
-    conf_path = ctx["confidence_paths"].get(name)
+    conf_path = ctx["confidence_paths"].get(name.removesuffix("+scales"))
     if conf_path is None and not a.no_confidence:
         conf_path = shipped_confidence(worker) or trained_confidence(name, path, worker, ctx["corpus"],
                                                                      ctx["corpus_doc"], a)
@@ -564,6 +582,9 @@ def run(a: argparse.Namespace) -> dict:
     torch.set_num_threads(a.threads)
     heads = parse_heads(a.heads)
     confidence = parse_heads(a.confidence, "--confidence")
+    missing = sorted(set(a.scaled or []) - set(heads))
+    if missing:
+        raise ValueError(f"--scaled names {missing}, which are not --heads names {sorted(heads)}")
     unknown = sorted(set(confidence) - set(heads))
     if unknown:
         raise ValueError(f"--confidence names {unknown}, which are not --heads names {sorted(heads)}")
@@ -584,6 +605,10 @@ def run(a: argparse.Namespace) -> dict:
            "test_scores": score_all(base.scorer, test_px, a.batch_size), "queries": queries,
            "heads": heads, "corpus": corpus, "corpus_doc": doc, "confidence_paths": confidence}
     results = {name: measure_heads(name, path, ctx, budgets, a) for name, path in heads.items()}
+    for name in a.scaled or []:
+        scales = recorded_exit_scales(heads[name])
+        results[f"{name}+scales"] = measure_heads(f"{name}+scales", heads[name], ctx, budgets, a, scales)
+        results[f"{name}+scales"]["exit_scales"] = {str(e): v for e, v in scales.items()}
     idx = {"t2i": bootstrap_indices(len(queries.text), a.bootstrap, 1),
            "i2t": bootstrap_indices(len(test_keys), a.bootstrap, 2)}
     comps = comparisons(results, ctx, idx)
@@ -603,8 +628,8 @@ def run(a: argparse.Namespace) -> dict:
         "model": {"identity": base.bundle.identity, "exits": base.exits,
                   "gflops_per_exit": {str(k): v for k, v in base.gflops_per_exit.items()},
                   "full_gflops": full_g, "scorer": base.scorer.identity, "scorer_gflops": base.scorer_gflops},
-        "heads": {k: {"path": v["path"], "identity": v["identity"], "confidence_heads": v["confidence"]}
-                  for k, v in results.items()},
+        "heads": {k: {"path": v["path"], "identity": v["identity"], "confidence_heads": v["confidence"],
+                      "exit_scales": v.get("exit_scales")} for k, v in results.items()},
         "budgets": budgets, "bootstrap": a.bootstrap, "random_seeds": a.random_seeds,
         "confidence_available": any(r["policy"].startswith("confidence") for r in rows),
         "rows": rows, "comparisons": comps, "timing": timing, "targets": targets(rows, comps),
