@@ -161,3 +161,10 @@ def test_shipped_demo_pair_runs_without_a_scorer(tmp_path, monkeypatch):
     cost = w.router.gflops_per_exit(w.gflops_per_exit, w.confidence_gflops)
     assert set(out["exit_layer"].tolist()) <= {4, 6, 8} and np.isnan(out["complexity"]).all()
     np.testing.assert_allclose(out["gflops"], [cost[int(e)] for e in out["exit_layer"]], rtol=1e-6)
+    # a scorer runs only when named; then its score is recorded and its GFLOPs are counted in every row
+    scored = ModelWorker(ModelSpec(model="demo", device="cpu", torch_threads=1, scorer="heuristic",
+                                   router=str(DEMO_ASSETS / "confidence_router.json")))
+    out2 = scored.embed(pixels, [f"k{i}" for i in range(8)])
+    assert np.isfinite(out2["complexity"]).all() and scored.scorer_gflops > 0
+    np.testing.assert_array_equal(out2["exit_layer"], out["exit_layer"])
+    np.testing.assert_allclose(out2["gflops"], out["gflops"] + scored.scorer_gflops, rtol=1e-6)
