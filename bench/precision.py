@@ -5,8 +5,8 @@ Side by side in one process, variants interleaved, medians reported (issue #23 p
 - speed, per model (``--models``, default ViT-B-32 random init and the shipped demo): open_clip's bare
   ``model.encode_image`` at fp32 and with the model and input cast to bf16, beside ``ModelWorker.embed`` (what a
   model actor runs per batch: scorer, router, adaptive encoder, float16 output) at ``--precision fp32`` and
-  ``bf16``, and the worker's scorer alone (it computes in fp32 whatever the precision, so its share grows as the
-  tower gets cheaper). Wall images/s and images per CPU-second of this process (steadier on a shared machine);
+  ``bf16``, and each worker's scorer alone (a trained CNN scorer follows the worker into bf16; the heuristic
+  stays fp32). Wall images/s and images per CPU-second of this process (steadier on a shared machine);
   the bf16/fp32 ratio of the bare model beside the worker's is the point: a worker that loses the bare model's
   gain has a float32 island or a cast somewhere;
 - quality, on the demo corpus's held-out test split (``--corpus``, never used to train the demo model, its heads,
@@ -62,6 +62,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--batch-size", type=int, default=32, help="images per call in the speed part")
     p.add_argument("--demo-batch-size", type=int, default=128, help="images per call for the demo model")
     p.add_argument("--threads", type=int, default=2, help="torch intra-op threads")
+    p.add_argument("--demo-threads", type=int, default=1,
+                   help="threads for the demo model (its matmuls are small: on a loaded 2-core machine 2 threads ran "
+                        "it 10x slower than 1, waiting on each other)")
     p.add_argument("--repeats", type=int, default=3, help="timed rounds of the speed part (after one warm-up)")
     p.add_argument("--no-quality", action="store_true", help="skip the quality part")
     p.add_argument("--corpus", default=str(DEFAULT_CORPUS), help="demo corpus (`icar make-demo-corpus`)")
@@ -96,8 +99,9 @@ def speed(model: str, batch: int, repeats: int, threads: int) -> dict:
     calls = {"bare fp32": lambda: bare32.encode_image(x32), "bare bf16": lambda: bare16.encode_image(x16),
              "worker fp32": lambda: workers["fp32"].embed(pixels, keys),
              "worker bf16": lambda: workers["bf16"].embed(pixels, keys)}
-    if scorer is not None:
-        calls["scorer alone"] = lambda: scorer.score(pixels)
+    if scorer is not None:  # the worker's scorer alone, in the dtype each worker runs it in
+        calls["scorer fp32"] = lambda: workers["fp32"].scorer.score(pixels)
+        calls["scorer bf16"] = lambda: workers["bf16"].scorer.score(pixels)
     wall: dict[str, list[float]] = {k: [] for k in calls}
     cpu: dict[str, list[float]] = {k: [] for k in calls}
     loads = [load_average()[0]]
@@ -261,7 +265,8 @@ def main(argv: list[str] | None = None) -> int:
           f"--precision auto picks {choice.precision} ({choice.reason})")
     out: dict = {"facts": facts, "auto": choice.precision, "flags": flags, "speed": [], "quality": None, "e2e": None}
     for model in [m for m in a.models.split(",") if m.strip()]:
-        s = speed(model, a.demo_batch_size if model == "demo" else a.batch_size, a.repeats, a.threads)
+        demo = model == "demo"
+        s = speed(model, a.demo_batch_size if demo else a.batch_size, a.repeats, a.demo_threads if demo else a.threads)
         print_speed(s)
         out["speed"].append(s)
     if not a.no_quality:

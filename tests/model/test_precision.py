@@ -96,3 +96,17 @@ def test_bf16_embeddings_are_close_to_fp32_at_every_exit(workers):
     keys = [f"k{i}" for i in range(6)]
     e32, e16 = (w.embed(pixels, keys)["embedding"].astype(np.float32) for w in (w32, w16))
     assert ((e32 * e16).sum(1) > 0.999).all()
+
+
+def test_a_trained_scorer_follows_a_bf16_worker_and_scores_alike():
+    from pipeline.model.scorer import DEFAULT_CHECKPOINT
+
+    if not DEFAULT_CHECKPOINT.exists():
+        pytest.skip(f"no shipped scorer checkpoint at {DEFAULT_CHECKPOINT}")
+    w = {p: ModelWorker(ModelSpec(model="demo", device="cpu", torch_threads=1, precision=p, full_depth=True,
+                                  scorer_checkpoint=str(DEFAULT_CHECKPOINT))) for p in ("fp32", "bf16")}
+    assert (w["fp32"].scorer.dtype, w["bf16"].scorer.dtype) == (torch.float32, torch.bfloat16)
+    assert w["fp32"].scorer.identity == w["bf16"].scorer.identity  # routers check it: the precision is not in it
+    pixels = np.random.default_rng(1).integers(0, 256, (8, 64, 64, 3), dtype=np.uint8)
+    a, b = (x.scorer.score(pixels) for x in w.values())
+    assert b.dtype == np.float32 and np.abs(a - b).max() < 0.01 and not np.array_equal(a, b)
