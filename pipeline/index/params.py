@@ -299,7 +299,8 @@ def explain_variants(variants: list[CodeVariant], dim: int, m: int, opq_min_dsub
         lines.append(f"OPQ{m}: each sub-quantizer encodes {dsub:g} dims (>= {opq_min_dsub}); a learned rotation "
                      f"balances the variance across sub-vectors: estimated recall {best.recall:.2f} vs "
                      f"{plain.recall:.2f} without, for {format_size(best.estimated_bytes - plain.estimated_bytes)} "
-                     f"more (the rotation matrix)")
+                     f"more (the rotation matrix" + (", less the smaller centroids and codebooks)"
+                                                     if best.opq_dim < dim else ")"))
     elif not best.opq_dim and dsub < opq_min_dsub:
         lines.append(f"no OPQ: each sub-quantizer encodes {dsub:g} dims (< {opq_min_dsub}); a rotation gains "
                      f"little at {8 * m / dim:g} code bits per dimension")
