@@ -74,6 +74,7 @@ from pipeline.index.read import (
     plan_runs,
     read_sample_group,
     sample_rows,
+    scale_reasons,
     split_by_shard,
 )
 from pipeline.index.runner import Runner
@@ -215,6 +216,7 @@ def _build_index_locked(cfg: IndexConfig, lock: RootLock) -> IndexSummary:
         if trained_bytes is not None:
             params.train_size = 0  # only queries are sampled: the given trained index is added into as it is
             params.reasons.append(f"no training: vectors are added into the trained index {cfg.trained_index}")
+        params.reasons.extend(scale_reasons(plan, params.factory))
         for r in params.reasons:
             log.info("index choice: %s", r)
         reasons.extend(params.reasons)

@@ -23,7 +23,7 @@ import pyarrow.parquet as pq
 from pipeline.index.exact import TopK, exact_topk
 from pipeline.index.layout import ID_COLUMNS, IDS_SCHEMA, IVFDATA_FILE
 from pipeline.index.params import ADD_BATCH_ROWS
-from pipeline.index.read import ShardRef, embeddings_to_float32, open_parquet
+from pipeline.index.read import ShardRef, open_parquet, shard_vectors
 from pipeline.io import storage
 from pipeline.io.storage import CorruptFileError
 from pipeline.logs import peak_rss_bytes
@@ -184,8 +184,8 @@ def add_group(trained: bytes | np.ndarray, shards: list[ShardRef], dim: int, par
                     raise ValueError(f"{shard.url} holds {pf.metadata.num_rows} rows but its manifest says "
                                      f"{shard.rows}: the run directory is inconsistent (re-run `icar embed` on it)")
                 next_id = shard.first_id
-                for batch in pf.iter_batches(batch_size=batch_rows, columns=ID_COLUMNS + ["embedding"]):
-                    x = embeddings_to_float32(batch.column("embedding"), dim, shard.url)
+                for batch in pf.iter_batches(batch_size=batch_rows, columns=ID_COLUMNS + shard.columns):
+                    x = shard_vectors(batch, shard, dim)  # scaled by exit depth where the run records exit_scales
                     ids = np.arange(next_id, next_id + len(x), dtype=np.int64)
                     if with_ids:
                         index.add_with_ids(x, ids)

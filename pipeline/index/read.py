@@ -3,6 +3,11 @@
 A build numbers the vectors of its runs 0..N-1, run by run and part by part (``plan_runs``); everything else
 here reads those rows back from the shards' Parquet files: only the row groups that hold sampled rows for
 training and tuning (``read_sample_group``), and the per-group id files concatenated into ids.parquet.
+
+Vectors go into the index as their run asks: a run whose run.json records ``exit_scales`` (the exit heads'
+per-exit similarity scales) has each row multiplied by the scale of the exit that wrote it (``exit_layer``), so
+that early-exit rows rank fairly against full-depth rows under inner product; shards themselves stay unit-length.
+``shard_vectors`` is the one place that turns a shard's rows into index vectors (add tasks, training sample).
 """
 
 from __future__ import annotations
@@ -17,7 +22,7 @@ import pyarrow.parquet as pq
 
 from pipeline.index.layout import IDS_FILE, IDS_SCHEMA
 from pipeline.io import storage
-from pipeline.io.schema import MANIFEST, RUN_JSON, model_key
+from pipeline.io.schema import EXIT_SCALES, MANIFEST, RUN_JSON, model_key, parse_exit_scales
 from pipeline.io.shards import open_part, read_manifest_rows, read_run_json
 
 
@@ -33,6 +38,13 @@ class ShardRef:
     rows: int
     first_id: int
     run: int  # position of its run in the runs list
+    # (exit depth, scale) pairs of its run's exit_scales, sorted; () when the run records none (rows added as read)
+    exit_scales: tuple[tuple[int, float], ...] = ()
+
+    @property
+    def columns(self) -> list[str]:
+        """Return the shard columns ``shard_vectors`` reads: the embedding, and exit_layer where rows are scaled."""
+        return ["embedding", "exit_layer"] if self.exit_scales else ["embedding"]
 
 
 @dataclass
@@ -44,7 +56,7 @@ class RunPlan:
     model: dict  # run.json "model" identity of every run (they match)
     model_key: str
     dim: int
-    run_infos: list[dict]  # per run: path, shards, rows
+    run_infos: list[dict]  # per run: path, shards, rows (and exit_scales where the run records them)
 
     @property
     def ntotal(self) -> int:
@@ -59,6 +71,54 @@ def embeddings_to_float32(column, dim: int, where: str) -> np.ndarray:
         raise ValueError(f"{where}: embedding column is {column.type}, expected fixed_size_list<float16>[{dim}]")
     values = column.flatten().to_numpy(zero_copy_only=False)
     return np.ascontiguousarray(values.reshape(-1, dim), dtype=np.float32)
+
+
+def scale_rows(x: np.ndarray, exit_layer, scales: tuple[tuple[int, float], ...]) -> np.ndarray:
+    """Return ``x`` (float32, rows x dim) with each row multiplied in place by the scale of its ``exit_layer`` (1.0
+    for a depth without one, as the full depth); ``x`` untouched when ``scales`` is empty."""
+    if not scales or not len(x):
+        return x
+    depth = np.asarray(exit_layer.to_numpy(zero_copy_only=False) if hasattr(exit_layer, "to_numpy") else exit_layer,
+                       np.int64)
+    factor = np.ones(len(x), np.float32)
+    for e, s in scales:
+        factor[depth == e] = s
+    x *= factor[:, None]
+    return x
+
+
+def shard_vectors(table, shard: ShardRef, dim: int) -> np.ndarray:
+    """Return the index vectors (float32, rows x dim) of ``table``'s rows of ``shard`` (a Table or RecordBatch
+    with ``shard.columns``): the embeddings, scaled by exit depth where the shard's run records exit_scales."""
+    x = embeddings_to_float32(table.column("embedding"), dim, shard.url)
+    return scale_rows(x, table.column("exit_layer"), shard.exit_scales) if shard.exit_scales else x
+
+
+def run_exit_scales(run_json: dict, where: str) -> tuple[tuple[int, float], ...]:
+    """Return the sorted (exit depth, scale) pairs a run.json records under ``exit_scales``; () when it records none
+    or every scale is 1.0 (rows are then added exactly as read)."""
+    scales = parse_exit_scales(run_json.get(EXIT_SCALES), where)
+    return tuple(sorted(scales.items())) if any(s != 1.0 for s in scales.values()) else ()
+
+
+def scale_reasons(plan: "RunPlan", factory: str) -> list[str]:
+    """Return index.json reasons saying which runs' rows are scaled by exit depth (none when no run records scales).
+
+    Raises ValueError for a ``factory`` that L2-normalises vectors (``L2norm``): it would undo the scales.
+    """
+    reasons = []
+    for info in plan.run_infos:
+        scales = info.get(EXIT_SCALES)
+        if scales:
+            reasons.append(f"rows of {info['path']} scaled by exit depth (run.json {EXIT_SCALES}: "
+                           + ", ".join(f"exit {e} x{s:g}" for e, s in scales.items())
+                           + "): inner product scores them as scale x cosine, so early-exit rows rank fairly "
+                             "against full-depth rows")
+    if reasons and "L2norm" in factory:
+        raise ValueError(f"--factory {factory!r} L2-normalises the vectors it adds, which undoes the exit scales that "
+                         f"{', '.join(i['path'] for i in plan.run_infos if i.get(EXIT_SCALES))} record (run.json "
+                         f"{EXIT_SCALES}); leave L2norm out (the shards are already unit-length)")
+    return reasons
 
 
 def open_parquet(url: str, storage_options: dict | None):
@@ -83,7 +143,8 @@ def plan_runs(runs: list[str], storage_options: dict | None = None) -> RunPlan:
         run_json = storage.join(run, RUN_JSON)
         if not storage.exists(run_json, storage_options):
             raise FileNotFoundError(f"{run} has no {RUN_JSON}: is it a run directory written by `icar embed`?")
-        identity = read_run_json(run, storage_options).get("model")
+        doc = read_run_json(run, storage_options)
+        identity = doc.get("model")
         if not isinstance(identity, dict) or "embed_dim" not in identity:
             raise ValueError(f"{run_json} has no model identity with embed_dim: it was not written by `icar embed`")
         this_key = model_key(identity)
@@ -97,16 +158,18 @@ def plan_runs(runs: list[str], storage_options: dict | None = None) -> RunPlan:
         manifest_url = storage.join(run, MANIFEST)
         if not storage.exists(manifest_url, storage_options):
             raise FileNotFoundError(f"{run} has no {MANIFEST}: no shard was committed yet (run `icar embed`)")
+        scales = run_exit_scales(doc, run_json)
         rows = read_manifest_rows(run, storage_options, columns=["output", "part", "rows"])
         rows.sort(key=lambda row: row["part"])
         count = 0
         for row in rows:
             if row["rows"] <= 0:
                 continue  # a shard whose every sample failed holds no vectors
-            shards.append(ShardRef(storage.join(run, row["output"]), int(row["rows"]), first_id, r))
+            shards.append(ShardRef(storage.join(run, row["output"]), int(row["rows"]), first_id, r, scales))
             first_id += int(row["rows"])
             count += int(row["rows"])
-        infos.append({"path": run, "shards": len(rows), "rows": count})
+        infos.append({"path": run, "shards": len(rows), "rows": count,
+                      **({EXIT_SCALES: {str(e): s for e, s in scales}} if scales else {})})
     dim = int(model["embed_dim"])
     if not shards:
         raise ValueError(f"the runs {runs} hold no rows: nothing to index")
@@ -135,9 +198,9 @@ def split_by_shard(row_ids: np.ndarray, starts: np.ndarray) -> list[np.ndarray]:
     return [row_ids[bounds[i]: bounds[i + 1]] - starts[i] for i in range(len(starts) - 1)]
 
 
-def read_rows(shard: ShardRef, local_rows: np.ndarray, dim: int, captions: bool,
-              storage_options: dict | None) -> tuple[np.ndarray, list]:
-    """Return (float32 embeddings, captions or []) of the given rows of one shard, reading only their row groups."""
+def read_row_table(shard: ShardRef, local_rows: np.ndarray, columns: list[str],
+                   storage_options: dict | None) -> pa.Table:
+    """Return ``columns`` of the given rows of one shard, in ``local_rows`` order, reading only their row groups."""
     f, pf = open_parquet(shard.url, storage_options)
     with f:
         if pf.metadata.num_rows != shard.rows:
@@ -146,33 +209,36 @@ def read_rows(shard: ShardRef, local_rows: np.ndarray, dim: int, captions: bool,
         sizes = [pf.metadata.row_group(i).num_rows for i in range(pf.num_row_groups)]
         starts = np.concatenate([[0], np.cumsum(sizes)])
         groups = sorted(set(np.searchsorted(starts, local_rows, side="right") - 1))
-        columns = ["embedding"] + (["caption"] if captions else [])
         table = pf.read_row_groups(groups, columns=columns)
         offsets = np.concatenate([[0], np.cumsum([sizes[g] for g in groups])])
         base = {g: offsets[i] - starts[g] for i, g in enumerate(groups)}
         take = np.array([r + base[np.searchsorted(starts, r, side="right") - 1] for r in local_rows], np.int64)
-        table = table.take(pa.array(take))
-    emb = embeddings_to_float32(table.column("embedding"), dim, shard.url)
-    return emb, (table.column("caption").to_pylist() if captions else [])
+        return table.take(pa.array(take))
 
 
 def read_sample_group(shards: list[ShardRef], train_rows: list[np.ndarray], query_rows: list[np.ndarray],
                       dim: int, storage_options: dict | None) -> dict:
-    """Return the training and query vectors (and query captions) that lie in ``shards``, in row order."""
+    """Return the training and query vectors (and query captions) that lie in ``shards``, in row order.
+
+    Training vectors are index vectors (``shard_vectors``: scaled by exit depth where the run records exit_scales);
+    query vectors are the stored unit-length embeddings, as `icar search` sends image queries.
+    """
     xt, xq, caps = [], [], []
     for shard, tr, qr in zip(shards, train_rows, query_rows):
         if len(tr) + len(qr) == 0:
             continue
         both = np.concatenate([tr, qr])
         order = np.argsort(both, kind="stable")
-        emb, cap = read_rows(shard, both[order], dim, captions=len(qr) > 0, storage_options=storage_options)
+        columns = shard.columns + (["caption"] if len(qr) else [])
+        table = read_row_table(shard, both[order], columns, storage_options)
         back = np.empty_like(order)
         back[order] = np.arange(len(order))
-        emb = emb[back]
-        xt.append(emb[: len(tr)].astype(np.float16))  # exact: the shards hold float16; half the transfer
-        xq.append(emb[len(tr):])
+        table = table.take(pa.array(back))  # back to (train rows, query rows) order
+        # float16: exact when unscaled (the shards hold float16); half the transfer
+        xt.append(shard_vectors(table.slice(0, len(tr)), shard, dim).astype(np.float16))
+        xq.append(embeddings_to_float32(table.slice(len(tr)).column("embedding"), dim, shard.url))
         if len(qr):
-            caps.extend(cap[i] for i in back[len(tr):])
+            caps.extend(table.slice(len(tr)).column("caption").to_pylist())
     cat = (lambda parts, dtype: np.concatenate(parts) if parts else np.zeros((0, dim), dtype))
     return {"train": cat(xt, np.float16), "queries": cat(xq, np.float32), "captions": caps}
 

@@ -53,7 +53,7 @@ class Hit:
     """One search result."""
 
     key: str  # sample key (unique within the corpus)
-    score: float  # inner product of query and indexed embedding (cosine: both are L2-normalised)
+    score: float  # inner product of query and indexed vector: cosine, times the row's exit scale where its run has one
     caption: str | None  # caption / alt text, if the corpus had one
     url: str | None  # original URL, if known
     source: str  # input shard URI the image came from
@@ -213,7 +213,8 @@ class Searcher:
         # FAISS allocates queries x k results up front whatever the index holds (k = 10^9 asked for 22 GB on 192
         # vectors): no query has more hits than the index has vectors, and queries go in batches of bounded size.
         k = min(int(k), max(1, int(self.index.ntotal)))
-        # The index holds L2-normalised embeddings; normalising queries makes scores cosines.
+        # The index holds L2-normalised embeddings (early-exit rows times their run's exit scale, read.py); normalising
+        # queries makes scores cosines (times that scale).
         q = q / np.maximum(np.linalg.norm(q, axis=1, keepdims=True), 1e-12)
         out = []
         step = query_batch(k)

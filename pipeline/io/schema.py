@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+import math
+
 import pyarrow as pa
 
 SHARD_DIR = "shards"
@@ -79,3 +82,32 @@ def model_key(identity: dict) -> str:
     if missing:
         raise ValueError(f"model identity lacks {missing}: {identity!r}; it must come from pipeline.model.models.load_clip")
     return f"{identity['name']}:{identity['weights_sha256']}"
+
+
+# Per-exit similarity scales (issue #20): the exit-heads file's safetensors metadata key and run.json's field.
+# JSON {"<exit depth>": scale}. Shards keep unit-length embeddings; `icar index` multiplies a row embedded at exit
+# k by its run's scale k, so that early-exit rows rank fairly against full-depth rows in one inner-product index.
+EXIT_SCALES = "exit_scales"
+
+
+def parse_exit_scales(value, where: str) -> dict[int, float]:
+    """Return {exit depth: scale} from a JSON string or mapping ({"4": 1.02}); {} for None or an empty value.
+
+    Raises ValueError naming ``where`` (the file it came from) when a depth is not a positive integer or a scale is
+    not a positive finite number.
+    """
+    if value is None or value == "" or value == {}:
+        return {}
+    try:
+        raw = json.loads(value) if isinstance(value, str) else value
+        if not isinstance(raw, dict):
+            raise TypeError(f"expected a JSON object, got {type(raw).__name__}")
+        out = {int(k): float(v) for k, v in raw.items()}
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{where}: {EXIT_SCALES} must map exit depths to scales, like {{\"4\": 1.02}}; got "
+                         f"{value!r} ({e})") from None
+    bad = {k: v for k, v in out.items() if k < 1 or not math.isfinite(v) or v <= 0}
+    if bad:
+        raise ValueError(f"{where}: {EXIT_SCALES} {value!r} has exit depths below 1 or scales that are not positive "
+                         f"finite numbers ({bad}); retrain the heads with `icar train-exits`")
+    return dict(sorted(out.items()))

@@ -27,7 +27,7 @@ from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 from torch import nn
 
-from pipeline.io.schema import model_key
+from pipeline.io.schema import EXIT_SCALES, model_key, parse_exit_scales
 from pipeline.io.storage import atomic_write_bytes, read_bytes, safetensors_metadata
 from pipeline.model import merging
 from pipeline.model.spec import parse_merge
@@ -92,6 +92,8 @@ class ExitHeads(nn.Module):
         self.heads = nn.ModuleDict({str(e): ExitHead(visual) for e in self.early_exits})
         self.path: str | None = None  # where these heads were last saved or loaded from
         self.merge = "none"  # the token-merging schedule (pipeline.model.merging spec) the heads were trained under
+        # {exit: similarity scale} from the file's metadata (`icar train-exits`); {} when it records none
+        self.saved_scales: dict[int, float] = {}
 
     @classmethod
     def for_bundle(cls, bundle, exits: list[int] | None = None) -> "ExitHeads":
@@ -107,6 +109,13 @@ class ExitHeads(nn.Module):
     def head(self, depth: int) -> ExitHead:
         """Return the head of exit ``depth``."""
         return self.heads[str(depth)]
+
+    @property
+    def exit_scales(self) -> dict[int, float]:
+        """Return {exit depth: similarity scale} for every exit: the scales the heads were saved with, 1.0 for the
+        full depth and for exits (or older heads files) without one. `icar index` multiplies each row by its run's
+        scale for the row's exit (run.json ``exit_scales``); the heads' own embeddings stay unit-norm."""
+        return {e: self.saved_scales.get(e, 1.0) for e in self.exits}
 
     def sha256(self) -> str:
         """Return a hash of the heads' tensors, exits and backbone (stable across save/load and processes)."""
@@ -169,6 +178,11 @@ class ExitHeads(nn.Module):
         heads.to(device=like.device)
         heads.path = path
         heads.merge = meta.get("merge") or "none"
+        heads.saved_scales = parse_exit_scales(meta.get(EXIT_SCALES), path)
+        unknown = sorted(set(heads.saved_scales) - set(heads.exits))
+        if unknown:
+            raise ValueError(f"exit heads {path} record {EXIT_SCALES} for exits {unknown}, which are not theirs (exits "
+                             f"{heads.exits}); retrain them with `icar train-exits`")
         return heads
 
 

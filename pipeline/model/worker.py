@@ -261,6 +261,10 @@ class ModelWorker:
                                "gflops_per_exit": {str(k): v for k, v in self._confidence_cost.items()}}}
                if self.confidence is not None else {}),
             "heads": heads,
+            # The per-exit similarity scales `icar index` multiplies this run's rows by (the heads file's exit_scales;
+            # shards stay unit-norm): only when the heads record them, so runs without keep today's run.json.
+            **({"exit_scales": {str(e): s for e, s in self.heads.exit_scales.items() if e in self.exits}}
+               if self.heads is not None and self.heads.saved_scales else {}),
             "router": self.router.to_dict(),
             "scorer": self.scorer.identity if self.scorer is not None else None,
             "gflops_per_exit": {str(k): v for k, v in self.gflops_per_exit.items()},

@@ -44,7 +44,7 @@ import torch.nn.functional as F
 from torch.multiprocessing import ProcessExitedException, ProcessRaisedException
 
 from pipeline.io import storage
-from pipeline.io.schema import model_key
+from pipeline.io.schema import EXIT_SCALES, model_key
 from pipeline.model import encoder as enc
 from pipeline.model.models import load_clip, pixels_to_tensor
 from pipeline.model.spec import merge_spec, parse_merge
@@ -63,10 +63,10 @@ from pipeline.training.shares import Assembly, SplitReader
 log = logging.getLogger(__name__)
 
 SELECT_EPOCH = ("mixed", "last")
-# Heads-file metadata key: JSON {exit: scale}, chosen on validation by ``recall.choose_exit_scale``. An exit-k row
-# multiplied by its scale (stored as the vector's norm) ranks fairly against full-depth rows in an inner-product
-# index; the heads' forward does not apply it (their embeddings stay unit-norm), the writer of an index must.
-EXIT_SCALES = "exit_scales"
+# EXIT_SCALES (pipeline.io.schema), the heads-file metadata key: JSON {exit: scale}, chosen on validation by
+# ``recall.choose_exit_scale``. An exit-k row multiplied by its scale ranks fairly against full-depth rows in an
+# inner-product index; the heads' forward does not apply it (shards stay unit-norm): `icar index` does, from the
+# scales run.json records (ExitHeads.exit_scales, read back from this metadata).
 SELECTED_BY = ("val mixed-gallery text→image recall@1: mean over early exits of exit|full (the caption's image at "
                "the exit, every other at full depth) and full|exit (the reverse)")
 
