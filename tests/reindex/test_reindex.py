@@ -371,6 +371,32 @@ def test_index_reuses_the_trained_index_until_the_corpus_doubles(tmp_path):
     assert list_versions(cfg.root) == [2, 3]
 
 
+def test_reindex_scales_rows_by_their_runs_exit_scales(tmp_path):
+    """A run whose run.json records exit_scales (its exit heads carry them) is indexed with every row multiplied by
+    the scale of its exit depth, as `icar index` does; the shards stay unit-length."""
+    faiss = pytest.importorskip("faiss")
+    cfg, inputs = synthetic_job(tmp_path, factory="IVF16,Flat")
+    add_input(cfg, inputs, "a", 700, 1)
+    run = Path(run_dir(cfg.root, "g0001"))
+    shard = run / "shards" / part_name(0)
+    table = pq.read_table(shard)
+    exits = np.where(np.arange(table.num_rows) % 3 == 0, 1, 2).astype(np.int16)  # every third row leaves at block 1
+    pq.write_table(table.set_column(table.schema.get_field_index("exit_layer"), "exit_layer", pa.array(exits)), shard)
+    doc = json.loads((run / "run.json").read_text())
+    (run / "run.json").write_text(json.dumps({**doc, "exit_scales": {"1": 1.5, "2": 1.0}}))
+
+    result = run_reindex(cfg)
+    assert result.exit_code == EXIT_OK, result.record.get("error")
+    version = tmp_path / "root" / "indexes" / "v0001"
+    info = json.loads((version / "index.json").read_text())
+    assert info["runs"][0]["exit_scales"] == {"1": 1.5, "2": 1.0}
+    index = faiss.read_index(str(version / "index.faiss"))
+    faiss.extract_index_ivf(index).make_direct_map()
+    stored = np.stack(table.column("embedding").to_numpy(zero_copy_only=False)).astype(np.float32)
+    np.testing.assert_allclose(index.reconstruct_n(0, index.ntotal), stored * np.where(exits == 1, 1.5, 1.0)[:, None],
+                               rtol=1e-6)
+
+
 def test_failed_verification_keeps_latest(tmp_path):
     cfg, inputs = synthetic_job(tmp_path, factory="IVF16,Flat")
     add_input(cfg, inputs, "a", 700, 1)
