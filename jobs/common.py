@@ -187,8 +187,8 @@ def add_runtime_args(p: argparse.ArgumentParser, *, device_help: str | None = No
         g.add_argument("--precision", default=precision_default, choices=PRECISIONS,
                        help="what the model computes in: auto = bf16 where the hardware computes it natively (CPUs "
                             "with avx512_bf16 or amx_bf16, e.g. AMD Zen 4+, Intel Sapphire Rapids+; GPUs with bf16), "
-                            "else fp32. On a CPU the weights are cast (bf16 on such CPUs: ~2x the images/s of fp32); "
-                            "on a GPU it is autocast")
+                            "else fp32. On a CPU the weights are cast (ViT-B-32 on an AMD EPYC with avx512_bf16: "
+                            "1.6-1.7x the images/s of fp32, embeddings at cosine >= 0.9999); on a GPU it is autocast")
     return g
 
 
