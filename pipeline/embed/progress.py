@@ -139,9 +139,8 @@ class Progress:
         if self.bar is not None:
             if total is not None and self.bar.total != total:
                 self.bar.total = max(total, self.done)
-            self.bar.n = self.done
             self.bar.set_postfix_str(f"{errors} errors" if errors else "", refresh=False)
-            self.bar.refresh()
+            self.bar.update(self.done - self.bar.n)  # by increments: tqdm's rate and ETA follow them
         elif time.monotonic() - self._last_line >= self.interval_s:
             self._last_line = time.monotonic()
             log.info("%s", self.line(total))
@@ -170,9 +169,8 @@ class Progress:
         if self.bar is not None:
             total = self._total()
             self.bar.total = total if total is not None and total >= done else done
-            self.bar.n = done
             self.bar.set_postfix_str(f"{errors} errors" if errors else "", refresh=False)
-            self.bar.refresh()
+            self.bar.update(done - self.bar.n)  # may go back: polled counts include a retried shard's images twice
             self.bar.close()
         else:
             log.info("%s", self.line(self._total()))

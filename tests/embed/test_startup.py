@@ -12,6 +12,7 @@ import shutil
 import subprocess
 import sys
 import tarfile
+import time
 from pathlib import Path
 
 import numpy as np
@@ -168,6 +169,18 @@ def test_progress_to_a_pipe_is_plain_lines_ending_with_the_summary_figures(corpu
     assert lines[0].startswith("embed: 4/9 images (44%)") and "images/s" in lines[0] and "ETA" in lines[0]
     assert lines[-1].startswith("embed: 8/9 images (89%)") and lines[-1].endswith("1 errors")
     assert stream.getvalue() == ""
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+
+    terminal = Terminal()  # a person's terminal: a bar of images against the total, ending on the final figures
+    bar = Progress(totals, enabled=True, stream=terminal)
+    time.sleep(0.2)  # tqdm redraws at most every 0.1 s (the run polls every second)
+    bar.update(4)
+    bar.close(9)
+    frames = terminal.getvalue().strip().split("\r")
+    assert any("4/9" in f for f in frames)
+    assert "100%" in frames[-1] and "9/9" in frames[-1] and "img/s" in frames[-1]
     silent = Progress(totals, enabled=False, stream=stream)
     silent.update(3)
     silent.close(9)
