@@ -154,7 +154,8 @@ def cli_args(args, tars: list[str], output: str) -> list[str]:
     """Return the `icar embed` arguments of a --cli pass (every option explicit: the trees' defaults may differ)."""
     route = ["--route-fractions", args.route_fractions] if args.route_fractions else ["--full-depth"]
     return [*tars, "--output", output, "--model", args.model, "--pretrained", args.pretrained, *route,
-            "--scorer", args.scorer, "--batch-size", str(args.batch_size), "--cpus-per-actor", f"{args.cpus_per_actor:g}",
+            "--scorer", args.scorer, "--batch-size", str(args.batch_size),
+            "--cpus-per-actor", f"{args.cpus_per_actor:g}",
             "--device", args.device, "--precision", args.precision, "--no-progress"]
 
 
@@ -203,7 +204,8 @@ def cli_main(args, facts: dict, corpus, worker, batches) -> int:
             r = bare_pass(worker, batches) if name == "bare" else cli_pass(args, trees[name], corpus.tars, workdir, i)
             r["load_average"] = load_average()
             results[name].append(r)
-            extra = (f", window {r['images'] / r['window_wall']:.2f} img/s, first batch at {r['until_first_batch']:.1f}s, "
+            extra = (f", window {r['images'] / r['window_wall']:.2f} img/s, "
+                     f"first batch at {r['until_first_batch']:.1f}s, "
                      f"resume {r['resume_wall']:.1f}s" if name != "bare" else "")
             print(f"  pass {i + 1}: {name:12s} {r['images'] / r['wall']:6.2f} img/s wall{extra}  "
                   f"(load {r['load_average'][0]})", flush=True)
@@ -221,9 +223,11 @@ def cli_main(args, facts: dict, corpus, worker, batches) -> int:
         rs = results[name]
         whole, window = median(r["wall"] for r in rs), median(r["window_wall"] for r in rs)
         summary[name] = {"whole_img_s": n / whole, "window_img_s": n / window, "ratio_whole": bare_wall / whole,
-                         "ratio_window": bare_wall / window, "until_first_batch_s": median(r["until_first_batch"] for r in rs),
+                         "ratio_window": bare_wall / window,
+                         "until_first_batch_s": median(r["until_first_batch"] for r in rs),
                          "after_last_batch_s": median(r["after_last_batch"] for r in rs),
-                         "resume_s": median(r["resume_wall"] for r in rs), "model_busy": median(r["model_busy"] for r in rs),
+                         "resume_s": median(r["resume_wall"] for r in rs),
+                         "model_busy": median(r["model_busy"] for r in rs),
                          "startup_seconds": [r.get("startup_seconds") for r in rs]}
         s = summary[name]
         print(f"  {name:24s} whole run {s['whole_img_s']:6.2f} img/s = {s['ratio_whole']:.3f} of bare; steady (model "

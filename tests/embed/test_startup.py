@@ -250,7 +250,8 @@ def test_exit_at_without_a_trained_head_is_refused_or_said():
     with pytest.raises(validate.ArgumentProblem, match=r"--exit-at 5: the demo's shipped exit heads were trained "
                                                        r"for exits 4, 6 \(and full depth 8\)"):
         validate.check_embed(EmbedConfig(inputs=["x"], output="/tmp/icar-unused-run", spec=ModelSpec(exit_at=5)))
-    assert validate.check_embed(EmbedConfig(inputs=["x"], output="/tmp/icar-unused-run", spec=ModelSpec(exit_at=6))) == []
+    demo_at_6 = EmbedConfig(inputs=["x"], output="/tmp/icar-unused-run", spec=ModelSpec(exit_at=6))
+    assert validate.check_embed(demo_at_6) == []
     # No heads: an exit outside the defaults is added with an untrained head, and the driver says so.
     warned = validate.check_embed(EmbedConfig(inputs=["x"], output="/tmp/icar-unused-run",
                                               spec=ModelSpec(model="ViT-B-32", pretrained="none", exit_at=7)))
