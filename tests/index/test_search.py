@@ -216,6 +216,7 @@ def test_search_warns_when_the_index_was_embedded_with_random_weights(index_dir,
     assert words in caplog.text and "--pretrained TAG" in caplog.text
     assert words in page.read_text(encoding="utf-8")  # the page says it above the results too
     caplog.clear()
+    capsys.readouterr()  # drop what the first search printed: only the second one's words count below
     checkpoint = tmp_path / "tiny.pt"
     torch.save(tiny.model.state_dict(), checkpoint)
     trained = models.bundle_from_config(copy.deepcopy(TINY), name="tiny", weights=str(checkpoint))
