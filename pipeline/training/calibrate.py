@@ -33,7 +33,7 @@ from pipeline.model.confidence_calibration import calibrate_confidence_budget, c
 from pipeline.model.scorer import scorer_for_model
 from pipeline.model.spec import ModelSpec, merge_spec, parse_merge, parse_profiles
 from pipeline.runtime import resolve_device
-from pipeline.training.confidence import exit_heads_for
+from pipeline.training.confidence import model_and_exits
 
 log = logging.getLogger("icar.calibrate")
 
@@ -160,10 +160,8 @@ def calibrate(cfg: CalibrateConfig):
 def calibrate_from_inputs(cfg: CalibrateConfig):
     """Return the router calibrated on a sample of input images scored (and, for recall, embedded) here."""
     device = resolve_device(cfg.device)
-    bundle = models.load_clip(cfg.model, cfg.pretrained, seed=cfg.seed, device=device)
-    heads = enc.ExitHeads.load(cfg.heads, bundle) if cfg.heads else None
-    exits = list(cfg.exits) if cfg.exits else (list(heads.exits) if heads is not None
-                                               else enc.default_exits(bundle.num_blocks))
+    # the heads `icar embed` runs (the demo's shipped ones without --heads), so --min-recall measures what it routes
+    bundle, heads, exits = model_and_exits(cfg.model, cfg.pretrained, cfg.seed, cfg.heads, cfg.exits, device)
     scorer = scorer_for_model(cfg.model, cfg.scorer, cfg.checkpoint, device=device,  # the one `icar embed` runs
                               image_size=bundle.image_size)
     pixels, keys, captions = sample_inputs(cfg.inputs, bundle.image_size, cfg.sample, cfg.seed, cfg.storage_options)
@@ -263,10 +261,7 @@ def calibrate_confidence(cfg: CalibrateConfig) -> routers.ConfidenceRouter:
     ...): then its GFLOPs count in the budget, as `icar embed` will spend them.
     """
     device = resolve_device(cfg.device)
-    bundle = models.load_clip(cfg.model, cfg.pretrained, seed=cfg.seed, device=device)
-    heads = exit_heads_for(cfg.model, cfg.heads, bundle)
-    exits = list(cfg.exits) if cfg.exits else (list(heads.exits) if heads is not None
-                                               else enc.default_exits(bundle.num_blocks))
+    bundle, heads, exits = model_and_exits(cfg.model, cfg.pretrained, cfg.seed, cfg.heads, cfg.exits, device)
     encoder = enc.AdaptiveEncoder(bundle.model.visual, exits, heads).to(device).eval()
     conf = ConfidenceHeads.load(cfg.confidence_heads, bundle, encoder.heads)
     if conf.exits != exits:

@@ -83,6 +83,16 @@ def exit_heads_for(model: str, heads: str | None, bundle) -> enc.ExitHeads | Non
     return enc.ExitHeads.load(heads, bundle) if heads else None
 
 
+def model_and_exits(model: str, pretrained: str | None, seed: int, heads: str | None, exits, device: str):
+    """Return (bundle, exit heads or None, exits) as `icar embed` would load them: ``--exits`` when given, else the
+    heads' own exits, else the tower's default exits."""
+    bundle = models.load_clip(model, pretrained, seed=seed, device=device)
+    loaded = exit_heads_for(model, heads, bundle)
+    chosen = list(exits) if exits else (list(loaded.exits) if loaded is not None
+                                        else enc.default_exits(bundle.num_blocks))
+    return bundle, loaded, chosen
+
+
 def confidence_targets(kind: str, embeddings: dict[int, np.ndarray], text: np.ndarray, groups: np.ndarray,
                        chunk: int = 1024) -> dict[int, np.ndarray]:
     """Return {early exit: target (N,)} for ``kind`` (margin | rank | cosine; module docstring).
@@ -200,10 +210,7 @@ def train_confidence(cfg: ConfidenceTrainConfig) -> dict:
     t0 = time.perf_counter()
     torch.manual_seed(cfg.seed)
     device = resolve_device(cfg.device)
-    bundle = models.load_clip(cfg.model, cfg.pretrained, seed=cfg.seed, device=device)
-    heads = exit_heads_for(cfg.model, cfg.heads, bundle)
-    exits = list(cfg.exits) if cfg.exits else (list(heads.exits) if heads is not None
-                                               else enc.default_exits(bundle.num_blocks))
+    bundle, heads, exits = model_and_exits(cfg.model, cfg.pretrained, cfg.seed, cfg.heads, cfg.exits, device)
     encoder = enc.AdaptiveEncoder(bundle.model.visual, exits, heads).to(device).eval()
     keys, pixels, captions, stats = read_pairs(cfg.inputs, bundle.image_size, cfg.max_train, cfg.storage_options,
                                                cfg.image_column)
