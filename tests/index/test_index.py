@@ -134,15 +134,14 @@ def test_parse_and_format_sizes():
         (200_000, 512, "4G", {"factory": "IVF2048,SQ8", "nlist": 2048, "kind": "ivfsq", "m": 0}),
         # between dim/2 and dim code bytes: 4-bit scalar codes
         (200_000, 512, "66M", {"factory": "IVF2048,SQ4", "nbits": 4}),
-        # below dim/2: PQ, capped at dim/4 bytes; 4 dims per sub-quantizer: no rotation; 2048 x 512 centroids
-        # cost a flat scan of 2**20 multiply-adds per query, and the HNSW graph fits: HNSW32 coarse quantizer
-        (200_000, 512, "40M", {"factory": "IVF2048_HNSW32,PQ128", "m": 128, "opq": False, "coarse": "hnsw32"}),
+        # below dim/2: PQ, capped at dim/4 bytes; 4 dims per sub-quantizer: no rotation
+        (200_000, 512, "40M", {"factory": "IVF2048,PQ128", "m": 128, "opq": False, "coarse": "flat"}),
         # same corpus in 20M: 96 code bytes fit, the largest divisor of 512 below is 64; 8 dims per sub-quantizer:
-        # OPQ, and OPQ beside the HNSW graph fits only by dropping 64 dims (autofaiss's own choice here)
-        (200_000, 512, "20M", {"factory": "OPQ64_448,IVF2048_HNSW32,PQ64", "m": 64, "opq_dim": 448,
+        # OPQ, trained on a subsample; 2048 centroids keep a flat coarse quantizer
+        (200_000, 512, "20M", {"factory": "OPQ64,IVF2048,PQ64", "m": 64, "opq_dim": 512,
                                "opq_train_points": 32768}),
         # tight: 32 bytes for 512 dims -> 16 dims per sub-quantizer -> OPQ
-        (200_000, 512, "14M", {"factory": "OPQ32_480,IVF2048_HNSW32,PQ32", "opq": True, "m": 32}),
+        (200_000, 512, "14M", {"factory": "OPQ32,IVF2048,PQ32", "opq": True, "m": 32}),
         # 5M vectors: FAISS's IVF65536 with an HNSW coarse quantizer
         (5_000_000, 768, "1G", {"factory": "IVF65536_HNSW32,PQ128", "coarse": "hnsw32", "nlist": 65536}),
         # ... and in half the memory, 48-byte codes with OPQ, whose rotated sample copy halves nlist in 16G
@@ -165,22 +164,27 @@ def test_choose_index_params_table(n, dim, budget, expect):
 
 
 def test_choice_weighs_rotation_and_coarse_quantizer_by_estimated_recall_per_byte():
-    # 200k x 512 in 20M: PQ64 (8 dims per sub-quantizer). OPQ beside an HNSW graph only fits by dropping 1/8 of
-    # the dimensions; every variant weighed is recorded with its estimated recall and size.
+    # 200k x 512 in 20M: PQ64 (8 dims per sub-quantizer); the rotation fits at full dimension and wins on
+    # estimated recall; every variant weighed is recorded with its estimated recall and size.
     p = choose_index_params(200_000, 512, parse_size("20M"), max_build_bytes=parse_size("16G"))
     by_factory = {c["factory"]: c for c in p.candidates}
-    assert p.factory == "OPQ64_448,IVF2048_HNSW32,PQ64" and p.candidates[0]["factory"] == p.factory
-    assert not by_factory["OPQ64,IVF2048_HNSW32,PQ64"]["fits"]
-    assert by_factory["IVF2048,PQ64"]["fits"] and by_factory["OPQ64,IVF2048,PQ64"]["fits"]
-    assert by_factory["IVF2048,PQ64"]["recall"] < p.estimated_recall == by_factory[p.factory]["recall"]
-    assert all(c["estimated_bytes"] <= parse_size("20M") for c in p.candidates if c["fits"])
-    assert p.estimated_bytes == by_factory[p.factory]["estimated_bytes"]
+    assert p.factory == "OPQ64,IVF2048,PQ64" and p.candidates[0]["factory"] == p.factory
+    assert by_factory["IVF2048,PQ64"]["fits"] and by_factory["IVF2048,PQ64"]["recall"] < p.estimated_recall
+    assert {c["coarse"] for c in p.candidates} == {"flat"}  # 2048 x 512 centroids: no HNSW weighed
     text = " | ".join(p.reasons)
     assert "weighed at PQ64" in text and "OPQ64: each sub-quantizer encodes 8 dims" in text
-    assert "OPQ output 448 dims" in text and "HNSW32 coarse quantizer" in text and "(does not fit)" in text
     # The rotation trains on a subsample, briefly: what made autofaiss's OPQ build slow.
     assert p.opq_train_points == 32768 < p.train_size and p.opq_iterations == 10
     assert "OPQ rotation trained on 32,768" in text
+    # A little less memory: OPQ64 at full dimension no longer fits; dropping 64 dims makes room (autofaiss's 448).
+    full = by_factory["OPQ64,IVF2048,PQ64"]["estimated_bytes"]
+    p = choose_index_params(200_000, 512, full - 1, max_build_bytes=parse_size("16G"))
+    by_factory = {c["factory"]: c for c in p.candidates}
+    assert p.factory == "OPQ64_448,IVF2048,PQ64" and not by_factory["OPQ64,IVF2048,PQ64"]["fits"]
+    assert "OPQ output 448 dims" in " | ".join(p.reasons) and p.estimated_bytes <= full - 1
+    # 5M x 768: 65536 lists need the HNSW coarse quantizer whatever the code.
+    p = choose_index_params(5_000_000, 768, parse_size("512M"), max_build_bytes=parse_size("16G"))
+    assert p.coarse == "hnsw32" and p.opq
 
 
 def test_no_rotation_for_small_sub_vectors_and_no_hnsw_for_few_centroids():
@@ -190,7 +194,6 @@ def test_no_rotation_for_small_sub_vectors_and_no_hnsw_for_few_centroids():
     # 60k vectors: 1024 lists x 512 dims scan cheaply, so HNSW is not even weighed; OPQ64 fits at full dimension.
     p = choose_index_params(60_000, 512, parse_size("8M"), max_build_bytes=parse_size("16G"))
     assert p.factory == "OPQ64,IVF1024,PQ64" and {c["coarse"] for c in p.candidates} == {"flat"}
-    assert not any("HNSW32" in r for r in p.reasons)
     # A budget too small for the rotation beside the codes: plain PQ, the rotation listed as not fitting.
     plain = estimate_index_bytes(60_000, 512, 1024, "flat", 64, 8, 0)
     p = choose_index_params(60_000, 512, plain + 1024, max_build_bytes=parse_size("16G"))
