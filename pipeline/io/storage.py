@@ -189,6 +189,27 @@ def safetensors_metadata(data: bytes) -> dict:
     return json.loads(data[8:8 + n]).get("__metadata__") or {}
 
 
+def read_bound_safetensors(path: str, fmt: str, kind: str, article: str, train_hint: str, backbone: str,
+                           mismatch: type[ValueError], mismatch_hint: str) -> tuple[bytes, dict]:
+    """Return (bytes, metadata) of a heads file at ``path`` whose metadata says format ``fmt`` and ``backbone``.
+
+    Exit heads and confidence heads are bound to the tower they were trained on; both refuse a file of another
+    kind (ValueError: "``path`` is not ``article`` ``kind`` ...", then ``train_hint``) and one trained for another
+    backbone (``mismatch``, then ``mismatch_hint``) the same way.
+    """
+    data = read_bytes(path)
+    try:
+        meta = safetensors_metadata(data)
+    except ValueError as e:
+        raise ValueError(f"{path} is not {article} {kind} safetensors file: {e}") from e
+    if meta.get("format") != fmt:
+        raise ValueError(f"{path} is not an ICAR {kind} file (metadata format={meta.get('format')!r}); {train_hint}")
+    if meta.get("backbone") != backbone:
+        raise mismatch(f"{kind.replace('-', ' ')} {path} were trained for backbone {meta.get('backbone')} but the "
+                       f"model loaded is {backbone}; {mismatch_hint}")
+    return data, meta
+
+
 def write_parquet(table: pa.Table, url: str, storage_options: dict | None = None) -> None:
     """Write ``table`` as Parquet to ``url`` atomically (zstd, readable by pyarrow/DuckDB/pandas as is)."""
     buf = io.BytesIO()

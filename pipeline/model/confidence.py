@@ -25,7 +25,7 @@ from safetensors.torch import save as st_save
 from torch import nn
 
 from pipeline.io.schema import model_key
-from pipeline.io.storage import atomic_write_bytes, read_bytes, safetensors_metadata
+from pipeline.io.storage import atomic_write_bytes, read_bound_safetensors
 from pipeline.model.flops import count_gflops
 from pipeline.model.tower import ExitHead
 
@@ -161,19 +161,10 @@ class ConfidenceHeads(nn.Module):
     def load(cls, path: str, bundle, exit_heads) -> "ConfidenceHeads":
         """Return the heads saved at ``path``; raise ConfidenceMismatchError unless they were trained for ``bundle``
         and for ``exit_heads`` (the ExitHeads the encoder runs)."""
-        data = read_bytes(path)
-        try:
-            meta = safetensors_metadata(data)
-        except ValueError as e:
-            raise ValueError(f"{path} is not a confidence-heads safetensors file: {e}") from e
-        if meta.get("format") != CONFIDENCE_FORMAT:
-            raise ValueError(f"{path} is not an ICAR confidence-heads file (metadata format={meta.get('format')!r}); "
-                             "train them with `icar train-confidence`")
         want = model_key(bundle.identity)
-        if meta.get("backbone") != want:
-            raise ConfidenceMismatchError(
-                f"confidence heads {path} were trained for backbone {meta.get('backbone')} but the model loaded is "
-                f"{want}; train confidence heads for this model with `icar train-confidence`")
+        data, meta = read_bound_safetensors(
+            path, CONFIDENCE_FORMAT, "confidence-heads", "a", "train them with `icar train-confidence`", want,
+            ConfidenceMismatchError, "train confidence heads for this model with `icar train-confidence`")
         have = exit_heads.sha256()
         recorded = meta.get("exit_heads") or None
         summary = json.loads(meta.get("exit_heads_summary") or "{}")

@@ -28,7 +28,7 @@ from safetensors.torch import save as st_save
 from torch import nn
 
 from pipeline.io.schema import EXIT_SCALES, model_key, parse_exit_scales
-from pipeline.io.storage import atomic_write_bytes, read_bytes, safetensors_metadata
+from pipeline.io.storage import atomic_write_bytes, read_bound_safetensors
 from pipeline.model import merging
 from pipeline.model.spec import parse_merge
 from pipeline.model.tower import ExitHead, check_visual
@@ -151,19 +151,10 @@ class ExitHeads(nn.Module):
     @classmethod
     def load(cls, path: str, bundle) -> "ExitHeads":
         """Return the heads saved at ``path`` for ``bundle``'s tower; raise HeadsMismatchError for another backbone."""
-        data = read_bytes(path)
-        try:
-            meta = safetensors_metadata(data)
-        except ValueError as e:
-            raise ValueError(f"{path} is not an exit-heads safetensors file: {e}") from e
-        if meta.get("format") != HEADS_FORMAT:
-            raise ValueError(f"{path} is not an ICAR exit-heads file (metadata format={meta.get('format')!r}); "
-                             "train heads with `icar train-exits`")
         want = model_key(bundle.identity)
-        if meta.get("backbone") != want:
-            raise HeadsMismatchError(
-                f"exit heads {path} were trained for backbone {meta.get('backbone')} but the model loaded is {want}; "
-                f"load the model they belong to, or train heads for this one with `icar train-exits`")
+        data, meta = read_bound_safetensors(
+            path, HEADS_FORMAT, "exit-heads", "an", "train heads with `icar train-exits`", want, HeadsMismatchError,
+            "load the model they belong to, or train heads for this one with `icar train-exits`")
         exits = json.loads(meta["exits"])
         heads = cls(bundle.model.visual, exits, backbone=want).float()  # copies of a bf16 tower's ln_post/proj
         state = st_load(data)
