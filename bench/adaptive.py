@@ -17,6 +17,11 @@ its heads, the scorer or to calibrate a router):
   exits, for the confidence routers ``--confidence-rule mix``); and, beside every routed row, random routing with
   exactly its exit mix (same GFLOPs, images shuffled, ``--random-seeds`` shuffles averaged per query); at budgets
   ``--budgets`` (0.55-0.9 of full-depth GFLOPs);
+- an **oracle** per budget, labelled as what it is: an upper-bound reference that reads the test split's own labels,
+  not a method. Each image's exit is chosen greedily by what it gains for its own caption (hit at rank 1 both
+  directions, reciprocal ranks breaking ties; text→image against full-depth other images) per extra GFLOP, up to
+  the budget (tower GFLOPs only), then evaluated exactly like every routed row (mixed-depth gallery, intervals,
+  best fixed exit, random with its mix): how much any router could gain with these heads;
 - per row: recall@1/5 text→image and image→text, instance-level (the query's own image or caption, identical
   captions being one query) and category-level (any image whose scene's main object, the first object group the
   caption names, has the query's shape and colour: the demo corpus regenerates each test image's scene), mean
@@ -85,6 +90,7 @@ LEVELS = ("instance", "category")
 TARGET_MAX_COST = 0.80  # at <= 0.80 of full-depth GFLOPs ...
 TARGET_RATIO = 0.95  # ... t2i and i2t recall@1 >= 95 % of full depth
 TARGET_MIN_BUDGET = 0.6  # at every budget >= 0.6, confidence exits ahead of the best fixed exit and of random
+ORACLE_NOTE = " (upper bound from the test labels, not a method)"
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -256,6 +262,65 @@ def best_fixed_exit(cost_fraction: float, fixed_costs: dict[int, float]) -> int 
     """Return the deepest fixed exit whose cost (fraction of full depth) is at most ``cost_fraction`` (None: none)."""
     ok = [e for e, c in fixed_costs.items() if c <= cost_fraction + 1e-9]
     return max(ok) if ok else None
+
+
+def own_caption_utility(q: "Queries", emb: dict[int, np.ndarray], exits: list[int]) -> np.ndarray:
+    """Return (images, exits) utilities of each image's embedding at each exit for its own caption: hit at rank 1
+    text→image plus hit at rank 1 image→text, plus 0.01 × the two reciprocal ranks (which break ties).
+
+    Text→image: the image's caption searched in a gallery where this image is at that exit and every other image at
+    full depth; image→text does not depend on the other images. Uses the split's own labels: an oracle's input.
+    """
+    full = np.asarray(emb[exits[-1]], np.float32)
+    own = q.image_label
+    sim_full = (q.text @ full.T)[own]  # (images, images): row i = image i's caption against full-depth images
+    match = own[:, None] == own[None, :]
+    twins = np.where(match & ~np.eye(len(own), dtype=bool), sim_full, -np.inf).max(axis=1)
+    out = np.zeros((len(own), len(exits)))
+    for j, e in enumerate(exits):
+        x = np.asarray(emb[e], np.float32)
+        best = np.maximum(np.einsum("nd,nd->n", q.text[own], x), twins)
+        t2i = ((sim_full > best[:, None]) & ~match).sum(axis=1)
+        i2t = label_ranks(x @ q.text.T, own, q.caption_label)
+        out[:, j] = (t2i == 0).astype(float) + (i2t == 0) + 0.01 * (1 / (1 + t2i) + 1 / (1 + i2t))
+    return out
+
+
+def oracle_depth(utility: np.ndarray, exits: list[int], cost: dict[int, float], budget: float,
+                 closeness: np.ndarray) -> np.ndarray:
+    """Return each image's exit chosen by an oracle: greedy by utility gained per extra GFLOP, within ``budget``
+    (mean GFLOPs per image), starting from the cheapest exit; the budget left is then filled one exit deeper at a
+    time where that loses no utility, shallowest exits first, least ``closeness`` (cosine to full depth, (images,
+    exits)) first.
+
+    Greedy on each image's upper convex hull of (cost, utility): the usual solution of this multiple-choice
+    knapsack, optimal up to the last item that does not fit.
+    """
+    c = np.asarray([cost[e] for e in exits], np.float64)
+    n, k = utility.shape
+    if budget < c[0] - 1e-12:
+        raise ValueError(f"oracle: budget {budget} GFLOPs is below the cheapest exit's {c[0]}")
+    choice = np.zeros(n, np.int64)
+    segments = []
+    for i in range(n):
+        u, hull = utility[i], [0]
+        for j in range(1, k):
+            if u[j] <= u[hull[-1]]:
+                continue  # no gain for more compute
+            while len(hull) >= 2 and ((u[hull[-1]] - u[hull[-2]]) / (c[hull[-1]] - c[hull[-2]])
+                                      <= (u[j] - u[hull[-1]]) / (c[j] - c[hull[-1]])):
+                hull.pop()
+            hull.append(j)
+        segments += [((u[b] - u[a]) / (c[b] - c[a]), i, a, b) for a, b in zip(hull, hull[1:])]
+    spare = (budget - c[0]) * n
+    for _, i, a, b in sorted(segments, key=lambda s: -s[0]):  # an image's hull slopes fall: taken in order
+        if choice[i] == a and c[b] - c[a] <= spare + 1e-9:
+            choice[i], spare = b, spare - (c[b] - c[a])
+    for j in range(k - 1):  # fill: no own-caption gain left, spend what remains where the embedding is farthest
+        for i in np.argsort(closeness[:, j], kind="stable"):
+            if choice[i] == j and utility[i, j + 1] >= utility[i, j] and c[j + 1] - c[j] <= spare + 1e-9:
+                choice[i], spare = j + 1, spare - (c[j + 1] - c[j])
+    return np.asarray(exits)[choice]
 
 
 def share_variants(exits: list[int]) -> list[tuple[str, list[float] | None]]:
@@ -459,6 +524,9 @@ def measure_heads(name: str, path: str, ctx: dict, budgets: list[float], a: argp
                                                                      ctx["corpus_doc"], a)
     ctx_h = {**ctx, "worker": worker, "test_embeddings": emb, "heads_path": path,
              "confidence": load_confidence(conf_path, worker, ctx, a.batch_size) if conf_path else None}
+    oracle_util = own_caption_utility(q, emb, exits)
+    unit = {e: v / np.linalg.norm(v, axis=1, keepdims=True) for e, v in emb.items()}
+    closeness = np.stack([np.einsum("nd,nd->n", unit[e], unit[exits[-1]]) for e in exits], axis=1)
     for b in budgets:
         policies = {}
         for suffix, shares in share_variants(exits):
@@ -472,8 +540,14 @@ def measure_heads(name: str, path: str, ctx: dict, budgets: list[float], a: argp
                 "depth": depth, "router": r, "scored": True, "thresholds": r.thresholds,
                 "gflops": float(np.mean([gpe[int(d)] for d in depth])) + ctx["scorer_gflops"]}
         policies.update(confidence_policies(ctx_h, b))
+        # The oracle: each image's exit chosen from the test split's own labels (what it gains for its own caption),
+        # an upper-bound reference of what any router could get from these heads, not a method. Tower GFLOPs only
+        # (it decides for free); evaluated, and paired with random routing of its mix, like every routed row.
+        policies["oracle"] = {"depth": oracle_depth(oracle_util, exits, gpe, b * full_g, closeness)}
+        policies["oracle"]["gflops"] = float(np.mean([gpe[int(d)] for d in policies["oracle"]["depth"]]))
         for pol, p in policies.items():
-            add(f"{pol}@{b:g}", f"{pol} at budget {b:g}", pol, b, p["depth"], p["gflops"],
+            add(f"{pol}@{b:g}", f"{pol} at budget {b:g}" + (ORACLE_NOTE if pol == "oracle" else ""), pol, b,
+                p["depth"], p["gflops"],
                 **({"thresholds": p["thresholds"]} if "thresholds" in p else {}))
             # Random routing with exactly this policy's exit mix: same tower GFLOPs, no scorer.
             runs = [q.hits(routed_embeddings(same_mix_shuffle(p["depth"], s), emb)) for s in range(a.random_seeds)]
@@ -481,7 +555,8 @@ def measure_heads(name: str, path: str, ctx: dict, budgets: list[float], a: argp
             tower = float(np.mean([gpe[int(d)] for d in p["depth"]]))
             add(f"random[{pol}]@{b:g}", f"random, {pol}'s mix at budget {b:g}", f"random[{pol}]", b, p["depth"],
                 tower, h=mean_h, shuffles=a.random_seeds)
-            ctx.setdefault("timing_routers", {}).setdefault(name, {})[f"{pol}@{b:g}"] = p
+            if pol != "oracle":  # no worker can run it
+                ctx.setdefault("timing_routers", {}).setdefault(name, {})[f"{pol}@{b:g}"] = p
     return {"rows": rows, "hits": hits, "embed_seconds": embed_s, "path": path, "confidence": conf_path,
             "identity": worker.heads.identity if worker.heads is not None else None}
 
@@ -669,6 +744,7 @@ def target_lines(t: dict) -> list[str]:
     for x in t["cost_ratio"]:
         groups.setdefault((x["heads"], x["policy"] if x["budget"] is not None else x["key"]), []).append(x)
     for (h, p), xs in groups.items():
+        p = p + ORACLE_NOTE if p == "oracle" else p
         met = [x for x in xs if x["met"]]
         if met:
             x = min(met, key=lambda x: x["cost_fraction"])
@@ -684,6 +760,7 @@ def target_lines(t: dict) -> list[str]:
     for x in t["ahead"]:
         ahead.setdefault((x["heads"], x["policy"]), []).append(x)
     for (h, p), xs in ahead.items():
+        p = p + ORACLE_NOTE if p == "oracle" else p
         for vs in ("fixed", "random"):
             ok = [x for x in xs if all(x[f"{d}_vs_{vs}"] is not None and x[f"{d}_vs_{vs}"]["lo"] > 0
                                        for d in DIRECTIONS)]
@@ -782,7 +859,8 @@ STYLE = {"full": ("#000000", "star"), "fixed": ("#555555", "square"), "complexit
          "random[confidence deep-first]": ("#fdbf6f", "diamond"), "confidence+complexity": ("#2ca02c", "triangle"),
          "random[confidence+complexity]": ("#a1d99b", "triangle"),
          "confidence+complexity deep-first": ("#8c510a", "triangle"),
-         "random[confidence+complexity deep-first]": ("#dfc27d", "triangle")}
+         "random[confidence+complexity deep-first]": ("#dfc27d", "triangle"),
+         "oracle": ("#e377c2", "star"), "random[oracle]": ("#f7b6d2", "star")}
 
 
 def _marker(kind: str, x: float, y: float, colour: str, filled: bool = True) -> str:

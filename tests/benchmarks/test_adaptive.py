@@ -115,3 +115,35 @@ def test_combined_signal_is_standardised_on_val_and_prefers_simple_confident_ima
         assert test[e][0] > test[e][1]  # same confidence, the simpler image scores higher
     assert adaptive.share_variants([4, 6, 8]) == [("", None), (" deep-first", [0.0, 1.0])]
     assert adaptive.share_variants([4, 8]) == [("", None)]
+
+
+def test_oracle_takes_the_best_gain_per_gflop_and_never_fills_into_a_loss():
+    exits, cost = [4, 6, 8], {4: 0.5, 6: 0.75, 8: 1.0}
+    # image 0 hits everywhere, 1 only at full depth, 2 from exit 6 on, 3 at exit 4 and 8 but not 6
+    util = np.array([[2.0, 2.0, 2.0], [0.0, 0.0, 2.0], [0.0, 2.0, 2.0], [2.0, 0.0, 2.0]])
+    close = np.array([[0.9, 0.95, 1.0], [0.5, 0.8, 1.0], [0.6, 0.9, 1.0], [0.7, 0.9, 1.0]])
+    n = len(util)
+
+    def at(spare):
+        return adaptive.oracle_depth(util, exits, cost, 0.5 + spare / n, close).tolist()
+
+    assert at(0.0) == [4, 4, 4, 4]
+    assert at(0.25) == [4, 4, 6, 4]  # 2 points for 0.25: the steepest gain first
+    assert at(0.75) == [4, 8, 6, 4]
+    assert at(1.0) == [6, 8, 6, 4]  # the fill: no own-caption gain left, never into exit 6 for image 3
+    assert at(2.0) == [8, 8, 8, 4]
+    with pytest.raises(ValueError, match="below the cheapest"):
+        adaptive.oracle_depth(util, exits, cost, 0.4, close)
+
+
+def test_own_caption_utility_scores_each_exit_against_full_depth_others():
+    rng = np.random.default_rng(3)
+    full = rng.normal(size=(12, 16)).astype(np.float32)
+    full /= np.linalg.norm(full, axis=1, keepdims=True)
+    q = adaptive.Queries.build(full.copy(), [f"c{i}" for i in range(12)], np.array(["x"] * 12))
+    early = full.copy()
+    early[0] = full[5]  # image 0's early embedding is image 5's: its caption ranks image 5 (full) as high
+    u = adaptive.own_caption_utility(q, {4: early, 8: full}, [4, 8])
+    assert u[:, 1] == pytest.approx(np.full(12, 2.02))  # a perfect gallery: rank 1 both ways
+    assert u[1:, 0] == pytest.approx(np.full(11, 2.02))
+    assert u[0, 0] < 1.0  # a tie with image 5 does not count as a miss, its i2t does: caption 5 ranks first
