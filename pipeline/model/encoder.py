@@ -206,6 +206,9 @@ class AdaptiveEncoder(nn.Module):
             raise HeadsMismatchError(f"exit heads are for a {heads.num_blocks}-block tower, this one has "
                                      f"{self.num_blocks}")
         self.heads = heads
+        # Replacement modules for the blocks, computing the same function faster (pipeline.model.cpu_blocks), set
+        # by an inference-only caller (the model worker); a plain list, so they are no part of the state dict.
+        self.inference_blocks: list[nn.Module] | None = None
         self.schedules = [None] + [s for s in dict.fromkeys(parse_merge(x) for x in schedules or ()) if s]
         if len(self.schedules) > 1:
             merging.check_mergeable(visual)
@@ -239,7 +242,7 @@ class AdaptiveEncoder(nn.Module):
     def _blocks(self, x: torch.Tensor, size, start: int, stop: int, schedule, num_tokens: int):
         """Return (tokens, sizes) after blocks start..stop-1; ``schedule`` None runs the blocks as they are."""
         if schedule is None:
-            for blk in self.visual.transformer.resblocks[start:stop]:
+            for blk in (self.inference_blocks or self.visual.transformer.resblocks)[start:stop]:
                 x = blk(x)
             return x, size
         return merging.run_blocks(self.visual.transformer.resblocks, x, size, schedule, start, stop, num_tokens)

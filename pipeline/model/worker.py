@@ -16,7 +16,7 @@ import torch
 
 from pipeline import __version__
 from pipeline.io.decode import EncodedBatch
-from pipeline.model import device_decode
+from pipeline.model import cpu_blocks, device_decode
 from pipeline.model import encoder as enc
 from pipeline.model import flops, models, scorer
 from pipeline.model import router as routers
@@ -134,6 +134,8 @@ class ModelWorker:
         if self.heads is not None and spec.exits is None:
             exits = list(self.heads.exits)
         self.encoder = enc.AdaptiveEncoder(self.bundle.model.visual, exits, self.heads).to(self.device).eval()
+        self.kernels = cpu_blocks.fast_blocks(self.encoder.visual.transformer.resblocks, self.device)
+        self.encoder.inference_blocks = self.kernels.blocks
         self.exits = exits
         self.router = build_router(spec, exits)
         # A confidence router decides inside the tower: a scorer then runs only when named (--scorer heuristic ...).
@@ -154,9 +156,10 @@ class ModelWorker:
         self.confidence = self._setup_confidence()  # None unless the router decides by confidence inside the tower
         self.autocast = None if on_cpu else {"fp16": torch.float16, "bf16": torch.bfloat16}.get(
             self.precision.precision)
-        log.info("model worker ready in %.1fs on %s: %s exits %s, precision %s (%s: %s)", time.perf_counter() - t0,
-                 self.device, self.bundle.identity.get("name"), exits, self.precision.precision,
-                 self.precision.requested, self.precision.reason)
+        log.info("model worker ready in %.1fs on %s: %s exits %s, precision %s (%s: %s), blocks on %s kernels (%s)",
+                 time.perf_counter() - t0, self.device, self.bundle.identity.get("name"), exits,
+                 self.precision.precision, self.precision.requested, self.precision.reason, self.kernels.kernels,
+                 self.kernels.reason)
 
     def _check_router_scorer(self) -> None:
         """Refuse a router whose thresholds were calibrated on another scorer's scores than this worker's.
@@ -196,6 +199,7 @@ class ModelWorker:
                                  f"were trained under {mh.merge}; train them with `icar train-exits --merge {spec}`")
         self.encoder = enc.AdaptiveEncoder(self.bundle.model.visual, exits, self.heads, schedules,
                                            merge_heads).to(self.device).eval()
+        self.encoder.inference_blocks = self.kernels.blocks  # rows of schedule 0 (no merging) use them
         ids = {merge_spec(s): i for i, s in enumerate(self.encoder.schedules)}
         self._profile_exit = np.asarray([p.exit for p in profiles], np.int16)
         self._profile_merge = np.asarray([ids[merge_spec(p.merge)] for p in profiles], np.int64)
@@ -276,6 +280,7 @@ class ModelWorker:
             "device": self.device,
             "precision": self.precision.precision,  # what it computed in; spec.precision is what was asked
             "precision_reason": self.precision.reason,
+            "block_kernels": {"kernels": self.kernels.kernels, "reason": self.kernels.reason},
             "spec": asdict(self.spec),
             # str(): torch's own TorchVersion would import torch in the driver that unpickles this description.
             "versions": {"icar": __version__, "torch": str(torch.__version__), "open_clip": open_clip.__version__,
