@@ -137,6 +137,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--auto", action="store_true",
                    help="add the variant icar_auto: full depth with `--precision auto` (bf16 where the CPU runs it "
                         "natively), judged against the peer's fp32 rate and embeddings")
+    p.add_argument("--stock-kernels", action="store_true",
+                   help="add the variant icar_stock: icar_full with ICAR_CPU_KERNELS=torch (open_clip's own block "
+                        "forward instead of the oneDNN kernels), to show what the kernels add")
     p.add_argument("--threads", type=int, default=1,
                    help="model intra-op threads, both tools (ICAR's CPU actor default)")
     p.add_argument("--workers", type=int, default=2,
@@ -266,7 +269,8 @@ def run_peer(args, tars: list[str], checkpoint: str, out: Path, kind: str) -> di
     return r
 
 
-def run_icar(args, tars: list[str], out: Path, routed: bool, precision: str | None = None) -> dict:
+def run_icar(args, tars: list[str], out: Path, routed: bool, precision: str | None = None,
+             stock_kernels: bool = False) -> dict:
     """Run `icar embed` (jobs.embed, with a timed model actor) once into ``out``; return timings and batch window."""
     out.mkdir(parents=True)
     batches = out / "batches.log"
@@ -277,7 +281,12 @@ def run_icar(args, tars: list[str], out: Path, routed: bool, precision: str | No
            "--decode-tasks", str(min(args.workers, len(tars))), "--no-progress"]
     cmd += ["--scorer", "heuristic", "--route-fractions", args.route_fractions] if routed else \
         ["--scorer", "none", "--full-depth"]
-    r = run_process(cmd, base_env(), args.timeout, out / "log.txt")
+    env = base_env()
+    if stock_kernels:
+        env["ICAR_CPU_KERNELS"] = "torch"
+    else:
+        env.pop("ICAR_CPU_KERNELS", None)
+    r = run_process(cmd, env, args.timeout, out / "log.txt")
     if r["rc"] != 0:
         raise RuntimeError(f"icar run failed ({r['rc']}); log: {tail(r['log'])}")
     w = batch_window(str(batches))
@@ -379,14 +388,15 @@ def main(argv: list[str] | None = None) -> int:
           f"{args.model} seed-0 weights at {checkpoint}; batch {args.batch_size}, {args.threads} model thread(s), "
           f"{args.workers} decode workers")
     work = Path(tempfile.mkdtemp(prefix="icar-bench-vscr-"))
-    names = ["peer", "icar_full"] + ([] if args.no_routed else ["icar_routed"]) + (["icar_auto"] if args.auto else [])
+    names = ["peer", "icar_full"] + ([] if args.no_routed else ["icar_routed"]) + (["icar_auto"] if args.auto else []) \
+        + (["icar_stock"] if args.stock_kernels else [])
 
     def run(name: str, tars: list[str], tag: str) -> dict:
         out = work / f"{name}-{tag}"
         if name == "peer":
             return run_peer(args, tars, checkpoint, out, peer_kind)
         return run_icar(args, tars, out, routed=name == "icar_routed",
-                        precision="auto" if name == "icar_auto" else None)
+                        precision="auto" if name == "icar_auto" else None, stock_kernels=name == "icar_stock")
 
     tiny_runs = {}
     if not args.no_fixed_cost:
@@ -395,7 +405,7 @@ def main(argv: list[str] | None = None) -> int:
             tiny_runs[name] = r
             print(f"  fixed cost {name:12s} {r['wall']:6.1f}s wall ({r['start_seconds']:.1f}s before the first batch), "
                   f"{r['cpu']:6.1f}s CPU (2 images)")
-        tiny_runs["icar_routed"] = tiny_runs["icar_auto"] = tiny_runs["icar_full"]
+        tiny_runs["icar_routed"] = tiny_runs["icar_auto"] = tiny_runs["icar_stock"] = tiny_runs["icar_full"]
     results: dict[str, list[dict]] = {k: [] for k in names}
     equal = equal_auto = None
     for i, name in enumerate(interleaved(names, args.repeats)):

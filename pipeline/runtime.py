@@ -21,7 +21,8 @@ log = logging.getLogger(__name__)
 # reach the same endpoint however the Ray instance was started. Ray writes every runtime_env to its own logs
 # (runtime_env_agent.log) and shows it in the dashboard, so no secret may be among these.
 FORWARDED_ENV = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_DEFAULT_REGION", "AWS_REGION", "AWS_PROFILE",
-                 "AWS_SHARED_CREDENTIALS_FILE", "AWS_CONFIG_FILE", "ICAR_CACHE_DIR")
+                 "AWS_SHARED_CREDENTIALS_FILE", "AWS_CONFIG_FILE", "ICAR_CACHE_DIR", "ICAR_TORCH_THREADS",
+                 "ICAR_CPU_KERNELS")
 
 
 # Credentials travel as task and actor arguments instead (held in the object store, never logged); each worker
@@ -31,7 +32,8 @@ SECRET_ENV = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN")
 
 
 def forwarded_env() -> dict[str, str]:
-    """Return the driver's storage-related environment variables that workers must share (no secrets)."""
+    """Return the driver's environment variables that workers must share (storage, cache, model actor settings;
+    no secrets): a local Ray's workers inherit the driver's environment, a cluster's do not."""
     return {k: os.environ[k] for k in FORWARDED_ENV if os.environ.get(k)}
 
 
