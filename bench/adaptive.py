@@ -654,6 +654,7 @@ def run(a: argparse.Namespace) -> dict:
     import torch
 
     t0 = time.perf_counter()
+    load_start = load_average()  # machine_facts() below is taken at the end
     torch.set_num_threads(a.threads)
     heads = parse_heads(a.heads)
     confidence = parse_heads(a.confidence, "--confidence")
@@ -709,7 +710,7 @@ def run(a: argparse.Namespace) -> dict:
         "confidence_available": any(r["policy"].startswith("confidence") for r in rows),
         "rows": rows, "comparisons": comps, "timing": timing, "targets": targets(rows, comps),
         "threads": a.threads, "precision": a.precision, "seconds": time.perf_counter() - t0,
-        "load_average_end": load_average(),
+        "load_average_start": load_start, "load_average_end": load_average(),
     }
 
 
@@ -801,7 +802,8 @@ def format_report(r: dict) -> str:
     """Return the tables of a result document (markdown)."""
     f = r["facts"]
     m = r["model"]
-    lines = [f"# {f['date']}, load average {f['load_average_1_5_15']} at start, {r['load_average_end']} at end, "
+    lines = [f"# {f['date']}, load average {r.get('load_average_start', f['load_average_1_5_15'])} at start, "
+             f"{r['load_average_end']} at end, "
              f"{f['cpu_count']} CPUs, icar {f['git']}, {r['threads']} torch thread(s), {r['precision']}, "
              f"{r['seconds']:.0f} s", "",
              f"Held-out test split: {r['corpus']['test_images']} images, {r['corpus']['t2i_queries']} distinct "
