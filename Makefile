@@ -42,9 +42,11 @@ demo-heads: install
 	echo '{"kind": "heuristic", "input_size": 64}' > pipeline/assets/demo/scorer.json
 	$(ICAR) calibrate '$(DEMO_CORPUS)/val/*.tar' --model demo --heads pipeline/assets/demo/exit_heads.safetensors \
 	    --scorer default --gflops-budget 0.75 --sample 1000 --output pipeline/assets/demo/router.json
-	# the confidence heads judge these exit heads' embeddings (bound to them): retrain and refit them together
+	# the confidence heads judge these exit heads' embeddings (bound to them): retrain and refit them together.
+	# Target "loss" (what leaving costs the own caption vs full depth) on the whole train split: ahead of margin on
+	# 8000 pairs on val at 5 of 7 budgets (docs/benchmarks/adaptive.md, 2026-12-06 20:00)
 	$(ICAR) train-confidence '$(DEMO_CORPUS)/train/*.tar' --model demo --heads pipeline/assets/demo/exit_heads.safetensors \
-	    --max-train 8000 --output pipeline/assets/demo
+	    --target loss --max-train 20000 --output pipeline/assets/demo
 	$(ICAR) calibrate '$(DEMO_CORPUS)/val/*.tar' --model demo --heads pipeline/assets/demo/exit_heads.safetensors \
 	    --confidence-heads pipeline/assets/demo/confidence_heads.safetensors --gflops-budget 0.75 --sample 1000 \
 	    --output pipeline/assets/demo/confidence_router.json

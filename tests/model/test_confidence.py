@@ -155,7 +155,7 @@ def test_shipped_demo_pair_runs_without_a_scorer(tmp_path, monkeypatch):
     monkeypatch.setenv("ICAR_CACHE_DIR", str(tmp_path / "cache"))
     w = ModelWorker(ModelSpec(model="demo", device="cpu", torch_threads=1,
                               router=str(DEMO_ASSETS / "confidence_router.json")))
-    assert w.scorer is None and w.confidence is not None and w.describe()["confidence"]["target"] == "margin"
+    assert w.scorer is None and w.confidence is not None and w.describe()["confidence"]["target"] == "loss"
     pixels = np.random.default_rng(0).integers(0, 256, (8, 64, 64, 3), dtype=np.uint8)
     out = w.embed(pixels, [f"k{i}" for i in range(8)])
     cost = w.router.gflops_per_exit(w.gflops_per_exit, w.confidence_gflops)
