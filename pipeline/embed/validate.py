@@ -164,6 +164,7 @@ def spec_files(spec: ModelSpec) -> dict[str, list[int]] | None:
                                                      "router.json", "scorer.json")]
     if spec.scorer == "default" and not spec.scorer_checkpoint:
         paths.append(str(DEFAULT_CHECKPOINT))
+    paths.append(_confidence_heads(spec.router))
     out: dict[str, list[int]] = {}
     for path in paths:
         if not path or path.lower() in RANDOM_INIT:
@@ -174,6 +175,26 @@ def spec_files(spec: ModelSpec) -> dict[str, list[int]] | None:
             st = os.stat(path)
             out[os.path.abspath(path)] = [int(st.st_size), int(st.st_mtime_ns)]
     return out
+
+
+def _confidence_heads(router_file: str | None) -> str | None:
+    """Return the confidence-heads file a local confidence router JSON names (as the worker resolves it), else None.
+
+    The router JSON records only the heads' path and hash: heads retrained in place under the same path leave the
+    router file untouched, so spec_files must look at the heads file itself."""
+    if not router_file or "://" in router_file or not os.path.isfile(router_file):
+        return None
+    try:
+        with open(router_file, encoding="utf-8") as f:
+            router = json.load(f)
+    except (OSError, ValueError):
+        return None  # not for this check to judge: loading the router reports it
+    if not isinstance(router, dict) or router.get("kind") != "confidence":
+        return None
+    recorded = (router.get("confidence") or {}).get("path")
+    if not isinstance(recorded, str):
+        return None
+    return confidence_heads_file(recorded, router_file)
 
 
 def routes_by_score(router: dict | None) -> bool:

@@ -122,6 +122,29 @@ def test_a_resume_loads_the_model_when_its_files_changed(tmp_path):
     assert not same_model({"spec": asdict(spec)}, spec)  # a run.json from before spec_files: load and check
 
 
+def test_confidence_heads_retrained_in_place_are_noticed(tmp_path):
+    """A confidence router names its heads by path: heads rewritten under that path leave the router file as it was,
+    so a resume with nothing to do must look at the heads file itself (found beside the router, as the worker does)."""
+    from dataclasses import asdict
+
+    from pipeline.embed.execution import same_model
+
+    heads = tmp_path / "confidence_heads.safetensors"
+    heads.write_bytes(b"x" * 10)
+    router = tmp_path / "conf-router.json"
+    router.write_text(json.dumps({"kind": "confidence", "confidence": {"path": "/moved/away/confidence_heads.safetensors",
+                                                                      "sha256": "0" * 64}}))
+    spec = ModelSpec(model="ViT-B-32", pretrained="none", router=str(router), scorer="none")
+    files = validate.spec_files(spec)
+    assert str(heads) in files and str(router) in files
+    run_json = json.loads(json.dumps({"spec": asdict(spec), "spec_files": files}))
+    assert same_model(run_json, spec)
+    heads.write_bytes(b"y" * 11)
+    assert not same_model(run_json, spec)
+    router.write_text("not json")  # a broken router is for loading it to report, not for this check
+    assert str(router) in validate.spec_files(spec)
+
+
 def test_resume_with_nothing_to_do_starts_no_ray(piped_run):
     out, first, again = piped_run
     assert again.returncode == 0, again.stderr[-3000:]
