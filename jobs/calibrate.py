@@ -18,7 +18,8 @@ leaves at the first early exit whose learned confidence clears that exit's thres
 per early exit on the sample (every image through every exit), counting the confidence heads' GFLOPs: by default one
 confidence level for every exit (--confidence-rule level), or along the same family of exit mixes as the complexity
 router (--confidence-rule mix, with --shares). No complexity scorer is needed (one named with --scorer runs besides
-and is counted).
+and is counted). With --complexity-weight W > 0 the scorer runs and a row leaves on its standardised confidence
+minus W x its standardised complexity score (sample mean/std stored in the router); embed then needs that scorer.
 
 The router file records mode, target, the achieved cost (and recall) on the sample, the sample size, the scorer
 and model identities and the exits; pass it to `icar embed --router FILE`.
@@ -71,6 +72,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--confidence-rule", choices=["level", "mix"], default=c.confidence_rule,
                    help="with --confidence-heads: one confidence level at every exit (level), or the complexity "
                         "router's family of exit mixes with --shares (mix)")
+    p.add_argument("--complexity-weight", type=float, default=c.complexity_weight, metavar="W",
+                   help="with --confidence-heads: a row leaves on its standardised confidence minus W x its "
+                        "standardised complexity score (runs the scorer, default: 0, confidence only)")
     p.add_argument("--sample", type=int, default=c.sample, help="images to calibrate on")
     p.add_argument("--seed", type=int, default=c.seed, help="seed of the sample (and of a random-init model)")
     p.add_argument("--output", "-o", required=True, help="router JSON to write (local path or URL)")

@@ -199,10 +199,12 @@ def _confidence_heads(router_file: str | None) -> str | None:
 
 def routes_by_score(router: dict | None) -> bool:
     """Return True when a router (run.json's or a router JSON's dict) routes images by their complexity score:
-    thresholds, or several profiles. Fixed depths, fixed fractions, one profile and confidence exits do not."""
+    thresholds, several profiles, or confidence exits with a complexity block. Fixed depths, fixed fractions, one
+    profile and confidence exits alone do not."""
     router = router or {}
     kind = router.get("kind")
-    return kind == "threshold" or (kind == "profile" and len(router.get("profiles") or []) > 1)
+    return (kind == "threshold" or (kind == "profile" and len(router.get("profiles") or []) > 1)
+            or (kind == "confidence" and bool(router.get("complexity"))))
 
 
 def check_exits(spec: ModelSpec, depth: int | None) -> None:

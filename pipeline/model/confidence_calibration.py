@@ -27,7 +27,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from pipeline.metrics import recall_at_k
-from pipeline.model.router import ConfidenceRouter, exit_fractions
+from pipeline.model.router import ConfidenceRouter, combined_signal, exit_fractions
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +52,36 @@ def _confidences(confidences: dict, exits: list[int]) -> dict[int, np.ndarray]:
     if not n:
         raise ValueError("no sample confidences to calibrate on")
     return out
+
+
+def complexity_block(confidences: dict, scores, weight: float) -> dict:
+    """Return a ConfidenceRouter complexity block fitted on a sample: each early exit's confidence mean and spread,
+    the complexity scores' mean and spread, and ``weight`` (a zero spread is stored as 1, leaving values unscaled).
+
+    ``router.combined_signal`` with it gives each exit's standardised confidence minus ``weight`` times the
+    standardised score; `icar calibrate --complexity-weight` and bench/adaptive.py both fit through here."""
+    if not (math.isfinite(weight) and weight >= 0):
+        raise ValueError(f"--complexity-weight must be a finite number >= 0, got {weight}")
+    s = np.asarray(scores, np.float64).reshape(-1)
+    if s.size == 0 or not np.isfinite(s).all():
+        raise ValueError(f"{int((~np.isfinite(s)).sum())} of {s.size} sample complexity scores are NaN/inf (or none "
+                         "given); drop the images the scorer failed on before calibrating")
+
+    def spread(x: np.ndarray) -> float:
+        sd = float(np.std(x))
+        return sd if sd > 0 else 1.0
+
+    conf = {int(e): np.asarray(v, np.float64).reshape(-1) for e, v in confidences.items()}
+    return {"weight": float(weight), "score_mean": float(np.mean(s)), "score_std": spread(s),
+            "confidence_mean": {e: float(np.mean(v)) for e, v in conf.items()},
+            "confidence_std": {e: spread(v) for e, v in conf.items()}}
+
+
+def sample_signal(confidences: dict, scores, weight: float) -> tuple[dict, dict]:
+    """Return (the complexity block fitted on this sample, {early exit: the sample's combined signal}): what a
+    confidence router with that block compares with its thresholds, so fit the thresholds on it."""
+    block = complexity_block(confidences, scores, weight)
+    return block, combined_signal(confidences, scores, block)
 
 
 def thresholds_for_mix(confidences: dict, exits: Sequence[int], fractions: Sequence[float]) -> list[float]:

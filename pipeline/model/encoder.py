@@ -357,9 +357,16 @@ class AdaptiveEncoder(nn.Module):
         One shrinking-batch pass: at each early exit the remaining rows' pooled features feed the confidence head,
         the rows that clear the threshold leave through the exit head (from the same pooled features) and only
         the rest run the next blocks; no block runs twice. A threshold of +inf skips the exit's confidence head.
+        A threshold may also be one per row (a (N,) tensor or array, e.g. ``ConfidenceRouter.row_thresholds`` of a
+        router that also reads complexity scores); a NaN one never clears.
         Unmerged only (token-merging profiles route by complexity score).
         """
-        thresholds = [float(t) for t in thresholds]
+        thresholds = [torch.as_tensor(t, dtype=torch.float32) if getattr(t, "ndim", 0) else float(t)
+                      for t in thresholds]
+        for t in thresholds:
+            if isinstance(t, torch.Tensor) and t.shape != (pixels.shape[0],):
+                raise ValueError(f"per-row confidence thresholds must have shape ({pixels.shape[0]},), one per "
+                                 f"image, got {tuple(t.shape)}")
         if len(thresholds) != len(self.exits) - 1:
             raise ValueError(f"{len(thresholds)} confidence thresholds for the {len(self.exits) - 1} early exits "
                              f"{self.exits[:-1]} of this encoder")
@@ -374,7 +381,9 @@ class AdaptiveEncoder(nn.Module):
         for e, threshold in zip(self.exits[:-1], thresholds):
             x, _ = self._blocks(x, None, depth, e, None, 0)
             depth = e
-            if threshold == float("inf"):
+            if isinstance(threshold, torch.Tensor):
+                threshold = threshold.to(pixels.device)[rows]  # the rows still in the tower
+            elif threshold == float("inf"):
                 continue
             head = self.heads.head(e)
             feats = head.pool_features(x)

@@ -226,13 +226,17 @@ class ConfidenceRouter:
     (its confidence head is not even run), -inf sends every row that reaches it out there. No complexity score is
     needed (``needs_scores`` False); ``confidence`` is the identity of the heads file the thresholds were fitted
     for (its "path" is where the worker loads it from).
+
+    With a ``complexity`` block (``icar calibrate --complexity-weight W``) the compared signal is each exit's
+    standardised confidence minus W times the image's standardised complexity score (``combined_signal``): a
+    scorer must then run (``needs_scores`` True), the one recorded in ``scorer_identity``.
     """
 
     kind = "confidence"
-    needs_scores = False
 
     def __init__(self, exits: Sequence[int], thresholds: Sequence[float | str], confidence: dict,
-                 scorer_identity: dict | None = None, calibration: dict | None = None):
+                 scorer_identity: dict | None = None, calibration: dict | None = None,
+                 complexity: dict | None = None):
         self.exits = _check_exits(exits)
         self.thresholds = [float(t) for t in thresholds]
         if len(self.thresholds) != len(self.exits) - 1:
@@ -246,6 +250,10 @@ class ConfidenceRouter:
         self.confidence = dict(confidence)
         self.scorer_identity = scorer_identity  # a scorer the run is asked to run besides (its GFLOPs were counted)
         self.calibration = dict(calibration or {})
+        self.complexity = _check_complexity(complexity, self.exits) if complexity is not None else None
+        # With a complexity block the rule reads the image's complexity score too: a scorer must run, the one the
+        # standardisation was fitted on (checked as for the complexity router).
+        self.needs_scores = self.complexity is not None
 
     @property
     def evaluated_exits(self) -> list[int]:
@@ -257,12 +265,17 @@ class ConfidenceRouter:
         raise TypeError("a confidence router decides inside the tower; embed with AdaptiveEncoder.forward_confident "
                         "(the model worker does), or route precomputed confidences with route_confidences")
 
-    def route_confidences(self, confidences: dict) -> np.ndarray:
+    def route_confidences(self, confidences: dict, scores=None) -> np.ndarray:
         """Return each row's exit depth (int16) from every early exit's confidences {exit: (N,)} (e.g. on a sample).
 
         The same rule as ``forward_confident``: the first early exit whose confidence >= its threshold; NaN never
-        clears a threshold.
+        clears a threshold. With a complexity block the compared signal is ``combined_signal`` (``scores`` needed).
         """
+        if self.complexity is not None:
+            if scores is None:
+                raise ValueError("this confidence router also reads complexity scores (its 'complexity' block); "
+                                 "pass the rows' scores to route_confidences")
+            confidences = combined_signal(confidences, scores, self.complexity)
         n = len(np.asarray(confidences[self.exits[0]]).reshape(-1)) if self.exits[:-1] else 0
         out = np.full(n, self.exits[-1], np.int16)
         open_rows = np.ones(n, bool)
@@ -272,6 +285,23 @@ class ConfidenceRouter:
             leave = open_rows & (np.asarray(confidences[e], np.float64).reshape(-1) >= t)
             out[leave] = e
             open_rows &= ~leave
+        return out
+
+    def row_thresholds(self, scores) -> list:
+        """Return per early exit the threshold on the RAW confidence that the combined rule amounts to: a float (no
+        complexity block, or a closed exit) or a float64 (N,) array, mean_e + std_e * (threshold_e + w * z(score)).
+
+        So ``forward_confident`` compares raw confidences only; a NaN score gives NaN thresholds (full depth)."""
+        if self.complexity is None:
+            return list(self.thresholds)
+        c = self.complexity
+        z = (np.asarray(scores, np.float64).reshape(-1) - c["score_mean"]) / c["score_std"]
+        out: list = []
+        for e, t in zip(self.exits, self.thresholds):
+            if t == math.inf:
+                out.append(t)  # closed whatever the score: its confidence head is not even run
+                continue
+            out.append(c["confidence_mean"][e] + c["confidence_std"][e] * (t + c["weight"] * z))
         return out
 
     def gflops_per_exit(self, tower_gflops: dict, confidence_gflops: dict, scorer_gflops: float = 0.0) -> dict:
@@ -294,7 +324,57 @@ class ConfidenceRouter:
         """Return the JSON-ready description of this router."""
         return {"format": ROUTER_FORMAT, "kind": self.kind, "exits": self.exits,
                 "thresholds": [_encode_float(t) for t in self.thresholds], "confidence": self.confidence,
-                "scorer": self.scorer_identity, "calibration": self.calibration}
+                "scorer": self.scorer_identity, "calibration": self.calibration,
+                **({"complexity": _complexity_json(self.complexity)} if self.complexity is not None else {})}
+
+
+def _check_complexity(block: dict, exits: list[int]) -> dict:
+    """Return a confidence router's complexity block with int exit keys and float values, or raise naming the gap.
+
+    ``{"weight": w, "confidence_mean": {exit: m}, "confidence_std": {exit: s}, "score_mean": m, "score_std": s}``:
+    the sample statistics ``combined_signal`` standardises with (pipeline.model.confidence_calibration fits them).
+    """
+    fix = "refit it with `icar calibrate --confidence-heads FILE --complexity-weight W`"
+    try:
+        out = {"weight": float(block["weight"]), "score_mean": float(block["score_mean"]),
+               "score_std": float(block["score_std"]),
+               "confidence_mean": {int(k): float(v) for k, v in block["confidence_mean"].items()},
+               "confidence_std": {int(k): float(v) for k, v in block["confidence_std"].items()}}
+    except (KeyError, TypeError, ValueError, AttributeError) as e:
+        raise ValueError(f"a confidence router's complexity block needs weight, confidence_mean, confidence_std, "
+                         f"score_mean and score_std ({type(e).__name__}: {e}); {fix}") from None
+    missing = [e for e in exits[:-1] if e not in out["confidence_mean"] or e not in out["confidence_std"]]
+    if missing:
+        raise ValueError(f"the complexity block has no confidence mean/std for early exits {missing}; {fix}")
+    stds = [out["score_std"], *(out["confidence_std"][e] for e in exits[:-1])]
+    if not all(math.isfinite(v) and v > 0 for v in stds) or not math.isfinite(out["weight"]) or out["weight"] < 0:
+        raise ValueError(f"the complexity block needs positive finite spreads and a weight >= 0, got {block}; {fix}")
+    return out
+
+
+def _complexity_json(block: dict) -> dict:
+    """Return a complexity block for JSON (exit keys as strings)."""
+    return {"weight": block["weight"], "score_mean": block["score_mean"], "score_std": block["score_std"],
+            "confidence_mean": {str(e): v for e, v in block["confidence_mean"].items()},
+            "confidence_std": {str(e): v for e, v in block["confidence_std"].items()}}
+
+
+def combined_signal(confidences: dict, scores, block: dict) -> dict[int, np.ndarray]:
+    """Return {early exit: float64 (N,)}: (conf_e - mean_e) / std_e - weight * (score - score_mean) / score_std.
+
+    A confident, simple image scores high; ``block`` holds the sample statistics (keys int or str). The confidence
+    router with a complexity block compares this signal with its thresholds."""
+    s = np.asarray(scores, np.float64).reshape(-1)
+    mean = {int(k): float(v) for k, v in block["confidence_mean"].items()}
+    std = {int(k): float(v) for k, v in block["confidence_std"].items()}
+    z_score = (s - float(block["score_mean"])) / float(block["score_std"])
+    out = {}
+    for e in mean:
+        c = np.asarray(confidences[e] if e in confidences else confidences[str(e)], np.float64).reshape(-1)
+        if c.size != s.size:
+            raise ValueError(f"{c.size} confidences at exit {e} for {s.size} complexity scores")
+        out[e] = (c - mean[e]) / std[e] - float(block["weight"]) * z_score
+    return out
 
 
 def router_from_dict(d: dict):
@@ -315,7 +395,7 @@ def router_from_dict(d: dict):
                              calibration=d.get("calibration"), heads=d.get("heads"))
     if kind == ConfidenceRouter.kind:
         return ConfidenceRouter(d["exits"], d["thresholds"], d.get("confidence"), scorer_identity=d.get("scorer"),
-                                calibration=d.get("calibration"))
+                                calibration=d.get("calibration"), complexity=d.get("complexity"))
     raise ValueError(f"unknown router kind {kind!r}; expected fixed, fraction, threshold, profile or confidence")
 
 

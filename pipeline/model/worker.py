@@ -21,7 +21,7 @@ from pipeline.model import encoder as enc
 from pipeline.model import flops, models, scorer
 from pipeline.model import router as routers
 from pipeline.model.confidence import ConfidenceHeads, confidence_gflops
-from pipeline.model.scorer_identity import router_scorer_mismatch
+from pipeline.model.scorer_identity import router_scorer_mismatch, scorer_options_for
 from pipeline.model.spec import (ModelSpec, Profile, confidence_heads_file, merge_spec, parse_merge,
                                  parse_profiles)
 from pipeline.runtime import resolve_device, resolve_precision
@@ -138,13 +138,20 @@ class ModelWorker:
         self.encoder.inference_blocks = self.kernels.blocks
         self.exits = exits
         self.router = build_router(spec, exits)
-        # A confidence router decides inside the tower: a scorer then runs only when named (--scorer heuristic ...).
-        unasked = isinstance(self.router, routers.ConfidenceRouter) and spec.scorer == "default"
+        # A confidence router decides inside the tower: a scorer then runs only when named (--scorer heuristic ...),
+        # unless its rule also reads complexity scores (a complexity block: needs_scores).
+        unasked = (isinstance(self.router, routers.ConfidenceRouter) and spec.scorer == "default"
+                   and not self.router.needs_scores)
         self.scorer = None if unasked else scorer.scorer_for_model(
             spec.model, spec.scorer, spec.scorer_checkpoint, device=self.device, image_size=self.bundle.image_size)
         if on_cpu and self.bundle.dtype != torch.float32 and isinstance(self.scorer, scorer.TrainedScorer):
             self.scorer.cast(self.bundle.dtype)  # a CNN scorer left in fp32 is ~1/3 of a bf16 ViT-B-32 worker's time
         if self.scorer is None and getattr(self.router, "needs_scores", False):
+            if isinstance(self.router, routers.ConfidenceRouter):
+                fix = scorer_options_for(self.router.scorer_identity or {}, spec.model) or "--scorer default"
+                raise ValueError("the confidence router also reads complexity scores (calibrated with "
+                                 f"--complexity-weight) but --scorer none was given; pass {fix} (the scorer it was "
+                                 "calibrated with), or recalibrate without --complexity-weight")
             raise ValueError("the router routes by complexity score but --scorer none was given; choose a scorer")
         self._check_router_scorer()
         self.gflops_per_exit = {int(k): float(v) for k, v in flops.exit_gflops(self.bundle, exits).items()}
@@ -235,7 +242,10 @@ class ModelWorker:
         """Return ``embed``'s result with each row's exit decided by the confidence heads inside the tower."""
         x = models.pixels_to_tensor(self.bundle, pixels).to(self.device, non_blocking=True)
         with torch.autocast(self.device.split(":")[0], dtype=self.autocast, enabled=self.autocast is not None):
-            emb, depth = self.encoder.forward_confident(x, self.confidence, self.router.thresholds)
+            # A complexity block turns into per-row thresholds on the raw confidence (router.row_thresholds).
+            thresholds = [torch.as_tensor(t, dtype=torch.float32, device=x.device) if np.ndim(t) else t
+                          for t in self.router.row_thresholds(scores)]
+            emb, depth = self.encoder.forward_confident(x, self.confidence, thresholds)
         exit_layer = depth.numpy().astype(np.int16)
         emb = torch.nn.functional.normalize(emb.float(), dim=-1).to(torch.float16).cpu().numpy()
         return {"embedding": emb, "complexity": scores, "exit_layer": exit_layer,

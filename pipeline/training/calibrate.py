@@ -15,6 +15,7 @@ arguments into a ``CalibrateConfig`` and calls it.
 from __future__ import annotations
 
 import logging
+import math
 import random
 from dataclasses import dataclass, field
 
@@ -29,7 +30,8 @@ from pipeline.model import encoder as enc
 from pipeline.model import flops, models
 from pipeline.model import router as routers
 from pipeline.model.confidence import ConfidenceHeads, confidence_gflops, every_exit
-from pipeline.model.confidence_calibration import calibrate_confidence_budget, calibrate_confidence_recall
+from pipeline.model.confidence_calibration import (calibrate_confidence_budget, calibrate_confidence_recall,
+                                                   sample_signal)
 from pipeline.model.scorer import scorer_for_model
 from pipeline.model.spec import ModelSpec, merge_spec, parse_merge, parse_profiles
 from pipeline.runtime import resolve_device
@@ -51,6 +53,7 @@ class CalibrateConfig:
     merge_heads: list[str] = field(default_factory=list)  # "SPEC=FILE": exit heads trained under merge schedule SPEC
     confidence_heads: str | None = None  # from `icar train-confidence`: fit a ConfidenceRouter instead (needs inputs)
     confidence_rule: str = "level"  # level (one confidence level at every exit) | mix (the exit_fractions family)
+    complexity_weight: float = 0.0  # with confidence heads: > 0 subtracts this × the standardised complexity score
     sample: int = 2000  # images (or run scores) to calibrate on
     seed: int = 0  # seed of the sample (and of a random-init model)
     output: str = ""  # router JSON to write (local path or URL)
@@ -137,6 +140,9 @@ def calibrate(cfg: CalibrateConfig):
             raise ValueError("--confidence-heads needs every sample image taken through every exit: pass input shards "
                              "(not --scores-from), and no --profiles (confidence routing is unmerged)")
         router = calibrate_confidence(cfg)
+    elif cfg.complexity_weight:
+        raise ValueError("--complexity-weight combines a confidence router's confidences with the complexity score; "
+                         "it needs --confidence-heads FILE")
     elif cfg.scores_from:
         if cfg.profiles:
             raise ValueError("--profiles needs the model to count each profile's GFLOPs (and, for --min-recall, to "
@@ -258,7 +264,9 @@ def calibrate_confidence(cfg: CalibrateConfig) -> routers.ConfidenceRouter:
 
     The exit heads are the ones `icar embed` runs (``--heads``, the demo's shipped heads by default), and the
     confidence heads must have been trained for them. No scorer runs unless one is named (``--scorer heuristic``
-    ...): then its GFLOPs count in the budget, as `icar embed` will spend them.
+    ...): then its GFLOPs count in the budget, as `icar embed` will spend them. With ``complexity_weight`` > 0 the
+    scorer always runs (the default one as `icar embed`'s) and the thresholds are fitted on the combined signal
+    (``confidence_calibration.sample_signal``), whose standardisation the router stores as its complexity block.
     """
     device = resolve_device(cfg.device)
     bundle, heads, exits = model_and_exits(cfg.model, cfg.pretrained, cfg.seed, cfg.heads, cfg.exits, device)
@@ -267,8 +275,12 @@ def calibrate_confidence(cfg: CalibrateConfig) -> routers.ConfidenceRouter:
     if conf.exits != exits:
         raise ValueError(f"confidence heads {cfg.confidence_heads} were trained for exits {conf.exits}, the encoder "
                          f"has {exits}; pass --exits {','.join(map(str, conf.exits))}")
-    scorer = None if cfg.scorer == "default" else scorer_for_model(cfg.model, cfg.scorer, cfg.checkpoint,
-                                                                   device=device, image_size=bundle.image_size)
+    combined = cfg.complexity_weight != 0
+    if combined and not (math.isfinite(cfg.complexity_weight) and cfg.complexity_weight > 0):
+        raise ValueError(f"--complexity-weight must be a positive number (0: confidence only), got "
+                         f"{cfg.complexity_weight}")
+    scorer = None if cfg.scorer == "default" and not combined else scorer_for_model(
+        cfg.model, cfg.scorer, cfg.checkpoint, device=device, image_size=bundle.image_size)
     pixels, keys, captions = sample_inputs(cfg.inputs, bundle.image_size, cfg.sample, cfg.seed, cfg.storage_options)
     confidences: dict[int, list[np.ndarray]] = {}
     embeddings: dict[int, list[np.ndarray]] = {}
@@ -281,6 +293,11 @@ def calibrate_confidence(cfg: CalibrateConfig) -> routers.ConfidenceRouter:
             for e, v in emb.items():
                 embeddings.setdefault(e, []).append(v.float().cpu().numpy())
     conf_sample = {e: np.concatenate(v) for e, v in confidences.items()}
+    block = None
+    if combined:
+        scores = np.concatenate([scorer.score(pixels[i:i + cfg.batch_size])
+                                 for i in range(0, len(pixels), cfg.batch_size)])
+        block, conf_sample = sample_signal(conf_sample, scores, cfg.complexity_weight)
     tower = flops.exit_gflops(bundle, exits)
     conf_gflops = confidence_gflops(conf, bundle.model.visual)
     scorer_gflops = float(scorer.gflops_per_image) if scorer is not None else 0.0
@@ -298,4 +315,10 @@ def calibrate_confidence(cfg: CalibrateConfig) -> routers.ConfidenceRouter:
                                              scorer_identity=scorer_identity, rule=cfg.confidence_rule)
     router.calibration.update(model=bundle.identity, exits=exits, heads=encoder.heads.identity,
                               confidence=conf.identity, source={"inputs": list(cfg.inputs), "sample_seed": cfg.seed})
+    if block is not None:  # the thresholds above are on the combined signal: the router must compute it too
+        router.calibration["signal"] = ("combined: standardised confidence minus complexity_weight x standardised "
+                                        "complexity score (sample mean/std in the complexity block)")
+        router = routers.ConfidenceRouter(router.exits, router.thresholds, router.confidence,
+                                          scorer_identity=router.scorer_identity, calibration=router.calibration,
+                                          complexity=block)
     return router

@@ -116,3 +116,42 @@ def test_train_calibrate_embed_end_to_end(model_dir, corpus, tmp_path, ray_sessi
     assert embed_job.main([val, "--output", str(tmp_path / "run2"), "--router", str(other), "--no-progress",
                            *model]) == 2
     assert "its thresholds were fitted for confidence heads 0000000000000000" in capsys.readouterr().err
+
+
+def test_calibrate_with_complexity_weight_writes_the_block_and_embed_follows_it(model_dir, corpus, tmp_path,
+                                                                               ray_session, monkeypatch, capsys):
+    """--complexity-weight: the scorer runs, the router stores the sample standardisation, and `icar embed` (per-row
+    thresholds inside the tower) sends the calibration sample to the exits calibration counted. (The heuristic
+    scorer: the shipped CNN costs 40x this tiny tower.)"""
+    from pipeline.model import encoder as enc
+    from pipeline.model.confidence import ConfidenceHeads
+    from pipeline.training.confidence import model_and_exits
+
+    monkeypatch.setenv("ICAR_CACHE_DIR", str(tmp_path / "cache"))
+    model = ["--model", model_dir, "--exits", "1,2,4", "--device", "cpu", "--scorer", "heuristic"]
+    bundle, heads, exits = model_and_exits(model_dir, None, 0, None, [1, 2, 4], "cpu")
+    encoder = enc.AdaptiveEncoder(bundle.model.visual, exits, heads)
+    conf_path = str(tmp_path / "conf.safetensors")  # untrained heads: calibration only needs their confidences
+    ConfidenceHeads.for_encoder(bundle, encoder, hidden=8).save(conf_path)
+    val = str(corpus / "val" / "*.tar")
+    router_path = tmp_path / "combined.json"
+    assert calibrate_job.main([val, "--confidence-heads", conf_path, "--complexity-weight", "1", "--gflops-budget",
+                               "0.9", "--sample", "40", "--output", str(router_path), *model]) == 0
+    capsys.readouterr()
+    doc = json.loads(router_path.read_text())
+    block = doc["complexity"]
+    assert block["weight"] == 1.0 and set(block["confidence_mean"]) == set(block["confidence_std"]) == {"1", "2"}
+    assert block["score_std"] > 0 and doc["scorer"] is not None and doc["calibration"]["scorer_gflops"] > 0
+    router = R.load_router(str(router_path))
+    assert router.needs_scores and router.calibration["achieved_cost_fraction"] <= 0.9
+    assert calibrate_job.main([val, "--complexity-weight", "1", "--gflops-budget", "0.7", "--output",
+                               str(tmp_path / "x.json"), *model]) == 2
+    assert "it needs --confidence-heads FILE" in capsys.readouterr().err
+    run = tmp_path / "run"
+    assert embed_job.main([val, "--output", str(run), "--router", str(router_path), "--batch-size", "8",
+                           "--no-progress", *model]) == 0
+    rows = pq.read_table(run / "shards").to_pandas()
+    assert len(rows) == 40 and rows["complexity"].notna().all()  # the scorer ran although not named
+    realised = {str(e): float((rows["exit_layer"] == e).mean()) for e in router.exits}
+    assert realised == pytest.approx(router.calibration["achieved_fractions"], abs=1.5 / 40)
+    assert len({int(e) for e in rows["exit_layer"]}) > 1
