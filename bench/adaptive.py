@@ -11,7 +11,8 @@ its heads, the scorer or to calibrate a router):
   does, by its default rule, one confidence level at every early exit; confidence heads' cost counted; the heads
   from ``--confidence``, the demo's shipped ones, or trained here once as ``icar train-confidence`` trains them,
   on the train split); confidence + complexity (the same rule on each exit's confidence minus the complexity
-  score, both standardised on val; recall and GFLOPs only, no worker runs it); each also calibrated "deep-first",
+  score, both standardised on val, as ``icar calibrate --complexity-weight 1`` fits it); each also calibrated
+  "deep-first",
   on the complexity router's family of exit mixes with the images moved off full depth going to the deepest
   early exit first (``--shares 0,1``; for the complexity router its default shares them equally among the early
   exits, for the confidence routers ``--confidence-rule mix``); and, beside every routed row, random routing with
@@ -70,7 +71,7 @@ from pipeline.model import models  # noqa: E402
 from pipeline.model import router as routers  # noqa: E402
 from pipeline.model.confidence import (ConfidenceHeads, ConfidenceMismatchError, confidence_gflops,  # noqa: E402
                                        every_exit)
-from pipeline.model.confidence_calibration import calibrate_confidence_budget  # noqa: E402
+from pipeline.model.confidence_calibration import calibrate_confidence_budget, sample_signal  # noqa: E402
 from pipeline.model.models import pixels_to_tensor  # noqa: E402
 from pipeline.model.router import routed_embeddings  # noqa: E402
 from pipeline.model.spec import ModelSpec  # noqa: E402
@@ -383,9 +384,9 @@ def load_confidence(path: str, worker, ctx: dict, batch_size: int) -> dict:
         raise ValueError(f"confidence heads {path} have exits {heads.exits}, the encoder {worker.exits}")
     val = confidence_sample(worker, heads, ctx["val_px"], batch_size)
     test = confidence_sample(worker, heads, ctx["test_px"], batch_size)
-    combined_val, combined_test = combined_signal(val, test, ctx["val_scores"], ctx["test_scores"])
+    block, combined_val = sample_signal(val, ctx["val_scores"], COMPLEXITY_WEIGHT)
     return {"heads": heads, "path": path, "gflops": confidence_gflops(heads, worker.bundle.model.visual),
-            "val": val, "test": test, "combined_val": combined_val, "combined_test": combined_test}
+            "val": val, "test": test, "combined_val": combined_val, "complexity": block}
 
 
 def confidence_policies(ctx: dict, budget: float) -> dict[str, dict]:
@@ -416,32 +417,35 @@ def confidence_policies(ctx: dict, budget: float) -> dict[str, dict]:
                                       "gflops": float(np.mean([cost[int(d)] for d in depth])),
                                       "heads_path": ctx["heads_path"]}
         # Confidence + complexity: the same rule on a combined signal, each exit's confidence minus the image's
-        # complexity score, both standardised on val (equal weights, nothing tuned on test). The scorer runs
-        # first and its GFLOPs count. No ModelWorker path runs it (forward_confident reads confidences only), so
-        # it has recall and counted GFLOPs but no images/s.
+        # complexity score, both standardised on val (equal weights, nothing tuned on test), fitted as `icar
+        # calibrate --confidence-heads H --complexity-weight 1` fits it. The scorer runs first and its GFLOPs count;
+        # the router (with its complexity block) is what `icar embed --router` runs, so it is timed too.
         try:
             r = calibrate_confidence_budget(c["combined_val"], exits, gpe, c["gflops"], budget, c["heads"].identity,
                                             scorer_gflops=ctx["scorer_gflops"], shares=shares, rule=rule)
         except ValueError as e:
             log.info("confidence+complexity router at budget %.2f: %s", budget, e)
             continue
-        depth = r.route_confidences(c["combined_test"])
+        r = routers.ConfidenceRouter(r.exits, r.thresholds, r.confidence, calibration=r.calibration,
+                                     complexity=c["complexity"])
+        depth = r.route_confidences(c["test"], ctx["test_scores"])
         cost = r.gflops_per_exit(gpe, c["gflops"], ctx["scorer_gflops"])
-        out["confidence+complexity" + suffix] = {"depth": depth, "router": None, "thresholds": r.thresholds,
-                                                 "gflops": float(np.mean([cost[int(d)] for d in depth]))}
+        out["confidence+complexity" + suffix] = {"depth": depth, "router": r, "thresholds": r.thresholds,
+                                                 "gflops": float(np.mean([cost[int(d)] for d in depth])),
+                                                 "heads_path": ctx["heads_path"]}
     return out
+
+
+COMPLEXITY_WEIGHT = 1.0  # confidence+complexity: equal weights (`icar calibrate --complexity-weight 1`)
 
 
 def combined_signal(conf_val: dict, conf_test: dict, scores_val: np.ndarray, scores_test: np.ndarray
                     ) -> tuple[dict, dict]:
     """Return ({exit: val signal}, {exit: test signal}): each exit's confidence minus the complexity score, both
-    standardised with the val split's mean and spread (a confident, simple image leaves first)."""
-    def z(x, ref):
-        sd = float(np.std(ref))
-        return (np.asarray(x, np.float64) - float(np.mean(ref))) / (sd if sd > 0 else 1.0)
-
-    return ({e: z(v, v) - z(scores_val, scores_val) for e, v in conf_val.items()},
-            {e: z(conf_test[e], v) - z(scores_test, scores_val) for e, v in conf_val.items()})
+    standardised with the val split's mean and spread (a confident, simple image leaves first); the product's
+    standardisation (confidence_calibration.sample_signal, router.combined_signal), so the two cannot drift."""
+    block, val = sample_signal(conf_val, scores_val, COMPLEXITY_WEIGHT)
+    return val, routers.combined_signal(conf_test, scores_test, block)
 
 
 # ------------------------------------------------------------------------------------------------ measuring
@@ -615,8 +619,6 @@ def time_policies(ctx: dict, a: argparse.Namespace, time_budgets: list[float]) -
     for key, p in ref.items():
         pol, b = key.split("@")
         if float(b) not in time_budgets:
-            continue
-        if p["router"] is None:  # no worker path decides this way (confidence+complexity)
             continue
         if isinstance(p["router"], routers.ConfidenceRouter):
             # Decided inside the tower (AdaptiveEncoder.forward_confident): a worker built from the router file, as
