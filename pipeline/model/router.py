@@ -9,9 +9,10 @@ A router maps complexity scores (and sample keys) to exit depths. The policies:
 - ``ThresholdRouter(exits, thresholds)``: score <= thresholds[0] -> exits[0], ..., > thresholds[-1] ->
   exits[-1]. Simple images leave early; any number of exits (the paper's binary router is two exits).
 - ``ProfileRouter(profiles, thresholds)``: the same by score, over (exit, token-merging) profiles.
-- ``ConfidenceRouter(exits, thresholds, confidence)``: decided inside the tower, no score needed: a row leaves
-  at the first early exit whose learned confidence (pipeline/model/confidence.py) clears that exit's threshold;
-  its thresholds are fitted by pipeline/model/confidence_calibration.py.
+- ``ConfidenceRouter(exits, thresholds, confidence)``: decided inside the tower: a row leaves at the first early
+  exit whose learned confidence (pipeline/model/confidence.py) clears that exit's threshold; no score needed,
+  unless it carries a complexity block (confidence minus a weighted complexity score, both standardised); its
+  thresholds are fitted by pipeline/model/confidence_calibration.py.
 
 Calibration is pure functions over a sample of scores: ``calibrate_budget`` (a GFLOP budget as a share of
 full-depth cost, scorer included) and ``calibrate_recall`` (the cheapest thresholds whose text→image
