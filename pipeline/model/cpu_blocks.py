@@ -5,8 +5,9 @@ inside ``nn.MultiheadAttention``'s fast path, which adds a separate bias-and-res
 same block written with oneDNN's ``mkldnn._linear_pointwise`` (bias added in the kernel, exact GELU fused into the
 first MLP matmul) and ``scaled_dot_product_attention`` computes the same function: on ViT-B-32, batch 32, 2 threads,
 AMD EPYC with AVX-512, 1.2x the images/s of the stock block in float32 and ~1.07x in bfloat16, embeddings at cosine
->= 0.9999998 to the stock ones in float32 (docs/benchmarks/vs-clip-retrieval.md). Weights are used as they are, not
-repacked: no second copy of the tower in memory.
+>= 0.9999998 to the stock ones in float32 (docs/benchmarks/vs-clip-retrieval.md). In float32 the weights are used
+as they are; in bfloat16 they are packed once into oneDNN's layout (1.08x more, for a second copy of the block
+weights: ~170 MB for ViT-B-32, ~600 MB for ViT-L-14; ``ICAR_CPU_KERNELS=onednn-inplace`` declines the copy).
 
 Only for inference on a CPU, and only on blocks of exactly the stock shape (anything else: LayerScale is fine,
 cross-attention, masks, biases on k/v, non-batch-first attention are not) is a block replaced; the rest run as
@@ -71,16 +72,19 @@ def _stock_forward():
 class OneDnnBlock(nn.Module):
     """One open_clip ``ResidualAttentionBlock`` computed with oneDNN linear kernels (shares the block's tensors)."""
 
-    def __init__(self, block: nn.Module, linear):
+    def __init__(self, block: nn.Module, linear, pack=None):
+        """``pack``: None uses the block's weights in place; else a function (weight -> oneDNN's packed layout of
+        it) whose copies the kernels read instead (bfloat16: measured ~1.08x, for one more copy of the weights)."""
         super().__init__()
         attn, mlp = block.attn, block.mlp
         self.linear = linear
         self.heads = attn.num_heads
         self.ln_1, self.ln_2, self.ls_1, self.ls_2 = block.ln_1, block.ln_2, block.ls_1, block.ls_2
-        self.qkv = (attn.in_proj_weight, attn.in_proj_bias)
-        self.out = (attn.out_proj.weight, attn.out_proj.bias)
-        self.fc = (mlp.c_fc.weight, mlp.c_fc.bias)
-        self.proj = (mlp.c_proj.weight, mlp.c_proj.bias)
+        w = (lambda t: t.detach()) if pack is None else (lambda t: pack(t.detach()))
+        self.qkv = (w(attn.in_proj_weight), attn.in_proj_bias)
+        self.out = (w(attn.out_proj.weight), attn.out_proj.bias)
+        self.fc = (w(mlp.c_fc.weight), mlp.c_fc.bias)
+        self.proj = (w(mlp.c_proj.weight), mlp.c_proj.bias)
         act = mlp.gelu
         # Exact (erf) GELU and its tanh form are oneDNN post-ops of the first MLP matmul; any other activation
         # (QuickGELU of the OpenAI checkpoints) runs as its own module after it.
@@ -112,12 +116,15 @@ class BlockKernels:
     reason: str
 
 
-def fast_blocks(blocks: nn.ModuleList, device: str) -> BlockKernels:
-    """Return oneDNN replacements for ``blocks`` (an open_clip ViT's resblocks) on a CPU, or why there are none."""
+def fast_blocks(blocks: nn.ModuleList, device: str, rows_hint: int = 32 * 50) -> BlockKernels:
+    """Return oneDNN replacements for ``blocks`` (an open_clip ViT's resblocks) on a CPU, or why there are none.
+
+    ``rows_hint``: images per batch x tokens per image, for the packed weights' layout (bfloat16 only)."""
     setting = os.environ.get(ENV, "").strip().lower()
-    if setting not in ("", "auto", "onednn", "torch"):
-        raise ValueError(f"{ENV}={setting!r}: use 'torch' (open_clip's own block forward) or 'onednn' (unset: "
-                         "oneDNN kernels where they apply)")
+    if setting not in ("", "auto", "onednn", "onednn-inplace", "torch"):
+        raise ValueError(f"{ENV}={setting!r}: use 'torch' (open_clip's own block forward), 'onednn-inplace' (oneDNN "
+                         "kernels on the weights in place, no packed copy) or 'onednn' (unset: oneDNN kernels where "
+                         "they apply)")
     if setting == "torch":
         return BlockKernels(None, "torch", f"{ENV}=torch")
     if not str(device).startswith("cpu"):
@@ -129,12 +136,32 @@ def fast_blocks(blocks: nn.ModuleList, device: str) -> BlockKernels:
         why = unsupported(blk)
         if why is not None:
             return BlockKernels(None, "torch", f"block {i}: {why}")
-    fast = [OneDnnBlock(b, linear) for b in blocks]
+    pack = _packer(blocks[0].attn.in_proj_weight.dtype, rows_hint)
+    fast = [OneDnnBlock(b, linear, pack) for b in blocks]
     problem = _disagreement(blocks[0], fast[0])
+    if problem is not None and pack is not None:  # the packed layout is the newer op: try the plain weights
+        pack, fast = None, [OneDnnBlock(b, linear) for b in blocks]
+        problem = _disagreement(blocks[0], fast[0])
     if problem is not None:
         log.warning("oneDNN blocks disagree with open_clip's on a check batch (%s): running the stock blocks", problem)
         return BlockKernels(None, "torch", f"check batch disagreed: {problem}")
-    return BlockKernels(fast, "onednn", "oneDNN linear kernels (CPU inference)")
+    how = "weights packed for oneDNN (a second copy)" if pack is not None else "weights in place"
+    return BlockKernels(fast, "onednn", f"oneDNN linear kernels (CPU inference), {how}")
+
+
+def _packer(dtype: torch.dtype, rows_hint: int):
+    """Return weight -> oneDNN packed weight for ``dtype``, or None to use the weights in place.
+
+    Packing pays in bfloat16 (ViT-B-32, batch 32, 2 threads: 1.08x the packed-free kernels, on top of their 1.07x
+    over the stock blocks) and not in float32 (no gain measured), and costs one more copy of the block weights.
+    ``rows_hint`` (images per batch x tokens) only tunes the layout; any batch size runs on it."""
+    if dtype != torch.bfloat16 or os.environ.get(ENV, "").strip().lower() == "onednn-inplace":
+        return None
+    try:
+        reorder = torch.ops.mkldnn._reorder_linear_weight
+    except (AttributeError, RuntimeError):
+        return None
+    return lambda w: reorder(w, rows_hint)
 
 
 @torch.inference_mode()

@@ -134,7 +134,9 @@ class ModelWorker:
         if self.heads is not None and spec.exits is None:
             exits = list(self.heads.exits)
         self.encoder = enc.AdaptiveEncoder(self.bundle.model.visual, exits, self.heads).to(self.device).eval()
-        self.kernels = cpu_blocks.fast_blocks(self.encoder.visual.transformer.resblocks, self.device)
+        visual = self.encoder.visual
+        tokens = int(visual.positional_embedding.shape[0]) if hasattr(visual, "positional_embedding") else 50
+        self.kernels = cpu_blocks.fast_blocks(visual.transformer.resblocks, self.device, rows_hint=32 * tokens)
         self.encoder.inference_blocks = self.kernels.blocks
         self.exits = exits
         self.router = build_router(spec, exits)

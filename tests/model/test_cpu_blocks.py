@@ -55,14 +55,22 @@ def test_bfloat16_tower_stays_within_bfloat16_rounding(monkeypatch):
     monkeypatch.delenv(cpu_blocks.ENV, raising=False)
     bundle = models.bundle_from_config(TINY, seed=3, name="tiny", precision="bf16")
     visual = bundle.model.visual.eval()
-    kernels = cpu_blocks.fast_blocks(visual.transformer.resblocks, "cpu")
-    assert kernels.kernels == "onednn", kernels.reason
+    packed = cpu_blocks.fast_blocks(visual.transformer.resblocks, "cpu")
+    assert packed.kernels == "onednn" and "packed" in packed.reason, packed.reason
+    monkeypatch.setenv(cpu_blocks.ENV, "onednn-inplace")
+    inplace = cpu_blocks.fast_blocks(visual.transformer.resblocks, "cpu")
+    assert inplace.kernels == "onednn" and "in place" in inplace.reason, inplace.reason
     x = _pixels(bundle).to(torch.bfloat16)
+    stock_blocks = visual.transformer.resblocks
     with torch.inference_mode():
         stock = visual(x).float()
-        visual.transformer.resblocks = torch.nn.ModuleList(kernels.blocks)
-        fast = visual(x).float()
-    assert torch.nn.functional.cosine_similarity(stock, fast).min().item() > 0.999
+        for kernels in (packed, inplace):
+            visual.transformer.resblocks = torch.nn.ModuleList(kernels.blocks)
+            fast = visual(x).float()
+            small = visual(x[:3]).float()  # another batch size than the packed layout's hint
+            visual.transformer.resblocks = stock_blocks
+            assert torch.nn.functional.cosine_similarity(stock, fast).min().item() > 0.999, kernels.reason
+            assert torch.nn.functional.cosine_similarity(stock[:3], small).min().item() > 0.999, kernels.reason
 
 
 def test_a_wrong_block_is_caught_by_the_check_batch():
