@@ -136,15 +136,17 @@ def fast_blocks(blocks: nn.ModuleList, device: str, rows_hint: int = 32 * 50) ->
         why = unsupported(blk)
         if why is not None:
             return BlockKernels(None, "torch", f"block {i}: {why}")
-    pack = _packer(blocks[0].attn.in_proj_weight.dtype, rows_hint)
-    fast = [OneDnnBlock(b, linear, pack) for b in blocks]
-    problem = _disagreement(blocks[0], fast[0])
+    pack = None if setting == "onednn-inplace" else _packer(blocks[0].attn.in_proj_weight.dtype, rows_hint)
+    # Check the first block before converting the rest, so a disagreeing build packs no copy of the other blocks.
+    first = OneDnnBlock(blocks[0], linear, pack)
+    problem = _disagreement(blocks[0], first)
     if problem is not None and pack is not None:  # the packed layout is the newer op: try the plain weights
-        pack, fast = None, [OneDnnBlock(b, linear) for b in blocks]
-        problem = _disagreement(blocks[0], fast[0])
+        pack, first = None, OneDnnBlock(blocks[0], linear)
+        problem = _disagreement(blocks[0], first)
     if problem is not None:
         log.warning("oneDNN blocks disagree with open_clip's on a check batch (%s): running the stock blocks", problem)
         return BlockKernels(None, "torch", f"check batch disagreed: {problem}")
+    fast = [first] + [OneDnnBlock(b, linear, pack) for b in blocks[1:]]
     how = "weights packed for oneDNN (a second copy)" if pack is not None else "weights in place"
     return BlockKernels(fast, "onednn", f"oneDNN linear kernels (CPU inference), {how}")
 
@@ -155,7 +157,7 @@ def _packer(dtype: torch.dtype, rows_hint: int):
     Packing pays in bfloat16 (ViT-B-32, batch 32, 2 threads: 1.08x the packed-free kernels, on top of their 1.07x
     over the stock blocks) and not in float32 (no gain measured), and costs one more copy of the block weights.
     ``rows_hint`` (images per batch x tokens) only tunes the layout; any batch size runs on it."""
-    if dtype != torch.bfloat16 or os.environ.get(ENV, "").strip().lower() == "onednn-inplace":
+    if dtype != torch.bfloat16:
         return None
     try:
         reorder = torch.ops.mkldnn._reorder_linear_weight

@@ -244,10 +244,9 @@ class ModelWorker:
         """Return ``embed``'s result with each row's exit decided by the confidence heads inside the tower."""
         x = models.pixels_to_tensor(self.bundle, pixels).to(self.device, non_blocking=True)
         with torch.autocast(self.device.split(":")[0], dtype=self.autocast, enabled=self.autocast is not None):
-            # A complexity block turns into per-row thresholds on the raw confidence (router.row_thresholds).
-            thresholds = [torch.as_tensor(t, dtype=torch.float32, device=x.device) if np.ndim(t) else t
-                          for t in self.router.row_thresholds(scores)]
-            emb, depth = self.encoder.forward_confident(x, self.confidence, thresholds)
+            # A complexity block turns into per-row thresholds on the raw confidence (router.row_thresholds), which
+            # forward_confident takes as they are (arrays become tensors on the rows' device there).
+            emb, depth = self.encoder.forward_confident(x, self.confidence, self.router.row_thresholds(scores))
         exit_layer = depth.numpy().astype(np.int16)
         emb = torch.nn.functional.normalize(emb.float(), dim=-1).to(torch.float16).cpu().numpy()
         return {"embedding": emb, "complexity": scores, "exit_layer": exit_layer,

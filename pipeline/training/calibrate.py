@@ -284,20 +284,22 @@ def calibrate_confidence(cfg: CalibrateConfig) -> routers.ConfidenceRouter:
     pixels, keys, captions = sample_inputs(cfg.inputs, bundle.image_size, cfg.sample, cfg.seed, cfg.storage_options)
     confidences: dict[int, list[np.ndarray]] = {}
     embeddings: dict[int, list[np.ndarray]] = {}
+    scores: list[np.ndarray] = []  # the batches' complexity scores, with a complexity weight only
     with torch.inference_mode():
         for i in range(0, len(pixels), cfg.batch_size):
-            x = models.pixels_to_tensor(bundle, pixels[i:i + cfg.batch_size], device=device)
+            batch = pixels[i:i + cfg.batch_size]
+            x = models.pixels_to_tensor(bundle, batch, device=device)
             _, c, emb = every_exit(encoder, conf, x)
             for e, v in c.items():
                 confidences.setdefault(e, []).append(v.float().cpu().numpy())
             for e, v in emb.items():
                 embeddings.setdefault(e, []).append(v.float().cpu().numpy())
+            if combined:
+                scores.append(np.asarray(scorer.score(batch)))
     conf_sample = {e: np.concatenate(v) for e, v in confidences.items()}
     block = None
     if combined:
-        scores = np.concatenate([scorer.score(pixels[i:i + cfg.batch_size])
-                                 for i in range(0, len(pixels), cfg.batch_size)])
-        block, conf_sample = sample_signal(conf_sample, scores, cfg.complexity_weight)
+        block, conf_sample = sample_signal(conf_sample, np.concatenate(scores), cfg.complexity_weight)
     tower = flops.exit_gflops(bundle, exits)
     conf_gflops = confidence_gflops(conf, bundle.model.visual)
     scorer_gflops = float(scorer.gflops_per_image) if scorer is not None else 0.0
