@@ -114,6 +114,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--scaled", action="append", default=None, metavar="NAME",
                    help="also measure the heads named NAME with the per-exit similarity scales their file "
                         "recommends for a mixed index applied (rows 'NAME+scales'; repeatable)")
+    p.add_argument("--budget-confidence", type=float, default=routers.DEFAULT_BUDGET_CONFIDENCE, metavar="P",
+                   help="routers are fitted on val as `icar calibrate --budget-confidence P` fits them: under each "
+                        "budget by a margin that keeps a new sample's mean cost within it with probability P (0.5: "
+                        "exactly at it on val, as before 2026-12-06 23:00)")
     p.add_argument("--budgets", default=",".join(map(str, DEFAULT_BUDGETS)),
                    help="GFLOP budgets as fractions of full depth, comma-separated")
     p.add_argument("--bootstrap", type=int, default=1000, help="paired-bootstrap resamples per interval")
@@ -407,7 +411,7 @@ def confidence_policies(ctx: dict, budget: float) -> dict[str, dict]:
     for suffix, shares, rule in variants:
         try:
             r = calibrate_confidence_budget(c["val"], exits, gpe, c["gflops"], budget, c["heads"].identity,
-                                            shares=shares, rule=rule)
+                                            shares=shares, rule=rule, budget_confidence=ctx["budget_confidence"])
         except ValueError as e:
             log.info("confidence router at budget %.2f: %s", budget, e)
             continue
@@ -422,7 +426,8 @@ def confidence_policies(ctx: dict, budget: float) -> dict[str, dict]:
         # the router (with its complexity block) is what `icar embed --router` runs, so it is timed too.
         try:
             r = calibrate_confidence_budget(c["combined_val"], exits, gpe, c["gflops"], budget, c["heads"].identity,
-                                            scorer_gflops=ctx["scorer_gflops"], shares=shares, rule=rule)
+                                            scorer_gflops=ctx["scorer_gflops"], shares=shares, rule=rule,
+                                            budget_confidence=ctx["budget_confidence"])
         except ValueError as e:
             log.info("confidence+complexity router at budget %.2f: %s", budget, e)
             continue
@@ -535,7 +540,8 @@ def measure_heads(name: str, path: str, ctx: dict, budgets: list[float], a: argp
         policies = {}
         for suffix, shares in share_variants(exits):
             try:
-                r = routers.calibrate_budget(ctx["val_scores"], exits, gpe, ctx["scorer_gflops"], b, shares=shares)
+                r = routers.calibrate_budget(ctx["val_scores"], exits, gpe, ctx["scorer_gflops"], b, shares=shares,
+                                             budget_confidence=ctx["budget_confidence"])
             except ValueError as e:
                 log.info("complexity router at budget %.2f: %s", b, e)
                 continue
@@ -681,7 +687,8 @@ def run(a: argparse.Namespace) -> dict:
            "test_keys": test_keys, "test_px": test_px, "val_keys": val_keys, "val_px": val_px,
            "val_scores": score_all(base.scorer, val_px, a.batch_size),
            "test_scores": score_all(base.scorer, test_px, a.batch_size), "queries": queries,
-           "heads": heads, "corpus": corpus, "corpus_doc": doc, "confidence_paths": confidence}
+           "heads": heads, "corpus": corpus, "corpus_doc": doc, "confidence_paths": confidence,
+           "budget_confidence": a.budget_confidence}
     results = {name: measure_heads(name, path, ctx, budgets, a) for name, path in heads.items()}
     for name in a.scaled or []:
         scales = recorded_exit_scales(heads[name])
@@ -708,7 +715,7 @@ def run(a: argparse.Namespace) -> dict:
                   "full_gflops": full_g, "scorer": base.scorer.identity, "scorer_gflops": base.scorer_gflops},
         "heads": {k: {"path": v["path"], "identity": v["identity"], "confidence_heads": v["confidence"],
                       "exit_scales": v.get("exit_scales")} for k, v in results.items()},
-        "budgets": budgets, "bootstrap": a.bootstrap, "random_seeds": a.random_seeds,
+        "budgets": budgets, "budget_confidence": a.budget_confidence, "bootstrap": a.bootstrap, "random_seeds": a.random_seeds,
         "confidence_available": any(r["policy"].startswith("confidence") for r in rows),
         "rows": rows, "comparisons": comps, "timing": timing, "targets": targets(rows, comps),
         "threads": a.threads, "precision": a.precision, "seconds": time.perf_counter() - t0,

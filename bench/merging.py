@@ -376,7 +376,8 @@ def run(a: argparse.Namespace) -> dict:
     exit_costs = {e: costs[str(e)] for e in (4, 6, 8)}
     for budget in [float(b) for b in a.exit_budgets.split(",") if b.strip()]:
         r = routers.calibrate_budget(val_scores, [4, 6, 8], exit_costs, scorer.gflops_per_image, budget,
-                                     scorer_identity=scorer.identity)
+                                     scorer_identity=scorer.identity,
+                                     budget_confidence=routers.DEFAULT_BUDGET_CONFIDENCE)
         path = workdir / f"exits-{budget:g}.json"
         routers.save_router(r, str(path))
         add(f"exits only (budget {budget:g})", [str(int(d)) for d in r.route(test_scores, keys)],
@@ -393,7 +394,8 @@ def run(a: argparse.Namespace) -> dict:
             try:
                 cand = routers.calibrate_profiles_budget(val_scores, [p.spec for p in fam], costs,
                                                          scorer.gflops_per_image, budget,
-                                                         scorer_identity=scorer.identity)
+                                                         scorer_identity=scorer.identity,
+                                                         budget_confidence=routers.DEFAULT_BUDGET_CONFIDENCE)
             except ValueError as e:  # this family's cheapest profile costs more than the budget
                 log.info("budget %.3g: family %s left out: %s", budget, sched, e)
                 continue

@@ -356,7 +356,8 @@ def threshold_row(ev: Evaluator, name: str, val_scores: np.ndarray, test_scores:
     """
     plan = scorer_gflops if calibration_gflops is None else calibration_gflops
     try:
-        r = routers.calibrate_budget(val_scores, ev.exits, ev.gflops_per_exit, plan, budget, shares=shares)
+        r = routers.calibrate_budget(val_scores, ev.exits, ev.gflops_per_exit, plan, budget, shares=shares,
+                                     budget_confidence=routers.DEFAULT_BUDGET_CONFIDENCE)
     except ValueError as e:
         log.debug("%s at budget %.2f: %s", name, budget, e)
         return None
@@ -488,7 +489,8 @@ def run(a: argparse.Namespace) -> dict:
 
     check = pipeline_check(worker, test_px, test_keys, exit_emb, shipped)
     recalibrated = routers.calibrate_budget(scorers["heuristic"]["val"], exits, gpe, scorers["heuristic"]["gflops"],
-                                            shipped.calibration["target"])
+                                            shipped.calibration["target"],
+                                            budget_confidence=shipped.calibration.get("budget_confidence", 0.5))
     heuristic_router_reproduced = bool(len(val_keys) == shipped.calibration.get("sample_size")
                                        and np.allclose(recalibrated.thresholds, shipped.thresholds))
     goals = goal_check(ev, rows, sweep)

@@ -4,6 +4,10 @@ Two modes (pipeline/model/router.py explains the family of exit mixes both move 
 
   --gflops-budget 0.7   expected cost per image (scorer + encoder up to its exit) <= 0.7 × full-depth cost;
                         needs only complexity scores: from a run (--scores-from RUN) or scored here from inputs.
+                        The budget is a ceiling for the images the router will see, not only for the sample: the
+                        mix is fitted a little under it (--budget-confidence, default 0.95: a new sample's mean cost
+                        stays within the budget 19 times in 20; the margin, std(cost per image) / sqrt(--sample)
+                        scaled, is recorded in the router file; 0.5 fits the sample exactly).
   --min-recall 0.97     the cheapest thresholds whose text->image recall@10 on captioned sample images stays
                         >= 0.97 × recall@10 at full depth; needs inputs with captions, the model and its heads
                         (every sample image is embedded at every exit, and its caption with the text tower).
@@ -60,6 +64,9 @@ def build_parser() -> argparse.ArgumentParser:
     goal = p.add_mutually_exclusive_group(required=True)
     goal.add_argument("--gflops-budget", type=float, help="expected cost as a fraction of full depth, scorer included")
     goal.add_argument("--min-recall", type=float, help="text->image recall@10 floor as a fraction of full depth's")
+    p.add_argument("--budget-confidence", type=float, default=c.budget_confidence, metavar="P",
+                   help="with --gflops-budget: probability that the mean cost of a new sample of the same images "
+                        "stays within the budget; the mix is fitted that far under it (0.5: exactly at it)")
     p.add_argument("--shares", type=float_list, default=None,
                    help="how the early exits share the images moved off full depth, e.g. 1,1 (default: equal)")
     p.add_argument("--profiles", default=None,
@@ -109,6 +116,7 @@ def main(argv: list[str] | None = None) -> int:
     summary = {"output": a.output, "mode": c["mode"], "target": c["target"], "exits": getattr(router, "exits", None),
                **({"profiles": router.profiles} if hasattr(router, "profiles") else {}),
                "thresholds": router.to_dict()["thresholds"], "achieved_cost_fraction": c["achieved_cost_fraction"],
+               **({"margin_cost_fraction": c["margin_cost_fraction"]} if "margin_cost_fraction" in c else {}),
                "fractions": c["achieved_fractions"], "sample_size": c["sample_size"]}
     if "achieved_recall_ratio" in c:
         summary["achieved_recall_ratio"] = c["achieved_recall_ratio"]

@@ -27,7 +27,8 @@ from collections.abc import Sequence
 import numpy as np
 
 from pipeline.metrics import recall_at_k
-from pipeline.model.router import ConfidenceRouter, combined_signal, exit_fractions
+from pipeline.model.router import (ConfidenceRouter, ceiling_margin, ceiling_record, combined_signal, exit_fractions,
+                                   row_costs)
 
 log = logging.getLogger(__name__)
 
@@ -172,11 +173,14 @@ def _record(router: ConfidenceRouter, rule: str, a: float, mix: dict, cost: dict
 def calibrate_confidence_budget(confidences: dict, exits: Sequence[int], tower_gflops: dict, confidence_gflops: dict,
                                 budget: float, confidence_identity: dict, scorer_gflops: float = 0.0,
                                 shares: Sequence[float] | None = None, scorer_identity: dict | None = None,
-                                steps: int = STEPS_PER_STAGE, rule: str = "level") -> ConfidenceRouter:
+                                steps: int = STEPS_PER_STAGE, rule: str = "level",
+                                budget_confidence: float = 0.5) -> ConfidenceRouter:
     """Return the least aggressive ConfidenceRouter whose mean cost per row on the sample is <= budget × full depth.
 
-    Cost counts the confidence heads run on the way (and the scorer, when one runs besides). Raises ValueError
-    when even every row at the shallowest exit costs more than the budget.
+    Cost counts the confidence heads run on the way (and the scorer, when one runs besides). With
+    ``budget_confidence`` above 0.5 the goal is ``router.ceiling_margin`` under the budget (measured on the
+    first candidate meeting the budget), so that a new sample's mean cost stays within it with that probability.
+    Raises ValueError when even every row at the shallowest exit costs more than the budget.
     """
     exits = sorted(int(e) for e in exits)
     conf = _confidences(confidences, exits)
@@ -190,15 +194,22 @@ def calibrate_confidence_budget(confidences: dict, exits: Sequence[int], tower_g
         raise ValueError(f"a budget of {budget:.3f} × full depth is unreachable: every row at the shallowest exit "
                          f"{exits[0]} with its confidence head already costs {floor_cost / full:.3f} × full depth; "
                          "raise the budget or add a shallower exit")
+    goal, margin = budget * full, None
     for a, router, mix, cost in _candidates(conf, exits, tower_gflops, confidence_gflops, scorer_gflops, rule,
                                             shares, confidence_identity, scorer_identity, steps):
-        if mix["gflops"] <= budget * full + 1e-12:
-            _record(router, rule, a, mix, cost, tower_gflops, confidence_gflops, scorer_gflops, shares, n, steps,
-                    mode="gflops_budget", target=float(budget))
-            log.info("calibrated confidence thresholds %s to %.3f × full depth (target %.3f) on %d rows: mix %s",
-                     router.thresholds, router.calibration["achieved_cost_fraction"], budget, n,
-                     router.calibration["achieved_fractions"])
-            return router
+        if mix["gflops"] > goal + 1e-12:
+            continue
+        if margin is None:  # the first candidate within the budget sets the margin; the goal moves under it
+            margin = ceiling_margin(row_costs(mix["depth"], cost), budget_confidence)
+            goal = max(goal - margin, floor_cost)
+            if mix["gflops"] > goal + 1e-12:
+                continue
+        _record(router, rule, a, mix, cost, tower_gflops, confidence_gflops, scorer_gflops, shares, n, steps,
+                mode="gflops_budget", target=float(budget), **ceiling_record(budget_confidence, margin, full))
+        log.info("calibrated confidence thresholds %s to %.3f × full depth (target %.3f, margin %.4f) on %d rows: "
+                 "mix %s", router.thresholds, router.calibration["achieved_cost_fraction"], budget, margin / full, n,
+                 router.calibration["achieved_fractions"])
+        return router
     raise ValueError(f"no mix of the family meets a budget of {budget:.3f} × full depth on this sample; raise it")
 
 

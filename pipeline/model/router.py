@@ -15,7 +15,8 @@ A router maps complexity scores (and sample keys) to exit depths. The policies:
   thresholds are fitted by pipeline/model/confidence_calibration.py.
 
 Calibration is pure functions over a sample of scores: ``calibrate_budget`` (a GFLOP budget as a share of
-full-depth cost, scorer included) and ``calibrate_recall`` (the cheapest thresholds whose text→image
+full-depth cost, scorer included; optionally a ceiling that a new sample's mean cost stays under with a stated
+probability, ``ceiling_margin``) and ``calibrate_recall`` (the cheapest thresholds whose text→image
 recall@10 stays above a floor). Both move along the same one-parameter family of exit mixes, described in
 ``exit_fractions``, and record what they chose and why in ``router.calibration``.
 """
@@ -27,6 +28,7 @@ import json
 import logging
 import math
 from collections.abc import Sequence
+from statistics import NormalDist
 
 import numpy as np
 
@@ -37,6 +39,8 @@ from pipeline.model.spec import parse_profiles
 log = logging.getLogger(__name__)
 
 ROUTER_FORMAT = 1  # version of the router JSON document
+# `icar calibrate --budget-confidence`: the share of new samples whose mean cost stays within --gflops-budget
+DEFAULT_BUDGET_CONFIDENCE = 0.95
 
 
 def _check_exits(exits: Sequence[int]) -> list[int]:
@@ -525,15 +529,42 @@ def _finite_scores(scores) -> np.ndarray:
     return s
 
 
+def ceiling_margin(costs, confidence: float) -> float:
+    """Return how far (in GFLOPs) under a budget to fit a mix so that the mean cost of a new sample of the same
+    images stays at or under the budget with probability ``confidence`` (one-sided normal bound).
+
+    Thresholds are quantiles of the calibration sample: the share of a new sample past each one moves by its
+    binomial error, so the mean cost per image moves by about std(row cost) / sqrt(n) of the sample. ``confidence``
+    0.5 fits the sample exactly (margin 0), as calibration did before the margin existed.
+    """
+    if not 0.5 <= confidence < 1.0:
+        raise ValueError(f"--budget-confidence is a probability in [0.5, 1), got {confidence} (0.5 fits the sample "
+                         "exactly; 0.95 keeps a new sample's mean cost within the budget 19 times in 20)")
+    c = np.asarray(costs, np.float64).reshape(-1)
+    if confidence == 0.5 or c.size < 2:
+        return 0.0
+    return NormalDist().inv_cdf(confidence) * float(c.std(ddof=1)) / math.sqrt(c.size)
+
+
+def row_costs(depth: np.ndarray, cost_per_exit: dict) -> np.ndarray:
+    """Return each row's GFLOPs (N,) given its exit ``depth`` (N,) and {exit: GFLOPs}."""
+    depth = np.asarray(depth)
+    out = np.zeros(depth.shape, np.float64)
+    for e, g in cost_per_exit.items():
+        out[depth == int(e)] = float(g)
+    return out
+
+
 def calibrate_budget(scores, exits: Sequence[int], gflops_per_exit: dict, scorer_gflops: float, budget: float,
-                     shares: Sequence[float] | None = None, scorer_identity: dict | None = None
-                     ) -> ThresholdRouter:
+                     shares: Sequence[float] | None = None, scorer_identity: dict | None = None,
+                     budget_confidence: float = 0.5) -> ThresholdRouter:
     """Return the ThresholdRouter whose expected cost on ``scores`` is at most ``budget`` × full depth.
 
     Cost counts the scorer: expected (scorer + encoder) GFLOPs per image ÷ full-depth encoder GFLOPs. The
     mix is the least aggressive one of the ``exit_fractions`` family that meets the budget (so no more
-    quality is given up than the budget demands). Raises ValueError when even the scorer plus the
-    shallowest exit for every image costs more than the budget.
+    quality is given up than the budget demands). With ``budget_confidence`` above 0.5 the mix is fitted
+    ``ceiling_margin`` under the budget, so that a new sample's mean cost stays within it with that probability.
+    Raises ValueError when even the scorer plus the shallowest exit for every image costs more than the budget.
     """
     exits = _check_exits(exits)
     s = _finite_scores(scores)
@@ -547,28 +578,34 @@ def calibrate_budget(scores, exits: Sequence[int], gflops_per_exit: dict, scorer
                          f"GFLOPs) plus the shallowest exit {exits[0]} ({table[exits[0]]:.3f}) already cost "
                          f"{floor:.3f} × full depth ({full:.3f} GFLOPs); raise the budget, add a shallower exit, "
                          "or use a cheaper scorer")
-    target = budget * full
 
     def cost(a: float) -> float:
         return _expected_cost(exit_fractions(len(exits), a, shares), exits, table, scorer_gflops)
 
-    if cost(0.0) <= target:
-        a = 0.0
-    else:
-        # Piecewise linear and non-increasing in a: find the stage that crosses the target, solve inside it.
-        a = float(len(exits) - 1)
-        for stage in range(len(exits) - 1):
-            lo, hi = cost(float(stage)), cost(stage + 1.0)
-            if hi <= target:
-                a = stage + (lo - target) / (lo - hi) if lo > hi else float(stage)
-                break
-    fractions = exit_fractions(len(exits), a, shares)
-    thresholds = thresholds_for_fractions(s, fractions)
-    router = ThresholdRouter(exits, thresholds, scorer_identity=scorer_identity)
+    def fit(target: float) -> tuple[float, np.ndarray, ThresholdRouter]:
+        if cost(0.0) <= target:
+            a = 0.0
+        else:
+            # Piecewise linear and non-increasing in a: find the stage that crosses the target, solve inside it.
+            a = float(len(exits) - 1)
+            for stage in range(len(exits) - 1):
+                lo, hi = cost(float(stage)), cost(stage + 1.0)
+                if hi <= target:
+                    a = stage + (lo - target) / (lo - hi) if lo > hi else float(stage)
+                    break
+        fractions = exit_fractions(len(exits), a, shares)
+        return a, fractions, ThresholdRouter(exits, thresholds_for_fractions(s, fractions),
+                                             scorer_identity=scorer_identity)
+
+    a, fractions, router = fit(budget * full)
+    margin = ceiling_margin(row_costs(router.route(s, None), table), budget_confidence)
+    if margin > 0:
+        a, fractions, router = fit(max(budget * full - margin, floor * full))
     achieved = realised_mix(router, s, table, scorer_gflops)
     router.calibration = {
         "mode": "gflops_budget",
         "target": float(budget),
+        **ceiling_record(budget_confidence, margin, full),
         "rule": "exit_fractions family: one aggressiveness parameter; early exits share the saved images in "
                 "proportion to `shares`; thresholds are score quantiles rounded towards the shallower exit",
         "shares": None if shares is None else [float(x) for x in shares],
@@ -582,9 +619,16 @@ def calibrate_budget(scores, exits: Sequence[int], gflops_per_exit: dict, scorer
         "gflops_per_exit": {str(e): table[e] for e in exits},
         "sample_size": int(s.size),
     }
-    log.info("calibrated to %.3f × full depth (target %.3f) on %d scores: thresholds %s, mix %s",
-             achieved["cost_fraction"], budget, s.size, router.thresholds, achieved["fractions"])
+    log.info("calibrated to %.3f × full depth (target %.3f, margin %.4f) on %d scores: thresholds %s, mix %s",
+             achieved["cost_fraction"], budget, margin / full, s.size, router.thresholds, achieved["fractions"])
     return router
+
+
+def ceiling_record(budget_confidence: float, margin: float, full: float) -> dict:
+    """Return the calibration fields that say how far under the budget the mix was fitted, and why."""
+    return {"budget_confidence": float(budget_confidence), "margin_cost_fraction": margin / full,
+            "margin_rule": "fitted ceiling_margin under the budget: z(budget_confidence) · std(row GFLOPs) / sqrt(sample "
+                           "size), so a new sample's mean cost stays within the budget with that probability"}
 
 
 def routed_embeddings(depth: np.ndarray, exit_embeddings: dict) -> np.ndarray:
@@ -705,7 +749,7 @@ def _as_profile_router(inner: ThresholdRouter, ordered: list[str], gflops_per_pr
 
 def calibrate_profiles_budget(scores, profiles: Sequence[str], gflops_per_profile: dict, scorer_gflops: float,
                               budget: float, shares: Sequence[float] | None = None,
-                              scorer_identity: dict | None = None) -> ProfileRouter:
+                              scorer_identity: dict | None = None, budget_confidence: float = 0.5) -> ProfileRouter:
     """Return the ProfileRouter whose expected cost on ``scores`` is at most ``budget`` × the dearest profile's."""
     ordered, table = _profile_levels(profiles, gflops_per_profile)
     floor = (scorer_gflops + table[1]) / table[len(ordered)]
@@ -714,7 +758,7 @@ def calibrate_profiles_budget(scores, profiles: Sequence[str], gflops_per_profil
                          f"({scorer_gflops:.4f} GFLOPs) plus the cheapest profile {ordered[0]} ({table[1]:.4f}) already "
                          f"cost {floor:.3f}; raise the budget or offer a cheaper profile")
     inner = calibrate_budget(scores, list(table), table, scorer_gflops, budget, shares=shares,
-                             scorer_identity=scorer_identity)
+                             scorer_identity=scorer_identity, budget_confidence=budget_confidence)
     return _as_profile_router(inner, ordered, {p: table[i + 1] for i, p in enumerate(ordered)}, scorer_identity)
 
 

@@ -47,6 +47,7 @@ class CalibrateConfig:
     inputs: list[str] = field(default_factory=list)  # input shards to sample (tar, Parquet, folders; paths or URLs)
     scores_from: str | None = None  # run directory whose shards' complexity scores to use (instead of inputs)
     gflops_budget: float | None = None  # expected cost as a fraction of full depth, scorer included
+    budget_confidence: float = routers.DEFAULT_BUDGET_CONFIDENCE  # P(a new sample's mean cost <= budget); 0.5: exact
     min_recall: float | None = None  # text->image recall@10 floor as a fraction of full depth's (needs captions)
     shares: list[float] | None = None  # how the early exits share the images moved off full depth; None: equal
     profiles: str | None = None  # choose among (exit, merge) profiles, e.g. "4,6,8@keep0.8,8" (needs inputs)
@@ -154,7 +155,8 @@ def calibrate(cfg: CalibrateConfig):
         exits = cfg.exits or [int(e) for e in run_json["exits"]]
         router = routers.calibrate_budget(scores, exits, run_json["gflops_per_exit"],
                                           float(run_json.get("scorer_gflops") or 0.0), cfg.gflops_budget,
-                                          shares=cfg.shares, scorer_identity=run_json.get("scorer"))
+                                          shares=cfg.shares, scorer_identity=run_json.get("scorer"),
+                                          budget_confidence=cfg.budget_confidence)
         router.calibration.update(source={"run": cfg.scores_from}, model=run_json.get("model"), exits=router.exits,
                                   heads=run_json.get("heads"))
     else:
@@ -180,7 +182,8 @@ def calibrate_from_inputs(cfg: CalibrateConfig):
                 "source": {"inputs": list(cfg.inputs), "sample_seed": cfg.seed}}
     if cfg.gflops_budget is not None:
         router = routers.calibrate_budget(scores, exits, gflops, scorer.gflops_per_image, cfg.gflops_budget,
-                                          shares=cfg.shares, scorer_identity=scorer.identity)
+                                          shares=cfg.shares, scorer_identity=scorer.identity,
+                                          budget_confidence=cfg.budget_confidence)
         router.calibration.update(identity)
         return router
     captioned = captioned_indices(captions)
@@ -232,7 +235,8 @@ def calibrate_profiles(cfg: CalibrateConfig, bundle, heads, exits, scorer, pixel
     if cfg.gflops_budget is not None:
         router = routers.calibrate_profiles_budget(scores, [p.spec for p in profiles], costs, scorer.gflops_per_image,
                                                    cfg.gflops_budget, shares=cfg.shares,
-                                                   scorer_identity=scorer.identity)
+                                                   scorer_identity=scorer.identity,
+                                                   budget_confidence=cfg.budget_confidence)
         router.heads.update(paths)
         router.calibration.update(identity)
         return router
@@ -307,7 +311,8 @@ def calibrate_confidence(cfg: CalibrateConfig) -> routers.ConfidenceRouter:
     if cfg.gflops_budget is not None:
         router = calibrate_confidence_budget(conf_sample, exits, tower, conf_gflops, cfg.gflops_budget, conf.identity,
                                              scorer_gflops=scorer_gflops, shares=cfg.shares,
-                                             scorer_identity=scorer_identity, rule=cfg.confidence_rule)
+                                             scorer_identity=scorer_identity, rule=cfg.confidence_rule,
+                                             budget_confidence=cfg.budget_confidence)
     else:
         captioned = captioned_indices(captions)
         text = models.encode_text(bundle, [captions[i] for i in captioned])

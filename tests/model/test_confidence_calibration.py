@@ -65,6 +65,26 @@ def test_budget_is_met_counting_the_confidence_heads(budget, rule):
     assert ConfidenceRouter(EXITS, [math.inf, math.inf], IDENT).gflops_per_exit(TOWER, CONF_G)[8] == 8.0
 
 
+@pytest.mark.parametrize("rule", ["level", "mix"])
+def test_budget_confidence_fits_under_the_budget_for_new_rows(rule):
+    """With budget_confidence 0.95 the thresholds hold a large fresh sample of the same rows within the budget in
+    most calibrations; fitted exactly (0.5) they overspend it about half the time."""
+    budget, fresh = 0.8, _sample(200_000, seed=999)
+    within = {0.5: [], 0.95: []}
+    for seed in range(40):
+        conf = _sample(1000, seed)
+        for p in within:
+            r = calibrate_confidence_budget(conf, EXITS, TOWER, CONF_G, budget, IDENT, rule=rule, budget_confidence=p)
+            c, cost = r.calibration, r.gflops_per_exit(TOWER, CONF_G)
+            assert c["budget_confidence"] == p
+            assert c["achieved_cost_fraction"] <= budget - c["margin_cost_fraction"] + 1e-9
+            assert (c["margin_cost_fraction"] == 0.0) == (p == 0.5)
+            depth = r.route_confidences(fresh)
+            within[p].append(sum(float((depth == e).mean()) * cost[e] for e in EXITS) / TOWER[8] <= budget)
+    assert np.mean(within[0.95]) >= 0.85
+    assert np.mean(within[0.5]) < 0.85
+
+
 def test_unreachable_budget_names_the_floor():
     with pytest.raises(ValueError, match=r"every row at the shallowest exit 4 with its confidence head already costs "
                                          r"0\.506"):

@@ -147,6 +147,55 @@ def test_budget_monotone_and_edge_cases():
         R.calibrate_budget(scores, [12, 30], GFLOPS, SCORER, 0.8)
 
 
+@pytest.mark.parametrize("exits", [[12, 24], [12, 18, 24]])
+def test_budget_confidence_keeps_new_samples_within_the_budget(exits):
+    """Fitted exactly on its sample, a budget is overspent on the images that follow about half the time; with
+    budget_confidence 0.95 the population cost stays within it in about 95 % of calibrations, at a margin of
+    z · std(cost per image) / sqrt(n). Uniform scores: the population share under a threshold is the threshold."""
+    budget, n = 0.8, 1000
+    table = R._gflops_table(exits, GFLOPS)
+
+    def population_cost(router) -> float:
+        edges = np.concatenate([[0.0], np.clip(router.thresholds, 0.0, 1.0), [1.0]])
+        return (SCORER + float(np.diff(edges) @ np.array([table[e] for e in exits]))) / table[exits[-1]]
+
+    within = {0.5: [], 0.95: []}
+    for seed in range(200):
+        sample = np.random.default_rng(seed).random(n)
+        for conf in within:
+            r = R.calibrate_budget(sample, exits, GFLOPS, SCORER, budget, budget_confidence=conf)
+            within[conf].append(population_cost(r) <= budget)
+            c = r.calibration
+            assert c["budget_confidence"] == conf and c["achieved_cost_fraction"] <= budget + 1e-9
+            if conf == 0.5:
+                assert c["margin_cost_fraction"] == 0.0
+            else:  # the margin is the stated bound, the fit is under budget by it (one quantile step at most)
+                row = R.row_costs(r.route(sample, None), table)
+                assert c["margin_cost_fraction"] == pytest.approx(
+                    1.6449 * row.std(ddof=1) / np.sqrt(n) / table[exits[-1]], rel=0.05)
+                assert c["achieved_cost_fraction"] <= budget - c["margin_cost_fraction"] + 1e-9
+                assert c["achieved_cost_fraction"] > budget - c["margin_cost_fraction"] - 0.003
+    assert 0.3 < np.mean(within[0.5]) < 0.7
+    assert np.mean(within[0.95]) >= 0.9
+
+
+def test_budget_confidence_edge_cases():
+    scores = np.random.default_rng(0).random(500)
+    exits = [12, 18, 24]
+    for bad in (0.4, 1.0, 1.5):
+        with pytest.raises(ValueError, match="--budget-confidence is a probability in"):
+            R.calibrate_budget(scores, exits, GFLOPS, SCORER, 0.8, budget_confidence=bad)
+    # every image at one exit costs the same for every image: nothing to guard against, no margin
+    floor = (SCORER + GFLOPS[12]) / GFLOPS[24]
+    r = R.calibrate_budget(scores, exits, GFLOPS, SCORER, floor, budget_confidence=0.99)
+    assert r.calibration["margin_cost_fraction"] == 0.0 and (r.route(scores, None) == 12).all()
+    r = R.calibrate_budget(scores, exits, GFLOPS, SCORER, 1.5, budget_confidence=0.99)
+    assert r.calibration["margin_cost_fraction"] == 0.0 and (r.route(scores, None) == 24).all()
+    # just above the floor the margin may not push the fit under the floor
+    r = R.calibrate_budget(scores, exits, GFLOPS, SCORER, floor + 0.001, budget_confidence=0.99)
+    assert r.calibration["achieved_cost_fraction"] >= floor - 1e-9
+
+
 def test_budget_with_tied_scores_never_overspends():
     scores = np.concatenate([np.zeros(600), np.full(300, 0.5), np.random.default_rng(0).random(100)])
     for budget in (0.6, 0.7, 0.8, 0.95):
