@@ -37,6 +37,7 @@ import sys
 from dataclasses import fields
 
 from pipeline.logs import setup_logging
+from pipeline.model.router import DEFAULT_BUDGET_CONFIDENCE
 from pipeline.model.spec import ModelSpec
 from pipeline.training.calibrate import CalibrateConfig, calibrate
 
@@ -66,7 +67,8 @@ def build_parser() -> argparse.ArgumentParser:
     goal.add_argument("--min-recall", type=float, help="text->image recall@10 floor as a fraction of full depth's")
     p.add_argument("--budget-confidence", type=float, default=c.budget_confidence, metavar="P",
                    help="with --gflops-budget: probability that the mean cost of a new sample of the same images "
-                        "stays within the budget; the mix is fitted that far under it (0.5: exactly at it)")
+                        "stays within the budget; the mix is fitted that far under it (0.5: exactly at it; "
+                        f"default {DEFAULT_BUDGET_CONFIDENCE})")
     p.add_argument("--shares", type=float_list, default=None,
                    help="how the early exits share the images moved off full depth, e.g. 1,1 (default: equal)")
     p.add_argument("--profiles", default=None,

@@ -529,6 +529,14 @@ def _finite_scores(scores) -> np.ndarray:
     return s
 
 
+def check_budget_confidence(confidence: float) -> float:
+    """Return ``confidence`` if it is a probability in [0.5, 1), else raise naming the flag and what it means."""
+    if not 0.5 <= confidence < 1.0:
+        raise ValueError(f"--budget-confidence is a probability in [0.5, 1), got {confidence} (0.5 fits the sample "
+                         "exactly; 0.95 keeps a new sample's mean cost within the budget 19 times in 20)")
+    return float(confidence)
+
+
 def ceiling_margin(costs, confidence: float) -> float:
     """Return how far (in GFLOPs) under a budget to fit a mix so that the mean cost of a new sample of the same
     images stays at or under the budget with probability ``confidence`` (one-sided normal bound).
@@ -537,9 +545,7 @@ def ceiling_margin(costs, confidence: float) -> float:
     binomial error, so the mean cost per image moves by about std(row cost) / sqrt(n) of the sample. ``confidence``
     0.5 fits the sample exactly (margin 0), as calibration did before the margin existed.
     """
-    if not 0.5 <= confidence < 1.0:
-        raise ValueError(f"--budget-confidence is a probability in [0.5, 1), got {confidence} (0.5 fits the sample "
-                         "exactly; 0.95 keeps a new sample's mean cost within the budget 19 times in 20)")
+    check_budget_confidence(confidence)
     c = np.asarray(costs, np.float64).reshape(-1)
     if confidence == 0.5 or c.size < 2:
         return 0.0

@@ -17,7 +17,7 @@ from __future__ import annotations
 import logging
 import math
 import random
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import pyarrow.compute as pc
@@ -47,7 +47,7 @@ class CalibrateConfig:
     inputs: list[str] = field(default_factory=list)  # input shards to sample (tar, Parquet, folders; paths or URLs)
     scores_from: str | None = None  # run directory whose shards' complexity scores to use (instead of inputs)
     gflops_budget: float | None = None  # expected cost as a fraction of full depth, scorer included
-    budget_confidence: float = routers.DEFAULT_BUDGET_CONFIDENCE  # P(a new sample's mean cost <= budget); 0.5: exact
+    budget_confidence: float | None = None  # P(a new sample's mean cost <= budget); 0.5: exact; None: the default
     min_recall: float | None = None  # text->image recall@10 floor as a fraction of full depth's (needs captions)
     shares: list[float] | None = None  # how the early exits share the images moved off full depth; None: equal
     profiles: str | None = None  # choose among (exit, merge) profiles, e.g. "4,6,8@keep0.8,8" (needs inputs)
@@ -136,6 +136,11 @@ def calibrate(cfg: CalibrateConfig):
         raise ValueError("give either --scores-from RUN or input shards to sample, not both or neither")
     if cfg.sample < 2:
         raise ValueError(f"--sample must be at least 2, got {cfg.sample}")
+    if cfg.budget_confidence is not None and cfg.gflops_budget is None:
+        raise ValueError("--budget-confidence says how surely a --gflops-budget holds for the images that follow; "
+                         "it has no meaning with --min-recall (drop it)")
+    cfg = replace(cfg, budget_confidence=routers.check_budget_confidence(
+        routers.DEFAULT_BUDGET_CONFIDENCE if cfg.budget_confidence is None else cfg.budget_confidence))
     if cfg.confidence_heads:
         if cfg.scores_from or cfg.profiles:
             raise ValueError("--confidence-heads needs every sample image taken through every exit: pass input shards "

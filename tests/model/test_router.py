@@ -278,6 +278,21 @@ def test_calibrate_job_from_a_run(tmp_path, capsys):
     assert calibrate.main(["--scores-from", str(tmp_path / "run"), "--gflops-budget", "0.2",
                            "--output", str(out)]) == 2
     assert "unreachable" in capsys.readouterr().err
+    # the budget is a ceiling by default (0.95); --budget-confidence 0.5 fits the sample exactly; both recorded
+    assert c["budget_confidence"] == 0.95 and c["margin_cost_fraction"] > 0
+    assert c["achieved_cost_fraction"] <= 0.7 - c["margin_cost_fraction"] + 1e-9
+    exact = tmp_path / "exact.json"
+    assert calibrate.main(["--scores-from", str(tmp_path / "run"), "--gflops-budget", "0.7", "--sample", "2000",
+                           "--budget-confidence", "0.5", "--output", str(exact)]) == 0
+    e = R.load_router(str(exact)).calibration
+    assert e["budget_confidence"] == 0.5 and e["margin_cost_fraction"] == 0.0
+    assert c["achieved_cost_fraction"] < e["achieved_cost_fraction"] <= 0.7
+    assert json.loads(capsys.readouterr().out)["margin_cost_fraction"] == 0.0
+    for bad, says in ((["--gflops-budget", "0.7", "--budget-confidence", "1"], "a probability in [0.5, 1), got 1.0"),
+                      (["--min-recall", "0.9", "--budget-confidence", "0.9"], "no meaning with --min-recall")):
+        assert calibrate.main(["--scores-from", str(tmp_path / "run"), *bad, "--output", str(tmp_path / "b.json")]) == 2
+        assert says in capsys.readouterr().err
+    assert not (tmp_path / "b.json").exists()
 
 
 TINY_CLIP = {
