@@ -11,6 +11,9 @@ Two modes (pipeline/model/router.py explains the family of exit mixes both move 
   --min-recall 0.97     the cheapest thresholds whose text->image recall@10 on captioned sample images stays
                         >= 0.97 × recall@10 at full depth; needs inputs with captions, the model and its heads
                         (every sample image is embedded at every exit, and its caption with the text tower).
+                        Like the budget, the floor is meant for the captions that follow: it must hold for the
+                        ratio's lower bound over bootstrap resamples of the sample's captions (--recall-confidence,
+                        default 0.95; 0.5 checks the sample's own ratio), recorded as recall_ratio_bound.
 
 With --profiles (e.g. 4,6,8@keep0.8,8) the router chooses among profiles, each an exit depth plus a token-merging
 schedule (pipeline/model/merging.py), ordered by their counted GFLOPs; both modes work the same way over them. The list
@@ -37,7 +40,7 @@ import sys
 from dataclasses import fields
 
 from pipeline.logs import setup_logging
-from pipeline.model.router import DEFAULT_BUDGET_CONFIDENCE
+from pipeline.model.router import DEFAULT_BUDGET_CONFIDENCE, DEFAULT_RECALL_CONFIDENCE
 from pipeline.model.spec import ModelSpec
 from pipeline.training.calibrate import CalibrateConfig, calibrate
 
@@ -69,6 +72,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="with --gflops-budget: probability that the mean cost of a new sample of the same images "
                         "stays within the budget; the mix is fitted that far under it (0.5: exactly at it; "
                         f"default {DEFAULT_BUDGET_CONFIDENCE})")
+    p.add_argument("--recall-confidence", type=float, default=c.recall_confidence, metavar="P",
+                   help="with --min-recall: probability that the recall of new captions stays above the floor; "
+                        "the floor is checked on the ratio's (1 - P) quantile over bootstrap resamples of the "
+                        f"sample's captions (0.5: on the sample's own ratio; default {DEFAULT_RECALL_CONFIDENCE})")
     p.add_argument("--shares", type=float_list, default=None,
                    help="how the early exits share the images moved off full depth, e.g. 1,1 (default: equal)")
     p.add_argument("--profiles", default=None,
@@ -118,7 +125,7 @@ def main(argv: list[str] | None = None) -> int:
     summary = {"output": a.output, "mode": c["mode"], "target": c["target"], "exits": getattr(router, "exits", None),
                **({"profiles": router.profiles} if hasattr(router, "profiles") else {}),
                "thresholds": router.to_dict()["thresholds"], "achieved_cost_fraction": c["achieved_cost_fraction"],
-               **({"margin_cost_fraction": c["margin_cost_fraction"]} if "margin_cost_fraction" in c else {}),
+               **{k: c[k] for k in ("margin_cost_fraction", "recall_ratio_bound") if k in c},
                "fractions": c["achieved_fractions"], "sample_size": c["sample_size"]}
     if "achieved_recall_ratio" in c:
         summary["achieved_recall_ratio"] = c["achieved_recall_ratio"]

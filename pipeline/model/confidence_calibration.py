@@ -26,9 +26,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from pipeline.metrics import recall_at_k
-from pipeline.model.router import (ConfidenceRouter, ceiling_margin, ceiling_record, combined_signal, exit_fractions,
-                                   row_costs)
+from pipeline.model.router import (ConfidenceRouter, RecallFloor, ceiling_margin, ceiling_record, combined_signal,
+                                   exit_fractions, hits_at_k, row_costs)
 
 log = logging.getLogger(__name__)
 
@@ -218,8 +217,9 @@ def calibrate_confidence_recall(confidences: dict, exit_embeddings: dict, text_e
                                 confidence_identity: dict, scorer_gflops: float = 0.0,
                                 shares: Sequence[float] | None = None, k: int = 10,
                                 scorer_identity: dict | None = None, steps: int = STEPS_PER_STAGE,
-                                rule: str = "level") -> ConfidenceRouter:
-    """Return the cheapest ConfidenceRouter whose text→image recall@k on the sample is ≥ min_recall × full depth's.
+                                rule: str = "level", recall_confidence: float = 0.5) -> ConfidenceRouter:
+    """Return the cheapest ConfidenceRouter whose text→image recall@k on the sample is ≥ min_recall × full depth's
+    (for new captions with probability ``recall_confidence``: ``router.RecallFloor``).
 
     ``exit_embeddings``: {exit: (N, D) L2-normalised embeddings of the sample at that exit}; ``text_embeddings``
     (T, D) the captions, ``text_to_image`` (T,) the image each describes. Every candidate mix is measured.
@@ -235,23 +235,28 @@ def calibrate_confidence_recall(confidences: dict, exit_embeddings: dict, text_e
     for e in exits:
         if sims[e].shape[1] != n:
             raise ValueError(f"exit {e} has {sims[e].shape[1]} embeddings for {n} sample confidences")
-    full_recall = recall_at_k(sims[exits[-1]], t2i, (k,))[k]
+    full_hits = hits_at_k(sims[exits[-1]], t2i, k)
+    full_recall = float(full_hits.mean())
     if full_recall == 0.0:
         raise ValueError(f"full-depth recall@{k} on the calibration captions is 0: the sample cannot tell good "
                          "routing from bad; use more captioned images or a trained model")
+    floor = RecallFloor(full_hits, min_recall, recall_confidence)
     best = None
     for a, router, mix, cost in _candidates(conf, exits, tower_gflops, confidence_gflops, scorer_gflops, rule,
                                             shares, confidence_identity, scorer_identity, steps):
+        if best is not None and mix["gflops"] >= best[2]["gflops"] - 1e-12:
+            continue
         sim = np.empty_like(sims[exits[-1]])
         for e in exits:
             cols = mix["depth"] == e
             sim[:, cols] = sims[e][:, cols]
-        recall = recall_at_k(sim, t2i, (k,))[k]
-        if recall >= min_recall * full_recall - 1e-12 and (best is None or mix["gflops"] < best[2]["gflops"] - 1e-12):
-            best = (a, router, mix, cost, recall)
-    a, router, mix, cost, recall = best  # full depth (a = 0) always passes
+        hits = hits_at_k(sim, t2i, k)
+        if floor.holds(hits)[0]:
+            best = (a, router, mix, cost, hits)
+    a, router, mix, cost, hits = best  # full depth (a = 0) always passes
+    recall = float(hits.mean())
     _record(router, rule, a, mix, cost, tower_gflops, confidence_gflops, scorer_gflops, shares, n, steps,
-            mode="min_recall", target=float(min_recall), metric=f"text->image recall@{k}",
+            mode="min_recall", target=float(min_recall), **floor.record(hits), metric=f"text->image recall@{k}",
             full_depth_recall=float(full_recall), achieved_recall=float(recall),
             achieved_recall_ratio=float(recall / full_recall), captions=int(t2i.size))
     log.info("calibrated confidence thresholds %s: recall@%d %.4f (%.3f of full depth) at %.3f × full-depth cost",

@@ -33,14 +33,16 @@ from statistics import NormalDist
 import numpy as np
 
 from pipeline.io import storage
-from pipeline.metrics import recall_at_k
+from pipeline.metrics import best_relevant_rank
 from pipeline.model.spec import parse_profiles
 
 log = logging.getLogger(__name__)
 
 ROUTER_FORMAT = 1  # version of the router JSON document
-# `icar calibrate --budget-confidence`: the share of new samples whose mean cost stays within --gflops-budget
+# `icar calibrate --budget-confidence` / `--recall-confidence`: how surely --gflops-budget / --min-recall hold for the
+# images that follow (the share of new samples whose mean cost stays within the budget, resp. recall above the floor)
 DEFAULT_BUDGET_CONFIDENCE = 0.95
+DEFAULT_RECALL_CONFIDENCE = 0.95
 
 
 def _check_exits(exits: Sequence[int]) -> list[int]:
@@ -529,12 +531,55 @@ def _finite_scores(scores) -> np.ndarray:
     return s
 
 
-def check_budget_confidence(confidence: float) -> float:
-    """Return ``confidence`` if it is a probability in [0.5, 1), else raise naming the flag and what it means."""
+def check_confidence(confidence: float, flag: str = "--budget-confidence") -> float:
+    """Return ``confidence`` if it is a probability in [0.5, 1), else raise naming ``flag`` and what it means."""
     if not 0.5 <= confidence < 1.0:
-        raise ValueError(f"--budget-confidence is a probability in [0.5, 1), got {confidence} (0.5 fits the sample "
-                         "exactly; 0.95 keeps a new sample's mean cost within the budget 19 times in 20)")
+        raise ValueError(f"{flag} is a probability in [0.5, 1), got {confidence} (0.5 fits the sample exactly; 0.95 "
+                         "makes the goal hold for the images that follow 19 times in 20)")
     return float(confidence)
+
+
+class RecallFloor:
+    """Whether a candidate's recall holds ``min_recall`` × full depth's for the captions that follow, not only the
+    sample's: with ``confidence`` above 0.5, the ratio's (1 - confidence) quantile over paired bootstrap resamples of
+    the sample's queries must reach the floor (the same resamples for every candidate and for full depth); at 0.5
+    the sample's own ratio must. Full depth always passes (its ratio is 1 in every resample)."""
+
+    def __init__(self, full_hits: np.ndarray, min_recall: float, confidence: float, resamples: int = 400,
+                 seed: int = 0):
+        self.min_recall, self.confidence = float(min_recall), check_confidence(confidence, "--recall-confidence")
+        self.full_hits = np.asarray(full_hits, np.float64)
+        self.full = float(self.full_hits.mean())
+        n = self.full_hits.size
+        self.idx = (np.random.default_rng(seed).integers(0, n, size=(resamples, n)) if self.confidence > 0.5
+                    else None)
+        self.full_boot = None if self.idx is None else np.maximum(self.full_hits[self.idx].mean(1), 1e-12)
+
+    def bound(self, hits: np.ndarray) -> float:
+        """Return the recall ratio of per-query ``hits`` that holds with the floor's confidence."""
+        hits = np.asarray(hits, np.float64)
+        if self.idx is None:
+            return float(hits.mean()) / self.full
+        return float(np.quantile(hits[self.idx].mean(1) / self.full_boot, 1.0 - self.confidence))
+
+    def holds(self, hits: np.ndarray) -> tuple[bool, float]:
+        """Return (whether the floor holds, the bound) for per-query ``hits``; skips the resampling below the floor."""
+        point = float(np.mean(hits)) / self.full
+        if point < self.min_recall - 1e-12:
+            return False, point
+        b = self.bound(hits)
+        return b >= self.min_recall - 1e-12, b
+
+    def record(self, hits: np.ndarray) -> dict:
+        """Return the calibration fields that say what the floor was checked against."""
+        return {"recall_confidence": self.confidence, "recall_ratio_bound": self.bound(hits),
+                "recall_rule": "the (1 - recall_confidence) quantile of the recall ratio over paired bootstrap "
+                               "resamples of the sample's captions reaches the target (0.5: the sample's own ratio)"}
+
+
+def hits_at_k(sim: np.ndarray, relevant, k: int) -> np.ndarray:
+    """Return per query whether a relevant item is among its top ``k`` (float 0/1)."""
+    return (best_relevant_rank(sim, relevant) < k).astype(np.float64)
 
 
 def ceiling_margin(costs, confidence: float) -> float:
@@ -545,7 +590,7 @@ def ceiling_margin(costs, confidence: float) -> float:
     binomial error, so the mean cost per image moves by about std(row cost) / sqrt(n) of the sample. ``confidence``
     0.5 fits the sample exactly (margin 0), as calibration did before the margin existed.
     """
-    check_budget_confidence(confidence)
+    check_confidence(confidence)
     c = np.asarray(costs, np.float64).reshape(-1)
     if confidence == 0.5 or c.size < 2:
         return 0.0
@@ -652,8 +697,9 @@ def routed_embeddings(depth: np.ndarray, exit_embeddings: dict) -> np.ndarray:
 def calibrate_recall(scores, exit_embeddings: dict, text_embeddings: np.ndarray, text_to_image,
                      min_recall: float, gflops_per_exit: dict, scorer_gflops: float = 0.0,
                      shares: Sequence[float] | None = None, k: int = 10, steps: int = 50,
-                     scorer_identity: dict | None = None) -> ThresholdRouter:
-    """Return the cheapest ThresholdRouter whose text→image recall@k is ≥ min_recall × full-depth recall@k.
+                     scorer_identity: dict | None = None, recall_confidence: float = 0.5) -> ThresholdRouter:
+    """Return the cheapest ThresholdRouter whose text→image recall@k is ≥ min_recall × full-depth recall@k
+    (for new captions with probability ``recall_confidence``: ``RecallFloor``).
 
     ``exit_embeddings`` maps every exit depth to the (N, D) L2-normalised embeddings of the N calibration
     images computed at that exit; ``text_embeddings`` (T, D) are their captions, ``text_to_image`` (T,)
@@ -675,11 +721,12 @@ def calibrate_recall(scores, exit_embeddings: dict, text_embeddings: np.ndarray,
     text = np.asarray(text_embeddings, np.float32)
     t2i = np.asarray(text_to_image, np.int64)
     sims = {e: text @ emb[e].T for e in exits}  # one matmul per exit; each candidate only mixes columns
-    full_recall = recall_at_k(sims[exits[-1]], t2i, (k,))[k]
+    full_hits = hits_at_k(sims[exits[-1]], t2i, k)
+    full_recall = float(full_hits.mean())
     if full_recall == 0.0:
         raise ValueError(f"full-depth recall@{k} on the calibration captions is 0: the sample cannot tell good "
                          "routing from bad; use more captioned images or a trained model")
-    floor = min_recall * full_recall
+    floor = RecallFloor(full_hits, min_recall, recall_confidence)
     best = None
     for a in np.unique(np.concatenate([np.linspace(st, st + 1, steps + 1) for st in range(len(exits) - 1)])):
         router = ThresholdRouter(exits, thresholds_for_fractions(s, exit_fractions(len(exits), a, shares)),
@@ -689,14 +736,16 @@ def calibrate_recall(scores, exit_embeddings: dict, text_embeddings: np.ndarray,
         for e in exits:
             cols = depth == e
             sim[:, cols] = sims[e][:, cols]
-        recall = recall_at_k(sim, t2i, (k,))[k]
+        hits = hits_at_k(sim, t2i, k)
         mix = realised_mix(router, s, table, scorer_gflops)
-        if recall >= floor - 1e-12 and (best is None or mix["gflops"] < best[2]["gflops"] - 1e-12):
-            best = (a, router, mix, recall)
-    a, router, mix, recall = best
+        if (best is None or mix["gflops"] < best[2]["gflops"] - 1e-12) and floor.holds(hits)[0]:
+            best = (a, router, mix, hits)
+    a, router, mix, hits = best
+    recall = float(hits.mean())
     router.calibration = {
         "mode": "min_recall",
         "target": float(min_recall),
+        **floor.record(hits),
         "metric": f"text->image recall@{k}",
         "full_depth_recall": float(full_recall),
         "achieved_recall": float(recall),
@@ -771,7 +820,7 @@ def calibrate_profiles_budget(scores, profiles: Sequence[str], gflops_per_profil
 def calibrate_profiles_recall(scores, profile_embeddings: dict, text_embeddings: np.ndarray, text_to_image,
                               min_recall: float, gflops_per_profile: dict, scorer_gflops: float = 0.0,
                               shares: Sequence[float] | None = None, k: int = 10, steps: int = 50,
-                              scorer_identity: dict | None = None) -> ProfileRouter:
+                              scorer_identity: dict | None = None, recall_confidence: float = 0.5) -> ProfileRouter:
     """Return the cheapest ProfileRouter whose text→image recall@k is ≥ min_recall × the dearest profile's.
 
     ``profile_embeddings``: {profile spec: (N, D) embeddings of the N calibration images under that profile}.
@@ -779,5 +828,5 @@ def calibrate_profiles_recall(scores, profile_embeddings: dict, text_embeddings:
     ordered, table = _profile_levels(list(profile_embeddings), gflops_per_profile)
     inner = calibrate_recall(scores, {i + 1: profile_embeddings[p] for i, p in enumerate(ordered)}, text_embeddings,
                              text_to_image, min_recall, table, scorer_gflops=scorer_gflops, shares=shares, k=k,
-                             steps=steps, scorer_identity=scorer_identity)
+                             steps=steps, scorer_identity=scorer_identity, recall_confidence=recall_confidence)
     return _as_profile_router(inner, ordered, {p: table[i + 1] for i, p in enumerate(ordered)}, scorer_identity)

@@ -48,6 +48,7 @@ class CalibrateConfig:
     scores_from: str | None = None  # run directory whose shards' complexity scores to use (instead of inputs)
     gflops_budget: float | None = None  # expected cost as a fraction of full depth, scorer included
     budget_confidence: float | None = None  # P(a new sample's mean cost <= budget); 0.5: exact; None: the default
+    recall_confidence: float | None = None  # P(new captions' recall ratio >= min_recall); 0.5: the sample's; None: default
     min_recall: float | None = None  # text->image recall@10 floor as a fraction of full depth's (needs captions)
     shares: list[float] | None = None  # how the early exits share the images moved off full depth; None: equal
     profiles: str | None = None  # choose among (exit, merge) profiles, e.g. "4,6,8@keep0.8,8" (needs inputs)
@@ -138,9 +139,15 @@ def calibrate(cfg: CalibrateConfig):
         raise ValueError(f"--sample must be at least 2, got {cfg.sample}")
     if cfg.budget_confidence is not None and cfg.gflops_budget is None:
         raise ValueError("--budget-confidence says how surely a --gflops-budget holds for the images that follow; "
-                         "it has no meaning with --min-recall (drop it)")
-    cfg = replace(cfg, budget_confidence=routers.check_budget_confidence(
-        routers.DEFAULT_BUDGET_CONFIDENCE if cfg.budget_confidence is None else cfg.budget_confidence))
+                         "with --min-recall use --recall-confidence")
+    if cfg.recall_confidence is not None and cfg.min_recall is None:
+        raise ValueError("--recall-confidence says how surely a --min-recall floor holds for the captions that "
+                         "follow; with --gflops-budget use --budget-confidence")
+    cfg = replace(cfg, budget_confidence=routers.check_confidence(
+        routers.DEFAULT_BUDGET_CONFIDENCE if cfg.budget_confidence is None else cfg.budget_confidence),
+        recall_confidence=routers.check_confidence(
+        routers.DEFAULT_RECALL_CONFIDENCE if cfg.recall_confidence is None else cfg.recall_confidence,
+        "--recall-confidence"))
     if cfg.confidence_heads:
         if cfg.scores_from or cfg.profiles:
             raise ValueError("--confidence-heads needs every sample image taken through every exit: pass input shards "
@@ -203,7 +210,7 @@ def calibrate_from_inputs(cfg: CalibrateConfig):
     text = models.encode_text(bundle, [captions[i] for i in captioned])
     router = routers.calibrate_recall(scores, exit_embeddings, text, np.asarray(captioned), cfg.min_recall, gflops,
                                       scorer_gflops=scorer.gflops_per_image, shares=cfg.shares,
-                                      scorer_identity=scorer.identity)
+                                      scorer_identity=scorer.identity, recall_confidence=cfg.recall_confidence)
     router.calibration.update(identity)
     return router
 
@@ -262,7 +269,8 @@ def calibrate_profiles(cfg: CalibrateConfig, bundle, heads, exits, scorer, pixel
     text = models.encode_text(bundle, [captions[i] for i in captioned])
     router = routers.calibrate_profiles_recall(scores, embeddings, text, np.asarray(captioned), cfg.min_recall, costs,
                                                scorer_gflops=scorer.gflops_per_image, shares=cfg.shares,
-                                               scorer_identity=scorer.identity)
+                                               scorer_identity=scorer.identity,
+                                               recall_confidence=cfg.recall_confidence)
     router.heads.update(paths)
     router.calibration.update(identity)
     return router
@@ -324,7 +332,8 @@ def calibrate_confidence(cfg: CalibrateConfig) -> routers.ConfidenceRouter:
         router = calibrate_confidence_recall(conf_sample, {e: np.concatenate(v) for e, v in embeddings.items()},
                                              text, np.asarray(captioned), cfg.min_recall, tower, conf_gflops,
                                              conf.identity, scorer_gflops=scorer_gflops, shares=cfg.shares,
-                                             scorer_identity=scorer_identity, rule=cfg.confidence_rule)
+                                             scorer_identity=scorer_identity, rule=cfg.confidence_rule,
+                                             recall_confidence=cfg.recall_confidence)
     router.calibration.update(model=bundle.identity, exits=exits, heads=encoder.heads.identity,
                               confidence=conf.identity, source={"inputs": list(cfg.inputs), "sample_seed": cfg.seed})
     if block is not None:  # the thresholds above are on the combined signal: the router must compute it too

@@ -297,6 +297,7 @@ def test_scorer_gflops_are_counted_once_across_runs(tmp_path, monkeypatch):
     from pipeline.model import flops, scorer
 
     monkeypatch.setenv("ICAR_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(flops, "_memory", {})  # a scorer counted by an earlier test in this process is not written
     counted = scorer.load_scorer("default")
     assert counted.kind == "convnext"  # the shipped checkpoint: the FlopCounterMode pass worth caching
     entry = json.loads((tmp_path / "flops.json").read_text())

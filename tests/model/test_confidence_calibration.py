@@ -113,5 +113,10 @@ def test_recall_floor_is_met_and_good_confidence_beats_bad():
         for c in (good, poor):
             assert c["achieved_recall"] >= 0.98 * c["full_depth_recall"] - 1e-12 and c["mode"] == "min_recall"
         assert good["achieved_cost_fraction"] < poor["achieved_cost_fraction"] - 0.2
+        # on a lower bound over resamples of the captions the floor costs more (the blind router must stay deeper)
+        sure = calibrate_confidence_recall(blind, emb, rule=rule, recall_confidence=0.95, **kw).calibration
+        assert sure["recall_confidence"] == 0.95 and poor["recall_confidence"] == 0.5
+        assert 0.98 - 1e-12 <= sure["recall_ratio_bound"] <= sure["achieved_recall_ratio"]
+        assert sure["achieved_cost_fraction"] > poor["achieved_cost_fraction"]
     with pytest.raises(ValueError, match="rule 'best' is not one of level, mix"):
         calibrate_confidence_recall(informed, emb, rule="best", **kw)
