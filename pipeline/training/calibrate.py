@@ -26,6 +26,7 @@ import torch
 from pipeline.io import schema, storage
 from pipeline.io.decode import DecodeConfig, DecodeError, decode_image
 from pipeline.io.readers import expand_inputs, iter_samples
+from pipeline.metrics import recall_at_k
 from pipeline.model import encoder as enc
 from pipeline.model import flops, models
 from pipeline.model import router as routers
@@ -128,6 +129,35 @@ def captioned_indices(captions: list[str | None]) -> list[int]:
         raise ValueError(f"only {len(captioned)} of {len(captions)} sample images have captions; --min-recall needs a "
                          "captioned validation set (e.g. COCO/Flickr val shards with .txt captions)")
     return captioned
+
+
+def sample_recall(depth: np.ndarray, exit_embeddings: dict, text: np.ndarray, text_to_image: np.ndarray,
+                  tower_gflops: dict, exit_scales: dict | None = None) -> dict:
+    """Return what a router's exit mix (``depth`` per sample image) keeps of full-depth text→image recall@1/@10 on
+    the calibration sample, beside every fixed exit and its cost: the figures a team weighs before adopting it.
+
+    The gallery is the sample's images (a real index is larger, and recall lower), each routed row scaled by its
+    exit's ``exit_scales`` as `icar index` scales it; a budget's thresholds were fitted for cost, not recall, so the
+    routed figure is not an in-sample optimum.
+    """
+    exits = sorted(int(e) for e in exit_embeddings)
+    full_g = float({int(k): v for k, v in tower_gflops.items()}[exits[-1]])
+
+    def recall(emb: np.ndarray) -> dict:
+        r = recall_at_k(np.asarray(text, np.float32) @ np.asarray(emb, np.float32).T, text_to_image, (1, 10))
+        return {f"t2i@{k}": float(v) for k, v in r.items()}
+
+    full = recall(exit_embeddings[exits[-1]])
+    depth = np.asarray(depth)
+    scale = np.ones(depth.shape, np.float32)
+    for e, sc in (exit_scales or {}).items():
+        scale[depth == int(e)] = float(sc)
+    routed = recall(routers.routed_embeddings(depth, exit_embeddings) * scale[:, None])
+    fixed = {str(e): {"cost_fraction": float({int(k): v for k, v in tower_gflops.items()}[e]) / full_g,
+                      **recall(exit_embeddings[e])} for e in exits[:-1]}
+    return {"metric": "text->image recall@1/@10 of the sample's captions against the sample's images",
+            "captions": int(len(text_to_image)), "full": full, "routed": routed,
+            "routed_ratio": {k: (routed[k] / full[k] if full[k] else None) for k in full}, "fixed_exits": fixed}
 
 
 def calibrate(cfg: CalibrateConfig):
@@ -321,21 +351,25 @@ def calibrate_confidence(cfg: CalibrateConfig) -> routers.ConfidenceRouter:
     conf_gflops = confidence_gflops(conf, bundle.model.visual)
     scorer_gflops = float(scorer.gflops_per_image) if scorer is not None else 0.0
     scorer_identity = scorer.identity if scorer is not None else None
+    sample_emb = {e: np.concatenate(v) for e, v in embeddings.items()}
+    captioned = captioned_indices(captions) if cfg.min_recall is not None else [i for i, c in enumerate(captions) if c]
+    text = models.encode_text(bundle, [captions[i] for i in captioned]) if len(captioned) >= 10 else None
     if cfg.gflops_budget is not None:
         router = calibrate_confidence_budget(conf_sample, exits, tower, conf_gflops, cfg.gflops_budget, conf.identity,
                                              scorer_gflops=scorer_gflops, shares=cfg.shares,
                                              scorer_identity=scorer_identity, rule=cfg.confidence_rule,
                                              budget_confidence=cfg.budget_confidence)
     else:
-        captioned = captioned_indices(captions)
-        text = models.encode_text(bundle, [captions[i] for i in captioned])
-        router = calibrate_confidence_recall(conf_sample, {e: np.concatenate(v) for e, v in embeddings.items()},
-                                             text, np.asarray(captioned), cfg.min_recall, tower, conf_gflops,
-                                             conf.identity, scorer_gflops=scorer_gflops, shares=cfg.shares,
-                                             scorer_identity=scorer_identity, rule=cfg.confidence_rule,
-                                             recall_confidence=cfg.recall_confidence)
+        router = calibrate_confidence_recall(conf_sample, sample_emb, text, np.asarray(captioned), cfg.min_recall,
+                                             tower, conf_gflops, conf.identity, scorer_gflops=scorer_gflops,
+                                             shares=cfg.shares, scorer_identity=scorer_identity,
+                                             rule=cfg.confidence_rule, recall_confidence=cfg.recall_confidence)
     router.calibration.update(model=bundle.identity, exits=exits, heads=encoder.heads.identity,
                               confidence=conf.identity, source={"inputs": list(cfg.inputs), "sample_seed": cfg.seed})
+    if text is not None:  # every exit's embeddings are here already: say what the mix keeps, beside fixed exits
+        scales = encoder.heads.exit_scales if encoder.heads is not None and encoder.heads.saved_scales else None
+        router.calibration["sample_recall"] = sample_recall(router.route_confidences(conf_sample), sample_emb, text,
+                                                            np.asarray(captioned), tower, scales)
     if block is not None:  # the thresholds above are on the combined signal: the router must compute it too
         router.calibration["signal"] = ("combined: standardised confidence minus complexity_weight x standardised "
                                         "complexity score (sample mean/std in the complexity block)")

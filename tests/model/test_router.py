@@ -267,6 +267,27 @@ def test_recall_confidence_holds_the_floor_for_new_images_more_often():
     assert np.mean(held[0.95]) > np.mean(held[0.5]) + 0.2
 
 
+def test_sample_recall_reports_the_mix_beside_every_fixed_exit():
+    from pipeline.metrics import recall_at_k
+    from pipeline.training.calibrate import sample_recall
+
+    scores, exit_emb, text, t2i = _recall_fixture()
+    tower = {12: 12.0, 18: 18.0, 24: 24.0}
+    for e in (12, 18, 24):  # every image at one exit: the routed figure is that exit's
+        r = sample_recall(np.full(len(scores), e), exit_emb, text, t2i, tower)
+        want = recall_at_k(text @ exit_emb[e].T, t2i, (1, 10))
+        assert r["routed"] == {"t2i@1": want[1], "t2i@10": want[10]}
+        if e < 24:
+            assert r["fixed_exits"][str(e)] == {"cost_fraction": e / 24, "t2i@1": want[1], "t2i@10": want[10]}
+    assert set(r["fixed_exits"]) == {"12", "18"} and r["routed_ratio"]["t2i@1"] == 1.0 and r["captions"] == 300
+    depth = np.where(scores < 0.5, 12, 24)  # simple images early: between exit 12 and full depth
+    mixed = sample_recall(depth, exit_emb, text, t2i, tower)["routed"]["t2i@1"]
+    assert r["fixed_exits"]["12"]["t2i@1"] < mixed <= r["full"]["t2i@1"]
+    # the per-exit scales `icar index` applies move the routed figure; a scale of 1 changes nothing
+    up = sample_recall(depth, exit_emb, text, t2i, tower, {12: 1.5})["routed"]["t2i@1"]
+    assert up != mixed and sample_recall(depth, exit_emb, text, t2i, tower, {12: 1.0})["routed"]["t2i@1"] == mixed
+
+
 # ------------------------------------------------------------------------------------- icar calibrate
 
 

@@ -137,11 +137,15 @@ def test_calibrate_with_complexity_weight_writes_the_block_and_embed_follows_it(
     router_path = tmp_path / "combined.json"
     assert calibrate_job.main([val, "--confidence-heads", conf_path, "--complexity-weight", "1", "--gflops-budget",
                                "0.9", "--sample", "40", "--output", str(router_path), *model]) == 0
-    capsys.readouterr()
+    said = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert set(said["sample_t2i_recall@1"]) == {"full", "routed", "exit 1", "exit 2"}
     doc = json.loads(router_path.read_text())
     block = doc["complexity"]
     assert block["weight"] == 1.0 and set(block["confidence_mean"]) == set(block["confidence_std"]) == {"1", "2"}
     assert block["score_std"] > 0 and doc["scorer"] is not None and doc["calibration"]["scorer_gflops"] > 0
+    report = doc["calibration"]["sample_recall"]  # captioned sample: the mix beside each fixed exit
+    assert report["captions"] == 40 and set(report["fixed_exits"]) == {"1", "2"}
+    assert 0 <= report["routed"]["t2i@1"] <= 1 and report["full"]["t2i@10"] > 0
     router = R.load_router(str(router_path))
     assert router.needs_scores and router.calibration["achieved_cost_fraction"] <= 0.9
     assert calibrate_job.main([val, "--complexity-weight", "1", "--gflops-budget", "0.7", "--output",
