@@ -129,7 +129,7 @@ def main(argv: list[str] | None = None) -> int:
                "fractions": c["achieved_fractions"], "sample_size": c["sample_size"]}
     if "achieved_recall_ratio" in c:
         summary["achieved_recall_ratio"] = c["achieved_recall_ratio"]
-    if c.get("sample_recall"):  # confidence routers: what the mix keeps of full depth on the sample, and fixed exits
+    if c.get("sample_recall"):  # captioned samples: what the mix keeps of full depth, and each fixed exit
         r = c["sample_recall"]
         summary["sample_t2i_recall@1"] = {"full": r["full"]["t2i@1"], "routed": r["routed"]["t2i@1"],
                                           **{f"exit {e}": f["t2i@1"] for e, f in r["fixed_exits"].items()}}

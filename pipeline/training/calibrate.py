@@ -160,6 +160,11 @@ def sample_recall(depth: np.ndarray, exit_embeddings: dict, text: np.ndarray, te
             "routed_ratio": {k: (routed[k] / full[k] if full[k] else None) for k in full}, "fixed_exits": fixed}
 
 
+def saved_scales(heads) -> dict | None:
+    """Return the per-exit scales `icar index` applies to a run of ``heads`` (the ones the heads file records)."""
+    return heads.exit_scales if heads is not None and heads.saved_scales else None
+
+
 def calibrate(cfg: CalibrateConfig):
     """Return the calibrated router (ThresholdRouter, ProfileRouter with profiles, ConfidenceRouter with confidence
     heads) and write it to cfg.output."""
@@ -222,26 +227,32 @@ def calibrate_from_inputs(cfg: CalibrateConfig):
     gflops = flops.exit_gflops(bundle, exits)
     identity = {"model": bundle.identity, "exits": exits, "heads": heads.identity if heads is not None else None,
                 "source": {"inputs": list(cfg.inputs), "sample_seed": cfg.seed}}
-    if cfg.gflops_budget is not None:
+    budget = cfg.gflops_budget is not None
+    captioned = [i for i, c in enumerate(captions) if c] if budget else captioned_indices(captions)
+    exit_embeddings = text = None
+    if len(captioned) >= 10:  # recall needs every exit's embeddings; with a budget they only feed the report
+        log.info("embedding the %d sample images at every exit (%d captions)", len(pixels), len(captioned))
+        encoder = enc.AdaptiveEncoder(bundle.model.visual, exits, heads).to(device).eval()
+        per_exit: dict[int, list[np.ndarray]] = {e: [] for e in exits}
+        with torch.inference_mode():
+            for i in range(0, len(pixels), cfg.batch_size):
+                x = models.pixels_to_tensor(bundle, pixels[i:i + cfg.batch_size], device=device)
+                for e, emb in encoder.forward_all_exits(x).items():
+                    per_exit[e].append(emb.float().cpu().numpy())
+        exit_embeddings = {e: np.concatenate(v) for e, v in per_exit.items()}
+        text = models.encode_text(bundle, [captions[i] for i in captioned])
+    if budget:
         router = routers.calibrate_budget(scores, exits, gflops, scorer.gflops_per_image, cfg.gflops_budget,
                                           shares=cfg.shares, scorer_identity=scorer.identity,
                                           budget_confidence=cfg.budget_confidence)
-        router.calibration.update(identity)
-        return router
-    captioned = captioned_indices(captions)
-    encoder = enc.AdaptiveEncoder(bundle.model.visual, exits, heads).to(device).eval()
-    per_exit: dict[int, list[np.ndarray]] = {e: [] for e in exits}
-    with torch.inference_mode():
-        for i in range(0, len(pixels), cfg.batch_size):
-            x = models.pixels_to_tensor(bundle, pixels[i:i + cfg.batch_size], device=device)
-            for e, emb in encoder.forward_all_exits(x).items():
-                per_exit[e].append(emb.float().cpu().numpy())
-    exit_embeddings = {e: np.concatenate(v) for e, v in per_exit.items()}
-    text = models.encode_text(bundle, [captions[i] for i in captioned])
-    router = routers.calibrate_recall(scores, exit_embeddings, text, np.asarray(captioned), cfg.min_recall, gflops,
-                                      scorer_gflops=scorer.gflops_per_image, shares=cfg.shares,
-                                      scorer_identity=scorer.identity, recall_confidence=cfg.recall_confidence)
+    else:
+        router = routers.calibrate_recall(scores, exit_embeddings, text, np.asarray(captioned), cfg.min_recall,
+                                          gflops, scorer_gflops=scorer.gflops_per_image, shares=cfg.shares,
+                                          scorer_identity=scorer.identity, recall_confidence=cfg.recall_confidence)
     router.calibration.update(identity)
+    if text is not None:
+        router.calibration["sample_recall"] = sample_recall(router.route(scores, None), exit_embeddings, text,
+                                                            np.asarray(captioned), gflops, saved_scales(heads))
     return router
 
 
@@ -367,9 +378,8 @@ def calibrate_confidence(cfg: CalibrateConfig) -> routers.ConfidenceRouter:
     router.calibration.update(model=bundle.identity, exits=exits, heads=encoder.heads.identity,
                               confidence=conf.identity, source={"inputs": list(cfg.inputs), "sample_seed": cfg.seed})
     if text is not None:  # every exit's embeddings are here already: say what the mix keeps, beside fixed exits
-        scales = encoder.heads.exit_scales if encoder.heads is not None and encoder.heads.saved_scales else None
         router.calibration["sample_recall"] = sample_recall(router.route_confidences(conf_sample), sample_emb, text,
-                                                            np.asarray(captioned), tower, scales)
+                                                            np.asarray(captioned), tower, saved_scales(encoder.heads))
     if block is not None:  # the thresholds above are on the combined signal: the router must compute it too
         router.calibration["signal"] = ("combined: standardised confidence minus complexity_weight x standardised "
                                         "complexity score (sample mean/std in the complexity block)")

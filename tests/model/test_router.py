@@ -386,11 +386,20 @@ def test_calibrate_job_from_captioned_inputs(tmp_path, monkeypatch):
     assert router.exits == [2, 4] and c["sample_size"] == 30 and c["achieved_cost_fraction"] <= 0.8
     assert "tiny" in (c["model"]["name"], c["model"].get("config_name")) and c["model"]["weights_sha256"]
     assert router.scorer_identity["kind"] == "heuristic"
+    # captioned sample: the mix's recall beside each fixed exit, in both modes (the recall mode's is the fit's own)
+    assert set(c["sample_recall"]["fixed_exits"]) == {"2"} and c["sample_recall"]["captions"] == 30
+    assert c["sample_recall"]["fixed_exits"]["2"]["cost_fraction"] == pytest.approx(0.5, abs=0.1)
     out = tmp_path / "recall.json"
     assert calibrate.main(common + ["--min-recall", "0.9", "--output", str(out)]) == 0
     c = R.load_router(str(out)).calibration
     assert c["mode"] == "min_recall" and c["achieved_recall_ratio"] >= 0.9 and c["captions"] == 30
     assert c["achieved_recall"] >= 0.9 * c["full_depth_recall"] > 0
+    assert c["sample_recall"]["routed"]["t2i@10"] == pytest.approx(c["achieved_recall"])
+    # without captions a budget needs no embeddings, and reports none
+    for f in images.glob("*.txt"):
+        f.unlink()
+    assert calibrate.main(common + ["--gflops-budget", "0.8", "--output", str(tmp_path / "bare.json")]) == 0
+    assert "sample_recall" not in R.load_router(str(tmp_path / "bare.json")).calibration
 
 
 # ------------------------------------------------------------------------ the router's scorer is the worker's
