@@ -217,9 +217,11 @@ def calibrate_confidence_recall(confidences: dict, exit_embeddings: dict, text_e
                                 confidence_identity: dict, scorer_gflops: float = 0.0,
                                 shares: Sequence[float] | None = None, k: int = 10,
                                 scorer_identity: dict | None = None, steps: int = STEPS_PER_STAGE,
-                                rule: str = "level", recall_confidence: float = 0.5) -> ConfidenceRouter:
+                                rule: str = "level", recall_confidence: float = 0.5,
+                                exit_scales: dict | None = None) -> ConfidenceRouter:
     """Return the cheapest ConfidenceRouter whose text→image recall@k on the sample is ≥ min_recall × full depth's
-    (for new captions with probability ``recall_confidence``: ``router.RecallFloor``).
+    (for new captions with probability ``recall_confidence``: ``router.RecallFloor``), each exit's rows scaled by
+    ``exit_scales`` as `icar index` scales them.
 
     ``exit_embeddings``: {exit: (N, D) L2-normalised embeddings of the sample at that exit}; ``text_embeddings``
     (T, D) the captions, ``text_to_image`` (T,) the image each describes. Every candidate mix is measured.
@@ -231,7 +233,8 @@ def calibrate_confidence_recall(confidences: dict, exit_embeddings: dict, text_e
         raise ValueError(f"--min-recall is a fraction of full-depth recall in (0, 1], got {min_recall}")
     text = np.asarray(text_embeddings, np.float32)
     t2i = np.asarray(text_to_image, np.int64)
-    sims = {e: text @ np.asarray(exit_embeddings[e], np.float32).T for e in exits}
+    scales = {int(k): float(v) for k, v in (exit_scales or {}).items()}
+    sims = {e: (text @ np.asarray(exit_embeddings[e], np.float32).T) * scales.get(e, 1.0) for e in exits}
     for e in exits:
         if sims[e].shape[1] != n:
             raise ValueError(f"exit {e} has {sims[e].shape[1]} embeddings for {n} sample confidences")

@@ -697,9 +697,11 @@ def routed_embeddings(depth: np.ndarray, exit_embeddings: dict) -> np.ndarray:
 def calibrate_recall(scores, exit_embeddings: dict, text_embeddings: np.ndarray, text_to_image,
                      min_recall: float, gflops_per_exit: dict, scorer_gflops: float = 0.0,
                      shares: Sequence[float] | None = None, k: int = 10, steps: int = 50,
-                     scorer_identity: dict | None = None, recall_confidence: float = 0.5) -> ThresholdRouter:
+                     scorer_identity: dict | None = None, recall_confidence: float = 0.5,
+                     exit_scales: dict | None = None) -> ThresholdRouter:
     """Return the cheapest ThresholdRouter whose text→image recall@k is ≥ min_recall × full-depth recall@k
-    (for new captions with probability ``recall_confidence``: ``RecallFloor``).
+    (for new captions with probability ``recall_confidence``: ``RecallFloor``), each exit's rows scaled by
+    ``exit_scales`` as `icar index` scales them.
 
     ``exit_embeddings`` maps every exit depth to the (N, D) L2-normalised embeddings of the N calibration
     images computed at that exit; ``text_embeddings`` (T, D) are their captions, ``text_to_image`` (T,)
@@ -720,7 +722,8 @@ def calibrate_recall(scores, exit_embeddings: dict, text_embeddings: np.ndarray,
                              "calibration image at every exit")
     text = np.asarray(text_embeddings, np.float32)
     t2i = np.asarray(text_to_image, np.int64)
-    sims = {e: text @ emb[e].T for e in exits}  # one matmul per exit; each candidate only mixes columns
+    scales = {int(k): float(v) for k, v in (exit_scales or {}).items()}
+    sims = {e: (text @ emb[e].T) * scales.get(e, 1.0) for e in exits}  # one matmul per exit; candidates mix columns
     full_hits = hits_at_k(sims[exits[-1]], t2i, k)
     full_recall = float(full_hits.mean())
     if full_recall == 0.0:

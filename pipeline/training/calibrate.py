@@ -248,7 +248,8 @@ def calibrate_from_inputs(cfg: CalibrateConfig):
     else:
         router = routers.calibrate_recall(scores, exit_embeddings, text, np.asarray(captioned), cfg.min_recall,
                                           gflops, scorer_gflops=scorer.gflops_per_image, shares=cfg.shares,
-                                          scorer_identity=scorer.identity, recall_confidence=cfg.recall_confidence)
+                                          scorer_identity=scorer.identity, recall_confidence=cfg.recall_confidence,
+                                          exit_scales=saved_scales(heads))
     router.calibration.update(identity)
     if text is not None:
         router.calibration["sample_recall"] = sample_recall(router.route(scores, None), exit_embeddings, text,
@@ -374,7 +375,8 @@ def calibrate_confidence(cfg: CalibrateConfig) -> routers.ConfidenceRouter:
         router = calibrate_confidence_recall(conf_sample, sample_emb, text, np.asarray(captioned), cfg.min_recall,
                                              tower, conf_gflops, conf.identity, scorer_gflops=scorer_gflops,
                                              shares=cfg.shares, scorer_identity=scorer_identity,
-                                             rule=cfg.confidence_rule, recall_confidence=cfg.recall_confidence)
+                                             rule=cfg.confidence_rule, recall_confidence=cfg.recall_confidence,
+                                             exit_scales=saved_scales(encoder.heads))
     router.calibration.update(model=bundle.identity, exits=exits, heads=encoder.heads.identity,
                               confidence=conf.identity, source={"inputs": list(cfg.inputs), "sample_seed": cfg.seed})
     if text is not None:  # every exit's embeddings are here already: say what the mix keeps, beside fixed exits

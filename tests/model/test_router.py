@@ -234,6 +234,12 @@ def test_recall_calibration_meets_floor_and_is_monotone():
         costs.append(r.calibration["achieved_cost_fraction"])
     assert costs[0] < 0.9  # the loose floor really saves compute
     assert costs == sorted(costs)
+    # The recall the floor is checked on is the index's: each exit's rows scaled by the heads' exit_scales.
+    scales = {12: 1.3, 18: 1.1}
+    r = R.calibrate_recall(scores, exit_emb, text, t2i, 0.9, GFLOPS, SCORER, steps=20, exit_scales=scales)
+    depth = r.route(scores, None)
+    gallery = R.routed_embeddings(depth, exit_emb) * np.array([scales.get(int(d), 1.0) for d in depth])[:, None]
+    assert r.calibration["achieved_recall"] == pytest.approx(recall_at_k(text @ gallery.T, t2i, (10,))[10])
     # Scores that carry no information about the damage cannot save as much as the true ones.
     shuffled = np.random.default_rng(1).permutation(scores)
     blind = R.calibrate_recall(shuffled, exit_emb, text, t2i, 0.9, GFLOPS, SCORER, steps=20)
