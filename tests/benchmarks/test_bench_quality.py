@@ -96,3 +96,30 @@ def test_missing_split_is_a_clear_error(tmp_path, capsys):
                                                                                 "val": {"shards": []}}}))
     assert quality.main(["--corpus", str(tmp_path), "--cache-dir", str(tmp_path / "c"), "--no-savoias"]) == 2
     assert "make-demo-corpus" in capsys.readouterr().err
+
+
+def test_a_larger_test_split_of_the_shipped_corpus_is_recognised(tmp_path):
+    """Train and val do not move when only the test split grows (the premise), so such a corpus is an extension."""
+    from jobs import make_demo_corpus
+
+    common = ["--val", "20", "--seed", "5", "--shard-size", "25", "--complexity-train", "10", "--no-progress"]
+    for name, n, test in (("small", 85, 25), ("large", 110, 50)):  # train = n - val - test = 40 in both
+        assert make_demo_corpus.main(["--n", str(n), "--test", str(test), *common, "--output",
+                                      str(tmp_path / name)]) == 0
+    for split in ("train", "val"):
+        small, large = sorted((tmp_path / "small" / split).glob("*.tar")), sorted((tmp_path / "large" / split).glob("*.tar"))
+        assert [p.name for p in small] == [p.name for p in large]
+        assert all(a.read_bytes() == b.read_bytes() for a, b in zip(small, large))
+    first = sorted((tmp_path / "large" / "test").glob("*.tar"))[0]  # the shipped test images lead the larger split
+    assert first.read_bytes() == sorted((tmp_path / "small" / "test").glob("*.tar"))[0].read_bytes()
+
+    shipped = dict(zip(quality.CORPUS_ARGS[::2], quality.CORPUS_ARGS[1::2]))
+    doc = {"generator": "icar make-demo-corpus", "seed": int(shipped["--seed"]),
+           "image_size": int(shipped["--image-size"]), "jpeg_quality": int(shipped["--jpeg-quality"]),
+           "shard_size": int(shipped["--shard-size"]),
+           "splits": {"train": {"count": 20000}, "val": {"count": 1000}, "test": {"count": 3000}}}
+    assert quality.extends_shipped_test(doc)
+    assert not quality.extends_shipped_test({**doc, "seed": 1})
+    assert not quality.extends_shipped_test({**doc, "splits": {**doc["splits"], "train": {"count": 22000}}})
+    assert not quality.extends_shipped_test({**doc, "splits": {**doc["splits"], "test": {"count": 1000}}})
+    assert not quality.extends_shipped_test({**doc, "image_size": 96})
