@@ -141,7 +141,7 @@ def sample_recall(depth: np.ndarray, exit_embeddings: dict, text: np.ndarray, te
     routed figure is not an in-sample optimum.
     """
     exits = sorted(int(e) for e in exit_embeddings)
-    full_g = float({int(k): v for k, v in tower_gflops.items()}[exits[-1]])
+    tower = {int(k): float(v) for k, v in tower_gflops.items()}
 
     def recall(emb: np.ndarray) -> dict:
         r = recall_at_k(np.asarray(text, np.float32) @ np.asarray(emb, np.float32).T, text_to_image, (1, 10))
@@ -153,8 +153,7 @@ def sample_recall(depth: np.ndarray, exit_embeddings: dict, text: np.ndarray, te
     for e, sc in (exit_scales or {}).items():
         scale[depth == int(e)] = float(sc)
     routed = recall(routers.routed_embeddings(depth, exit_embeddings) * scale[:, None])
-    fixed = {str(e): {"cost_fraction": float({int(k): v for k, v in tower_gflops.items()}[e]) / full_g,
-                      **recall(exit_embeddings[e])} for e in exits[:-1]}
+    fixed = {str(e): {"cost_fraction": tower[e] / tower[exits[-1]], **recall(exit_embeddings[e])} for e in exits[:-1]}
     return {"metric": "text->image recall@1/@10 of the sample's captions against the sample's images",
             "captions": int(len(text_to_image)), "full": full, "routed": routed,
             "routed_ratio": {k: (routed[k] / full[k] if full[k] else None) for k in full}, "fixed_exits": fixed}
