@@ -8,9 +8,9 @@ Two modes (pipeline/model/router.py explains the family of exit mixes both move 
                         mix is fitted a little under it (--budget-confidence, default 0.95: a new sample's mean cost
                         stays within the budget 19 times in 20; the margin, std(cost per image) / sqrt(--sample)
                         scaled, is recorded in the router file; 0.5 fits the sample exactly).
-  --min-recall 0.97     the cheapest thresholds whose text->image recall@10 on captioned sample images stays
-                        >= 0.97 × recall@10 at full depth; needs inputs with captions, the model and its heads
-                        (every sample image is embedded at every exit, and its caption with the text tower).
+  --min-recall 0.97     the cheapest thresholds whose text->image recall@10 (--recall-at K) on captioned sample
+                        images stays >= 0.97 × the same at full depth; needs inputs with captions, the model and its
+                        heads (every sample image is embedded at every exit, and its caption with the text tower).
                         Like the budget, the floor is meant for the captions that follow: it must hold for the
                         ratio's lower bound over bootstrap resamples of the sample's captions (--recall-confidence,
                         default 0.95; 0.5 checks the sample's own ratio), recorded as recall_ratio_bound.
@@ -72,6 +72,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="with --gflops-budget: probability that the mean cost of a new sample of the same images "
                         "stays within the budget; the mix is fitted that far under it (0.5: exactly at it; "
                         f"default {DEFAULT_BUDGET_CONFIDENCE})")
+    p.add_argument("--recall-at", type=int, default=c.recall_at, metavar="K",
+                   help="with --min-recall: the k of the text->image recall@k the floor is on (1 is stricter: on a "
+                        "small sample recall@10 may be near 1 at every exit)")
     p.add_argument("--recall-confidence", type=float, default=c.recall_confidence, metavar="P",
                    help="with --min-recall: probability that the recall of new captions stays above the floor; "
                         "the floor is checked on the ratio's (1 - P) quantile over bootstrap resamples of the "

@@ -553,14 +553,17 @@ class RecallFloor:
         n = self.full_hits.size
         self.idx = (np.random.default_rng(seed).integers(0, n, size=(resamples, n)) if self.confidence > 0.5
                     else None)
-        self.full_boot = None if self.idx is None else np.maximum(self.full_hits[self.idx].mean(1), 1e-12)
+        self.full_boot = None if self.idx is None else self.full_hits[self.idx].mean(1)
 
     def bound(self, hits: np.ndarray) -> float:
-        """Return the recall ratio of per-query ``hits`` that holds with the floor's confidence."""
+        """Return the recall ratio of per-query ``hits`` that holds with the floor's confidence (a resample in which
+        full depth finds nothing counts as ratio 1: there was nothing to lose)."""
         hits = np.asarray(hits, np.float64)
         if self.idx is None:
             return float(hits.mean()) / self.full
-        return float(np.quantile(hits[self.idx].mean(1) / self.full_boot, 1.0 - self.confidence))
+        found = self.full_boot > 0
+        ratio = np.where(found, hits[self.idx].mean(1) / np.where(found, self.full_boot, 1.0), 1.0)
+        return float(np.quantile(ratio, 1.0 - self.confidence))
 
     def holds(self, hits: np.ndarray) -> tuple[bool, float]:
         """Return (whether the floor holds, the bound) for per-query ``hits``; skips the resampling below the floor."""
@@ -678,8 +681,9 @@ def calibrate_budget(scores, exits: Sequence[int], gflops_per_exit: dict, scorer
 def ceiling_record(budget_confidence: float, margin: float, full: float) -> dict:
     """Return the calibration fields that say how far under the budget the mix was fitted, and why."""
     return {"budget_confidence": float(budget_confidence), "margin_cost_fraction": margin / full,
-            "margin_rule": "fitted ceiling_margin under the budget: z(budget_confidence) · std(row GFLOPs) / sqrt(sample "
-                           "size), so a new sample's mean cost stays within the budget with that probability"}
+            "margin_rule": "fitted ceiling_margin under the budget: z(budget_confidence) · std(row GFLOPs) / "
+                           "sqrt(sample size), so a new sample's mean cost stays within the budget with that "
+                           "probability"}
 
 
 def routed_embeddings(depth: np.ndarray, exit_embeddings: dict) -> np.ndarray:

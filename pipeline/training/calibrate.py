@@ -49,8 +49,9 @@ class CalibrateConfig:
     scores_from: str | None = None  # run directory whose shards' complexity scores to use (instead of inputs)
     gflops_budget: float | None = None  # expected cost as a fraction of full depth, scorer included
     budget_confidence: float | None = None  # P(a new sample's mean cost <= budget); 0.5: exact; None: the default
-    recall_confidence: float | None = None  # P(new captions' recall ratio >= min_recall); 0.5: the sample's; None: default
-    min_recall: float | None = None  # text->image recall@10 floor as a fraction of full depth's (needs captions)
+    recall_confidence: float | None = None  # P(new captions' recall ratio >= min_recall); 0.5: the sample's own
+    min_recall: float | None = None  # text->image recall@k floor as a fraction of full depth's (needs captions)
+    recall_at: int = 10  # k of that recall@k (1 is the stricter test on a small sample, where @10 saturates)
     shares: list[float] | None = None  # how the early exits share the images moved off full depth; None: equal
     profiles: str | None = None  # choose among (exit, merge) profiles, e.g. "4,6,8@keep0.8,8" (needs inputs)
     merge_heads: list[str] = field(default_factory=list)  # "SPEC=FILE": exit heads trained under merge schedule SPEC
@@ -174,6 +175,8 @@ def calibrate(cfg: CalibrateConfig):
     if cfg.budget_confidence is not None and cfg.gflops_budget is None:
         raise ValueError("--budget-confidence says how surely a --gflops-budget holds for the images that follow; "
                          "with --min-recall use --recall-confidence")
+    if cfg.recall_at < 1:
+        raise ValueError(f"--recall-at is the k of recall@k, a positive integer, got {cfg.recall_at}")
     if cfg.recall_confidence is not None and cfg.min_recall is None:
         raise ValueError("--recall-confidence says how surely a --min-recall floor holds for the captions that "
                          "follow; with --gflops-budget use --budget-confidence")
@@ -248,7 +251,7 @@ def calibrate_from_inputs(cfg: CalibrateConfig):
         router = routers.calibrate_recall(scores, exit_embeddings, text, np.asarray(captioned), cfg.min_recall,
                                           gflops, scorer_gflops=scorer.gflops_per_image, shares=cfg.shares,
                                           scorer_identity=scorer.identity, recall_confidence=cfg.recall_confidence,
-                                          exit_scales=saved_scales(heads))
+                                          exit_scales=saved_scales(heads), k=cfg.recall_at)
     router.calibration.update(identity)
     if text is not None:
         router.calibration["sample_recall"] = sample_recall(router.route(scores, None), exit_embeddings, text,
@@ -311,7 +314,7 @@ def calibrate_profiles(cfg: CalibrateConfig, bundle, heads, exits, scorer, pixel
     router = routers.calibrate_profiles_recall(scores, embeddings, text, np.asarray(captioned), cfg.min_recall, costs,
                                                scorer_gflops=scorer.gflops_per_image, shares=cfg.shares,
                                                scorer_identity=scorer.identity,
-                                               recall_confidence=cfg.recall_confidence)
+                                               recall_confidence=cfg.recall_confidence, k=cfg.recall_at)
     router.heads.update(paths)
     router.calibration.update(identity)
     return router
@@ -375,7 +378,7 @@ def calibrate_confidence(cfg: CalibrateConfig) -> routers.ConfidenceRouter:
                                              tower, conf_gflops, conf.identity, scorer_gflops=scorer_gflops,
                                              shares=cfg.shares, scorer_identity=scorer_identity,
                                              rule=cfg.confidence_rule, recall_confidence=cfg.recall_confidence,
-                                             exit_scales=saved_scales(encoder.heads))
+                                             exit_scales=saved_scales(encoder.heads), k=cfg.recall_at)
     router.calibration.update(model=bundle.identity, exits=exits, heads=encoder.heads.identity,
                               confidence=conf.identity, source={"inputs": list(cfg.inputs), "sample_seed": cfg.seed})
     if text is not None:  # every exit's embeddings are here already: say what the mix keeps, beside fixed exits

@@ -107,7 +107,8 @@ def test_a_larger_test_split_of_the_shipped_corpus_is_recognised(tmp_path):
         assert make_demo_corpus.main(["--n", str(n), "--test", str(test), *common, "--output",
                                       str(tmp_path / name)]) == 0
     for split in ("train", "val"):
-        small, large = sorted((tmp_path / "small" / split).glob("*.tar")), sorted((tmp_path / "large" / split).glob("*.tar"))
+        small = sorted((tmp_path / "small" / split).glob("*.tar"))
+        large = sorted((tmp_path / "large" / split).glob("*.tar"))
         assert [p.name for p in small] == [p.name for p in large]
         assert all(a.read_bytes() == b.read_bytes() for a, b in zip(small, large))
     first = sorted((tmp_path / "large" / "test").glob("*.tar"))[0]  # the shipped test images lead the larger split

@@ -273,6 +273,16 @@ def test_recall_confidence_holds_the_floor_for_new_images_more_often():
     assert np.mean(held[0.95]) > np.mean(held[0.5]) + 0.2
 
 
+def test_recall_floor_passes_full_depth_even_where_it_rarely_hits():
+    """Resamples in which full depth finds nothing must not fail full depth's own floor (recall@1 of a weak model)."""
+    full = np.zeros(30)
+    full[3] = 1.0
+    floor = R.RecallFloor(full, 0.99, 0.95)
+    assert floor.holds(full) == (True, 1.0)
+    assert floor.holds(np.zeros(30))[0] is False
+    assert R.RecallFloor(full, 0.99, 0.5).holds(full) == (True, 1.0)
+
+
 def test_sample_recall_reports_the_mix_beside_every_fixed_exit():
     from pipeline.metrics import recall_at_k
     from pipeline.training.calibrate import sample_recall
@@ -343,7 +353,8 @@ def test_calibrate_job_from_a_run(tmp_path, capsys):
     assert c["achieved_cost_fraction"] < e["achieved_cost_fraction"] <= 0.7
     assert json.loads(capsys.readouterr().out)["margin_cost_fraction"] == 0.0
     for bad, says in ((["--gflops-budget", "0.7", "--budget-confidence", "1"], "a probability in [0.5, 1), got 1.0"),
-                      (["--min-recall", "0.9", "--budget-confidence", "0.9"], "with --min-recall use --recall-confidence"),
+                      (["--min-recall", "0.9", "--budget-confidence", "0.9"],
+                       "with --min-recall use --recall-confidence"),
                       (["--gflops-budget", "0.7", "--recall-confidence", "0.9"], "use --budget-confidence"),
                       (["--min-recall", "0.9", "--recall-confidence", "0.3"], "--recall-confidence is a probability")):
         assert calibrate.main(["--scores-from", str(tmp_path / "run"), *bad, "--output", str(tmp_path / "b.json")]) == 2
@@ -401,6 +412,12 @@ def test_calibrate_job_from_captioned_inputs(tmp_path, monkeypatch):
     assert c["mode"] == "min_recall" and c["achieved_recall_ratio"] >= 0.9 and c["captions"] == 30
     assert c["achieved_recall"] >= 0.9 * c["full_depth_recall"] > 0
     assert c["sample_recall"]["routed"]["t2i@10"] == pytest.approx(c["achieved_recall"])
+    # --recall-at 1: the floor on recall@1 (what a small sample can still tell apart), the report alongside
+    assert calibrate.main(common + ["--min-recall", "0.9", "--recall-at", "1", "--output", str(out)]) == 0
+    c = R.load_router(str(out)).calibration
+    assert c["metric"] == "text->image recall@1" and c["achieved_recall_ratio"] >= 0.9
+    assert c["sample_recall"]["routed"]["t2i@1"] == pytest.approx(c["achieved_recall"])
+    assert calibrate.main(common + ["--min-recall", "0.9", "--recall-at", "0", "--output", str(out)]) == 2
     # without captions a budget needs no embeddings, and reports none
     for f in images.glob("*.txt"):
         f.unlink()
