@@ -31,7 +31,8 @@ minus W x its standardised complexity score (sample mean/std stored in the route
 The router file records mode, target, the achieved cost (and recall) on the sample, the sample size, the scorer
 and model identities and the exits; pass it to `icar embed --router FILE`. When the sampled shards carry captions
 (at least 10) it also records sample_recall: what the fitted mix keeps of full-depth text->image recall@1/@10 on the
-sample, beside every fixed exit and its cost (the sample is then embedded at every exit, with a budget too).
+sample, beside every fixed exit and its cost (the sample is then embedded at every exit, with a budget too; not yet
+with --profiles).
 """
 
 from __future__ import annotations
