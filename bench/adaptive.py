@@ -92,6 +92,7 @@ TARGET_MAX_COST = 0.80  # at <= 0.80 of full-depth GFLOPs ...
 TARGET_RATIO = 0.95  # ... t2i and i2t recall@1 >= 95 % of full depth
 TARGET_MIN_BUDGET = 0.6  # at every budget >= 0.6, confidence exits ahead of the best fixed exit and of random
 ORACLE_NOTE = " (upper bound from the test labels, not a method)"
+COMPLEXITY_WEIGHT = 1.0  # confidence+complexity: equal weights (`icar calibrate --complexity-weight 1`)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -431,26 +432,13 @@ def confidence_policies(ctx: dict, budget: float) -> dict[str, dict]:
         except ValueError as e:
             log.info("confidence+complexity router at budget %.2f: %s", budget, e)
             continue
-        r = routers.ConfidenceRouter(r.exits, r.thresholds, r.confidence, calibration=r.calibration,
-                                     complexity=c["complexity"])
+        r = r.with_complexity(c["complexity"])
         depth = r.route_confidences(c["test"], ctx["test_scores"])
         cost = r.gflops_per_exit(gpe, c["gflops"], ctx["scorer_gflops"])
         out["confidence+complexity" + suffix] = {"depth": depth, "router": r, "thresholds": r.thresholds,
                                                  "gflops": float(np.mean([cost[int(d)] for d in depth])),
                                                  "heads_path": ctx["heads_path"]}
     return out
-
-
-COMPLEXITY_WEIGHT = 1.0  # confidence+complexity: equal weights (`icar calibrate --complexity-weight 1`)
-
-
-def combined_signal(conf_val: dict, conf_test: dict, scores_val: np.ndarray, scores_test: np.ndarray
-                    ) -> tuple[dict, dict]:
-    """Return ({exit: val signal}, {exit: test signal}): each exit's confidence minus the complexity score, both
-    standardised with the val split's mean and spread (a confident, simple image leaves first); the product's
-    standardisation (confidence_calibration.sample_signal, router.combined_signal), so the two cannot drift."""
-    block, val = sample_signal(conf_val, scores_val, COMPLEXITY_WEIGHT)
-    return val, routers.combined_signal(conf_test, scores_test, block)
 
 
 # ------------------------------------------------------------------------------------------------ measuring

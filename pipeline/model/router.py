@@ -294,6 +294,12 @@ class ConfidenceRouter:
             open_rows &= ~leave
         return out
 
+    def with_complexity(self, block: dict) -> "ConfidenceRouter":
+        """Return this router reading ``block`` too: its thresholds were fitted on ``combined_signal`` of a sample
+        (``confidence_calibration.sample_signal``), so routing must compute that signal as well."""
+        return ConfidenceRouter(self.exits, self.thresholds, self.confidence, scorer_identity=self.scorer_identity,
+                                calibration=self.calibration, complexity=block)
+
     def row_thresholds(self, scores) -> list:
         """Return per early exit the threshold on the RAW confidence that the combined rule amounts to: a float (no
         complexity block, or a closed exit) or a float64 (N,) array, mean_e + std_e * (threshold_e + w * z(score)).

@@ -25,6 +25,7 @@ import torch
 
 from pipeline.io import schema, storage
 from pipeline.io.decode import DecodeConfig, DecodeError, decode_image
+from pipeline.index.read import scale_rows
 from pipeline.io.readers import expand_inputs, iter_samples
 from pipeline.metrics import recall_at_k
 from pipeline.model import encoder as enc
@@ -123,10 +124,16 @@ def sample_inputs(inputs: list[str], size: int, sample: int, seed: int, storage_
     return np.stack(pixels), keys, captions
 
 
-def captioned_indices(captions: list[str | None]) -> list[int]:
-    """Return the sample positions that have a caption; --min-recall needs at least 10 of them."""
+MIN_CAPTIONS = 10  # captioned sample images below which recall says nothing (--min-recall refuses, no report)
+
+
+def captioned_indices(captions: list[str | None], required: bool = True) -> list[int]:
+    """Return the sample positions that have a caption; --min-recall (``required``) needs at least MIN_CAPTIONS of
+    them, else the recall report is skipped (an empty list)."""
     captioned = [i for i, c in enumerate(captions) if c]
-    if len(captioned) < 10:
+    if len(captioned) < MIN_CAPTIONS:
+        if not required:
+            return []
         raise ValueError(f"only {len(captioned)} of {len(captions)} sample images have captions; --min-recall needs a "
                          "captioned validation set (e.g. COCO/Flickr val shards with .txt captions)")
     return captioned
@@ -149,11 +156,9 @@ def sample_recall(depth: np.ndarray, exit_embeddings: dict, text: np.ndarray, te
         return {f"t2i@{k}": float(v) for k, v in r.items()}
 
     full = recall(exit_embeddings[exits[-1]])
-    depth = np.asarray(depth)
-    scale = np.ones(depth.shape, np.float32)
-    for e, sc in (exit_scales or {}).items():
-        scale[depth == int(e)] = float(sc)
-    routed = recall(routers.routed_embeddings(depth, exit_embeddings) * scale[:, None])
+    scales = tuple(sorted((int(e), float(s)) for e, s in (exit_scales or {}).items()))
+    gallery = routers.routed_embeddings(depth, exit_embeddings)  # a fresh float32 array: scale_rows scales in place
+    routed = recall(scale_rows(gallery, depth, scales))  # each row by its exit's scale, as `icar index` does
     fixed = {str(e): {"cost_fraction": tower[e] / tower[exits[-1]], **recall(exit_embeddings[e])} for e in exits[:-1]}
     return {"metric": "text->image recall@1/@10 of the sample's captions against the sample's images",
             "captions": int(len(text_to_image)), "full": full, "routed": routed,
@@ -180,11 +185,10 @@ def calibrate(cfg: CalibrateConfig):
     if cfg.recall_confidence is not None and cfg.min_recall is None:
         raise ValueError("--recall-confidence says how surely a --min-recall floor holds for the captions that "
                          "follow; with --gflops-budget use --budget-confidence")
-    cfg = replace(cfg, budget_confidence=routers.check_confidence(
-        routers.DEFAULT_BUDGET_CONFIDENCE if cfg.budget_confidence is None else cfg.budget_confidence),
-        recall_confidence=routers.check_confidence(
-        routers.DEFAULT_RECALL_CONFIDENCE if cfg.recall_confidence is None else cfg.recall_confidence,
-        "--recall-confidence"))
+    budget_p = routers.DEFAULT_BUDGET_CONFIDENCE if cfg.budget_confidence is None else cfg.budget_confidence
+    recall_p = routers.DEFAULT_RECALL_CONFIDENCE if cfg.recall_confidence is None else cfg.recall_confidence
+    cfg = replace(cfg, budget_confidence=routers.check_confidence(budget_p),
+                  recall_confidence=routers.check_confidence(recall_p, "--recall-confidence"))
     if cfg.confidence_heads:
         if cfg.scores_from or cfg.profiles:
             raise ValueError("--confidence-heads needs every sample image taken through every exit: pass input shards "
@@ -230,9 +234,9 @@ def calibrate_from_inputs(cfg: CalibrateConfig):
     identity = {"model": bundle.identity, "exits": exits, "heads": heads.identity if heads is not None else None,
                 "source": {"inputs": list(cfg.inputs), "sample_seed": cfg.seed}}
     budget = cfg.gflops_budget is not None
-    captioned = [i for i, c in enumerate(captions) if c] if budget else captioned_indices(captions)
+    captioned = captioned_indices(captions, required=not budget)
     exit_embeddings = text = None
-    if len(captioned) >= 10:  # recall needs every exit's embeddings; with a budget they only feed the report
+    if captioned:  # recall needs every exit's embeddings; with a budget they only feed the report
         log.info("embedding the %d sample images at every exit (%d captions)", len(pixels), len(captioned))
         encoder = enc.AdaptiveEncoder(bundle.model.visual, exits, heads).to(device).eval()
         per_exit: dict[int, list[np.ndarray]] = {e: [] for e in exits}
@@ -366,8 +370,8 @@ def calibrate_confidence(cfg: CalibrateConfig) -> routers.ConfidenceRouter:
     scorer_gflops = float(scorer.gflops_per_image) if scorer is not None else 0.0
     scorer_identity = scorer.identity if scorer is not None else None
     sample_emb = {e: np.concatenate(v) for e, v in embeddings.items()}
-    captioned = captioned_indices(captions) if cfg.min_recall is not None else [i for i, c in enumerate(captions) if c]
-    text = models.encode_text(bundle, [captions[i] for i in captioned]) if len(captioned) >= 10 else None
+    captioned = captioned_indices(captions, required=cfg.min_recall is not None)
+    text = models.encode_text(bundle, [captions[i] for i in captioned]) if captioned else None
     if cfg.gflops_budget is not None:
         router = calibrate_confidence_budget(conf_sample, exits, tower, conf_gflops, cfg.gflops_budget, conf.identity,
                                              scorer_gflops=scorer_gflops, shares=cfg.shares,
@@ -387,7 +391,5 @@ def calibrate_confidence(cfg: CalibrateConfig) -> routers.ConfidenceRouter:
     if block is not None:  # the thresholds above are on the combined signal: the router must compute it too
         router.calibration["signal"] = ("combined: standardised confidence minus complexity_weight x standardised "
                                         "complexity score (sample mean/std in the complexity block)")
-        router = routers.ConfidenceRouter(router.exits, router.thresholds, router.confidence,
-                                          scorer_identity=router.scorer_identity, calibration=router.calibration,
-                                          complexity=block)
+        router = router.with_complexity(block)
     return router

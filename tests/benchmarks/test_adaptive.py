@@ -9,6 +9,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from pipeline.model.confidence_calibration import sample_signal
+from pipeline.model.router import combined_signal
+
 # bench/ is a folder of scripts run with `python -m bench.adaptive`, not a package on the test path: load the file.
 _spec = importlib.util.spec_from_file_location(
     "bench_adaptive", Path(__file__).resolve().parents[2] / "bench" / "adaptive.py")
@@ -109,7 +112,9 @@ def test_combined_signal_is_standardised_on_val_and_prefers_simple_confident_ima
     conf_val = {4: rng.normal(3.0, 2.0, 500), 6: rng.normal(-1.0, 0.5, 500)}
     scores_val = rng.uniform(0, 1, 500)
     conf_test = {4: np.array([3.0, 3.0]), 6: np.array([-1.0, -1.0])}
-    val, test = adaptive.combined_signal(conf_val, conf_test, scores_val, np.array([0.1, 0.9]))
+    # the signal the bench fits its confidence+complexity routers on: the product's standardisation
+    block, val = sample_signal(conf_val, scores_val, adaptive.COMPLEXITY_WEIGHT)
+    test = combined_signal(conf_test, np.array([0.1, 0.9]), block)
     for e in (4, 6):
         assert abs(val[e].mean()) < 1e-9 and val[e].std() == pytest.approx(np.sqrt(2), rel=0.1)
         assert test[e][0] > test[e][1]  # same confidence, the simpler image scores higher
