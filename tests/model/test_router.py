@@ -304,6 +304,42 @@ def test_sample_recall_reports_the_mix_beside_every_fixed_exit():
     assert up != mixed and sample_recall(depth, exit_emb, text, t2i, tower, {12: 1.0})["routed"]["t2i@1"] == mixed
 
 
+def test_by_gallery_size_searches_each_caption_within_its_part_and_shows_the_share_falling(caplog):
+    from pipeline.metrics import recall_at_k
+    from pipeline.training.calibrate import by_gallery_size, sample_recall
+
+    scores, exit_emb, text, t2i = _recall_fixture(n=800, seed=3)
+    text, t2i = text[::2], t2i[::2]  # half the images captioned: the others still compete in the galleries
+    sizes = by_gallery_size({"full": exit_emb[24], "exit 12": exit_emb[12]}, text, t2i, min_images=100)
+    assert [g["images"] for g in sizes] == [100, 200, 400, 800]
+    assert all(g["captions"] == 400 for g in sizes)  # every caption searched once per size, within its image's part
+    whole = sizes[-1]["t2i@1"]
+    assert whole == {"full": recall_at_k(text @ exit_emb[24].T, t2i, (1,))[1],
+                     "exit 12": recall_at_k(text @ exit_emb[12].T, t2i, (1,))[1]}
+    for small, large in zip(sizes, sizes[1:]):  # fewer competitors: a caption's rank can only improve
+        assert small["t2i@1"]["full"] >= large["t2i@1"]["full"]
+        assert small["t2i@1"]["exit 12"] >= large["t2i@1"]["exit 12"]
+    share = [g["t2i@1"]["exit 12"] / g["t2i@1"]["full"] for g in sizes]
+    assert share[0] > share[-1] + 0.05  # the degraded exit keeps less of full depth as the gallery grows
+
+    tower = {12: 12.0, 18: 18.0, 24: 24.0}
+    with caplog.at_level("WARNING", logger="icar.calibrate"):
+        r = sample_recall(np.full(800, 12), exit_emb, text, t2i, tower)
+    assert r["gallery_images"] == 800 and [g["images"] for g in r["by_gallery"]] == [100, 200, 400, 800]
+    assert r["by_gallery"][-1]["routed_ratio"] == pytest.approx(r["routed_ratio"]["t2i@1"])
+    assert r["by_gallery"][0]["routed_ratio"] == pytest.approx(share[0])
+    assert "share falls as the gallery grows" in caplog.text
+    slope = np.polyfit(np.log2([100, 200, 400, 800]), [g["routed_ratio"] for g in r["by_gallery"]], 1)[0]
+    assert r["routed_ratio_per_doubling"] == pytest.approx(slope) and slope < 0
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="icar.calibrate"):  # full depth keeps all of itself at every size
+        r = sample_recall(np.full(800, 24), exit_emb, text, t2i, tower)
+    assert all(g["routed_ratio"] == 1.0 for g in r["by_gallery"]) and "gallery grows" not in caplog.text
+    assert r["routed_ratio_per_doubling"] == pytest.approx(0.0, abs=1e-12)
+    assert sample_recall(np.full(60, 12), {e: v[:60] for e, v in exit_emb.items()}, text[:30], t2i[:30],
+                         tower)["by_gallery"] == []  # a sample under MIN_GALLERY images: no sub-galleries to compare
+
+
 # ------------------------------------------------------------------------------------- icar calibrate
 
 
