@@ -31,8 +31,8 @@ minus W x its standardised complexity score (sample mean/std stored in the route
 The router file records mode, target, the achieved cost (and recall) on the sample, the sample size, the scorer
 and model identities and the exits; pass it to `icar embed --router FILE`. When the sampled shards carry captions
 (at least 10) it also records sample_recall: what the fitted mix keeps of full-depth text->image recall@1/@10 on the
-sample, beside every fixed exit and its cost (the sample is then embedded at every exit, with a budget too; not yet
-with --profiles), and the same recall@1 against halves, quarters, ... of the sample (by_gallery) with its slope
+sample, beside every fixed exit (or profile) and its cost (the sample is then embedded at every exit, with a budget
+too), and the same recall@1 against halves, quarters, ... of the sample (by_gallery) with its slope
 per doubling of the gallery: the share of full depth an early exit keeps falls as a gallery grows, and an index
 is far larger than the sample (a warning says so when the share falls by more than a point across the sample).
 """
@@ -140,7 +140,7 @@ def main(argv: list[str] | None = None) -> int:
     if c.get("sample_recall"):  # captioned samples: what the mix keeps of full depth, and each fixed exit
         r = c["sample_recall"]
         summary["sample_t2i_recall@1"] = {"full": r["full"]["t2i@1"], "routed": r["routed"]["t2i@1"],
-                                          **{f"exit {e}": f["t2i@1"] for e, f in r["fixed_exits"].items()}}
+                                          **{f"{r['kind']} {e}": f["t2i@1"] for e, f in r["fixed_exits"].items()}}
         # the share of full depth the mix keeps against growing parts of the sample: it falls as galleries grow
         summary["sample_routed_ratio_by_gallery"] = {str(g["images"]): g["routed_ratio"] for g in r["by_gallery"]}
         summary["sample_routed_ratio_per_doubling"] = r["routed_ratio_per_doubling"]

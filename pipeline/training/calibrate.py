@@ -179,7 +179,8 @@ def by_gallery_size(galleries: dict[str, np.ndarray], text: np.ndarray, text_to_
 
 
 def sample_recall(depth: np.ndarray, exit_embeddings: dict, text: np.ndarray, text_to_image: np.ndarray,
-                  tower_gflops: dict, exit_scales: dict | None = None) -> dict:
+                  tower_gflops: dict, exit_scales: dict | None = None, labels: dict | None = None,
+                  kind: str = "exit") -> dict:
     """Return what a router's exit mix (``depth`` per sample image) keeps of full-depth text→image recall@1/@10 on
     the calibration sample, beside every fixed exit and its cost: the figures a team weighs before adopting it.
 
@@ -189,9 +190,14 @@ def sample_recall(depth: np.ndarray, exit_embeddings: dict, text: np.ndarray, te
     test images exit 6 keeps 97 % of full-depth recall@1 among 1000 images, 91 % among 10 000): ``by_gallery``
     shows the trend within the sample (recall@1 against halves, quarters, ... of it), and a warning says when
     the routed share falls by more than GALLERY_DROP_WARN across it.
+
+    ``depth`` and the keys of ``exit_embeddings`` / ``tower_gflops`` are exit depths, the deepest the reference; a
+    profile router passes its profiles' cost ranks instead, with ``labels`` ({rank: profile spec}) naming them in
+    the report and ``kind`` "profile".
     """
     exits = sorted(int(e) for e in exit_embeddings)
     tower = {int(k): float(v) for k, v in tower_gflops.items()}
+    name = {e: str((labels or {}).get(e, e)) for e in exits}
 
     def recall(emb: np.ndarray) -> dict:
         r = recall_at_k(np.asarray(text, np.float32) @ np.asarray(emb, np.float32).T, text_to_image, (1, 10))
@@ -202,9 +208,10 @@ def sample_recall(depth: np.ndarray, exit_embeddings: dict, text: np.ndarray, te
     gallery = routers.routed_embeddings(depth, exit_embeddings)  # a fresh float32 array: scale_rows scales in place
     gallery = scale_rows(gallery, depth, scales)  # each row by its exit's scale, as `icar index` does
     routed = recall(gallery)
-    fixed = {str(e): {"cost_fraction": tower[e] / tower[exits[-1]], **recall(exit_embeddings[e])} for e in exits[:-1]}
+    fixed = {name[e]: {"cost_fraction": tower[e] / tower[exits[-1]], **recall(exit_embeddings[e])}
+             for e in exits[:-1]}
     sizes = by_gallery_size({"full": exit_embeddings[exits[-1]], "routed": gallery,
-                             **{f"exit {e}": exit_embeddings[e] for e in exits[:-1]}}, text, text_to_image)
+                             **{f"{kind} {name[e]}": exit_embeddings[e] for e in exits[:-1]}}, text, text_to_image)
     for row in sizes:
         row["routed_ratio"] = row["t2i@1"]["routed"] / row["t2i@1"]["full"] if row["t2i@1"]["full"] else None
     known = [row for row in sizes if row["routed_ratio"] is not None]
@@ -217,8 +224,9 @@ def sample_recall(depth: np.ndarray, exit_embeddings: dict, text: np.ndarray, te
                     "(calibrate on a larger --sample to see further)", 100 * known[0]["routed_ratio"],
                     known[0]["images"], 100 * known[-1]["routed_ratio"], known[-1]["images"], 100 * per_doubling)
     return {"metric": "text->image recall@1/@10 of the sample's captions against the sample's images",
-            "captions": int(len(text_to_image)), "gallery_images": int(len(depth)), "full": full, "routed": routed,
-            "routed_ratio": {k: (routed[k] / full[k] if full[k] else None) for k in full}, "fixed_exits": fixed,
+            "captions": int(len(text_to_image)), "gallery_images": int(len(depth)), "kind": kind, "full": full,
+            "routed": routed, "routed_ratio": {k: (routed[k] / full[k] if full[k] else None) for k in full},
+            "fixed_exits": fixed,
             "by_gallery": sizes, "routed_ratio_per_doubling": per_doubling}
 
 
@@ -321,7 +329,8 @@ def calibrate_from_inputs(cfg: CalibrateConfig):
 
 
 def calibrate_profiles(cfg: CalibrateConfig, bundle, heads, exits, scorer, pixels, captions, scores, device):
-    """Return the ProfileRouter calibrated on the sample: every image embedded under every profile for recall."""
+    """Return the ProfileRouter calibrated on the sample; with captions every image is embedded under every profile
+    (the recall floor needs it, and the sample_recall report beside a budget)."""
     profiles = parse_profiles(cfg.profiles)
     full = f"{bundle.num_blocks}"
     if full not in [p.spec for p in profiles]:
@@ -349,35 +358,43 @@ def calibrate_profiles(cfg: CalibrateConfig, bundle, heads, exits, scorer, pixel
                 "merge_heads": {k: v.identity for k, v in merge_heads.items()},
                 "source": {"inputs": list(cfg.inputs), "sample_seed": cfg.seed}}
     paths = {k: v.path for k, v in merge_heads.items()}
+    captioned = captioned_indices(captions, required=cfg.gflops_budget is None)  # a budget reports recall if it can
+    embeddings = text = None
+    if captioned:  # every image under every profile: for the recall floor, or for the report beside a budget
+        log.info("embedding the %d sample images under every profile (%d captions)", len(pixels), len(captioned))
+        schedules = [p.merge for p in profiles if p.merge is not None]
+        encoder = enc.AdaptiveEncoder(bundle.model.visual, exits, heads, schedules, merge_heads).to(device).eval()
+        per_profile: dict[str, list[np.ndarray]] = {p.spec: [] for p in profiles}
+        with torch.inference_mode():
+            for i in range(0, len(pixels), cfg.batch_size):
+                x = models.pixels_to_tensor(bundle, pixels[i:i + cfg.batch_size], device=device)
+                for sched in encoder.schedules:
+                    wanted = [p for p in profiles if merge_spec(p.merge) == merge_spec(sched)]
+                    if wanted:
+                        out = encoder.forward_all_exits(x, sched)
+                        for p in wanted:
+                            per_profile[p.spec].append(out[p.exit].float().cpu().numpy())
+        embeddings = {k: np.concatenate(v) for k, v in per_profile.items()}
+        text = models.encode_text(bundle, [captions[i] for i in captioned])
     if cfg.gflops_budget is not None:
         router = routers.calibrate_profiles_budget(scores, [p.spec for p in profiles], costs, scorer.gflops_per_image,
                                                    cfg.gflops_budget, shares=cfg.shares,
                                                    scorer_identity=scorer.identity,
                                                    budget_confidence=cfg.budget_confidence)
-        router.heads.update(paths)
-        router.calibration.update(identity)
-        return router
-    captioned = captioned_indices(captions)
-    schedules = [p.merge for p in profiles if p.merge is not None]
-    encoder = enc.AdaptiveEncoder(bundle.model.visual, exits, heads, schedules, merge_heads).to(device).eval()
-    per_profile: dict[str, list[np.ndarray]] = {p.spec: [] for p in profiles}
-    with torch.inference_mode():
-        for i in range(0, len(pixels), cfg.batch_size):
-            x = models.pixels_to_tensor(bundle, pixels[i:i + cfg.batch_size], device=device)
-            for sched in encoder.schedules:
-                wanted = [p for p in profiles if merge_spec(p.merge) == merge_spec(sched)]
-                if wanted:
-                    out = encoder.forward_all_exits(x, sched)
-                    for p in wanted:
-                        per_profile[p.spec].append(out[p.exit].float().cpu().numpy())
-    embeddings = {k: np.concatenate(v) for k, v in per_profile.items()}
-    text = models.encode_text(bundle, [captions[i] for i in captioned])
-    router = routers.calibrate_profiles_recall(scores, embeddings, text, np.asarray(captioned), cfg.min_recall, costs,
-                                               scorer_gflops=scorer.gflops_per_image, shares=cfg.shares,
-                                               scorer_identity=scorer.identity,
-                                               recall_confidence=cfg.recall_confidence, k=cfg.recall_at)
+    else:
+        router = routers.calibrate_profiles_recall(scores, embeddings, text, np.asarray(captioned), cfg.min_recall,
+                                                   costs, scorer_gflops=scorer.gflops_per_image, shares=cfg.shares,
+                                                   scorer_identity=scorer.identity,
+                                                   recall_confidence=cfg.recall_confidence, k=cfg.recall_at)
     router.heads.update(paths)
     router.calibration.update(identity)
+    if embeddings is not None:  # the report keyed by cost rank (the dearest, full depth, the reference)
+        ranked = sorted(embeddings, key=lambda spec: costs[spec])
+        rank = {spec: i + 1 for i, spec in enumerate(ranked)}
+        depth = np.asarray([rank[router.profiles[j]] for j in router.route_profiles(scores)], np.int64)
+        router.calibration["sample_recall"] = sample_recall(
+            depth, {rank[p]: embeddings[p] for p in ranked}, text, np.asarray(captioned),
+            {rank[p]: costs[p] for p in ranked}, labels={rank[p]: p for p in ranked}, kind="profile")
     return router
 
 

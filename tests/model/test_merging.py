@@ -322,9 +322,18 @@ def test_calibrate_job_chooses_among_profiles(tmp_path, monkeypatch, capsys, cap
     assert b["calibration"]["achieved_cost_fraction"] <= 0.6 + 1e-9
     costs = b["calibration"]["gflops_per_profile"]
     assert list(costs.values()) == sorted(costs.values())
+    said = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert set(said["sample_t2i_recall@1"]) == {"full", "routed", "profile 4@keep0.8", "profile 4", "profile 8@r2"}
+    report = b["calibration"]["sample_recall"]  # captioned sample: the mix beside every cheaper profile
+    assert report["kind"] == "profile" and set(report["fixed_exits"]) == {"4@keep0.8", "4", "8@r2"}
+    assert all(0 < f["cost_fraction"] < 1 for f in report["fixed_exits"].values())
     assert calibrate.main(common + ["--min-recall", "0.9", "--output", str(tmp_path / "r.json")]) == 0
     r = json.loads((tmp_path / "r.json").read_text())
     assert r["calibration"]["achieved_recall_ratio"] >= 0.9
+    # the report routes the sample as the router does: its recall@10 share is the floor's achieved ratio
+    assert r["calibration"]["sample_recall"]["routed_ratio"]["t2i@10"] == pytest.approx(
+        r["calibration"]["achieved_recall_ratio"])
+    assert r["calibration"]["sample_recall"]["full"] == report["full"]  # one sample, one full depth
     capsys.readouterr()
     assert calibrate.main([shard, "--model", "demo", "--scorer", "heuristic", "--profiles", "4,8@r2",
                            "--gflops-budget", "0.6", "--output", str(tmp_path / "x.json")]) == 2
