@@ -1,0 +1,101 @@
+"""Benchmark: how much of full-depth recall each early exit keeps, as the gallery grows.
+
+A calibration sample holds a few thousand images, an index millions. This measures, on one held-out split, the
+text→image recall@1 of full depth and of every fixed exit against galleries of n, n/2, n/4, ... of the split's
+images (``pipeline.training.calibrate.by_gallery_size``, the function behind `icar calibrate`'s ``by_gallery``
+report: disjoint random parts, each caption searched within its image's part, hits pooled), and each exit's share of
+full depth at every size, plus the least-squares slope of that share per doubling of the gallery.
+
+    python -m bench.gallery --corpus /work/demo-corpus-t10000 --json gallery.json
+
+Recall only (no timing): the load average is printed for the record, the figures do not depend on it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from bench.common import load_average, machine_facts  # noqa: E402
+from bench.quality import DEFAULT_CORPUS, ensure_corpus, read_split  # noqa: E402
+from pipeline.model import encoder as enc  # noqa: E402
+from pipeline.model import models  # noqa: E402
+from pipeline.training.calibrate import by_gallery_size  # noqa: E402
+from pipeline.training.confidence import extract, model_and_exits  # noqa: E402
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m bench.gallery", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--corpus", default=str(DEFAULT_CORPUS), help="demo corpus (from `icar make-demo-corpus`)")
+    p.add_argument("--cache-dir", default=os.path.join(os.path.expanduser("~"), ".cache", "icar", "bench-quality"),
+                   help="where a generated corpus is kept when --corpus has none")
+    p.add_argument("--split", default="test", help="split whose images and captions are measured (default test)")
+    p.add_argument("--n", type=int, default=None, help="images of the split (default: all)")
+    p.add_argument("--heads", default=None, help="exit heads (default: the demo's shipped ones)")
+    p.add_argument("--min-images", type=int, default=100, help="smallest gallery measured")
+    p.add_argument("--seed", type=int, default=0, help="seed of the split into parts")
+    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--json", default=None, help="write the results here as JSON")
+    return p.parse_args(argv)
+
+
+def share_table(sizes: list[dict], exits: list[int]) -> tuple[dict[str, list[float]], dict[str, float]]:
+    """Return ({"exit e": [share of full depth's recall@1 per size]}, {"exit e": slope of the share per doubling})."""
+    logs = np.log2([s["images"] for s in sizes])
+    shares, slopes = {}, {}
+    for e in exits[:-1]:
+        name = f"exit {e}"
+        shares[name] = [s["t2i@1"][name] / s["t2i@1"]["full"] for s in sizes]
+        slopes[name] = float(np.polyfit(logs, shares[name], 1)[0]) if len(sizes) > 1 else float("nan")
+    return shares, slopes
+
+
+def main(argv=None) -> int:
+    a = parse_args(argv)
+    t0, load_start = time.perf_counter(), load_average()
+    corpus, doc = ensure_corpus(a.corpus, a.cache_dir)
+    bundle, heads, exits = model_and_exits("demo", None, 0, a.heads, None, "cpu")
+    encoder = enc.AdaptiveEncoder(bundle.model.visual, exits, heads).eval()
+    keys, pixels, captions = read_split(corpus, doc, a.split, bundle.image_size, a.n)
+    _, emb = extract(encoder, bundle, pixels, a.batch_size, "cpu")
+    text = models.encode_text(bundle, captions)
+    # as `icar calibrate` reports it: every caption a query for its own image (a repeated caption's other images
+    # are competitors; 69 of the 10 000 demo test captions repeat)
+    galleries = {"full": emb[exits[-1]], **{f"exit {e}": emb[e] for e in exits[:-1]}}
+    sizes = by_gallery_size(galleries, text, np.arange(len(keys)), min_images=a.min_images, seed=a.seed)
+    shares, slopes = share_table(sizes, exits)
+    facts = machine_facts()
+    print(f"# {facts['date']}, load average {load_start} at start, {load_average()} at end, icar {facts['git']}, "
+          f"{time.perf_counter() - t0:.0f} s")
+    print(f"{a.split} split of {corpus}: {len(keys)} images and captions; demo CLIP exits {exits}; "
+          "text->image recall@1 against disjoint random parts of each size, hits pooled over the parts.\n")
+    names = list(shares)
+    print("| gallery images | full-depth R@1 | " + " | ".join(f"{n} ÷ full" for n in names) + " |")
+    print("|---|---|" + "---|" * len(names))
+    for i, s in enumerate(sizes):
+        print(f"| {s['images']} | {s['t2i@1']['full']:.3f} | "
+              + " | ".join(f"{100 * shares[n][i]:.1f} %" for n in names) + " |")
+    print("\nslope of the share per doubling of the gallery: "
+          + ", ".join(f"{n} {100 * slopes[n]:+.1f} points" for n in names))
+    if a.json:
+        Path(a.json).write_text(json.dumps({"facts": facts, "corpus": corpus, "split": a.split, "images": len(keys),
+                                            "exits": exits, "sizes": sizes,
+                                            "shares": shares, "slope_per_doubling": slopes,
+                                            "load_average_start": load_start, "load_average_end": load_average()},
+                                           indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
