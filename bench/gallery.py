@@ -30,7 +30,7 @@ from bench.common import load_average, machine_facts  # noqa: E402
 from bench.quality import DEFAULT_CORPUS, ensure_corpus, read_split  # noqa: E402
 from pipeline.model import encoder as enc  # noqa: E402
 from pipeline.model import models  # noqa: E402
-from pipeline.training.calibrate import by_gallery_size  # noqa: E402
+from pipeline.training.calibrate import by_gallery_size, slope_per_doubling  # noqa: E402
 from pipeline.training.confidence import extract, model_and_exits  # noqa: E402
 
 
@@ -52,12 +52,11 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def share_table(sizes: list[dict], exits: list[int]) -> tuple[dict[str, list[float]], dict[str, float]]:
     """Return ({"exit e": [share of full depth's recall@1 per size]}, {"exit e": slope of the share per doubling})."""
-    logs = np.log2([s["images"] for s in sizes])
     shares, slopes = {}, {}
     for e in exits[:-1]:
         name = f"exit {e}"
         shares[name] = [s["t2i@1"][name] / s["t2i@1"]["full"] for s in sizes]
-        slopes[name] = float(np.polyfit(logs, shares[name], 1)[0]) if len(sizes) > 1 else float("nan")
+        slopes[name] = slope_per_doubling([s["images"] for s in sizes], shares[name])
     return shares, slopes
 
 
@@ -86,8 +85,9 @@ def main(argv=None) -> int:
     for i, s in enumerate(sizes):
         print(f"| {s['images']} | {s['t2i@1']['full']:.3f} | "
               + " | ".join(f"{100 * shares[n][i]:.1f} %" for n in names) + " |")
-    print("\nslope of the share per doubling of the gallery: "
-          + ", ".join(f"{n} {100 * slopes[n]:+.1f} points" for n in names))
+    if len(sizes) > 1:
+        print("\nslope of the share per doubling of the gallery: "
+              + ", ".join(f"{n} {100 * slopes[n]:+.1f} points" for n in names))
     if a.json:
         Path(a.json).write_text(json.dumps({"facts": facts, "corpus": corpus, "split": a.split, "images": len(keys),
                                             "exits": exits, "sizes": sizes,

@@ -178,6 +178,12 @@ def by_gallery_size(galleries: dict[str, np.ndarray], text: np.ndarray, text_to_
     return out[::-1]
 
 
+def slope_per_doubling(images: list[int], shares: list[float]) -> float | None:
+    """Return the least-squares slope of ``shares`` against log2(``images``): the change per doubling of the gallery
+    (None with fewer than two sizes)."""
+    return float(np.polyfit(np.log2(images), shares, 1)[0]) if len(images) > 1 else None
+
+
 def sample_recall(depth: np.ndarray, exit_embeddings: dict, text: np.ndarray, text_to_image: np.ndarray,
                   tower_gflops: dict, exit_scales: dict | None = None, labels: dict | None = None,
                   kind: str = "exit") -> dict:
@@ -215,8 +221,7 @@ def sample_recall(depth: np.ndarray, exit_embeddings: dict, text: np.ndarray, te
     for row in sizes:
         row["routed_ratio"] = row["t2i@1"]["routed"] / row["t2i@1"]["full"] if row["t2i@1"]["full"] else None
     known = [row for row in sizes if row["routed_ratio"] is not None]
-    per_doubling = (float(np.polyfit(np.log2([r["images"] for r in known]), [r["routed_ratio"] for r in known], 1)[0])
-                    if len(known) > 1 else None)  # least-squares slope of the share against log2(gallery images)
+    per_doubling = slope_per_doubling([r["images"] for r in known], [r["routed_ratio"] for r in known])
     if len(known) > 1 and known[0]["routed_ratio"] - known[-1]["routed_ratio"] > GALLERY_DROP_WARN:
         log.warning("the routed mix keeps %.1f %% of full-depth text->image recall@1 among %d sample images but %.1f "
                     "%% among all %d (%+.1f points per doubling of the gallery): the share falls as the gallery "
@@ -226,8 +231,7 @@ def sample_recall(depth: np.ndarray, exit_embeddings: dict, text: np.ndarray, te
     return {"metric": "text->image recall@1/@10 of the sample's captions against the sample's images",
             "captions": int(len(text_to_image)), "gallery_images": int(len(depth)), "kind": kind, "full": full,
             "routed": routed, "routed_ratio": {k: (routed[k] / full[k] if full[k] else None) for k in full},
-            "fixed_exits": fixed,
-            "by_gallery": sizes, "routed_ratio_per_doubling": per_doubling}
+            "fixed_exits": fixed, "by_gallery": sizes, "routed_ratio_per_doubling": per_doubling}
 
 
 def saved_scales(heads) -> dict | None:
