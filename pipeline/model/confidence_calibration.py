@@ -26,8 +26,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from pipeline.model.router import (ConfidenceRouter, RecallFloor, ceiling_margin, ceiling_record, combined_signal,
-                                   exit_fractions, hits_at_k, row_costs)
+from pipeline.model.router import (ConfidenceRouter, MixRecall, ceiling_margin, ceiling_record, combined_signal,
+                                   exit_fractions, row_costs)
 
 log = logging.getLogger(__name__)
 
@@ -231,37 +231,26 @@ def calibrate_confidence_recall(confidences: dict, exit_embeddings: dict, text_e
     n = next(iter(conf.values())).size
     if not 0 < min_recall <= 1.0:
         raise ValueError(f"--min-recall is a fraction of full-depth recall in (0, 1], got {min_recall}")
-    text = np.asarray(text_embeddings, np.float32)
-    t2i = np.asarray(text_to_image, np.int64)
-    scales = {int(k): float(v) for k, v in (exit_scales or {}).items()}
-    sims = {e: (text @ np.asarray(exit_embeddings[e], np.float32).T) * scales.get(e, 1.0) for e in exits}
     for e in exits:
-        if sims[e].shape[1] != n:
-            raise ValueError(f"exit {e} has {sims[e].shape[1]} embeddings for {n} sample confidences")
-    full_hits = hits_at_k(sims[exits[-1]], t2i, k)
-    full_recall = float(full_hits.mean())
-    if full_recall == 0.0:
-        raise ValueError(f"full-depth recall@{k} on the calibration captions is 0: the sample cannot tell good "
-                         "routing from bad; use more captioned images or a trained model")
-    floor = RecallFloor(full_hits, min_recall, recall_confidence)
+        rows = np.asarray(exit_embeddings[e]).shape[0]
+        if rows != n:
+            raise ValueError(f"exit {e} has {rows} embeddings for {n} sample confidences")
+    measure = MixRecall(exit_embeddings, text_embeddings, text_to_image, k, min_recall, recall_confidence, exit_scales)
     best = None
     for a, router, mix, cost in _candidates(conf, exits, tower_gflops, confidence_gflops, scorer_gflops, rule,
                                             shares, confidence_identity, scorer_identity, steps):
         if best is not None and mix["gflops"] >= best[2]["gflops"] - 1e-12:
             continue
-        sim = np.empty_like(sims[exits[-1]])
-        for e in exits:
-            cols = mix["depth"] == e
-            sim[:, cols] = sims[e][:, cols]
-        hits = hits_at_k(sim, t2i, k)
-        if floor.holds(hits)[0]:
+        hits = measure.hits(mix["depth"])
+        if measure.floor.holds(hits)[0]:
             best = (a, router, mix, cost, hits)
     a, router, mix, cost, hits = best  # full depth (a = 0) always passes
-    recall = float(hits.mean())
+    recall, full_recall = float(hits.mean()), measure.full_recall
     _record(router, rule, a, mix, cost, tower_gflops, confidence_gflops, scorer_gflops, shares, n, steps,
-            mode="min_recall", target=float(min_recall), **floor.record(hits), metric=f"text->image recall@{k}",
+            mode="min_recall", target=float(min_recall), **measure.floor.record(hits),
+            metric=f"text->image recall@{k}",
             full_depth_recall=float(full_recall), achieved_recall=float(recall),
-            achieved_recall_ratio=float(recall / full_recall), captions=int(t2i.size))
+            achieved_recall_ratio=float(recall / full_recall), captions=int(measure.text_to_image.size))
     log.info("calibrated confidence thresholds %s: recall@%d %.4f (%.3f of full depth) at %.3f × full-depth cost",
              router.thresholds, k, recall, recall / full_recall, router.calibration["achieved_cost_fraction"])
     return router

@@ -591,6 +591,40 @@ def hits_at_k(sim: np.ndarray, relevant, k: int) -> np.ndarray:
     return (best_relevant_rank(sim, relevant) < k).astype(np.float64)
 
 
+class MixRecall:
+    """Text→image hits@k of exit mixes on a captioned calibration sample, and the floor they must hold.
+
+    One matmul per exit (each exit's similarities scaled by its ``exit_scales``, as `icar index` scales its rows);
+    a candidate mix (an exit ``depth`` per image) only takes each image's column from its exit. Raises when full
+    depth finds nothing (the sample could not tell good routing from bad). ``floor`` is the ``RecallFloor`` of
+    ``min_recall`` at ``recall_confidence``.
+    """
+
+    def __init__(self, exit_embeddings: dict, text_embeddings: np.ndarray, text_to_image, k: int, min_recall: float,
+                 recall_confidence: float, exit_scales: dict | None = None):
+        self.exits = sorted(int(e) for e in exit_embeddings)
+        self.k = int(k)
+        text = np.asarray(text_embeddings, np.float32)
+        self.text_to_image = np.asarray(text_to_image, np.int64)
+        scales = {int(e): float(v) for e, v in (exit_scales or {}).items()}
+        self.sims = {e: (text @ np.asarray(exit_embeddings[e], np.float32).T) * scales.get(e, 1.0)
+                     for e in self.exits}
+        full_hits = hits_at_k(self.sims[self.exits[-1]], self.text_to_image, self.k)
+        self.full_recall = float(full_hits.mean())
+        if self.full_recall == 0.0:
+            raise ValueError(f"full-depth recall@{k} on the calibration captions is 0: the sample cannot tell good "
+                             "routing from bad; use more captioned images or a trained model")
+        self.floor = RecallFloor(full_hits, min_recall, recall_confidence)
+
+    def hits(self, depth: np.ndarray) -> np.ndarray:
+        """Return per caption whether its image is in the top k when each image sits at its ``depth``."""
+        sim = np.empty_like(self.sims[self.exits[-1]])
+        for e in self.exits:
+            cols = depth == e
+            sim[:, cols] = self.sims[e][:, cols]
+        return hits_at_k(sim, self.text_to_image, self.k)
+
+
 def ceiling_margin(costs, confidence: float) -> float:
     """Return how far (in GFLOPs) under a budget to fit a mix so that the mean cost of a new sample of the same
     images stays at or under the budget with probability ``confidence`` (one-sided normal bound).
@@ -730,35 +764,23 @@ def calibrate_recall(scores, exit_embeddings: dict, text_embeddings: np.ndarray,
         if emb[e].shape[0] != s.size:
             raise ValueError(f"exit {e} has {emb[e].shape[0]} embeddings for {s.size} scores; embed every "
                              "calibration image at every exit")
-    text = np.asarray(text_embeddings, np.float32)
-    t2i = np.asarray(text_to_image, np.int64)
-    scales = {int(k): float(v) for k, v in (exit_scales or {}).items()}
-    sims = {e: (text @ emb[e].T) * scales.get(e, 1.0) for e in exits}  # one matmul per exit; candidates mix columns
-    full_hits = hits_at_k(sims[exits[-1]], t2i, k)
-    full_recall = float(full_hits.mean())
-    if full_recall == 0.0:
-        raise ValueError(f"full-depth recall@{k} on the calibration captions is 0: the sample cannot tell good "
-                         "routing from bad; use more captioned images or a trained model")
-    floor = RecallFloor(full_hits, min_recall, recall_confidence)
+    measure = MixRecall(emb, text_embeddings, text_to_image, k, min_recall, recall_confidence, exit_scales)
     best = None
     for a in np.unique(np.concatenate([np.linspace(st, st + 1, steps + 1) for st in range(len(exits) - 1)])):
         router = ThresholdRouter(exits, thresholds_for_fractions(s, exit_fractions(len(exits), a, shares)),
                                  scorer_identity=scorer_identity)
-        depth = router.route(s, None)
-        sim = np.empty_like(sims[exits[-1]])
-        for e in exits:
-            cols = depth == e
-            sim[:, cols] = sims[e][:, cols]
-        hits = hits_at_k(sim, t2i, k)
         mix = realised_mix(router, s, table, scorer_gflops)
-        if (best is None or mix["gflops"] < best[2]["gflops"] - 1e-12) and floor.holds(hits)[0]:
+        if best is not None and mix["gflops"] >= best[2]["gflops"] - 1e-12:
+            continue  # not cheaper than a mix that already holds the floor: no need to measure it
+        hits = measure.hits(router.route(s, None))
+        if measure.floor.holds(hits)[0]:
             best = (a, router, mix, hits)
     a, router, mix, hits = best
-    recall = float(hits.mean())
+    recall, full_recall = float(hits.mean()), measure.full_recall
     router.calibration = {
         "mode": "min_recall",
         "target": float(min_recall),
-        **floor.record(hits),
+        **measure.floor.record(hits),
         "metric": f"text->image recall@{k}",
         "full_depth_recall": float(full_recall),
         "achieved_recall": float(recall),
@@ -774,7 +796,7 @@ def calibrate_recall(scores, exit_embeddings: dict, text_embeddings: np.ndarray,
         "scorer_gflops": float(scorer_gflops),
         "gflops_per_exit": {str(e): table[e] for e in exits},
         "sample_size": int(s.size),
-        "captions": int(t2i.size),
+        "captions": int(measure.text_to_image.size),
     }
     log.info("calibrated to recall@%d %.4f (%.3f of full depth %.4f, floor %.3f) at %.3f × full-depth cost; "
              "thresholds %s", k, recall, recall / full_recall, full_recall, min_recall,

@@ -392,13 +392,11 @@ def calibrate_profiles(cfg: CalibrateConfig, bundle, heads, exits, scorer, pixel
                                                    recall_confidence=cfg.recall_confidence, k=cfg.recall_at)
     router.heads.update(paths)
     router.calibration.update(identity)
-    if embeddings is not None:  # the report keyed by cost rank (the dearest, full depth, the reference)
-        ranked = sorted(embeddings, key=lambda spec: costs[spec])
-        rank = {spec: i + 1 for i, spec in enumerate(ranked)}
-        depth = np.asarray([rank[router.profiles[j]] for j in router.route_profiles(scores)], np.int64)
+    if embeddings is not None:  # keyed by cost rank: the router's profiles are in cost order, full depth last
+        ranked = dict(enumerate(router.profiles, start=1))
         router.calibration["sample_recall"] = sample_recall(
-            depth, {rank[p]: embeddings[p] for p in ranked}, text, np.asarray(captioned),
-            {rank[p]: costs[p] for p in ranked}, labels={rank[p]: p for p in ranked}, kind="profile")
+            router.route_profiles(scores).astype(np.int64) + 1, {r: embeddings[p] for r, p in ranked.items()}, text,
+            np.asarray(captioned), {r: costs[p] for r, p in ranked.items()}, labels=ranked, kind="profile")
     return router
 
 
