@@ -184,6 +184,10 @@ class ExitTrainer:
     def run(self) -> dict | None:
         """Train, write heads + metrics (+ backbone when fine-tuning) to OUTPUT; return the metrics document
         (on rank 0; the other processes of a data-parallel run return None)."""
+        if not self.cfg.resume and storage.exists(self._checkpoint_url(), self.cfg.storage_options):
+            # refuse before minutes of feature extraction, not after (the same check as _restore)
+            raise TrainExitsError(f"{self._checkpoint_url()} exists from an earlier run: pass --resume to continue "
+                                  f"it, or choose another --output")
         if self.cfg.finetune_backbone:
             return self._run_finetune()
         return self._run_frozen()

@@ -206,3 +206,17 @@ def test_bad_configurations_are_refused(model_dir, tmp_path):
     with pytest.raises(et.TrainExitsError, match="batch_size >= 2"):
         et.ExitTrainer(_cfg(tmp_path, model_dir, batch_size=1))
     assert job.main([str(tmp_path / "nothing-*.tar"), "--output", str(tmp_path / "o"), "--model", model_dir]) == 2
+
+
+def test_an_earlier_runs_checkpoint_is_refused_before_features_are_extracted(corpus, model_dir, tmp_path, monkeypatch):
+    inputs = [str(corpus / "train" / "*.tar")]
+    et.train_exits(_cfg(tmp_path, model_dir, inputs=inputs, val_fraction=0.25, epochs=1))
+    for cache in (tmp_path / "out").glob("features-*.safetensors"):
+        cache.unlink()  # as when the options change: the caches would be extracted again
+
+    def no_extraction(*args, **kwargs):
+        raise AssertionError("a run that will be refused must not extract features first")
+
+    monkeypatch.setattr(features, "extract_features", no_extraction)
+    with pytest.raises(et.TrainExitsError, match=r"checkpoint\.pt exists from an earlier run: pass --resume"):
+        et.train_exits(_cfg(tmp_path, model_dir, inputs=inputs, val_fraction=0.25, epochs=2))
