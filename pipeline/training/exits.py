@@ -138,6 +138,10 @@ class ExitTrainer:
         torch.save(state, buf)
         write_output(self._checkpoint_url(), buf.getvalue(), self.cfg)
 
+    def _earlier_run(self) -> TrainExitsError:
+        return TrainExitsError(f"{self._checkpoint_url()} exists from an earlier run: pass --resume to continue it, "
+                               f"or choose another --output")
+
     def _load_checkpoint(self, opt, sched) -> tuple[int, list]:
         """Return (next epoch, history) after restoring a checkpoint, or (0, []) when starting afresh.
 
@@ -155,8 +159,7 @@ class ExitTrainer:
                 log.info("--resume: no checkpoint in %s yet, starting from epoch 0", self.cfg.output)
             return 0, []
         if not self.cfg.resume:
-            raise TrainExitsError(f"{self._checkpoint_url()} exists from an earlier run: pass --resume to continue "
-                                  f"it, or choose another --output")
+            raise self._earlier_run()
         state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
         if state["model_key"] != self.key or state["exits"] != self.exits \
                 or state["finetune_backbone"] != self.cfg.finetune_backbone:
@@ -185,9 +188,7 @@ class ExitTrainer:
         """Train, write heads + metrics (+ backbone when fine-tuning) to OUTPUT; return the metrics document
         (on rank 0; the other processes of a data-parallel run return None)."""
         if not self.cfg.resume and storage.exists(self._checkpoint_url(), self.cfg.storage_options):
-            # refuse before minutes of feature extraction, not after (the same check as _restore)
-            raise TrainExitsError(f"{self._checkpoint_url()} exists from an earlier run: pass --resume to continue "
-                                  f"it, or choose another --output")
+            raise self._earlier_run()  # before minutes of feature extraction, not after
         if self.cfg.finetune_backbone:
             return self._run_finetune()
         return self._run_frozen()
