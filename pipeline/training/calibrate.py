@@ -143,39 +143,46 @@ MIN_GALLERY = 100  # smallest sub-gallery of the by-gallery-size report
 GALLERY_DROP_WARN = 0.01  # routed ratio falling more than this from the smallest sub-gallery to the whole: warn
 
 
+def gallery_parts(n: int, text_to_image: np.ndarray, min_images: int = MIN_GALLERY, seed: int = 0):
+    """Yield (size, members, asked, targets) for galleries of n, n/2, n/4, ... sample images (down to ``min_images``),
+    largest first: the sample split at random (``seed``) into disjoint parts of each size, ``members`` a part's image
+    rows, ``asked`` the captions of its images, ``targets`` each asked caption's image as a position in ``members``.
+    """
+    text_to_image = np.asarray(text_to_image, np.int64)
+    order = np.random.default_rng(seed).permutation(n)
+    size = n
+    while size >= min_images:
+        for part in range(n // size):
+            members = order[part * size:(part + 1) * size]
+            position = np.full(n, -1, np.int64)
+            position[members] = np.arange(size)
+            asked = np.flatnonzero(position[text_to_image] >= 0)
+            if asked.size:
+                yield size, members, asked, position[text_to_image[asked]]
+        size //= 2
+
+
 def by_gallery_size(galleries: dict[str, np.ndarray], text: np.ndarray, text_to_image: np.ndarray,
                     min_images: int = MIN_GALLERY, seed: int = 0) -> list[dict]:
     """Return text->image recall@1 of each of ``galleries`` ({name: (N, D) image embeddings, row i = sample image i})
     against galleries of n, n/2, n/4, ... images (down to ``min_images``), smallest first.
 
-    The sample's images are split at random (``seed``) into disjoint parts of each size; every caption is searched
-    within its own image's part, and the hits of all parts are pooled. One split for every gallery name, so the
-    figures of one size are paired. Ratios to full depth fall as a gallery grows (more near-duplicates compete for
-    rank 1), which is what this shows: an index is far larger than any calibration sample.
+    The sample's images are split at random (``seed``) into disjoint parts of each size (``gallery_parts``); every
+    caption is searched within its own image's part, and the hits of all parts are pooled. One split for every
+    gallery name, so the figures of one size are paired. Ratios to full depth fall as a gallery grows (more
+    near-duplicates compete for rank 1), which is what this shows: an index is far larger than any calibration sample.
     """
     text = np.asarray(text, np.float32)
-    text_to_image = np.asarray(text_to_image, np.int64)
     n = next(iter(galleries.values())).shape[0]
-    order = np.random.default_rng(seed).permutation(n)
-    out, size = [], n
-    while size >= min_images:
-        hits, queries = {name: 0.0 for name in galleries}, 0
-        for part in range(n // size):
-            members = order[part * size:(part + 1) * size]
-            position = np.full(n, -1, np.int64)
-            position[members] = np.arange(size)
-            asked = np.flatnonzero(position[text_to_image] >= 0)  # the captions of this part's images
-            if not asked.size:
-                continue
-            for name, emb in galleries.items():
-                r = recall_at_k(text[asked] @ np.asarray(emb, np.float32)[members].T, position[text_to_image[asked]],
-                                (1,))[1]
-                hits[name] += r * asked.size
-            queries += asked.size
-        if queries:
-            out.append({"images": size, "captions": queries, "t2i@1": {k: v / queries for k, v in hits.items()}})
-        size //= 2
-    return out[::-1]
+    hits: dict[int, dict[str, float]] = {}
+    queries: dict[int, int] = {}
+    for size, members, asked, targets in gallery_parts(n, text_to_image, min_images, seed):
+        for name, emb in galleries.items():
+            r = recall_at_k(text[asked] @ np.asarray(emb, np.float32)[members].T, targets, (1,))[1]
+            hits.setdefault(size, dict.fromkeys(galleries, 0.0))[name] += r * asked.size
+        queries[size] = queries.get(size, 0) + asked.size
+    return [{"images": size, "captions": queries[size], "t2i@1": {k: v / queries[size] for k, v in hits[size].items()}}
+            for size in sorted(queries)]
 
 
 def slope_per_doubling(images: list[int], shares: list[float]) -> float | None:

@@ -37,3 +37,43 @@ def test_gallery_bench_reports_each_exit_share_per_size(tmp_path, capsys):
         assert r["shares"][name] == pytest.approx([s["t2i@1"][name] / s["t2i@1"]["full"] for s in r["sizes"]])
         want = np.polyfit(np.log2([10, 20, 40]), r["shares"][name], 1)[0]
         assert r["slope_per_doubling"][name] == pytest.approx(want)
+    assert set(r["mixed_penalty"]) == {"exit 4", "exit 6"}
+    for rows in r["mixed_penalty"].values():
+        assert [p["images"] for p in rows] == [10, 20, 40] and all(p["captions"] == 40 for p in rows)
+        for p in rows:
+            assert p["penalty"] == pytest.approx(max(p["own_exit"] - p["exit|full"], p["own_full"] - p["full|exit"]))
+    assert "mixed-gallery penalty" in printed
+
+
+def _unit(x):
+    return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
+
+
+def test_mixed_penalty_is_the_worse_direction_computed_by_hand():
+    rng = np.random.default_rng(0)
+    n, d = 64, 16
+    full = _unit(rng.normal(size=(n, d)))
+    exit_emb = _unit(full + 0.6 * rng.normal(size=(n, d)))
+    text = _unit(full + 0.5 * rng.normal(size=(n, d)))
+    t2i = np.arange(n)
+    # the same embeddings at both depths, unscaled: mixing changes nothing
+    same = gallery.mixed_penalty(full, full, text, t2i, 1.0, min_images=n, seed=0)
+    assert len(same) == 1 and same[0]["penalty"] == 0.0
+    assert same[0]["own_exit"] == same[0]["exit|full"] == same[0]["own_full"] == same[0]["full|exit"]
+    # one gallery of every image: recompute each direction with plain numpy
+    scale = 1.07
+    [row] = gallery.mixed_penalty(exit_emb, full, text, t2i, scale, min_images=n, seed=0)
+    se, sf = text @ exit_emb.T, text @ full.T
+    own = np.eye(n, dtype=bool)
+
+    def r1(scores):
+        return float(np.mean(scores.argmax(axis=1) == t2i))
+
+    want = {"own_exit": r1(se), "own_full": r1(sf), "exit|full": r1(np.where(own, scale * se, sf)),
+            "full|exit": r1(np.where(own, sf, scale * se))}
+    assert {k: row[k] for k in want} == pytest.approx(want)
+    assert row["penalty"] == pytest.approx(max(want["own_exit"] - want["exit|full"], want["own_full"] - want["full|exit"]))
+    assert want["exit|full"] != want["own_exit"] or want["full|exit"] != want["own_full"]  # the case is not trivial
+    # halves: the same split as by_gallery_size, so the penalty rows pair with its shares
+    halves = gallery.mixed_penalty(exit_emb, full, text, t2i, scale, min_images=n // 2, seed=0)
+    assert [p["images"] for p in halves] == [n // 2, n] and halves[0]["captions"] == n
