@@ -72,7 +72,8 @@ def test_mixed_penalty_is_the_worse_direction_computed_by_hand():
     want = {"own_exit": r1(se), "own_full": r1(sf), "exit|full": r1(np.where(own, scale * se, sf)),
             "full|exit": r1(np.where(own, sf, scale * se))}
     assert {k: row[k] for k in want} == pytest.approx(want)
-    assert row["penalty"] == pytest.approx(max(want["own_exit"] - want["exit|full"], want["own_full"] - want["full|exit"]))
+    worse = max(want["own_exit"] - want["exit|full"], want["own_full"] - want["full|exit"])
+    assert row["penalty"] == pytest.approx(worse)
     assert want["exit|full"] != want["own_exit"] or want["full|exit"] != want["own_full"]  # the case is not trivial
     # halves: the same split as by_gallery_size, so the penalty rows pair with its shares
     halves = gallery.mixed_penalty(exit_emb, full, text, t2i, scale, min_images=n // 2, seed=0)
