@@ -199,10 +199,10 @@ def sample_recall(depth: np.ndarray, exit_embeddings: dict, text: np.ndarray, te
 
     The gallery is the sample's images, each routed row scaled by its exit's ``exit_scales`` as `icar index` scales
     it; a budget's thresholds were fitted for cost, not recall, so the routed figure is not an in-sample optimum.
-    A real index is larger, and there recall is lower and so is the share of it an early exit keeps (on the demo's
-    test images exit 6 keeps 97 % of full-depth recall@1 among 1250 images, 91 % among 10 000; bench/gallery.py):
-    ``by_gallery`` shows the trend within the sample (recall@1 against halves, quarters, ... of it), and a warning
-    says when the routed share falls by more than GALLERY_DROP_WARN across it.
+    A real index is larger, and there recall is lower and so is the share of it an early exit keeps (measured per
+    gallery size by bench/gallery.py; figures in docs/benchmarks/adaptive.md): ``by_gallery`` shows the trend
+    within the sample (recall@1 against halves, quarters, ... of it), and a warning says when the routed share
+    falls by more than GALLERY_DROP_WARN across it.
 
     ``depth`` and the keys of ``exit_embeddings`` / ``tower_gflops`` are exit depths, the deepest the reference; a
     profile router passes its profiles' cost ranks instead, with ``labels`` ({rank: profile spec}) naming them in
