@@ -52,6 +52,7 @@ import os
 import sys
 import tempfile
 import time
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -65,6 +66,7 @@ from bench.common import interleaved, load_average, machine_facts, median  # noq
 from bench.quality import DEFAULT_CORPUS, embed_all_exits, ensure_corpus, read_split, score_all  # noqa: E402
 from pipeline.demo.corpus import scene_caption, scene_of  # noqa: E402
 from pipeline.io import storage  # noqa: E402
+from pipeline.io.schema import EXIT_OFFSETS, EXIT_SCALES, parse_exit_offsets, parse_exit_scales  # noqa: E402
 from pipeline.io.storage import read_bytes, safetensors_metadata  # noqa: E402
 from pipeline.logs import setup_logging  # noqa: E402
 from pipeline.model import models  # noqa: E402
@@ -113,8 +115,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="training pairs (the train split's first) of the confidence heads trained here")
     p.add_argument("--no-confidence", action="store_true", help="no confidence rows for heads without --confidence")
     p.add_argument("--scaled", action="append", default=None, metavar="NAME",
-                   help="also measure the heads named NAME with the per-exit similarity scales their file "
-                        "recommends for a mixed index applied (rows 'NAME+scales'; repeatable)")
+                   help="also measure the heads named NAME with the per-exit score calibration their file records "
+                        "for a mixed index applied, as `icar index` applies it: exit rows scored scale x cosine + "
+                        "offset (rows 'NAME+scales'; repeatable)")
     p.add_argument("--budget-confidence", type=float, default=routers.DEFAULT_BUDGET_CONFIDENCE, metavar="P",
                    help="routers are fitted on val as `icar calibrate --budget-confidence P` fits them: under each "
                         "budget by a margin that keeps a new sample's mean cost within it with probability P (0.5: "
@@ -474,20 +477,24 @@ def evaluate(name: str, policy: str, budget: float | None, depth: np.ndarray, gf
             **extra}
 
 
-def recorded_exit_scales(path: str) -> dict[int, float]:
-    """Return the per-exit similarity scales a heads file recommends for a mixed-depth index (its metadata's
-    ``exit_scales``, written by `icar train-exits`), or raise naming the file."""
-    scales = safetensors_metadata(read_bytes(path)).get("exit_scales")
+def recorded_calibration(path: str) -> dict[int, tuple[float, float]]:
+    """Return {exit: (scale, offset)}: the per-exit score calibration a heads file records for a mixed-depth index
+    (its metadata's ``exit_scales`` and ``exit_offsets``, written by `icar train-exits`; offset 0 where it records
+    none), or raise naming the file."""
+    meta = safetensors_metadata(read_bytes(path))
+    scales = parse_exit_scales(meta.get(EXIT_SCALES), path)
     if not scales:
-        raise ValueError(f"--scaled: {path} records no exit_scales; train the heads with a current `icar "
+        raise ValueError(f"--scaled: {path} records no {EXIT_SCALES}; train the heads with a current `icar "
                          f"train-exits`, or drop --scaled for them")
-    return {int(e): float(v) for e, v in json.loads(scales).items()}
+    offsets = parse_exit_offsets(meta.get(EXIT_OFFSETS), path)
+    return {e: (s, offsets.get(e, 0.0)) for e, s in scales.items()}
 
 
 def measure_heads(name: str, path: str, ctx: dict, budgets: list[float], a: argparse.Namespace,
-                  scales: dict[int, float] | None = None) -> dict:
-    """Return rows and per-query hits of every policy for one heads file (``scales``: each early exit's
-    embeddings multiplied by its scale, as an index that applies the heads' recommended scales would hold them)."""
+                  calibration: dict[int, tuple[float, float]] | None = None) -> dict:
+    """Return rows and per-query hits of every policy for one heads file (``calibration``: {exit: (scale, offset)},
+    each exit's rows scored scale x cosine + offset, as `icar index` holds them: scaled, the offset in one more
+    dimension where every query holds 1)."""
     worker = ModelWorker(ModelSpec(model="demo", heads=path, device="cpu", torch_threads=a.threads,
                                    precision=a.precision))
     if worker.exits != ctx["exits"]:
@@ -495,9 +502,14 @@ def measure_heads(name: str, path: str, ctx: dict, budgets: list[float], a: argp
     t = time.perf_counter()
     emb = embed_all_exits(worker, ctx["test_px"], a.batch_size)
     embed_s = time.perf_counter() - t
-    for e, factor in (scales or {}).items():
-        emb[e] = emb[e] * np.float32(factor)
     exits, gpe, q = ctx["exits"], ctx["gpe"], ctx["queries"]
+    unit = {e: v / np.linalg.norm(v, axis=1, keepdims=True) for e, v in emb.items()}
+    closeness = np.stack([np.einsum("nd,nd->n", unit[e], unit[exits[-1]]) for e in exits], axis=1)
+    if calibration:
+        emb = {e: np.hstack([v * np.float32(calibration.get(e, (1.0, 0.0))[0]),
+                             np.full((len(v), 1), calibration.get(e, (1.0, 0.0))[1], np.float32)])
+               for e, v in emb.items()}
+        q = dataclasses.replace(q, text=np.hstack([q.text, np.ones((len(q.text), 1), np.float32)]))
     full_g = gpe[exits[-1]]
     n = len(ctx["test_keys"])
     rows, hits = [], {}
@@ -522,8 +534,6 @@ def measure_heads(name: str, path: str, ctx: dict, budgets: list[float], a: argp
     ctx_h = {**ctx, "worker": worker, "test_embeddings": emb, "heads_path": path,
              "confidence": load_confidence(conf_path, worker, ctx, a.batch_size) if conf_path else None}
     oracle_util = own_caption_utility(q, emb, exits)
-    unit = {e: v / np.linalg.norm(v, axis=1, keepdims=True) for e, v in emb.items()}
-    closeness = np.stack([np.einsum("nd,nd->n", unit[e], unit[exits[-1]]) for e in exits], axis=1)
     for b in budgets:
         policies = {}
         for suffix, shares in share_variants(exits):
@@ -679,9 +689,10 @@ def run(a: argparse.Namespace) -> dict:
            "budget_confidence": a.budget_confidence}
     results = {name: measure_heads(name, path, ctx, budgets, a) for name, path in heads.items()}
     for name in a.scaled or []:
-        scales = recorded_exit_scales(heads[name])
-        results[f"{name}+scales"] = measure_heads(f"{name}+scales", heads[name], ctx, budgets, a, scales)
-        results[f"{name}+scales"]["exit_scales"] = {str(e): v for e, v in scales.items()}
+        calibration = recorded_calibration(heads[name])
+        results[f"{name}+scales"] = measure_heads(f"{name}+scales", heads[name], ctx, budgets, a, calibration)
+        results[f"{name}+scales"]["exit_scales"] = {str(e): s for e, (s, _) in calibration.items()}
+        results[f"{name}+scales"]["exit_offsets"] = {str(e): b for e, (_, b) in calibration.items()}
     idx = {"t2i": bootstrap_indices(len(queries.text), a.bootstrap, 1),
            "i2t": bootstrap_indices(len(test_keys), a.bootstrap, 2)}
     comps = comparisons(results, ctx, idx)
@@ -702,7 +713,8 @@ def run(a: argparse.Namespace) -> dict:
                   "gflops_per_exit": {str(k): v for k, v in base.gflops_per_exit.items()},
                   "full_gflops": full_g, "scorer": base.scorer.identity, "scorer_gflops": base.scorer_gflops},
         "heads": {k: {"path": v["path"], "identity": v["identity"], "confidence_heads": v["confidence"],
-                      "exit_scales": v.get("exit_scales")} for k, v in results.items()},
+                      "exit_scales": v.get("exit_scales"), "exit_offsets": v.get("exit_offsets")}
+                  for k, v in results.items()},
         "budgets": budgets, "budget_confidence": a.budget_confidence, "bootstrap": a.bootstrap,
         "random_seeds": a.random_seeds,
         "confidence_available": any(r["policy"].startswith("confidence") for r in rows),

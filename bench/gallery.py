@@ -7,10 +7,11 @@ report: disjoint random parts, each caption searched within its image's part, hi
 full depth at every size, plus the least-squares slope of that share per doubling of the gallery.
 
 It also measures, per size and early exit, what mixing that exit with full depth in one index costs (issue #20
-point 1's "mixed-gallery penalty", as `icar train-exits` reports it on val): the caption's image at the exit among
+point 1's "mixed-gallery penalty", as `icar train-exits` reports it): the caption's image at the exit among
 full-depth images (exit|full) against an all-exit gallery, and the caption's image at full depth among exit images
-(full|exit) against an all-full gallery, exit rows scaled by the heads' own ``exit_scales`` as `icar index` applies
-them; the penalty is the worse of the two differences (negative: mixing helps).
+(full|exit) against an all-full gallery, exit rows scored ``scale * cosine + offset`` with the heads' own
+``exit_scales`` and ``exit_offsets`` as `icar index` scores them (``recall.calibrated_penalty``, the figure `icar
+train-exits` chooses the calibration by); the penalty is the worse of the two differences (negative: mixing helps).
 
     python -m bench.gallery --corpus /work/demo-corpus-t10000 --json gallery.json
 
@@ -36,9 +37,9 @@ from bench.common import load_average, machine_facts  # noqa: E402
 from bench.quality import DEFAULT_CORPUS, ensure_corpus, read_split  # noqa: E402
 from pipeline.model import encoder as enc  # noqa: E402
 from pipeline.model import models  # noqa: E402
-from pipeline.training.calibrate import by_gallery_size, gallery_parts, slope_per_doubling  # noqa: E402
+from pipeline.training.calibrate import by_gallery_size, slope_per_doubling  # noqa: E402
 from pipeline.training.confidence import extract, model_and_exits  # noqa: E402
-from pipeline.metrics import recall_at_k  # noqa: E402
+from pipeline.training.recall import calibrated_penalty, mixed_margins  # noqa: E402
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -52,6 +53,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--heads", default=None, help="exit heads (default: the demo's shipped ones)")
     p.add_argument("--min-images", type=int, default=100, help="smallest gallery measured")
     p.add_argument("--seed", type=int, default=0, help="seed of the split into parts")
+    p.add_argument("--bootstrap", type=int, default=1000,
+                   help="bootstrap resamples of the captions for the penalty's 95 %% interval (default 1000)")
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--json", default=None, help="write the results here as JSON")
     return p.parse_args(argv)
@@ -67,34 +70,10 @@ def share_table(sizes: list[dict], exits: list[int]) -> tuple[dict[str, list[flo
     return shares, slopes
 
 
-def mixed_penalty(exit_emb: np.ndarray, full: np.ndarray, text: np.ndarray, text_to_image: np.ndarray,
-                  scale: float, min_images: int, seed: int) -> list[dict]:
-    """Return per gallery size (smallest first; the parts of ``by_gallery_size``): text->image R@1 of the own-exit,
-    own-full, exit|full and full|exit galleries, and the penalty max(own exit - exit|full, own full - full|exit)."""
-    text = np.asarray(text, np.float32)
-    sums: dict[int, dict[str, float]] = {}
-    for size, members, asked, targets in gallery_parts(len(full), text_to_image, min_images, seed):
-        q = text[asked]
-        se, sf = q @ np.asarray(exit_emb, np.float32)[members].T, q @ np.asarray(full, np.float32)[members].T
-        own = np.zeros(se.shape, bool)
-        own[np.arange(len(asked)), targets] = True
-        scores = {"own_exit": se, "own_full": sf, "exit|full": np.where(own, scale * se, sf),
-                  "full|exit": np.where(own, sf, scale * se)}
-        acc = sums.setdefault(size, {"captions": 0, **dict.fromkeys(scores, 0.0)})
-        acc["captions"] += len(asked)
-        for name, sc in scores.items():
-            acc[name] += recall_at_k(sc, targets, (1,))[1] * len(asked)
-    out = []
-    for size in sorted(sums):
-        acc = sums[size]
-        r = {k: acc[k] / acc["captions"] for k in ("own_exit", "own_full", "exit|full", "full|exit")}
-        r["penalty"] = max(r["own_exit"] - r["exit|full"], r["own_full"] - r["full|exit"])
-        out.append({"images": size, "captions": acc["captions"], "scale": scale, **r})
-    return out
-
-
 def main(argv=None) -> int:
     a = parse_args(argv)
+    if a.bootstrap < 100:
+        raise SystemExit(f"--bootstrap {a.bootstrap}: the penalty's interval needs at least 100 resamples")
     t0, load_start = time.perf_counter(), load_average()
     corpus, doc = ensure_corpus(a.corpus, a.cache_dir)
     bundle, heads, exits = model_and_exits("demo", None, 0, a.heads, None, "cpu")
@@ -107,9 +86,10 @@ def main(argv=None) -> int:
     galleries = {"full": emb[exits[-1]], **{f"exit {e}": emb[e] for e in exits[:-1]}}
     sizes = by_gallery_size(galleries, text, np.arange(len(keys)), min_images=a.min_images, seed=a.seed)
     shares, slopes = share_table(sizes, exits)
-    scales = heads.exit_scales
-    penalties = {f"exit {e}": mixed_penalty(emb[e], emb[exits[-1]], text, np.arange(len(keys)), scales[e],
-                                            a.min_images, a.seed) for e in exits[:-1]}
+    scales, offsets = heads.exit_scales, heads.exit_offsets
+    penalties = {f"exit {e}": [{**r, "scale": scales[e], "offset": offsets[e]} for r in calibrated_penalty(
+        mixed_margins(text, emb[e], emb[exits[-1]], a.min_images, a.seed), scales[e], offsets[e], a.bootstrap)]
+        for e in exits[:-1]}
     facts = machine_facts()
     print(f"# {facts['date']}, load average {load_start} at start, {load_average()} at end, icar {facts['git']}, "
           f"{time.perf_counter() - t0:.0f} s")
@@ -125,14 +105,17 @@ def main(argv=None) -> int:
         print("\nslope of the share per doubling of the gallery: "
               + ", ".join(f"{n} {100 * slopes[n]:+.1f} points" for n in names))
     print("\nmixed-gallery penalty (points of text->image R@1; the worse of own exit - exit|full and own full - "
-          "full|exit, exit rows scaled by the heads' exit_scales " + ", ".join(f"{n} {penalties[n][0]['scale']:g}"
-                                                                               for n in names) + "):\n")
-    print("| gallery images | " + " | ".join(f"{n}: penalty (exit side / full side)" for n in names) + " |")
+          "full|exit, exit rows scored scale x cosine + offset with the heads' exit_scales and exit_offsets: "
+          + ", ".join(f"{n} {penalties[n][0]['scale']:g} / {penalties[n][0]['offset']:+g}" for n in names) + "):\n")
+    print("| gallery images | " + " | ".join(f"{n}: penalty [95 % interval] (exit side / full side)" for n in names)
+          + " |")
     print("|---|" + "---|" * len(names))
     for i, s in enumerate(sizes):
         print(f"| {s['images']} | " + " | ".join(
-            f"{100 * p['penalty']:+.1f} ({100 * (p['own_exit'] - p['exit|full']):+.1f} / "
-            f"{100 * (p['own_full'] - p['full|exit']):+.1f})" for p in (penalties[n][i] for n in names)) + " |")
+            f"{100 * p['penalty']:+.1f} [{100 * p['penalty_interval'][0]:+.1f}, {100 * p['penalty_interval'][1]:+.1f}] "
+            f"({100 * (p['own_exit_t2i@1'] - p['exit_vs_full_t2i@1']):+.1f} / "
+            f"{100 * (p['own_full_t2i@1'] - p['full_vs_exit_t2i@1']):+.1f})" for p in (penalties[n][i] for n in names))
+              + " |")
     if a.json:
         Path(a.json).write_text(json.dumps({"facts": facts, "corpus": corpus, "split": a.split, "images": len(keys),
                                             "exits": exits, "sizes": sizes,

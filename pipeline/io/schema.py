@@ -111,3 +111,35 @@ def parse_exit_scales(value, where: str) -> dict[int, float]:
         raise ValueError(f"{where}: {EXIT_SCALES} {value!r} has exit depths below 1 or scales that are not positive "
                          f"finite numbers ({bad}); retrain the heads with `icar train-exits`")
     return dict(sorted(out.items()))
+
+
+# Per-exit similarity offsets (issue #20): the exit-heads file's metadata key and run.json's field, JSON
+# {"<exit depth>": offset}. With the scales they make an affine score calibration: an exit-k row scores
+# scale_k * cosine + offset_k against a query, full-depth rows their cosine. A scale alone cannot match both the
+# level and the spread of an exit's similarities to full depth's (measured: exit 4 of the demo stays over 1 point of
+# mixed-gallery recall at every scale); the offset can. An inner-product index holds it in one extra dimension:
+# `icar index` appends offset_k to each exit-k row (0 to full-depth rows) and 1 to each query.
+EXIT_OFFSETS = "exit_offsets"
+
+
+def parse_exit_offsets(value, where: str) -> dict[int, float]:
+    """Return {exit depth: offset} from a JSON string or mapping ({"4": 0.1}); {} for None or an empty value.
+
+    Raises ValueError naming ``where`` when a depth is not a positive integer or an offset is not a finite number
+    in [-1, 1] (a cosine offset outside it would drown the similarity it calibrates).
+    """
+    if value is None or value == "" or value == {}:
+        return {}
+    try:
+        raw = json.loads(value) if isinstance(value, str) else value
+        if not isinstance(raw, dict):
+            raise TypeError(f"expected a JSON object, got {type(raw).__name__}")
+        out = {int(k): float(v) for k, v in raw.items()}
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{where}: {EXIT_OFFSETS} must map exit depths to offsets, like {{\"4\": 0.1}}; got "
+                         f"{value!r} ({e})") from None
+    bad = {k: v for k, v in out.items() if k < 1 or not math.isfinite(v) or abs(v) > 1}
+    if bad:
+        raise ValueError(f"{where}: {EXIT_OFFSETS} {value!r} has exit depths below 1 or offsets that are not finite "
+                         f"numbers in [-1, 1] ({bad}); retrain the heads with `icar train-exits`")
+    return dict(sorted(out.items()))

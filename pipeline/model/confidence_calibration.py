@@ -218,10 +218,10 @@ def calibrate_confidence_recall(confidences: dict, exit_embeddings: dict, text_e
                                 shares: Sequence[float] | None = None, k: int = 10,
                                 scorer_identity: dict | None = None, steps: int = STEPS_PER_STAGE,
                                 rule: str = "level", recall_confidence: float = 0.5,
-                                exit_scales: dict | None = None) -> ConfidenceRouter:
+                                exit_scales: dict | None = None, exit_offsets: dict | None = None) -> ConfidenceRouter:
     """Return the cheapest ConfidenceRouter whose text→image recall@k on the sample is ≥ min_recall × full depth's
-    (for new captions with probability ``recall_confidence``: ``router.RecallFloor``), each exit's rows scaled by
-    ``exit_scales`` as `icar index` scales them.
+    (for new captions with probability ``recall_confidence``: ``router.RecallFloor``), each exit's rows scored with
+    its ``exit_scales`` and ``exit_offsets`` as `icar index` scores them.
 
     ``exit_embeddings``: {exit: (N, D) L2-normalised embeddings of the sample at that exit}; ``text_embeddings``
     (T, D) the captions, ``text_to_image`` (T,) the image each describes. Every candidate mix is measured.
@@ -235,7 +235,8 @@ def calibrate_confidence_recall(confidences: dict, exit_embeddings: dict, text_e
         rows = np.asarray(exit_embeddings[e]).shape[0]
         if rows != n:
             raise ValueError(f"exit {e} has {rows} embeddings for {n} sample confidences")
-    measure = MixRecall(exit_embeddings, text_embeddings, text_to_image, k, min_recall, recall_confidence, exit_scales)
+    measure = MixRecall(exit_embeddings, text_embeddings, text_to_image, k, min_recall, recall_confidence, exit_scales,
+                        exit_offsets)
     best = None
     for a, router, mix, cost in _candidates(conf, exits, tower_gflops, confidence_gflops, scorer_gflops, rule,
                                             shares, confidence_identity, scorer_identity, steps):

@@ -27,7 +27,7 @@ from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 from torch import nn
 
-from pipeline.io.schema import EXIT_SCALES, model_key, parse_exit_scales
+from pipeline.io.schema import EXIT_OFFSETS, EXIT_SCALES, model_key, parse_exit_offsets, parse_exit_scales
 from pipeline.io.storage import atomic_write_bytes, read_bound_safetensors
 from pipeline.model import merging
 from pipeline.model.spec import parse_merge
@@ -94,6 +94,7 @@ class ExitHeads(nn.Module):
         self.merge = "none"  # the token-merging schedule (pipeline.model.merging spec) the heads were trained under
         # {exit: similarity scale} from the file's metadata (`icar train-exits`); {} when it records none
         self.saved_scales: dict[int, float] = {}
+        self.saved_offsets: dict[int, float] = {}
 
     @classmethod
     def for_bundle(cls, bundle, exits: list[int] | None = None) -> "ExitHeads":
@@ -116,6 +117,13 @@ class ExitHeads(nn.Module):
         full depth and for exits (or older heads files) without one. `icar index` multiplies each row by its run's
         scale for the row's exit (run.json ``exit_scales``); the heads' own embeddings stay unit-norm."""
         return {e: self.saved_scales.get(e, 1.0) for e in self.exits}
+
+    @property
+    def exit_offsets(self) -> dict[int, float]:
+        """Return {exit depth: similarity offset} for every exit: the offsets the heads were saved with, 0.0 for the
+        full depth and for exits (or older heads files) without one. With the scale, an exit-k row scores
+        scale_k * cosine + offset_k in `icar index`'s index (run.json ``exit_offsets``; one extra index dimension)."""
+        return {e: self.saved_offsets.get(e, 0.0) for e in self.exits}
 
     def sha256(self) -> str:
         """Return a hash of the heads' tensors, exits and backbone (stable across save/load and processes)."""
@@ -170,10 +178,12 @@ class ExitHeads(nn.Module):
         heads.path = path
         heads.merge = meta.get("merge") or "none"
         heads.saved_scales = parse_exit_scales(meta.get(EXIT_SCALES), path)
-        unknown = sorted(set(heads.saved_scales) - set(heads.exits))
-        if unknown:
-            raise ValueError(f"exit heads {path} record {EXIT_SCALES} for exits {unknown}, which are not theirs (exits "
-                             f"{heads.exits}); retrain them with `icar train-exits`")
+        heads.saved_offsets = parse_exit_offsets(meta.get(EXIT_OFFSETS), path)
+        for key, saved in ((EXIT_SCALES, heads.saved_scales), (EXIT_OFFSETS, heads.saved_offsets)):
+            unknown = sorted(set(saved) - set(heads.exits))
+            if unknown:
+                raise ValueError(f"exit heads {path} record {key} for exits {unknown}, which are not theirs (exits "
+                                 f"{heads.exits}); retrain them with `icar train-exits`")
         return heads
 
 

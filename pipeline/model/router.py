@@ -594,20 +594,22 @@ def hits_at_k(sim: np.ndarray, relevant, k: int) -> np.ndarray:
 class MixRecall:
     """Text→image hits@k of exit mixes on a captioned calibration sample, and the floor they must hold.
 
-    One matmul per exit (each exit's similarities scaled by its ``exit_scales``, as `icar index` scales its rows);
+    One matmul per exit (each exit's similarities times its ``exit_scales`` plus its ``exit_offsets``, as `icar
+    index` scores its rows);
     a candidate mix (an exit ``depth`` per image) only takes each image's column from its exit. Raises when full
     depth finds nothing (the sample could not tell good routing from bad). ``floor`` is the ``RecallFloor`` of
     ``min_recall`` at ``recall_confidence``.
     """
 
     def __init__(self, exit_embeddings: dict, text_embeddings: np.ndarray, text_to_image, k: int, min_recall: float,
-                 recall_confidence: float, exit_scales: dict | None = None):
+                 recall_confidence: float, exit_scales: dict | None = None, exit_offsets: dict | None = None):
         self.exits = sorted(int(e) for e in exit_embeddings)
         self.k = int(k)
         text = np.asarray(text_embeddings, np.float32)
         self.text_to_image = np.asarray(text_to_image, np.int64)
         scales = {int(e): float(v) for e, v in (exit_scales or {}).items()}
-        self.sims = {e: (text @ np.asarray(exit_embeddings[e], np.float32).T) * scales.get(e, 1.0)
+        offsets = {int(e): float(v) for e, v in (exit_offsets or {}).items()}
+        self.sims = {e: (text @ np.asarray(exit_embeddings[e], np.float32).T) * scales.get(e, 1.0) + offsets.get(e, 0.0)
                      for e in self.exits}
         full_hits = hits_at_k(self.sims[self.exits[-1]], self.text_to_image, self.k)
         self.full_recall = float(full_hits.mean())
@@ -742,10 +744,10 @@ def calibrate_recall(scores, exit_embeddings: dict, text_embeddings: np.ndarray,
                      min_recall: float, gflops_per_exit: dict, scorer_gflops: float = 0.0,
                      shares: Sequence[float] | None = None, k: int = 10, steps: int = 50,
                      scorer_identity: dict | None = None, recall_confidence: float = 0.5,
-                     exit_scales: dict | None = None) -> ThresholdRouter:
+                     exit_scales: dict | None = None, exit_offsets: dict | None = None) -> ThresholdRouter:
     """Return the cheapest ThresholdRouter whose text→image recall@k is ≥ min_recall × full-depth recall@k
-    (for new captions with probability ``recall_confidence``: ``RecallFloor``), each exit's rows scaled by
-    ``exit_scales`` as `icar index` scales them.
+    (for new captions with probability ``recall_confidence``: ``RecallFloor``), each exit's rows scored with its
+    ``exit_scales`` and ``exit_offsets`` as `icar index` scores them.
 
     ``exit_embeddings`` maps every exit depth to the (N, D) L2-normalised embeddings of the N calibration
     images computed at that exit; ``text_embeddings`` (T, D) are their captions, ``text_to_image`` (T,)
@@ -764,7 +766,8 @@ def calibrate_recall(scores, exit_embeddings: dict, text_embeddings: np.ndarray,
         if emb[e].shape[0] != s.size:
             raise ValueError(f"exit {e} has {emb[e].shape[0]} embeddings for {s.size} scores; embed every "
                              "calibration image at every exit")
-    measure = MixRecall(emb, text_embeddings, text_to_image, k, min_recall, recall_confidence, exit_scales)
+    measure = MixRecall(emb, text_embeddings, text_to_image, k, min_recall, recall_confidence, exit_scales,
+                        exit_offsets)
     best = None
     for a in np.unique(np.concatenate([np.linspace(st, st + 1, steps + 1) for st in range(len(exits) - 1)])):
         router = ThresholdRouter(exits, thresholds_for_fractions(s, exit_fractions(len(exits), a, shares)),

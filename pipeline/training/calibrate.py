@@ -38,6 +38,7 @@ from pipeline.model.scorer import scorer_for_model
 from pipeline.model.spec import ModelSpec, merge_spec, parse_merge, parse_profiles
 from pipeline.runtime import resolve_device
 from pipeline.training.confidence import model_and_exits
+from pipeline.training.recall import MIN_GALLERY, gallery_parts
 
 log = logging.getLogger("icar.calibrate")
 
@@ -139,27 +140,7 @@ def captioned_indices(captions: list[str | None], required: bool = True) -> list
     return captioned
 
 
-MIN_GALLERY = 100  # smallest sub-gallery of the by-gallery-size report
 GALLERY_DROP_WARN = 0.01  # routed ratio falling more than this from the smallest sub-gallery to the whole: warn
-
-
-def gallery_parts(n: int, text_to_image: np.ndarray, min_images: int = MIN_GALLERY, seed: int = 0):
-    """Yield (size, members, asked, targets) for galleries of n, n/2, n/4, ... sample images (down to ``min_images``),
-    largest first: the sample split at random (``seed``) into disjoint parts of each size, ``members`` a part's image
-    rows, ``asked`` the captions of its images, ``targets`` each asked caption's image as a position in ``members``.
-    """
-    text_to_image = np.asarray(text_to_image, np.int64)
-    order = np.random.default_rng(seed).permutation(n)
-    size = n
-    while size >= min_images:
-        for part in range(n // size):
-            members = order[part * size:(part + 1) * size]
-            position = np.full(n, -1, np.int64)
-            position[members] = np.arange(size)
-            asked = np.flatnonzero(position[text_to_image] >= 0)
-            if asked.size:
-                yield size, members, asked, position[text_to_image[asked]]
-        size //= 2
 
 
 def by_gallery_size(galleries: dict[str, np.ndarray], text: np.ndarray, text_to_image: np.ndarray,
@@ -192,13 +173,14 @@ def slope_per_doubling(images: list[int], shares: list[float]) -> float | None:
 
 
 def sample_recall(depth: np.ndarray, exit_embeddings: dict, text: np.ndarray, text_to_image: np.ndarray,
-                  tower_gflops: dict, exit_scales: dict | None = None, labels: dict | None = None,
-                  kind: str = "exit") -> dict:
+                  tower_gflops: dict, exit_scales: dict | None = None, exit_offsets: dict | None = None,
+                  labels: dict | None = None, kind: str = "exit") -> dict:
     """Return what a router's exit mix (``depth`` per sample image) keeps of full-depth text→image recall@1/@10 on
     the calibration sample, beside every fixed exit and its cost: the figures a team weighs before adopting it.
 
-    The gallery is the sample's images, each routed row scaled by its exit's ``exit_scales`` as `icar index` scales
-    it; a budget's thresholds were fitted for cost, not recall, so the routed figure is not an in-sample optimum.
+    The gallery is the sample's images, each routed row scored with its exit's ``exit_scales`` and ``exit_offsets``
+    as `icar index` scores it (the offset in one extra dimension, where the queries hold 1); a budget's thresholds
+    were fitted for cost, not recall, so the routed figure is not an in-sample optimum.
     A real index is larger, and there recall is lower and so is the share of it an early exit keeps (measured per
     gallery size by bench/gallery.py; figures in docs/benchmarks/adaptive.md): ``by_gallery`` shows the trend
     within the sample (recall@1 against halves, quarters, ... of it), and a warning says when the routed share
@@ -212,19 +194,29 @@ def sample_recall(depth: np.ndarray, exit_embeddings: dict, text: np.ndarray, te
     tower = {int(k): float(v) for k, v in tower_gflops.items()}
     name = {e: str((labels or {}).get(e, e)) for e in exits}
 
-    def recall(emb: np.ndarray) -> dict:
-        r = recall_at_k(np.asarray(text, np.float32) @ np.asarray(emb, np.float32).T, text_to_image, (1, 10))
+    offsets = {int(e): float(b) for e, b in (exit_offsets or {}).items()}
+    text = np.asarray(text, np.float32)
+    galleries = {"full": np.asarray(exit_embeddings[exits[-1]], np.float32),
+                 **{f"{kind} {name[e]}": np.asarray(exit_embeddings[e], np.float32) for e in exits[:-1]}}
+    routed_gallery = routers.routed_embeddings(depth, exit_embeddings)  # a fresh float32 array, scaled in place
+    routed_gallery = scale_rows(routed_gallery, depth, tuple(sorted((int(e), float(s))
+                                                                   for e, s in (exit_scales or {}).items())))
+    if any(offsets.values()):  # the offset as `icar index` keeps it: one more dimension, 1 in every query
+        routed_gallery = np.hstack([routed_gallery, np.asarray([offsets.get(int(d), 0.0) for d in depth],
+                                                               np.float32)[:, None]])
+        text = np.hstack([text, np.ones((len(text), 1), np.float32)])
+        # one depth per gallery: its offset would change no rank
+        galleries = {k: np.hstack([v, np.zeros((len(v), 1), np.float32)]) for k, v in galleries.items()}
+    galleries["routed"] = routed_gallery
+
+    def recall(name: str) -> dict:
+        r = recall_at_k(text @ galleries[name].T, text_to_image, (1, 10))
         return {f"t2i@{k}": float(v) for k, v in r.items()}
 
-    full = recall(exit_embeddings[exits[-1]])
-    scales = tuple(sorted((int(e), float(s)) for e, s in (exit_scales or {}).items()))
-    gallery = routers.routed_embeddings(depth, exit_embeddings)  # a fresh float32 array: scale_rows scales in place
-    gallery = scale_rows(gallery, depth, scales)  # each row by its exit's scale, as `icar index` does
-    routed = recall(gallery)
-    fixed = {name[e]: {"cost_fraction": tower[e] / tower[exits[-1]], **recall(exit_embeddings[e])}
+    full, routed = recall("full"), recall("routed")
+    fixed = {name[e]: {"cost_fraction": tower[e] / tower[exits[-1]], **recall(f"{kind} {name[e]}")}
              for e in exits[:-1]}
-    sizes = by_gallery_size({"full": exit_embeddings[exits[-1]], "routed": gallery,
-                             **{f"{kind} {name[e]}": exit_embeddings[e] for e in exits[:-1]}}, text, text_to_image)
+    sizes = by_gallery_size(galleries, text, text_to_image)
     for row in sizes:
         row["routed_ratio"] = row["t2i@1"]["routed"] / row["t2i@1"]["full"] if row["t2i@1"]["full"] else None
     known = [row for row in sizes if row["routed_ratio"] is not None]
@@ -241,9 +233,13 @@ def sample_recall(depth: np.ndarray, exit_embeddings: dict, text: np.ndarray, te
             "fixed_exits": fixed, "by_gallery": sizes, "routed_ratio_per_doubling": per_doubling}
 
 
-def saved_scales(heads) -> dict | None:
-    """Return the per-exit scales `icar index` applies to a run of ``heads`` (the ones the heads file records)."""
-    return heads.exit_scales if heads is not None and heads.saved_scales else None
+def saved_calibration(heads) -> dict:
+    """Return {"exit_scales", "exit_offsets"}: the per-exit score calibration `icar index` applies to a run of
+    ``heads`` (what the heads file records; None for what it does not)."""
+    if heads is None:
+        return {"exit_scales": None, "exit_offsets": None}
+    return {"exit_scales": heads.exit_scales if heads.saved_scales or heads.saved_offsets else None,
+            "exit_offsets": heads.exit_offsets if heads.saved_offsets else None}
 
 
 def calibrate(cfg: CalibrateConfig):
@@ -331,11 +327,11 @@ def calibrate_from_inputs(cfg: CalibrateConfig):
         router = routers.calibrate_recall(scores, exit_embeddings, text, np.asarray(captioned), cfg.min_recall,
                                           gflops, scorer_gflops=scorer.gflops_per_image, shares=cfg.shares,
                                           scorer_identity=scorer.identity, recall_confidence=cfg.recall_confidence,
-                                          exit_scales=saved_scales(heads), k=cfg.recall_at)
+                                          k=cfg.recall_at, **saved_calibration(heads))
     router.calibration.update(identity)
     if text is not None:
         router.calibration["sample_recall"] = sample_recall(router.route(scores, None), exit_embeddings, text,
-                                                            np.asarray(captioned), gflops, saved_scales(heads))
+                                                            np.asarray(captioned), gflops, **saved_calibration(heads))
     return router
 
 
@@ -465,12 +461,13 @@ def calibrate_confidence(cfg: CalibrateConfig) -> routers.ConfidenceRouter:
                                              tower, conf_gflops, conf.identity, scorer_gflops=scorer_gflops,
                                              shares=cfg.shares, scorer_identity=scorer_identity,
                                              rule=cfg.confidence_rule, recall_confidence=cfg.recall_confidence,
-                                             exit_scales=saved_scales(encoder.heads), k=cfg.recall_at)
+                                             k=cfg.recall_at, **saved_calibration(encoder.heads))
     router.calibration.update(model=bundle.identity, exits=exits, heads=encoder.heads.identity,
                               confidence=conf.identity, source={"inputs": list(cfg.inputs), "sample_seed": cfg.seed})
     if text is not None:  # every exit's embeddings are here already: say what the mix keeps, beside fixed exits
         router.calibration["sample_recall"] = sample_recall(router.route_confidences(conf_sample), sample_emb, text,
-                                                            np.asarray(captioned), tower, saved_scales(encoder.heads))
+                                                            np.asarray(captioned), tower,
+                                                            **saved_calibration(encoder.heads))
     if block is not None:  # the thresholds above are on the combined signal: the router must compute it too
         router.calibration["signal"] = ("combined: standardised confidence minus complexity_weight x standardised "
                                         "complexity score (sample mean/std in the complexity block)")

@@ -5,8 +5,9 @@ Default recipe (frozen backbone): the image backbone and the text tower stay fro
 computed once per image (``features``) for many epochs, which is fast even on a CPU; the loss per exit is CLIP
 contrastive against the frozen caption embedding, in the mixed-depth gallery an index of routed rows holds, plus
 distillation towards the full-depth embedding (``exit_step``). The heads written are those of the epoch with the
-best validation mixed-gallery recall@1, with a per-exit similarity scale for a mixed index recorded beside them
-(``recall.choose_exit_scale``, heads metadata ``EXIT_SCALES``). Full-depth embeddings stay bit-identical to the public model, so every existing full-depth
+best validation mixed-gallery recall@1, with a per-exit score calibration for a mixed index (scale and offset,
+``recall.choose_exit_calibration``, chosen on training pairs; heads metadata ``EXIT_SCALES`` / ``EXIT_OFFSETS``)
+recorded beside them. Full-depth embeddings stay bit-identical to the public model, so every existing full-depth
 index, run and query encoder stays valid, and heads can be retrained or swapped at any time.
 
 ``finetune_backbone`` is the paper's recipe (ICAR, ECIR 2026): the vision backbone trains too (lr ~1e-6,
@@ -44,7 +45,7 @@ import torch.nn.functional as F
 from torch.multiprocessing import ProcessExitedException, ProcessRaisedException
 
 from pipeline.io import storage
-from pipeline.io.schema import EXIT_SCALES, model_key
+from pipeline.io.schema import EXIT_OFFSETS, EXIT_SCALES, model_key
 from pipeline.model import encoder as enc
 from pipeline.model.models import load_clip, pixels_to_tensor
 from pipeline.model.spec import merge_spec, parse_merge
@@ -55,7 +56,7 @@ from pipeline.training.exit_config import (CHECKPOINT, HEADS, METRICS, ExitTrain
                                            write_output)
 from pipeline.training.exit_step import (EncoderStep, HeadsStep, HeadTrainer, clip_loss_share, exit_loss_shares,
                                          optimizer_step, parallel)
-from pipeline.training.features import FeatureCache, evaluate_features, exit_scales
+from pipeline.training.features import FeatureCache, evaluate_features, exit_calibration
 from pipeline.training.pairs import PairStats, batches, decode_pixels, shuffled, stack_pixels, take
 from pipeline.training.recall import evaluate_embeddings, format_table, mixed_score, summary
 from pipeline.training.shares import Assembly, SplitReader
@@ -63,10 +64,11 @@ from pipeline.training.shares import Assembly, SplitReader
 log = logging.getLogger(__name__)
 
 SELECT_EPOCH = ("mixed", "last")
-# EXIT_SCALES (pipeline.io.schema), the heads-file metadata key: JSON {exit: scale}, chosen on validation by
-# ``recall.choose_exit_scale``. An exit-k row multiplied by its scale ranks fairly against full-depth rows in an
-# inner-product index; the heads' forward does not apply it (shards stay unit-norm): `icar index` does, from the
-# scales run.json records (ExitHeads.exit_scales, read back from this metadata).
+# EXIT_SCALES and EXIT_OFFSETS (pipeline.io.schema), heads-file metadata keys: JSON {exit: scale} and {exit: offset},
+# chosen on training pairs by ``recall.choose_exit_calibration``. An exit-k row scored scale * cosine + offset ranks
+# fairly against full-depth rows in an inner-product index; the heads' forward does not apply it (shards stay
+# unit-norm): `icar index` does, from what run.json records (ExitHeads.exit_scales / exit_offsets, read back from
+# this metadata).
 SELECTED_BY = ("val mixed-gallery text→image recall@1: mean over early exits of exit|full (the caption's image at "
                "the exit, every other at full depth) and full|exit (the reverse)")
 
@@ -259,9 +261,9 @@ class ExitTrainer:
             self.trainer.load_state_dict(self._best["trainer"])
             selected = self._best["epoch"]
         after = evaluate_features(self.heads, val, self.bundle.num_blocks)
-        scales = exit_scales(self.heads, val)
+        calibration = exit_calibration(self.heads, train, val)
         return self._finish(before, after, history, len(train), len(val), time.perf_counter() - t_start, selected,
-                            scales)
+                            calibration)
 
     def _run_finetune(self) -> dict | None:
         """The paper's recipe: backbone + heads train on streamed pixels; 0.5/0.5 contrastive on both paths."""
@@ -367,7 +369,7 @@ class ExitTrainer:
         return evaluate_embeddings(per_exit, per_exit[self.bundle.num_blocks], val.text, val.assembly.groups)
 
     def _finish(self, before: dict, after: dict, history: list, n_train: int, n_val: int,
-                seconds: float, selected_epoch: int | None = None, scales: dict | None = None) -> dict | None:
+                seconds: float, selected_epoch: int | None = None, calibration: dict | None = None) -> dict | None:
         """Write heads (+ fine-tuned backbone), metrics.json; print the before/after table; return the metrics.
 
         Rank 0 only; the other processes return None.
@@ -384,8 +386,9 @@ class ExitTrainer:
         meta = {"trained_by": "icar train-exits", "epochs": cfg.epochs, "finetune_backbone": cfg.finetune_backbone}
         if selected_epoch is not None:
             meta["selected_epoch"] = selected_epoch
-        if scales:  # a recommendation: nothing in the heads' forward applies it (see EXIT_SCALES)
-            meta[EXIT_SCALES] = json.dumps({str(e): r["scale"] for e, r in sorted(scales.items())})
+        if calibration:  # for a mixed index: nothing in the heads' forward applies it (see EXIT_SCALES, EXIT_OFFSETS)
+            meta[EXIT_SCALES] = json.dumps({str(e): r["scale"] for e, r in sorted(calibration.items())})
+            meta[EXIT_OFFSETS] = json.dumps({str(e): r["offset"] for e, r in sorted(calibration.items())})
         write_output(heads_url, self.heads.to_bytes(meta), cfg)
         self.heads.path = heads_url
         doc = {
@@ -403,7 +406,7 @@ class ExitTrainer:
             "after": {str(e): m for e, m in after.items()},
             "history": history,
             "selected_epoch": selected_epoch,
-            "exit_scales": {str(e): r for e, r in sorted((scales or {}).items())} or None,
+            "exit_calibration": {str(e): r for e, r in sorted((calibration or {}).items())} or None,
             "selected_by": ("last epoch" if cfg.select_epoch == "last" else SELECTED_BY)
             if selected_epoch is not None else None,
             "seconds": seconds,
@@ -415,10 +418,13 @@ class ExitTrainer:
         print("mixed t2i R@1: recall in a gallery of every other image at that exit and the rest at full depth, "
               "as an index of routed rows holds them; exit|full: the caption's image at the exit, every other at "
               "full depth; full|exit: the reverse")
-        for e, r in sorted((scales or {}).items()):
-            print(f"exit {e}: similarity scale {r['scale']:.3f} for a mixed index (exit|full R@1 "
-                  f"{r['exit_vs_full_t2i@1']:.3f}, full|exit {r['full_vs_exit_t2i@1']:.3f}); in the heads file as "
-                  f"{EXIT_SCALES}")
+        for e, r in sorted((calibration or {}).items()):
+            worst = max(r["val"], key=lambda v: v["penalty"])
+            print(f"exit {e}: scores scale {r['scale']:.2f} x cosine {r['offset']:+.4f} in a mixed index (chosen on "
+                  f"{r['pairs']} training pairs): mixed-gallery penalty at most {100 * r['penalty']:.1f} points of "
+                  f"text->image R@1 there; on validation at most {100 * worst['penalty']:.1f} (95 % interval "
+                  f"{100 * worst['penalty_interval'][0]:+.1f} to {100 * worst['penalty_interval'][1]:+.1f}, among "
+                  f"{worst['images']} images); in the heads file as {EXIT_SCALES} and {EXIT_OFFSETS}")
         if selected_epoch is not None:
             print(f"heads of epoch {selected_epoch + 1}/{cfg.epochs} written (selected by "
                   f"{doc['selected_by']})")

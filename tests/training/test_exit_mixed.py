@@ -16,8 +16,8 @@ from pipeline.training import exits as et
 from pipeline.training.distributed import Dist
 from pipeline.training.exit_step import HeadTrainer, exit_loss_shares, exit_losses
 from pipeline.io.storage import safetensors_metadata
-from pipeline.training.recall import (caption_groups, choose_exit_scale, evaluate_embeddings, mixed_gallery_recall,
-                                      mixed_score, recall_table)
+from pipeline.training.recall import (calibrated_penalty, caption_groups, choose_exit_calibration, evaluate_embeddings,
+                                      mixed_gallery_recall, mixed_margins, mixed_score, recall_table)
 
 TINY = {
     "embed_dim": 32,
@@ -103,26 +103,64 @@ def test_mixed_gallery_recall_puts_the_captions_images_at_the_exit_and_the_rest_
     assert mixed_score(m, [1]) == (m[1]["exit_vs_full_t2i"][1] + m[1]["full_vs_exit_t2i"][1]) / 2
 
 
-def test_exit_scale_lifts_an_exit_whose_rows_score_low_against_full_depth():
+def _aug(x, column):
+    """Rows of ``x`` with one more column holding ``column``: an offset the way `icar index` keeps it."""
+    return np.hstack([x, np.full((len(x), 1), column, np.float32)]).astype(np.float32)
+
+
+def test_calibrated_penalty_matches_recall_in_the_augmented_inner_product_gallery():
     rng = np.random.default_rng(0)
 
     def unit(x):
         return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
 
-    text = unit(rng.normal(size=(80, 64)))
-    full = unit(text + rng.normal(size=(80, 64)) / 4)
-    exit_rows = 0.9 * unit(text + rng.normal(size=(80, 64)) / 4)  # as good as full depth, but scoring 10 % low
-    groups = caption_groups([str(i) for i in range(80)])
-    unscaled = mixed_gallery_recall(text, exit_rows, full, groups)[1]
-    got = choose_exit_scale(text, exit_rows, full, groups)
-    assert 1.05 < got["scale"] < 1.2  # about 1 / 0.9
-    assert got["exit_vs_full_t2i@1"] == mixed_gallery_recall(text, got["scale"] * exit_rows, full, groups)[1]
-    assert got["exit_vs_full_t2i@1"] > unscaled
-    own = {name: recall_table(text, x, groups)["t2i"][1] for name, x in (("exit", exit_rows), ("full", full))}
-    assert got["penalty"] == max(own["exit"] - got["exit_vs_full_t2i@1"], own["full"] - got["full_vs_exit_t2i@1"])
-    assert got["penalty"] < own["exit"] - unscaled
-    # an exit that is full depth needs no scale
-    assert choose_exit_scale(text, full, full, groups)["scale"] == 1.0
+    text = unit(rng.normal(size=(80, 16)))
+    full = unit(text + rng.normal(size=(80, 16)) / 2)
+    exit_rows = unit(text + rng.normal(size=(80, 16)) / 1.5)
+    groups = caption_groups([str(i) for i in range(80)])  # distinct captions: every caption asks for its own image
+    margins = mixed_margins(text, exit_rows, full, min_images=100)  # fewer pairs: one gallery of all 80
+    assert [m[0] for m in margins] == [80]
+    for scale, offset in ((1.0, 0.0), (0.8, 0.15), (1.1, -0.05)):
+        [got] = calibrated_penalty(margins, scale, offset)
+        q = _aug(text, 1.0)
+        assert got["exit_vs_full_t2i@1"] == mixed_gallery_recall(q, _aug(scale * exit_rows, offset), _aug(full, 0.0),
+                                                                 groups)[1]
+        assert got["full_vs_exit_t2i@1"] == mixed_gallery_recall(q, _aug(full, 0.0), _aug(scale * exit_rows, offset),
+                                                                 groups)[1]
+        assert got["own_exit_t2i@1"] == recall_table(text, exit_rows, groups)["t2i"][1]
+        assert got["penalty"] == max(got["own_exit_t2i@1"] - got["exit_vs_full_t2i@1"],
+                                     got["own_full_t2i@1"] - got["full_vs_exit_t2i@1"])
+    # galleries of every size down to min_images, each caption within its own image's part
+    assert [m[0] for m in mixed_margins(text, exit_rows, full, min_images=20)] == [20, 40, 80]
+
+
+def test_exit_calibration_finds_the_offset_a_scale_alone_cannot_replace():
+    # An exit as good as full depth whose similarities sit on another line: exit = (full-like - 0.3) / 0.7 (a lower
+    # level and a wider spread). Drawn per caption: own and best-rival similarity at each depth.
+    rng = np.random.default_rng(1)
+    margins = []
+    for size, n in ((250, 4000), (1000, 4000), (4000, 4000)):
+        def draw():
+            own = rng.normal(0.90, 0.03, n)
+            rival = rng.normal(0.86 + 0.01 * np.log2(size / 250), 0.03, n)
+            return own, rival
+
+        own_f, rival_f = draw()
+        own_x, rival_x = draw()  # an independent draw of the same quality, on the exit's line
+        margins.append((size, (own_x - 0.3) / 0.7, (rival_x - 0.3) / 0.7, own_f, rival_f))
+    got = choose_exit_calibration(margins)
+    assert got["scale"] == pytest.approx(0.7, abs=0.06)
+    assert got["offset"] == pytest.approx(0.3, abs=0.06)
+    assert got["penalty"] < 0.01
+    assert got["penalty"] == max(r["penalty"] for r in got["by_gallery"])
+    assert [r["images"] for r in got["by_gallery"]] == [250, 1000, 4000]
+    assert calibrated_penalty(margins, got["scale"], got["offset"]) == got["by_gallery"]
+    # the best a scale alone can do loses over a point at some gallery size
+    scale_only = min(max(r["penalty"] for r in calibrated_penalty(margins, s, 0.0)) for s in np.arange(0.8, 1.3, 0.001))
+    assert scale_only > 0.02
+    # an exit that is full depth needs no calibration
+    same = [(size, own_f, rival_f, own_f, rival_f) for size, _, _, own_f, rival_f in margins]
+    assert choose_exit_calibration(same)["scale"] == 1.0 and choose_exit_calibration(same)["offset"] == 0.0
 
 
 def _pairs(n: int, seed: int):
@@ -163,9 +201,16 @@ def test_train_exits_reports_mixed_recall_per_exit_and_keeps_the_best_mixed_epoc
     bundle = models.load_clip(model_dir)
     heads = enc.ExitHeads.load(str(tmp_path / "out" / "exit_heads.safetensors"), bundle)
     assert heads.identity["sha256"] == doc["heads"]["sha256"]
-    # the per-exit similarity scales chosen on validation are recorded in the heads file and the metrics
+    # the per-exit score calibration chosen on the training pairs is recorded in the heads file and the metrics,
+    # with what it gives the held-out validation pairs
     meta = safetensors_metadata((tmp_path / "out" / "exit_heads.safetensors").read_bytes())
-    assert json.loads(meta[et.EXIT_SCALES]) == {e: doc["exit_scales"][e]["scale"] for e in ("1", "2")}
+    for key, field in ((et.EXIT_SCALES, "scale"), (et.EXIT_OFFSETS, "offset")):
+        assert json.loads(meta[key]) == {e: doc["exit_calibration"][e][field] for e in ("1", "2")}
+    assert heads.saved_offsets == {int(e): doc["exit_calibration"][e]["offset"] for e in ("1", "2")}
+    for e in ("1", "2"):
+        c = doc["exit_calibration"][e]
+        assert c["pairs"] == 64 and c["val"][-1]["captions"] == 30
+        assert c["penalty"] == max(r["penalty"] for r in c["by_gallery"])
 
     last = et.ExitTrainer(_cfg(tmp_path / "last", model_dir, lr=0.3, select_epoch="last"), _pairs(64, 0),
                           _pairs(30, 1)).run()

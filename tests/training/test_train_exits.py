@@ -129,7 +129,7 @@ def test_resume_after_a_crash_gives_the_same_heads(model_dir, tmp_path, monkeypa
     assert resumed["after"] == straight["after"]
     # the best epoch so far travels in the checkpoint: the resumed run keeps the same one
     assert resumed["selected_epoch"] == straight["selected_epoch"]
-    assert resumed["exit_scales"] == straight["exit_scales"]
+    assert resumed["exit_calibration"] == straight["exit_calibration"]
 
 
 def test_resume_refuses_a_checkpoint_of_another_merge_schedule(model_dir, tmp_path, monkeypatch):
