@@ -69,7 +69,9 @@ from pipeline.index.params import (
     parse_size,
 )
 from pipeline.index.read import (
+    QUERY_CONSTANT,
     RunPlan,
+    append_query_constant,
     concat_ids,
     plan_runs,
     read_sample_group,
@@ -194,7 +196,8 @@ def _build_index_locked(cfg: IndexConfig, lock: RootLock) -> IndexSummary:
 
     with phase("plan"):
         plan = plan_runs(cfg.runs, so)
-        n, dim = plan.ntotal, plan.dim
+        # The index's dimension: the embeddings', plus one for exit offsets where a run records them (read.py).
+        n, dim = plan.ntotal, plan.index_dim
         log.info("%d runs, %d shards, %s vectors of dimension %d (model %s)", len(plan.runs), len(plan.shards),
                  f"{n:,}", dim, plan.model_key)
         code_bytes = None
@@ -202,17 +205,18 @@ def _build_index_locked(cfg: IndexConfig, lock: RootLock) -> IndexSummary:
             try:
                 probe = faiss.index_factory(dim, cfg.factory, faiss.METRIC_INNER_PRODUCT)
             except RuntimeError as e:
-                raise ValueError(f"--factory {cfg.factory!r} is not a FAISS factory string for dim {dim}: {e}") from e
+                raise ValueError(f"--factory {cfg.factory!r} is not a FAISS factory string for dim {dim} "
+                                 f"({plan.index_dim_reason()}): {e}") from e
             # Bytes stored per vector: an IVF's list entries hold the code without the list number.
             code_bytes = faiss.extract_index_ivf(probe).code_size if is_ivf(probe) else probe.sa_code_size()
             del probe
-        trained_bytes = _read_trained(cfg, dim, so) if cfg.trained_index else None
+        trained_bytes = _read_trained(cfg, plan, so) if cfg.trained_index else None
         # Memory is estimated (and an impossible budget refused) before Ray starts or any data is read.
         largest = min(max(s.rows for s in plan.shards), 16384)
         workers = cfg.workers or os.cpu_count() or 1
         params = choose_index_params(n, dim, max_index, max_build, factory=cfg.factory, code_bytes=code_bytes,
                                      workers=workers, shard_rows=largest, flat_below=cfg.flat_below,
-                                     merge=cfg.merge)
+                                     merge=cfg.merge, offset_dim=plan.offset_column)
         if trained_bytes is not None:
             params.train_size = 0  # only queries are sampled: the given trained index is added into as it is
             params.reasons.append(f"no training: vectors are added into the trained index {cfg.trained_index}")
@@ -230,8 +234,9 @@ def _build_index_locked(cfg: IndexConfig, lock: RootLock) -> IndexSummary:
     return summary
 
 
-def _read_trained(cfg: IndexConfig, dim: int, so) -> bytes:
-    """Return the serialised trained index at ``cfg.trained_index`` after checking it fits this build."""
+def _read_trained(cfg: IndexConfig, plan: RunPlan, so) -> bytes:
+    """Return the serialised trained index at ``cfg.trained_index`` after checking it fits this build (its
+    dimension must be the plan's index dimension: with exit offsets, one more than the embeddings')."""
     import faiss  # lazy: see _build_index_locked
 
     if not cfg.factory:
@@ -246,7 +251,12 @@ def _read_trained(cfg: IndexConfig, dim: int, so) -> bytes:
         raise CorruptFileError(cfg.trained_index, faiss_problem(e),
                                "pass the trained.faiss of an index directory written by `icar index`, or leave out "
                                "--trained-index to train anew") from None
-    if index.d != dim or not index.is_trained or index.ntotal != 0:
+    dim = plan.index_dim
+    if index.d != dim:
+        raise ValueError(f"{cfg.trained_index} cannot be added into: dimension {index.d} (the runs have {dim}), and "
+                         f"the index must have the runs' dimension: {plan.index_dim_reason()}; pass a trained.faiss "
+                         f"built from runs like these, or leave out --trained-index to train anew")
+    if not index.is_trained or index.ntotal != 0:
         raise ValueError(f"{cfg.trained_index} cannot be added into: dimension {index.d} (the runs have {dim}), "
                          f"trained {index.is_trained}, {index.ntotal} vectors (it must be a trained, empty index)")
     return data
@@ -311,7 +321,9 @@ class _Build:
         self.cfg, self.plan, self.params, self.runner = cfg, plan, params, runner
         self.max_index, self.max_build = max_index, max_build  # bytes
         self.out, self.work, self.scratch, self.so, self.reasons = out, work, scratch, so, reasons
-        self.n, self.dim, self.k = plan.ntotal, plan.dim, cfg.k
+        # dim: the embeddings' (what queries have, and the shards); index_dim: the index's vectors (read.py: one more
+        # for the exit offsets where a run records them).
+        self.n, self.dim, self.index_dim, self.k = plan.ntotal, plan.dim, plan.index_dim, cfg.k
         self.shard_rows = [s.rows for s in plan.shards]
         self.starts = np.array([s.first_id for s in plan.shards] + [self.n], np.int64)
         self.text_info: dict = {}
@@ -334,7 +346,7 @@ class _Build:
         calls = [([shards[i] for i in g], [per_train[i] for i in g], [per_query[i] for i in g], self.dim, self.so)
                  for g in groups]
         parts = self.runner.map(read_sample_group, calls, "sample", [sum(self.shard_rows[i] for i in g) for g in groups])
-        self.xt = np.empty((sum(len(p["train"]) for p in parts), self.dim), np.float32)
+        self.xt = np.empty((sum(len(p["train"]) for p in parts), self.index_dim), np.float32)
         filled = 0
         for p in parts:  # widened straight into one float32 array: no float16 concatenation copy
             self.xt[filled: filled + len(p["train"])] = p["train"]
@@ -353,7 +365,7 @@ class _Build:
             del self.xt
             log.info("reusing the trained %s from %s", self.params.factory, self.cfg.trained_index)
         else:
-            index = new_index(self.dim, self.params.factory, self.cfg.seed, self.params.opq_train_points,
+            index = new_index(self.index_dim, self.params.factory, self.cfg.seed, self.params.opq_train_points,
                               self.params.opq_iterations)
             if not index.is_trained:
                 index.train(self.xt)
@@ -366,9 +378,12 @@ class _Build:
             storage.atomic_write_bytes(storage.join(self.out, TRAINED_FILE), self.trained.tobytes(), self.so)
 
     def encode_text_queries(self) -> None:
-        """Encode the sampled captions with the runs' text tower, where --text-queries allows."""
+        """Encode the sampled captions with the runs' text tower, where --text-queries allows (ending with the
+        query constant where the index holds the offset dimension, as image queries and searches do)."""
         self.text_vectors, self.text_info = caption_queries(self.cfg.text_queries, self.plan.model, self.captions,
                                                             self.cfg.device)
+        if self.text_vectors is not None and self.plan.offset_column:
+            self.text_vectors = append_query_constant(self.text_vectors)
 
     def query_sets(self) -> list[tuple[str, np.ndarray, np.ndarray | None]]:
         """Return (kind, vectors, own row ids or None) per query kind, in the order their exact top-k is kept."""
@@ -381,7 +396,7 @@ class _Build:
         """Add every shard, group by group, and keep the exact top-(k+1) of all queries over the corpus."""
         runner, shards, k = self.runner, self.plan.shards, self.k
         queries = np.concatenate([v for _, v, _ in self.query_sets()]).astype(np.float32)
-        cap = max_group_vectors(self.params, self.dim, self.max_build, runner.concurrency,
+        cap = max_group_vectors(self.params, self.index_dim, self.max_build, runner.concurrency,
                                 min(max(self.shard_rows), 16384))
         self.groups = self._groups(cap)
         trained_ref, queries_ref = runner.put(self.trained), runner.put(queries)
@@ -451,6 +466,9 @@ class _Build:
             "factory": p.factory,
             "metric": "inner_product",
             "dim": self.dim,
+            # With exit offsets: index.faiss holds dim + 1 dimensions, and a reader appends query_constant to each
+            # L2-normalised query of dimension "dim" (read.append_query_constant). Absent otherwise.
+            **({"index_dim": self.index_dim, "query_constant": QUERY_CONSTANT} if self.plan.offset_column else {}),
             "ntotal": int(index.ntotal),
             "kind": p.kind,
             "nlist": p.nlist,

@@ -1,7 +1,9 @@
 """Exact top-k by inner product: the ground truth that nprobe tuning measures recall against.
 
 Add tasks fold each batch of vectors into a running TopK of the tuning queries while they add it to the
-index, so the exact answer costs no second pass over the data; partial results merge in any order.
+index, so the exact answer costs no second pass over the data; partial results merge in any order. Queries and
+vectors are as the index takes them (with exit offsets: rows ending with their offset, queries with the query
+constant), so the ground truth ranks by the calibrated score, scale x cosine + offset.
 """
 
 from __future__ import annotations

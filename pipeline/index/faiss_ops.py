@@ -156,7 +156,9 @@ def add_group(trained: bytes | np.ndarray, shards: list[ShardRef], dim: int, par
     """Add ``shards`` to a copy of the trained index; write the partial index and its ids; return a summary.
 
     Row ids are ``shards[0].first_id`` onwards, in shard order. Also returns the exact top-k of ``queries``
-    over these rows (ids, scores), so tuning needs no second pass over the data. Idempotent (retries are safe).
+    over these rows (ids, scores), so tuning needs no second pass over the data.
+    ``dim`` is the embeddings' dimension; the vectors added are ``shard_vectors``' (one wider with exit offsets, as
+    the trained index and ``queries`` are). Idempotent (retries are safe).
     """
     import faiss  # lazy: see the module docstring
 
@@ -185,7 +187,7 @@ def add_group(trained: bytes | np.ndarray, shards: list[ShardRef], dim: int, par
                                      f"{shard.rows}: the run directory is inconsistent (re-run `icar embed` on it)")
                 next_id = shard.first_id
                 for batch in pf.iter_batches(batch_size=batch_rows, columns=ID_COLUMNS + shard.columns):
-                    x = shard_vectors(batch, shard, dim)  # scaled by exit depth where the run records exit_scales
+                    x = shard_vectors(batch, shard, dim)  # scaled (and offset) by exit depth as the run records
                     ids = np.arange(next_id, next_id + len(x), dtype=np.int64)
                     if with_ids:
                         index.add_with_ids(x, ids)

@@ -10,7 +10,8 @@ index.json. The rules follow the FAISS wiki ("Guidelines to choose an index") an
   per list, and the sample holds ``train_points_per_list`` (default 64) per list where the data allows;
 - scalar codes (8 or 4 bits per dimension) when the budget holds them: near-exact, and nothing to train
   but the lists; below that, product quantization (PQ) with the largest code that fits the memory budget
-  (m bytes per vector at 8 bits, m dividing the dimension, at most dim/4);
+  (m bytes per vector at 8 bits, m dividing the dimension, at most dim/4); an index whose last dimension
+  holds exit offsets takes the embeddings' code (m dividing dim - 1) and pads with OPQ;
 - at that code, the variants are weighed by estimated recall per byte (``code_variants``): an OPQ rotation
   when each sub-quantizer encodes >= 8 dimensions (trained on a 32k subsample, 10 iterations), into fewer
   dimensions (at most 1/8 dropped) when that is what makes it fit; an HNSW32 coarse quantizer once a flat
@@ -260,9 +261,10 @@ def code_variants(n: int, dim: int, nlist: int, coarse: str, m: int, pad_dim: in
 
     Rotations weighed: none; OPQ into ``dim`` when each sub-quantizer encodes >= ``opq_min_dsub`` dims; when that
     does not fit, OPQ into the largest multiple of m that does, dropping at most 1/8 of the dimensions (as
-    autofaiss's OPQ64_448 does); ``pad_dim`` (no m divides dim) forces OPQ into that padded dimension. Coarse
-    quantizers: ``coarse`` as given when it is "hnsw32" (nlist too large for a flat scan) or ""; else flat and,
-    once a flat centroid scan costs HNSW_MIN_CENTROID_SCAN multiply-adds, HNSW32.
+    autofaiss's OPQ64_448 does); ``pad_dim`` (no m divides dim, or m divides the embeddings' dim - 1 beside an
+    exit offset dimension) forces OPQ into that padded dimension. Coarse quantizers: ``coarse`` as given when it
+    is "hnsw32" (nlist too large for a flat scan) or ""; else flat and, once a flat centroid scan costs
+    HNSW_MIN_CENTROID_SCAN multiply-adds, HNSW32.
     """
     if coarse == "flat" and nlist * dim >= HNSW_MIN_CENTROID_SCAN:
         coarses = ["flat", "hnsw32"]
@@ -364,6 +366,7 @@ def choose_index_params(
     hnsw_from_nlist: int = 16384,
     merge: str = "auto",
     scalar_codes: bool = True,
+    offset_dim: bool = False,
 ) -> IndexParams:
     """Return the index to build for ``n`` vectors of dimension ``dim`` within the memory budgets.
 
@@ -372,6 +375,11 @@ def choose_index_params(
     None means unbounded. ``merge``: "auto" (in memory unless the build budget cannot hold it), "memory" or
     "disk" (inverted lists in an .ivfdata file; IVF only). ``factory`` overrides the choice (``code_bytes`` then gives its code size when
     the string is not one we can parse). ``shard_rows``: the largest shard, read whole by an add task.
+    ``offset_dim``: the last dimension holds exit offsets (``RunPlan.offset_column``): choose the PQ code size m
+    as for ``dim - 1``, the embeddings' dimension, and pad with OPQ into ``m * ceil(dim / m)``, so that the
+    extra dimension does not shrink the code (513 = 27 x 19 would get PQ57 where 512 gets PQ64: OPQ64_576
+    instead). A code of ``dim`` itself stays where it is the larger one that fits (the padding costs a rotation
+    matrix and wider centroids: a budget that just holds PQ32 of 512 dims keeps PQ27 of 513).
     Raises BudgetError when the budget cannot hold the index, naming the numbers and what to change.
     """
     if n <= 0:
@@ -384,7 +392,7 @@ def choose_index_params(
         p = _params_from_factory(factory, n, dim, code_bytes, train_points_per_list, max_train_points, reasons)
     else:
         p = _choose_auto(n, dim, max_index_bytes, max_build_bytes, train_points_per_list, max_train_points,
-                         flat_below, opq_min_dsub, hnsw_from_nlist, scalar_codes, reasons)
+                         flat_below, opq_min_dsub, hnsw_from_nlist, scalar_codes, offset_dim, reasons)
     if p.estimated_bytes > max_index_bytes:
         hint = ("pick a smaller code in --factory" if factory else
                 f"raise it to at least {format_size(p.estimated_bytes * 1.05)}")
@@ -408,7 +416,7 @@ def _train_size(n: int, nlist: int, m: int, per_list: int, cap: int | None) -> i
 
 
 def _choose_auto(n, dim, max_index_bytes, max_build_bytes, per_list, max_train_points, flat_below,
-                 opq_min_dsub, hnsw_from_nlist, scalar_codes, reasons) -> IndexParams:
+                 opq_min_dsub, hnsw_from_nlist, scalar_codes, offset_dim, reasons) -> IndexParams:
     flat_bytes = n * dim * 4
     if n < flat_below and flat_bytes <= max_index_bytes:
         reasons.append(f"Flat (exact inner product): N = {n:,} < {flat_below:,}, where a full scan costs little "
@@ -475,6 +483,13 @@ def _choose_auto(n, dim, max_index_bytes, max_build_bytes, per_list, max_train_p
         for c in range(target, m_min - 1, -1):
             if c % 4 == 0 or c == m_min:
                 options.append((c, c * math.ceil(dim / c)))
+    # Exit offsets in the last dimension: the embeddings' codes (m dividing dim - 1, as dim - 1 would get them)
+    # join, OPQ padding them into a multiple of m; the largest code that fits wins, so dim's own (e.g. PQ27 of
+    # 513 = 27 x 19) only where it is larger or the padding's fixed bytes (rotation, wider centroids) do not fit.
+    embedded = [(d, d * math.ceil(dim / d)) for d in _divisors(dim - 1)
+                if offset_dim and min_code_bytes(dim - 1) <= d <= min(target, (dim - 1) // 4)]
+    if embedded:
+        options = sorted(set(options + embedded), key=lambda o: (-o[0], o[1]))
     m = pad_dim = 0
     for m, pad_dim in options:
         if estimate_index_bytes(n, dim, nlist, coarse, m, 8, pad_dim) <= max_index_bytes:
@@ -485,14 +500,21 @@ def _choose_auto(n, dim, max_index_bytes, max_build_bytes, per_list, max_train_p
             f"{n:,} vectors of dimension {dim} do not fit --max-index-memory {format_size(max_index_bytes)} with "
             f"the smallest useful code ({m_min} bytes + {ID_BYTES if nlist else 0} id bytes per vector and "
             f"{format_size(fixed_guess)} fixed): raise it to at least {format_size(need * 1.05)}")
-    if padded:
+    code_dim = dim - 1 if (m, pad_dim) in embedded else dim
+    if code_dim < dim:
+        reasons.append(f"the last of {dim} dimensions holds exit offsets: PQ{m} as for the embeddings' {code_dim}, "
+                       f"OPQ rotates into {pad_dim}")
+    elif embedded:
+        reasons.append(f"the last of {dim} dimensions holds exit offsets, but no code of the embeddings' {dim - 1} "
+                       f"as large as PQ{m} fits once OPQ pads it: PQ{m} as for {dim} dimensions")
+    if padded and code_dim == dim:
         reasons.append(f"PQ{m} with OPQ{m}_{pad_dim}: no divisor of dim {dim} lies in [{m_min}, {target}], so OPQ "
                        f"rotates into {pad_dim} dims, a multiple of {m}")
     elif int(per_vector_budget) > m_cap:
         reasons.append(f"PQ{m}: the budget allows {per_vector_budget:.0f} code bytes/vector; PQ codes stop at "
                        f"dim/4 = {m_cap} bytes (smaller sub-vectors train slowly and gain little)")
     else:
-        reasons.append(f"PQ{m}: the largest code dividing dim {dim} that fits the budget "
+        reasons.append(f"PQ{m}: the largest code dividing dim {code_dim} that fits the budget "
                        f"({per_vector_budget:.0f} code bytes/vector before fixed structures)")
     variants = code_variants(n, dim, nlist, coarse, m, pad_dim, max_index_bytes, opq_min_dsub)
     best = variants[0]

@@ -7,6 +7,10 @@ training and tuning (``read_sample_group``), and the per-group id files concaten
 Vectors go into the index as their run asks: a run whose run.json records ``exit_scales`` (the exit heads'
 per-exit similarity scales) has each row multiplied by the scale of the exit that wrote it (``exit_layer``), so
 that early-exit rows rank fairly against full-depth rows under inner product; shards themselves stay unit-length.
+A run whose run.json also records nonzero ``exit_offsets`` makes the score affine, scale x cosine + offset: the
+index then has one dimension more than the embeddings (``RunPlan.index_dim``), each row ends with its exit's offset
+(0 at full depth, for a depth without one, and for every row of a run without offsets), and each L2-normalised query
+ends with QUERY_CONSTANT (``append_query_constant``; index.json "query_constant" tells readers to do the same).
 ``shard_vectors`` is the one place that turns a shard's rows into index vectors (add tasks, training sample).
 """
 
@@ -14,7 +18,7 @@ from __future__ import annotations
 
 import os
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import pyarrow as pa
@@ -22,8 +26,20 @@ import pyarrow.parquet as pq
 
 from pipeline.index.layout import IDS_FILE, IDS_SCHEMA
 from pipeline.io import storage
-from pipeline.io.schema import EXIT_SCALES, MANIFEST, RUN_JSON, model_key, parse_exit_scales
+from pipeline.io.schema import (
+    EXIT_OFFSETS,
+    EXIT_SCALES,
+    MANIFEST,
+    RUN_JSON,
+    model_key,
+    parse_exit_offsets,
+    parse_exit_scales,
+)
 from pipeline.io.shards import open_part, read_manifest_rows, read_run_json
+
+# What every query gets appended (after L2-normalising) when the index holds the exit-offset dimension: its inner
+# product with a row's last value adds that row's offset to the score. index.json records it as "query_constant".
+QUERY_CONSTANT = 1.0
 
 
 class RunMismatchError(ValueError):
@@ -40,11 +56,20 @@ class ShardRef:
     run: int  # position of its run in the runs list
     # (exit depth, scale) pairs of its run's exit_scales, sorted; () when the run records none (rows added as read)
     exit_scales: tuple[tuple[int, float], ...] = ()
+    # (exit depth, offset) pairs of its run's nonzero exit_offsets, sorted; () when the run records none
+    exit_offsets: tuple[tuple[int, float], ...] = ()
+    # True when the plan's index holds the offset dimension (some run records offsets): every row gets one more value
+    offset_column: bool = False
 
     @property
     def columns(self) -> list[str]:
-        """Return the shard columns ``shard_vectors`` reads: the embedding, and exit_layer where rows are scaled."""
-        return ["embedding", "exit_layer"] if self.exit_scales else ["embedding"]
+        """Return the shard columns ``shard_vectors`` reads: the embedding, and exit_layer where rows are scaled or
+        carry an offset."""
+        return ["embedding", "exit_layer"] if self.exit_scales or self.exit_offsets else ["embedding"]
+
+    def index_dim(self, dim: int) -> int:
+        """Return the width of this shard's index vectors for ``dim``-dimensional embeddings."""
+        return dim + 1 if self.offset_column else dim
 
 
 @dataclass
@@ -56,11 +81,25 @@ class RunPlan:
     model: dict  # run.json "model" identity of every run (they match)
     model_key: str
     dim: int
-    run_infos: list[dict]  # per run: path, shards, rows (and exit_scales where the run records them)
+    run_infos: list[dict]  # per run: path, shards, rows (and exit_scales, exit_offsets where the run records them)
+    offset_column: bool = False  # some run records nonzero exit_offsets: the index has dim + 1 dimensions
 
     @property
     def ntotal(self) -> int:
         return sum(s.rows for s in self.shards)
+
+    @property
+    def index_dim(self) -> int:
+        """Return the dimension of the index's vectors: ``dim``, plus one for the exit offsets where runs have any."""
+        return self.dim + 1 if self.offset_column else self.dim
+
+    def index_dim_reason(self) -> str:
+        """Return why the index has ``index_dim`` dimensions, in words for messages."""
+        if not self.offset_column:
+            return f"embed_dim {self.dim}, and no run records {EXIT_OFFSETS}"
+        runs = [i["path"] for i in self.run_infos if i.get(EXIT_OFFSETS)]
+        return (f"embed_dim {self.dim} + 1 for the exit offsets that {', '.join(runs)} record"
+                f"{'s' if len(runs) == 1 else ''} (run.json {EXIT_OFFSETS}; each row holds scale x embedding, offset)")
 
 
 def embeddings_to_float32(column, dim: int, where: str) -> np.ndarray:
@@ -87,11 +126,43 @@ def scale_rows(x: np.ndarray, exit_layer, scales: tuple[tuple[int, float], ...])
     return x
 
 
+def offset_values(exit_layer, offsets: tuple[tuple[int, float], ...], rows: int) -> np.ndarray:
+    """Return the offset column (float32, ``rows``) for rows at depths ``exit_layer``: each depth's offset, 0 for a
+    depth without one (the full depth); all zeros when ``offsets`` is empty."""
+    values = np.zeros(rows, np.float32)
+    if offsets and rows:
+        depth = np.asarray(exit_layer.to_numpy(zero_copy_only=False) if hasattr(exit_layer, "to_numpy")
+                           else exit_layer, np.int64)
+        for e, o in offsets:
+            values[depth == e] = o
+    return values
+
+
+def append_column(x: np.ndarray, values) -> np.ndarray:
+    """Return ``x`` (float32, rows x d) with ``values`` (a scalar or one per row) as an extra last column."""
+    out = np.empty((x.shape[0], x.shape[1] + 1), np.float32)
+    out[:, :-1] = x
+    out[:, -1] = values
+    return out
+
+
+def append_query_constant(q: np.ndarray) -> np.ndarray:
+    """Return L2-normalised queries ``q`` (rows x dim) as an index with the offset dimension takes them: each ends
+    with QUERY_CONSTANT, so its inner product with a row [scale x e, offset] is scale x cosine + offset."""
+    return append_column(np.asarray(q, np.float32), QUERY_CONSTANT)
+
+
 def shard_vectors(table, shard: ShardRef, dim: int) -> np.ndarray:
-    """Return the index vectors (float32, rows x dim) of ``table``'s rows of ``shard`` (a Table or RecordBatch
-    with ``shard.columns``): the embeddings, scaled by exit depth where the shard's run records exit_scales."""
+    """Return the index vectors (float32, rows x ``shard.index_dim(dim)``) of ``table``'s rows of ``shard`` (a Table
+    or RecordBatch with ``shard.columns``): the embeddings, scaled by exit depth where the shard's run records
+    exit_scales, followed by each row's exit offset where the plan's index holds the offset dimension."""
     x = embeddings_to_float32(table.column("embedding"), dim, shard.url)
-    return scale_rows(x, table.column("exit_layer"), shard.exit_scales) if shard.exit_scales else x
+    if shard.exit_scales:
+        x = scale_rows(x, table.column("exit_layer"), shard.exit_scales)
+    if shard.offset_column:
+        depth = table.column("exit_layer") if shard.exit_offsets else None
+        x = append_column(x, offset_values(depth, shard.exit_offsets, len(x)))
+    return x
 
 
 def run_exit_scales(run_json: dict, where: str) -> tuple[tuple[int, float], ...]:
@@ -101,10 +172,18 @@ def run_exit_scales(run_json: dict, where: str) -> tuple[tuple[int, float], ...]
     return tuple(sorted(scales.items())) if any(s != 1.0 for s in scales.values()) else ()
 
 
-def scale_reasons(plan: "RunPlan", factory: str) -> list[str]:
-    """Return index.json reasons saying which runs' rows are scaled by exit depth (none when no run records scales).
+def run_exit_offsets(run_json: dict, where: str) -> tuple[tuple[int, float], ...]:
+    """Return the sorted (exit depth, offset) pairs of the nonzero offsets a run.json records under
+    ``exit_offsets``; () when it records none or every offset is 0. Raises ValueError naming ``where`` for bad ones."""
+    offsets = parse_exit_offsets(run_json.get(EXIT_OFFSETS), where)
+    return tuple(sorted((e, o) for e, o in offsets.items() if o != 0.0))
 
-    Raises ValueError for a ``factory`` that L2-normalises vectors (``L2norm``): it would undo the scales.
+
+def scale_reasons(plan: "RunPlan", factory: str) -> list[str]:
+    """Return index.json reasons saying which runs' rows are scaled by exit depth and which carry exit offsets in
+    the extra dimension (none when no run records either).
+
+    Raises ValueError for a ``factory`` that L2-normalises vectors (``L2norm``): it would undo the scales and offsets.
     """
     reasons = []
     for info in plan.run_infos:
@@ -114,10 +193,22 @@ def scale_reasons(plan: "RunPlan", factory: str) -> list[str]:
                            + ", ".join(f"exit {e} x{s:g}" for e, s in scales.items())
                            + "): inner product scores them as scale x cosine, so early-exit rows rank fairly "
                              "against full-depth rows")
-    if reasons and "L2norm" in factory:
-        raise ValueError(f"--factory {factory!r} L2-normalises the vectors it adds, which undoes the exit scales that "
-                         f"{', '.join(i['path'] for i in plan.run_infos if i.get(EXIT_SCALES))} record (run.json "
-                         f"{EXIT_SCALES}); leave L2norm out (the shards are already unit-length)")
+        offsets = info.get(EXIT_OFFSETS)
+        if offsets:
+            reasons.append(f"rows of {info['path']} end with their exit offset (run.json {EXIT_OFFSETS}: "
+                           + ", ".join(f"exit {e} {o:+g}" for e, o in offsets.items())
+                           + "): queries end with 1, so inner product scores them scale x cosine + offset")
+    if plan.offset_column:
+        reasons.append(f"index dimension {plan.index_dim}: {plan.index_dim_reason()}; full-depth rows and rows of "
+                       f"runs without offsets hold 0 there; searchers append {QUERY_CONSTANT:g} to each normalised "
+                       f"query (index.json query_constant)")
+    calibrated = [i["path"] for i in plan.run_infos if i.get(EXIT_SCALES) or i.get(EXIT_OFFSETS)]
+    if calibrated and "L2norm" in factory:
+        what = " and ".join(w for w, key in (("scales", EXIT_SCALES), ("offsets", EXIT_OFFSETS))
+                            if any(i.get(key) for i in plan.run_infos))
+        raise ValueError(f"--factory {factory!r} L2-normalises the vectors it adds, which undoes the exit {what} that "
+                         f"{', '.join(calibrated)} record (run.json {EXIT_SCALES}, {EXIT_OFFSETS}); leave L2norm out "
+                         f"(the shards are already unit-length)")
     return reasons
 
 
@@ -159,21 +250,28 @@ def plan_runs(runs: list[str], storage_options: dict | None = None) -> RunPlan:
         if not storage.exists(manifest_url, storage_options):
             raise FileNotFoundError(f"{run} has no {MANIFEST}: no shard was committed yet (run `icar embed`)")
         scales = run_exit_scales(doc, run_json)
+        offsets = run_exit_offsets(doc, run_json)
         rows = read_manifest_rows(run, storage_options, columns=["output", "part", "rows"])
         rows.sort(key=lambda row: row["part"])
         count = 0
         for row in rows:
             if row["rows"] <= 0:
                 continue  # a shard whose every sample failed holds no vectors
-            shards.append(ShardRef(storage.join(run, row["output"]), int(row["rows"]), first_id, r, scales))
+            shards.append(ShardRef(storage.join(run, row["output"]), int(row["rows"]), first_id, r, scales, offsets))
             first_id += int(row["rows"])
             count += int(row["rows"])
         infos.append({"path": run, "shards": len(rows), "rows": count,
-                      **({EXIT_SCALES: {str(e): s for e, s in scales}} if scales else {})})
+                      **({EXIT_SCALES: {str(e): s for e, s in scales}} if scales else {}),
+                      **({EXIT_OFFSETS: {str(e): o for e, o in offsets}} if offsets else {})})
     dim = int(model["embed_dim"])
     if not shards:
         raise ValueError(f"the runs {runs} hold no rows: nothing to index")
-    return RunPlan(runs=list(runs), shards=shards, model=model, model_key=key, dim=dim, run_infos=infos)
+    # One run with offsets gives every row the offset dimension (0 where its run has none): one index, one width.
+    offset_column = any(s.exit_offsets for s in shards)
+    if offset_column:
+        shards = [replace(s, offset_column=True) for s in shards]
+    return RunPlan(runs=list(runs), shards=shards, model=model, model_key=key, dim=dim, run_infos=infos,
+                   offset_column=offset_column)
 
 
 def sample_rows(n: int, train: int, queries: int, seed: int) -> tuple[np.ndarray, np.ndarray, bool]:
@@ -220,8 +318,9 @@ def read_sample_group(shards: list[ShardRef], train_rows: list[np.ndarray], quer
                       dim: int, storage_options: dict | None) -> dict:
     """Return the training and query vectors (and query captions) that lie in ``shards``, in row order.
 
-    Training vectors are index vectors (``shard_vectors``: scaled by exit depth where the run records exit_scales);
-    query vectors are the stored unit-length embeddings, as `icar search` sends image queries.
+    Training vectors are index vectors (``shard_vectors``: scaled by exit depth where the run records exit_scales,
+    with the offset column where the plan has one); query vectors are the stored unit-length embeddings, as
+    `icar search` sends image queries (ending with QUERY_CONSTANT where the index has the offset column).
     """
     xt, xq, caps = [], [], []
     for shard, tr, qr in zip(shards, train_rows, query_rows):
@@ -236,10 +335,12 @@ def read_sample_group(shards: list[ShardRef], train_rows: list[np.ndarray], quer
         table = table.take(pa.array(back))  # back to (train rows, query rows) order
         # float16: exact when unscaled (the shards hold float16); half the transfer
         xt.append(shard_vectors(table.slice(0, len(tr)), shard, dim).astype(np.float16))
-        xq.append(embeddings_to_float32(table.slice(len(tr)).column("embedding"), dim, shard.url))
+        q = embeddings_to_float32(table.slice(len(tr)).column("embedding"), dim, shard.url)
+        xq.append(append_query_constant(q) if shard.offset_column else q)
         if len(qr):
             caps.extend(table.slice(len(tr)).column("caption").to_pylist())
-    cat = (lambda parts, dtype: np.concatenate(parts) if parts else np.zeros((0, dim), dtype))
+    width = shards[0].index_dim(dim) if shards else dim
+    cat = (lambda parts, dtype: np.concatenate(parts) if parts else np.zeros((0, width), dtype))
     return {"train": cat(xt, np.float16), "queries": cat(xq, np.float32), "captions": caps}
 
 

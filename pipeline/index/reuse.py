@@ -43,15 +43,21 @@ def guideline_nlist(n: int) -> float:
     return min(wanted, n / 39)
 
 
-def decide_index_build(n: int, dim: int, previous: dict | None, settings, supports_reuse: bool) -> IndexDecision:
+def decide_index_build(n: int, dim: int, previous: dict | None, settings, supports_reuse: bool,
+                       offset_dim: bool = False) -> IndexDecision:
     """Return whether to retrain or reuse the previous version's trained index for ``n`` vectors, and why.
 
+    ``dim`` is the index's dimension (``RunPlan.index_dim``: the embeddings', plus one with exit offsets);
+    ``offset_dim`` says its last dimension holds exit offsets (``RunPlan.offset_column``), so that the fresh
+    choice compared below is the one the build makes (``choose_index_params``' code of the embeddings' dim - 1).
     ``previous`` describes the version LATEST points to in the same generation (None: there is none):
-    its factory, kind, nlist, pq_m, opq, coarse, settings, measured recall and nprobe, and its training
-    lineage (``trained``: version, ntotal, nprobe at training). ``settings`` is the job's IndexSettings.
+    its factory, kind, nlist, pq_m, opq, coarse, dim (its index's dimension), settings, measured recall and nprobe,
+    and its training lineage (``trained``: version, ntotal, nprobe at training). ``settings`` is the job's
+    IndexSettings.
 
     Retrain when any of these holds (the figures are recorded either way):
     - no previous index in this generation, reuse is off, or the previous one is Flat (nothing trained);
+    - the previous index has another dimension (a run.json that gained or lost exit_offsets since);
     - the index settings (max_memory, factory, flat_below) changed since;
     - a fresh choice for N vectors within the budget is a different structure (kind, PQ code size, OPQ,
       coarse quantizer): e.g. the budget no longer holds the old code size at this N;
@@ -79,6 +85,12 @@ def decide_index_build(n: int, dim: int, previous: dict | None, settings, suppor
                        f"the automatic choice is made afresh for {n:,} vectors")
         return IndexDecision("train", retrain, numbers)
 
+    old_dim = previous.get("dim")
+    if old_dim is not None and int(old_dim) != dim:
+        numbers.update(dim=dim, previous_dim=int(old_dim))
+        retrain.append(f"the previous index holds {old_dim} dimensions and these vectors {dim} (one more where the "
+                       f"run records exit_offsets): its trained index cannot take them")
+
     now_settings = {"max_memory": settings.max_memory, "factory": settings.factory, "flat_below": settings.flat_below}
     old_settings = previous.get("settings") or {}
     changed = {k: (old_settings.get(k), v) for k, v in now_settings.items() if old_settings.get(k) != v}
@@ -89,7 +101,7 @@ def decide_index_build(n: int, dim: int, previous: dict | None, settings, suppor
     try:
         fresh = choose_index_params(n, dim, parse_size(settings.max_memory), None, factory=settings.factory,
                                     code_bytes=previous.get("code_bytes_per_vector") if settings.factory else None,
-                                    flat_below=settings.flat_below)
+                                    flat_below=settings.flat_below, offset_dim=offset_dim)
         numbers["fresh_factory"] = fresh.factory
         structure = lambda p: (p.get("kind"), p.get("pq_m") or 0, bool(p.get("opq")), p.get("coarse") or "")
         old_s = structure(previous)

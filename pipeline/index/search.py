@@ -25,7 +25,7 @@ from pipeline.index.faiss_ops import (
     set_search_params,
 )
 from pipeline.index.layout import IDS_FILE, INDEX_FILE, INDEX_JSON
-from pipeline.index.read import open_parquet, plan_runs
+from pipeline.index.read import append_column, open_parquet, plan_runs
 from pipeline.io import storage
 from pipeline.io.decode import DecodeConfig, decode_image
 from pipeline.io.schema import model_key
@@ -53,7 +53,10 @@ class Hit:
     """One search result."""
 
     key: str  # sample key (unique within the corpus)
-    score: float  # inner product of query and indexed vector: cosine, times the row's exit scale where its run has one
+    # Inner product of the L2-normalised query and the indexed vector: the cosine for full-depth rows and rows of runs
+    # without exit calibration; scale x cosine + offset for an early-exit row whose run records exit_scales and
+    # exit_offsets (the scale and offset of the row's exit depth; scale 1 and offset 0 where it records none).
+    score: float
     caption: str | None  # caption / alt text, if the corpus had one
     url: str | None  # original URL, if known
     source: str  # input shard URI the image came from
@@ -142,6 +145,12 @@ class Searcher:
         if self.index.ntotal != self.info["ntotal"]:
             raise ValueError(f"{INDEX_FILE} holds {self.index.ntotal} vectors but {INDEX_JSON} says "
                              f"{self.info['ntotal']}: the directory mixes two builds; rebuild it")
+        # An index with exit offsets holds one dimension more than the queries: each gets query_constant appended.
+        self.query_constant = self.info.get("query_constant")
+        index_dim = self.info.get("index_dim", self.info["dim"])
+        if self.index.d != index_dim:
+            raise ValueError(f"{INDEX_FILE} holds vectors of dimension {self.index.d} but {INDEX_JSON} says "
+                             f"{index_dim}: the directory mixes two builds; rebuild it")
         self.ids = IdTable(os.path.join(local, IDS_FILE))
         if self.ids.num_rows != self.index.ntotal:
             raise ValueError(f"{IDS_FILE} has {self.ids.num_rows} rows for {self.index.ntotal} vectors: rebuild the index")
@@ -213,9 +222,12 @@ class Searcher:
         # FAISS allocates queries x k results up front whatever the index holds (k = 10^9 asked for 22 GB on 192
         # vectors): no query has more hits than the index has vectors, and queries go in batches of bounded size.
         k = min(int(k), max(1, int(self.index.ntotal)))
-        # The index holds L2-normalised embeddings (early-exit rows times their run's exit scale, read.py); normalising
-        # queries makes scores cosines (times that scale).
+        # The index holds L2-normalised embeddings (early-exit rows times their run's exit scale, and, with exit
+        # offsets, followed by the row's offset: read.py); normalising queries makes scores cosines (times that scale),
+        # and appending query_constant adds the row's offset.
         q = q / np.maximum(np.linalg.norm(q, axis=1, keepdims=True), 1e-12)
+        if self.query_constant is not None:
+            q = append_column(q.astype(np.float32), float(self.query_constant))
         out = []
         step = query_batch(k)
         for start in range(0, len(q), step):

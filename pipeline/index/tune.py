@@ -1,5 +1,8 @@
 """Tuning a built index: the smallest nprobe whose recall@k against the exact top-k reaches the target, for
 held-out image queries and (where the runs' model has a text tower) caption queries.
+
+Query vectors reach ``tune_nprobe`` as the index takes them: with exit offsets, each ends with the query constant
+(``read.append_query_constant``, appended by the build to image and caption queries alike).
 """
 
 from __future__ import annotations

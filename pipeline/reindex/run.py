@@ -372,7 +372,8 @@ def _publish(cfg: JobConfig, root: str, gen: str, run: str, rid: str, digest: st
     record["index"] = idx
     run_plan = plan_runs([run], so)
     prev = previous_version(root, latest, gen, so)
-    decision = decide_index_build(run_plan.ntotal, run_plan.dim, prev, cfg.index, reuse_supported())
+    decision = decide_index_build(run_plan.ntotal, run_plan.index_dim, prev, cfg.index, reuse_supported(),
+                                  offset_dim=run_plan.offset_column)
     idx["decision"] = decision.to_dict()
     log.info("index %s: %s (%s)", version, decision.mode, "; ".join(decision.reasons))
     with phase("build_index"):

@@ -56,6 +56,7 @@ def previous_version(root: str, latest: dict | None, gen: str, storage_options: 
         "version": latest["version"], "factory": info.get("factory"), "kind": info.get("kind"),
         "nlist": info.get("nlist"), "pq_m": info.get("pq_m"), "opq": info.get("opq"),
         "coarse": info.get("coarse_quantizer"), "code_bytes_per_vector": info.get("code_bytes_per_vector"),
+        "dim": info.get("index_dim", info.get("dim")),  # the index's own (one more than "dim" with exit offsets)
         "ntotal": info.get("ntotal"), "nprobe": info.get("nprobe"), "k": info.get("k"),
         "recall_min": recall_min(info), "settings": record.get("index_settings"), "trained": record.get("trained"),
         "trained_file": trained_file if storage.exists(trained_file, storage_options) else None,

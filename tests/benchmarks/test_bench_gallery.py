@@ -16,6 +16,8 @@ gallery = importlib.util.module_from_spec(_spec)
 sys.modules[_spec.name] = gallery
 _spec.loader.exec_module(gallery)
 
+from pipeline.training.recall import calibrated_penalty, mixed_margins  # noqa: E402
+
 
 def test_gallery_bench_reports_each_exit_share_per_size(tmp_path, capsys):
     from jobs import make_demo_corpus
@@ -41,7 +43,10 @@ def test_gallery_bench_reports_each_exit_share_per_size(tmp_path, capsys):
     for rows in r["mixed_penalty"].values():
         assert [p["images"] for p in rows] == [10, 20, 40] and all(p["captions"] == 40 for p in rows)
         for p in rows:
-            assert p["penalty"] == pytest.approx(max(p["own_exit"] - p["exit|full"], p["own_full"] - p["full|exit"]))
+            assert p["penalty"] == pytest.approx(max(p["own_exit_t2i@1"] - p["exit_vs_full_t2i@1"],
+                                                     p["own_full_t2i@1"] - p["full_vs_exit_t2i@1"]))
+            lo, hi = p["penalty_interval"]
+            assert lo <= hi and lo <= p["penalty"] + 1e-9  # a bootstrap of the max sits at or above the estimate
     assert "mixed-gallery penalty" in printed
 
 
@@ -56,25 +61,28 @@ def test_mixed_penalty_is_the_worse_direction_computed_by_hand():
     exit_emb = _unit(full + 0.6 * rng.normal(size=(n, d)))
     text = _unit(full + 0.5 * rng.normal(size=(n, d)))
     t2i = np.arange(n)
-    # the same embeddings at both depths, unscaled: mixing changes nothing
-    same = gallery.mixed_penalty(full, full, text, t2i, 1.0, min_images=n, seed=0)
+    # the same embeddings at both depths, uncalibrated: mixing changes nothing
+    same = calibrated_penalty(mixed_margins(text, full, full, min_images=n), 1.0, 0.0)
     assert len(same) == 1 and same[0]["penalty"] == 0.0
-    assert same[0]["own_exit"] == same[0]["exit|full"] == same[0]["own_full"] == same[0]["full|exit"]
-    # one gallery of every image: recompute each direction with plain numpy
-    scale = 1.07
-    [row] = gallery.mixed_penalty(exit_emb, full, text, t2i, scale, min_images=n, seed=0)
+    assert (same[0]["own_exit_t2i@1"] == same[0]["exit_vs_full_t2i@1"] == same[0]["own_full_t2i@1"]
+            == same[0]["full_vs_exit_t2i@1"])
+    # one gallery of every image: recompute each direction with plain numpy, exit rows scored scale x cos + offset
+    scale, offset = 1.07, -0.02
+    [row] = calibrated_penalty(mixed_margins(text, exit_emb, full, min_images=n), scale, offset)
     se, sf = text @ exit_emb.T, text @ full.T
     own = np.eye(n, dtype=bool)
 
     def r1(scores):
         return float(np.mean(scores.argmax(axis=1) == t2i))
 
-    want = {"own_exit": r1(se), "own_full": r1(sf), "exit|full": r1(np.where(own, scale * se, sf)),
-            "full|exit": r1(np.where(own, sf, scale * se))}
+    want = {"own_exit_t2i@1": r1(se), "own_full_t2i@1": r1(sf),
+            "exit_vs_full_t2i@1": r1(np.where(own, scale * se + offset, sf)),
+            "full_vs_exit_t2i@1": r1(np.where(own, sf, scale * se + offset))}
     assert {k: row[k] for k in want} == pytest.approx(want)
-    worse = max(want["own_exit"] - want["exit|full"], want["own_full"] - want["full|exit"])
+    worse = max(want["own_exit_t2i@1"] - want["exit_vs_full_t2i@1"], want["own_full_t2i@1"] - want["full_vs_exit_t2i@1"])
     assert row["penalty"] == pytest.approx(worse)
-    assert want["exit|full"] != want["own_exit"] or want["full|exit"] != want["own_full"]  # the case is not trivial
+    # the case is not trivial
+    assert want["exit_vs_full_t2i@1"] != want["own_exit_t2i@1"] or want["full_vs_exit_t2i@1"] != want["own_full_t2i@1"]
     # halves: the same split as by_gallery_size, so the penalty rows pair with its shares
-    halves = gallery.mixed_penalty(exit_emb, full, text, t2i, scale, min_images=n // 2, seed=0)
+    halves = calibrated_penalty(mixed_margins(text, exit_emb, full, min_images=n // 2), scale, offset)
     assert [p["images"] for p in halves] == [n // 2, n] and halves[0]["captions"] == n

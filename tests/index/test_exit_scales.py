@@ -26,7 +26,7 @@ from pipeline.index.build import IndexConfig, build_index  # noqa: E402
 from pipeline.index.layout import IDS_FILE, INDEX_FILE, INDEX_JSON  # noqa: E402
 from pipeline.index.read import plan_runs, read_sample_group, shard_vectors  # noqa: E402
 from pipeline.index.search import Searcher  # noqa: E402
-from pipeline.io.schema import EXIT_SCALES, RUN_JSON, parse_exit_scales  # noqa: E402
+from pipeline.io.schema import EXIT_OFFSETS, EXIT_SCALES, RUN_JSON, parse_exit_scales  # noqa: E402
 from pipeline.io.storage import safetensors_metadata  # noqa: E402
 from pipeline.model.encoder import ExitHeads  # noqa: E402
 from pipeline.model.spec import ModelSpec  # noqa: E402
@@ -40,9 +40,10 @@ SCALES = {4: 1.25, 6: 1.1}
 
 
 def heads_with_scales(src: Path, dst: Path, scales: dict | None) -> Path:
-    """Write the exit heads at ``src`` to ``dst`` with ``scales`` as their exit_scales metadata (None: without)."""
+    """Write the exit heads at ``src`` to ``dst`` with ``scales`` as their exit_scales metadata (None: without) and no
+    exit_offsets (the shipped heads' offsets would add the offset dimension: test_exit_offsets.py covers it)."""
     data = src.read_bytes()
-    meta = {k: v for k, v in safetensors_metadata(data).items() if k != EXIT_SCALES}
+    meta = {k: v for k, v in safetensors_metadata(data).items() if k not in (EXIT_SCALES, EXIT_OFFSETS)}
     if scales is not None:
         meta[EXIT_SCALES] = json.dumps({str(e): s for e, s in scales.items()})
     dst.write_bytes(st_save(st_load(data), metadata=meta))

@@ -397,6 +397,43 @@ def test_reindex_scales_rows_by_their_runs_exit_scales(tmp_path):
                                rtol=1e-6)
 
 
+def test_reindex_gives_exit_offsets_their_dimension_and_retrains_when_it_goes(tmp_path):
+    """A run.json with exit_offsets gets the index one dimension more (rows [scale x e, offset], index.json
+    query_constant); when the offsets are gone, the next version retrains rather than reuse the wider trained index."""
+    faiss = pytest.importorskip("faiss")
+    cfg, inputs = synthetic_job(tmp_path, factory="IVF16,Flat")
+    add_input(cfg, inputs, "a", 700, 1)
+    run = Path(run_dir(cfg.root, "g0001"))
+    shard = run / "shards" / part_name(0)
+    table = pq.read_table(shard)
+    exits = np.where(np.arange(table.num_rows) % 3 == 0, 1, 2).astype(np.int16)
+    pq.write_table(table.set_column(table.schema.get_field_index("exit_layer"), "exit_layer", pa.array(exits)), shard)
+    doc = json.loads((run / "run.json").read_text())
+    (run / "run.json").write_text(json.dumps({**doc, "exit_scales": {"1": 1.5, "2": 1.0},
+                                              "exit_offsets": {"1": 0.2, "2": 0.0}}))
+
+    result = run_reindex(cfg)
+    assert result.exit_code == EXIT_OK, result.record.get("error")
+    info = json.loads((tmp_path / "root" / "indexes" / "v0001" / "index.json").read_text())
+    assert info["dim"] == 32 and info["index_dim"] == 33 and info["query_constant"] == 1.0
+    assert info["runs"][0]["exit_offsets"] == {"1": 0.2}
+    index = faiss.read_index(str(tmp_path / "root" / "indexes" / "v0001" / "index.faiss"))
+    faiss.extract_index_ivf(index).make_direct_map()
+    stored = np.stack(table.column("embedding").to_numpy(zero_copy_only=False)).astype(np.float32)
+    want = np.hstack([stored * np.where(exits == 1, 1.5, 1.0)[:, None], np.where(exits == 1, 0.2, 0.0)[:, None]])
+    np.testing.assert_allclose(index.reconstruct_n(0, index.ntotal), want, rtol=1e-6)
+
+    (run / "run.json").write_text(json.dumps(doc))  # offsets (and scales) gone: 32 dimensions again
+    forced = dataclasses.replace(cfg, index=dataclasses.replace(cfg.index, force=True))
+    again = run_reindex(forced)
+    assert again.exit_code == EXIT_OK, again.record.get("error")
+    decision = again.record["index"]["decision"]
+    assert decision["mode"] == "train" and any("holds 33 dimensions and these vectors 32" in r
+                                               for r in decision["reasons"]), decision
+    info = json.loads((tmp_path / "root" / "indexes" / "v0002" / "index.json").read_text())
+    assert info["dim"] == 32 and "index_dim" not in info and "query_constant" not in info
+
+
 def test_failed_verification_keeps_latest(tmp_path):
     cfg, inputs = synthetic_job(tmp_path, factory="IVF16,Flat")
     add_input(cfg, inputs, "a", 700, 1)
