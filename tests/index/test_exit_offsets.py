@@ -325,3 +325,42 @@ def test_reindex_retrains_rather_than_reuse_a_trained_index_of_another_dimension
     gained = decide_index_build(210_000, 513, previous(512), s, True)  # the run.json gained exit_offsets since
     assert gained.mode == "train" and any("holds 512 dimensions and these vectors 513" in r for r in gained.reasons)
     assert gained.numbers["previous_dim"] == 512
+
+
+
+def test_embed_with_the_shipped_heads_carries_their_calibration_into_the_index(ray_session, tmp_path):
+    # End to end with nothing edited by hand: the shipped demo heads record a scale and an offset per exit
+    # (`icar train-exits`), `icar embed` copies them into run.json, `icar index` gives the rows the offset
+    # dimension and `icar search` scores an exit row scale x cosine + offset.
+    from pipeline.embed.config import EmbedConfig
+    from pipeline.embed.execution import run_embed
+    from pipeline.io.schema import parse_exit_offsets, parse_exit_scales
+    from pipeline.io.storage import safetensors_metadata
+    from pipeline.model.spec import ModelSpec
+    from zoo import make_corpus, write_tar_shard
+
+    meta = safetensors_metadata(test_exit_scales.DEMO_HEADS.read_bytes())
+    scales = parse_exit_scales(meta.get(EXIT_SCALES), "demo heads")
+    offsets = parse_exit_offsets(meta.get(EXIT_OFFSETS), "demo heads")
+    assert set(offsets) == {4, 6} and all(offsets.values())  # the shipped heads carry a nonzero offset per exit
+    write_tar_shard(tmp_path / "in.tar", make_corpus(np.random.default_rng(1), 30, exts=("jpg",), max_side=64))
+    spec = ModelSpec(model="demo", heads=str(test_exit_scales.DEMO_HEADS), route_fractions=[0.4, 0.3, 0.3],
+                     scorer="none")
+    run_embed(EmbedConfig(inputs=[str(tmp_path / "in.tar")], output=str(tmp_path / "run"), spec=spec, batch_size=8,
+                          progress=False))
+    doc = json.loads((tmp_path / "run" / RUN_JSON).read_text())
+    assert doc[EXIT_OFFSETS] == offsets_json(offsets)
+    assert doc[EXIT_SCALES] == {str(e): scales.get(e, 1.0) for e in (4, 6, 8)}
+
+    info = build(tmp_path / "run", tmp_path / "idx")
+    assert info["factory"] == "Flat" and info["index_dim"] == info["dim"] + 1 and info["query_constant"] == 1.0
+    rows = shard_rows(tmp_path / "run")
+    emb = np.stack(rows.column("embedding").to_numpy(zero_copy_only=False)).astype(np.float32)
+    exits = rows.column("exit_layer").to_numpy()
+    assert set(exits) == {4, 6, 8}
+    scale, offset = calibration(exits, scales, offsets)
+    searcher = Searcher(str(tmp_path / "idx"))
+    for probe in (int(np.flatnonzero(exits == 4)[0]), int(np.flatnonzero(exits == 8)[0])):
+        got = all_scores(searcher, emb[probe])
+        want = scale * (emb @ (emb[probe] / np.linalg.norm(emb[probe]))) + offset
+        np.testing.assert_allclose([got[i] for i in range(len(emb))], want, rtol=1e-5, atol=1e-5)
