@@ -66,6 +66,7 @@ from bench.common import interleaved, load_average, machine_facts, median  # noq
 from bench.quality import DEFAULT_CORPUS, embed_all_exits, ensure_corpus, read_split, score_all  # noqa: E402
 from pipeline.demo.corpus import scene_caption, scene_of  # noqa: E402
 from pipeline.io import storage  # noqa: E402
+from pipeline.index.read import append_column, append_query_constant  # noqa: E402
 from pipeline.io.schema import EXIT_OFFSETS, EXIT_SCALES, parse_exit_offsets, parse_exit_scales  # noqa: E402
 from pipeline.io.storage import read_bytes, safetensors_metadata  # noqa: E402
 from pipeline.logs import setup_logging  # noqa: E402
@@ -505,11 +506,10 @@ def measure_heads(name: str, path: str, ctx: dict, budgets: list[float], a: argp
     exits, gpe, q = ctx["exits"], ctx["gpe"], ctx["queries"]
     unit = {e: v / np.linalg.norm(v, axis=1, keepdims=True) for e, v in emb.items()}
     closeness = np.stack([np.einsum("nd,nd->n", unit[e], unit[exits[-1]]) for e in exits], axis=1)
-    if calibration:
-        emb = {e: np.hstack([v * np.float32(calibration.get(e, (1.0, 0.0))[0]),
-                             np.full((len(v), 1), calibration.get(e, (1.0, 0.0))[1], np.float32)])
+    if calibration:  # as `icar index` holds the rows: scaled, the offset in one more dimension
+        emb = {e: append_column(v * np.float32(calibration.get(e, (1.0, 0.0))[0]), calibration.get(e, (1.0, 0.0))[1])
                for e, v in emb.items()}
-        q = dataclasses.replace(q, text=np.hstack([q.text, np.ones((len(q.text), 1), np.float32)]))
+        q = dataclasses.replace(q, text=append_query_constant(q.text))
     full_g = gpe[exits[-1]]
     n = len(ctx["test_keys"])
     rows, hits = [], {}

@@ -25,7 +25,7 @@ import torch
 
 from pipeline.io import schema, storage
 from pipeline.io.decode import DecodeConfig, DecodeError, decode_image
-from pipeline.index.read import scale_rows
+from pipeline.index.read import append_column, append_query_constant, offset_values, scale_rows
 from pipeline.io.readers import expand_inputs, iter_samples
 from pipeline.metrics import recall_at_k
 from pipeline.model import encoder as enc
@@ -194,19 +194,18 @@ def sample_recall(depth: np.ndarray, exit_embeddings: dict, text: np.ndarray, te
     tower = {int(k): float(v) for k, v in tower_gflops.items()}
     name = {e: str((labels or {}).get(e, e)) for e in exits}
 
-    offsets = {int(e): float(b) for e, b in (exit_offsets or {}).items()}
+    offsets = tuple(sorted((int(e), float(b)) for e, b in (exit_offsets or {}).items() if b))
     text = np.asarray(text, np.float32)
     galleries = {"full": np.asarray(exit_embeddings[exits[-1]], np.float32),
                  **{f"{kind} {name[e]}": np.asarray(exit_embeddings[e], np.float32) for e in exits[:-1]}}
     routed_gallery = routers.routed_embeddings(depth, exit_embeddings)  # a fresh float32 array, scaled in place
     routed_gallery = scale_rows(routed_gallery, depth, tuple(sorted((int(e), float(s))
                                                                    for e, s in (exit_scales or {}).items())))
-    if any(offsets.values()):  # the offset as `icar index` keeps it: one more dimension, 1 in every query
-        routed_gallery = np.hstack([routed_gallery, np.asarray([offsets.get(int(d), 0.0) for d in depth],
-                                                               np.float32)[:, None]])
-        text = np.hstack([text, np.ones((len(text), 1), np.float32)])
+    if offsets:  # the offset as `icar index` keeps it: one more dimension, the query constant in every query
+        routed_gallery = append_column(routed_gallery, offset_values(depth, offsets, len(routed_gallery)))
+        text = append_query_constant(text)
         # one depth per gallery: its offset would change no rank
-        galleries = {k: np.hstack([v, np.zeros((len(v), 1), np.float32)]) for k, v in galleries.items()}
+        galleries = {k: append_column(v, 0.0) for k, v in galleries.items()}
     galleries["routed"] = routed_gallery
 
     def recall(name: str) -> dict:

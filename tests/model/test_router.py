@@ -240,6 +240,16 @@ def test_recall_calibration_meets_floor_and_is_monotone():
     depth = r.route(scores, None)
     gallery = R.routed_embeddings(depth, exit_emb) * np.array([scales.get(int(d), 1.0) for d in depth])[:, None]
     assert r.calibration["achieved_recall"] == pytest.approx(recall_at_k(text @ gallery.T, t2i, (10,))[10])
+    # ... and shifted by their exit_offsets (`icar index`'s extra dimension): an exit row scores scale x cos + offset
+    offsets = {12: 0.2, 18: -0.05}
+    r = R.calibrate_recall(scores, exit_emb, text, t2i, 0.9, GFLOPS, SCORER, steps=20, exit_scales=scales,
+                           exit_offsets=offsets)
+    depth = r.route(scores, None)
+    gallery = R.routed_embeddings(depth, exit_emb) * np.array([scales.get(int(d), 1.0) for d in depth])[:, None]
+    shift = np.array([offsets.get(int(d), 0.0) for d in depth])
+    assert set(depth) & {12, 18}  # the offsets touch routed rows
+    assert r.calibration["achieved_recall"] == pytest.approx(
+        recall_at_k(text @ gallery.T + shift[None, :], t2i, (10,))[10])
     # Scores that carry no information about the damage cannot save as much as the true ones.
     shuffled = np.random.default_rng(1).permutation(scores)
     blind = R.calibrate_recall(shuffled, exit_emb, text, t2i, 0.9, GFLOPS, SCORER, steps=20)
@@ -302,6 +312,13 @@ def test_sample_recall_reports_the_mix_beside_every_fixed_exit():
     # the per-exit scales `icar index` applies move the routed figure; a scale of 1 changes nothing
     up = sample_recall(depth, exit_emb, text, t2i, tower, {12: 1.5})["routed"]["t2i@1"]
     assert up != mixed and sample_recall(depth, exit_emb, text, t2i, tower, {12: 1.0})["routed"]["t2i@1"] == mixed
+    # and so do the offsets, as the index's extra dimension adds them: exit-12 rows score 1.5 x cos + 0.1
+    shifted = sample_recall(depth, exit_emb, text, t2i, tower, {12: 1.5}, {12: 0.1, 24: 0.0})
+    gallery = R.routed_embeddings(depth, exit_emb) * np.where(depth == 12, 1.5, 1.0)[:, None]
+    want = recall_at_k(text @ gallery.T + np.where(depth == 12, 0.1, 0.0)[None, :], t2i, (1, 10))
+    assert shifted["routed"] == {"t2i@1": want[1], "t2i@10": want[10]} and shifted["routed"]["t2i@1"] != up
+    assert shifted["fixed_exits"] == r["fixed_exits"] and shifted["full"] == r["full"]  # one depth: no rank moves
+    assert sample_recall(depth, exit_emb, text, t2i, tower, {12: 1.5}, {12: 0.0})["routed"]["t2i@1"] == up
 
 
 def test_by_gallery_size_searches_each_caption_within_its_part_and_shows_the_share_falling(caplog):
