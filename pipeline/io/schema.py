@@ -90,12 +90,10 @@ def model_key(identity: dict) -> str:
 EXIT_SCALES = "exit_scales"
 
 
-def parse_exit_scales(value, where: str) -> dict[int, float]:
-    """Return {exit depth: scale} from a JSON string or mapping ({"4": 1.02}); {} for None or an empty value.
-
-    Raises ValueError naming ``where`` (the file it came from) when a depth is not a positive integer or a scale is
-    not a positive finite number.
-    """
+def _parse_exit_map(value, where: str, key: str, what: str, example: str, ok, rule: str) -> dict[int, float]:
+    """Return {exit depth: number} from a JSON string or mapping under run.json / heads-metadata ``key``; {} for
+    None or an empty value. Raises ValueError naming ``where`` when it is not such a map, or a depth is below 1 or
+    a number fails ``ok`` (``rule`` says what it must be)."""
     if value is None or value == "" or value == {}:
         return {}
     try:
@@ -104,13 +102,22 @@ def parse_exit_scales(value, where: str) -> dict[int, float]:
             raise TypeError(f"expected a JSON object, got {type(raw).__name__}")
         out = {int(k): float(v) for k, v in raw.items()}
     except (TypeError, ValueError) as e:
-        raise ValueError(f"{where}: {EXIT_SCALES} must map exit depths to scales, like {{\"4\": 1.02}}; got "
-                         f"{value!r} ({e})") from None
-    bad = {k: v for k, v in out.items() if k < 1 or not math.isfinite(v) or v <= 0}
+        raise ValueError(f"{where}: {key} must map exit depths to {what}, like {example}; got {value!r} ({e})") from None
+    bad = {k: v for k, v in out.items() if k < 1 or not math.isfinite(v) or not ok(v)}
     if bad:
-        raise ValueError(f"{where}: {EXIT_SCALES} {value!r} has exit depths below 1 or scales that are not positive "
-                         f"finite numbers ({bad}); retrain the heads with `icar train-exits`")
+        raise ValueError(f"{where}: {key} {value!r} has exit depths below 1 or {what} that are not {rule} ({bad}); "
+                         f"retrain the heads with `icar train-exits`")
     return dict(sorted(out.items()))
+
+
+def parse_exit_scales(value, where: str) -> dict[int, float]:
+    """Return {exit depth: scale} from a JSON string or mapping ({"4": 1.02}); {} for None or an empty value.
+
+    Raises ValueError naming ``where`` (the file it came from) when a depth is not a positive integer or a scale is
+    not a positive finite number.
+    """
+    return _parse_exit_map(value, where, EXIT_SCALES, "scales", '{"4": 1.02}', lambda v: v > 0,
+                           "positive finite numbers")
 
 
 # Per-exit similarity offsets (issue #20): the exit-heads file's metadata key and run.json's field, JSON
@@ -128,18 +135,5 @@ def parse_exit_offsets(value, where: str) -> dict[int, float]:
     Raises ValueError naming ``where`` when a depth is not a positive integer or an offset is not a finite number
     in [-1, 1] (a cosine offset outside it would drown the similarity it calibrates).
     """
-    if value is None or value == "" or value == {}:
-        return {}
-    try:
-        raw = json.loads(value) if isinstance(value, str) else value
-        if not isinstance(raw, dict):
-            raise TypeError(f"expected a JSON object, got {type(raw).__name__}")
-        out = {int(k): float(v) for k, v in raw.items()}
-    except (TypeError, ValueError) as e:
-        raise ValueError(f"{where}: {EXIT_OFFSETS} must map exit depths to offsets, like {{\"4\": 0.1}}; got "
-                         f"{value!r} ({e})") from None
-    bad = {k: v for k, v in out.items() if k < 1 or not math.isfinite(v) or abs(v) > 1}
-    if bad:
-        raise ValueError(f"{where}: {EXIT_OFFSETS} {value!r} has exit depths below 1 or offsets that are not finite "
-                         f"numbers in [-1, 1] ({bad}); retrain the heads with `icar train-exits`")
-    return dict(sorted(out.items()))
+    return _parse_exit_map(value, where, EXIT_OFFSETS, "offsets", '{"4": 0.1}', lambda v: abs(v) <= 1,
+                           "finite numbers in [-1, 1]")
