@@ -371,19 +371,26 @@ def test_index_reuses_the_trained_index_until_the_corpus_doubles(tmp_path):
     assert list_versions(cfg.root) == [2, 3]
 
 
-def test_reindex_scales_rows_by_their_runs_exit_scales(tmp_path):
-    """A run whose run.json records exit_scales (its exit heads carry them) is indexed with every row multiplied by
-    the scale of its exit depth, as `icar index` does; the shards stay unit-length."""
-    faiss = pytest.importorskip("faiss")
+def mixed_exit_job(tmp_path, calibration: dict):
+    """Return (cfg, run, its shard's table, exit depth per row, the run.json as embedded) of a synthetic job whose one
+    run has every third row leaving at block 1 (full depth 2) and run.json fields ``calibration`` added."""
     cfg, inputs = synthetic_job(tmp_path, factory="IVF16,Flat")
     add_input(cfg, inputs, "a", 700, 1)
     run = Path(run_dir(cfg.root, "g0001"))
     shard = run / "shards" / part_name(0)
     table = pq.read_table(shard)
-    exits = np.where(np.arange(table.num_rows) % 3 == 0, 1, 2).astype(np.int16)  # every third row leaves at block 1
+    exits = np.where(np.arange(table.num_rows) % 3 == 0, 1, 2).astype(np.int16)
     pq.write_table(table.set_column(table.schema.get_field_index("exit_layer"), "exit_layer", pa.array(exits)), shard)
     doc = json.loads((run / "run.json").read_text())
-    (run / "run.json").write_text(json.dumps({**doc, "exit_scales": {"1": 1.5, "2": 1.0}}))
+    (run / "run.json").write_text(json.dumps({**doc, **calibration}))
+    return cfg, run, table, exits, doc
+
+
+def test_reindex_scales_rows_by_their_runs_exit_scales(tmp_path):
+    """A run whose run.json records exit_scales (its exit heads carry them) is indexed with every row multiplied by
+    the scale of its exit depth, as `icar index` does; the shards stay unit-length."""
+    faiss = pytest.importorskip("faiss")
+    cfg, run, table, exits, _ = mixed_exit_job(tmp_path, {"exit_scales": {"1": 1.5, "2": 1.0}})
 
     result = run_reindex(cfg)
     assert result.exit_code == EXIT_OK, result.record.get("error")
@@ -401,16 +408,8 @@ def test_reindex_gives_exit_offsets_their_dimension_and_retrains_when_it_goes(tm
     """A run.json with exit_offsets gets the index one dimension more (rows [scale x e, offset], index.json
     query_constant); when the offsets are gone, the next version retrains rather than reuse the wider trained index."""
     faiss = pytest.importorskip("faiss")
-    cfg, inputs = synthetic_job(tmp_path, factory="IVF16,Flat")
-    add_input(cfg, inputs, "a", 700, 1)
-    run = Path(run_dir(cfg.root, "g0001"))
-    shard = run / "shards" / part_name(0)
-    table = pq.read_table(shard)
-    exits = np.where(np.arange(table.num_rows) % 3 == 0, 1, 2).astype(np.int16)
-    pq.write_table(table.set_column(table.schema.get_field_index("exit_layer"), "exit_layer", pa.array(exits)), shard)
-    doc = json.loads((run / "run.json").read_text())
-    (run / "run.json").write_text(json.dumps({**doc, "exit_scales": {"1": 1.5, "2": 1.0},
-                                              "exit_offsets": {"1": 0.2, "2": 0.0}}))
+    cfg, run, table, exits, doc = mixed_exit_job(tmp_path, {"exit_scales": {"1": 1.5, "2": 1.0},
+                                                            "exit_offsets": {"1": 0.2, "2": 0.0}})
 
     result = run_reindex(cfg)
     assert result.exit_code == EXIT_OK, result.record.get("error")
