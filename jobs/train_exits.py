@@ -10,9 +10,10 @@ existing full-depth runs and indexes stay valid. --finetune-backbone is the pape
 
 Writes DIR/exit_heads.safetensors (pass it to `icar embed --heads`), DIR/metrics.json (per-exit recall@1/5/10
 text->image and image->text, text->image in mixed-depth galleries, and mean cosine to full depth, before and
-after training, and per epoch; and per early exit the similarity scale that lets its rows rank fairly against
-full-depth rows in one inner-product index, chosen on validation and recorded in the heads file as exit_scales,
-which only an index writer that multiplies the rows by it applies), DIR/checkpoint.pt
+after training, and per epoch; and per early exit the score calibration, scale x cosine + offset, that lets its
+rows rank fairly against full-depth rows in one inner-product index, chosen on up to 10 000 training pairs, with
+its mixed-gallery penalty there and on validation, and recorded in the heads file as exit_scales and exit_offsets,
+which `icar index` applies: the offset in one extra index dimension), DIR/checkpoint.pt
 (every epoch; --resume continues) and DIR/features-{train,val}.safetensors (the cache of frozen features).
 """
 
