@@ -27,8 +27,8 @@ from pipeline.model.models import pixels_to_tensor
 from pipeline.training import distributed
 from pipeline.training.exit_config import NO_PAIRS, ExitTrainConfig, TrainExitsError, read_output, write_output
 from pipeline.training.pairs import PairStats, batches
-from pipeline.training.recall import (CALIBRATION_PAIRS, calibrated_penalty, caption_groups, choose_exit_calibration,
-                                      evaluate_embeddings, mixed_margins)
+from pipeline.training.recall import (CALIBRATION_PAIRS, OFFSET_RANGE, SCALE_GRID, calibrated_penalty, caption_groups,
+                                      choose_exit_calibration, evaluate_embeddings, mixed_margins)
 from pipeline.training.shares import SplitReader
 
 log = logging.getLogger(__name__)
@@ -136,6 +136,11 @@ def exit_calibration(heads, train: FeatureSet, val: FeatureSet) -> dict[int, dic
     val_emb = early_embeddings(heads, val)
     for e, x in early_embeddings(heads, head).items():
         r = choose_exit_calibration(mixed_margins(head.text.float().numpy(), x.numpy(), head.full.float().numpy()))
+        if r["at_grid_edge"]:
+            log.warning("exit %d: its score calibration (scale %.2f, offset %+.4f) sits at the edge of the range "
+                        "searched (scale %.2f-%.2f, offset +-%.1f): a better one may lie beyond it; this exit's "
+                        "embeddings sit far from full depth's, check its metrics", e, r["scale"], r["offset"],
+                        SCALE_GRID[0], SCALE_GRID[-1], OFFSET_RANGE)
         r["val"] = calibrated_penalty(mixed_margins(val.text.float().numpy(), val_emb[e].numpy(),
                                                     val.full.float().numpy()), r["scale"], r["offset"], VAL_RESAMPLES)
         out[e] = r

@@ -166,7 +166,8 @@ def calibrated_penalty(margins: list[tuple], scale: float, offset: float, resamp
 
 
 def choose_exit_calibration(margins: list[tuple]) -> dict:
-    """Return an exit's score calibration for a mixed index: {"scale", "offset", "penalty", "by_gallery"}.
+    """Return an exit's score calibration for a mixed index: {"scale", "offset", "penalty", "pairs", "by_gallery",
+    "at_grid_edge"} (true when the pair chosen sits on the edge of the grid: a better one may lie beyond it).
 
     An index ranks an exit row at ``scale * cosine + offset`` against full-depth rows at their cosine (`icar
     index` keeps the scale as the row's norm and the offset in one extra dimension). The calibration chosen (scale
@@ -196,7 +197,8 @@ def choose_exit_calibration(margins: list[tuple]) -> dict:
     _, scale, offset = best
     by_gallery = calibrated_penalty(margins, scale, offset)
     return {"scale": scale, "offset": offset, "penalty": max(r["penalty"] for r in by_gallery),
-            "pairs": by_gallery[-1]["captions"], "by_gallery": by_gallery}
+            "pairs": by_gallery[-1]["captions"], "by_gallery": by_gallery,
+            "at_grid_edge": scale in (SCALE_GRID[0], SCALE_GRID[-1]) or abs(offset) >= OFFSET_RANGE}
 
 
 def format_table(before: dict, after: dict | None = None) -> str:

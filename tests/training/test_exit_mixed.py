@@ -158,6 +158,11 @@ def test_exit_calibration_finds_the_offset_a_scale_alone_cannot_replace():
     # the best a scale alone can do loses over a point at some gallery size
     scale_only = min(max(r["penalty"] for r in calibrated_penalty(margins, s, 0.0)) for s in np.arange(0.8, 1.3, 0.001))
     assert scale_only > 0.02
+    assert not got["at_grid_edge"]
+    # an exit whose line lies beyond the grid (slope 0.25 < 0.5): the best pair on the grid says it sits at the edge
+    far = [(size, (own_e * 0.7 + 0.3 - 0.75) / 0.25, (rival_e * 0.7 + 0.3 - 0.75) / 0.25, own_f, rival_f)
+           for size, own_e, rival_e, own_f, rival_f in margins]
+    assert choose_exit_calibration(far)["at_grid_edge"]
     # an exit that is full depth needs no calibration
     same = [(size, own_f, rival_f, own_f, rival_f) for size, _, _, own_f, rival_f in margins]
     assert choose_exit_calibration(same)["scale"] == 1.0 and choose_exit_calibration(same)["offset"] == 0.0
