@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
 from pathlib import Path
@@ -34,28 +33,20 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from bench.common import load_average, machine_facts  # noqa: E402
-from bench.quality import DEFAULT_CORPUS, ensure_corpus, read_split  # noqa: E402
-from pipeline.model import encoder as enc  # noqa: E402
+from bench.quality import add_split_args, embed_split  # noqa: E402
 from pipeline.model import models  # noqa: E402
 from pipeline.training.calibrate import by_gallery_size, slope_per_doubling  # noqa: E402
-from pipeline.training.confidence import extract, model_and_exits  # noqa: E402
 from pipeline.training.recall import calibrated_penalty, mixed_margins  # noqa: E402
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m bench.gallery", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--corpus", default=str(DEFAULT_CORPUS), help="demo corpus (from `icar make-demo-corpus`)")
-    p.add_argument("--cache-dir", default=os.path.join(os.path.expanduser("~"), ".cache", "icar", "bench-quality"),
-                   help="where a generated corpus is kept when --corpus has none")
-    p.add_argument("--split", default="test", help="split whose images and captions are measured (default test)")
-    p.add_argument("--n", type=int, default=None, help="images of the split (default: all)")
-    p.add_argument("--heads", default=None, help="exit heads (default: the demo's shipped ones)")
+    add_split_args(p)
     p.add_argument("--min-images", type=int, default=100, help="smallest gallery measured")
     p.add_argument("--seed", type=int, default=0, help="seed of the split into parts")
     p.add_argument("--bootstrap", type=int, default=1000,
                    help="bootstrap resamples of the captions for the penalty's 95 %% interval (default 1000)")
-    p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--json", default=None, help="write the results here as JSON")
     return p.parse_args(argv)
 
@@ -75,11 +66,7 @@ def main(argv=None) -> int:
     if a.bootstrap < 100:
         raise SystemExit(f"--bootstrap {a.bootstrap}: the penalty's interval needs at least 100 resamples")
     t0, load_start = time.perf_counter(), load_average()
-    corpus, doc = ensure_corpus(a.corpus, a.cache_dir)
-    bundle, heads, exits = model_and_exits("demo", None, 0, a.heads, None, "cpu")
-    encoder = enc.AdaptiveEncoder(bundle.model.visual, exits, heads).eval()
-    keys, pixels, captions = read_split(corpus, doc, a.split, bundle.image_size, a.n)
-    _, emb = extract(encoder, bundle, pixels, a.batch_size, "cpu")
+    corpus, keys, captions, heads, exits, emb, bundle = embed_split(a)
     text = models.encode_text(bundle, captions)
     # as `icar calibrate` reports it: every caption a query for its own image (a repeated caption's other images
     # are competitors; 69 of the 10 000 demo test captions repeat)

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
 from pathlib import Path
@@ -29,30 +28,22 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from bench.common import load_average, machine_facts  # noqa: E402
-from bench.quality import DEFAULT_CORPUS, ensure_corpus, read_split  # noqa: E402
+from bench.quality import add_split_args, embed_split  # noqa: E402
 from pipeline.index.read import append_column, append_query_constant, offset_values, scale_rows  # noqa: E402
-from pipeline.model import encoder as enc  # noqa: E402
 from pipeline.model import models  # noqa: E402
 from pipeline.model.router import routed_embeddings  # noqa: E402
-from pipeline.training.confidence import extract, model_and_exits  # noqa: E402
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m bench.offset_ivf", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--corpus", default=str(DEFAULT_CORPUS), help="demo corpus (from `icar make-demo-corpus`)")
-    p.add_argument("--cache-dir", default=os.path.join(os.path.expanduser("~"), ".cache", "icar", "bench-quality"),
-                   help="where a generated corpus is kept when --corpus has none")
-    p.add_argument("--split", default="test", help="split whose images and captions are measured (default test)")
-    p.add_argument("--n", type=int, default=None, help="images of the split (default: all)")
-    p.add_argument("--heads", default=None, help="exit heads (default: the demo's shipped ones)")
+    add_split_args(p)
     p.add_argument("--mix", default="0.3,0.4,0.3", help="share of the images at each exit, shallowest first")
     p.add_argument("--nlist", type=int, default=None, help="IVF lists (default: about sqrt(n))")
     p.add_argument("--nprobe", default="1,2,4,8,16", help="nprobe values measured")
     p.add_argument("-k", type=int, default=10, help="recall@k against the exact top k")
     p.add_argument("--queries", type=int, default=2000, help="captions used as queries (the first ones)")
     p.add_argument("--seed", type=int, default=0, help="seed of the random mix")
-    p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--json", default=None, help="write the results here as JSON")
     return p.parse_args(argv)
 
@@ -81,13 +72,11 @@ def main(argv=None) -> int:
     t0, load_start = time.perf_counter(), load_average()
     shares = [float(x) for x in a.mix.split(",")]
     nprobes = [int(x) for x in a.nprobe.split(",")]
-    corpus, doc = ensure_corpus(a.corpus, a.cache_dir)
-    bundle, heads, exits = model_and_exits("demo", None, 0, a.heads, None, "cpu")
-    if len(shares) != len(exits) or abs(sum(shares) - 1) > 1e-6 or min(shares) < 0:
-        raise SystemExit(f"--mix {a.mix}: give {len(exits)} non-negative shares (exits {exits}) that sum to 1")
-    encoder = enc.AdaptiveEncoder(bundle.model.visual, exits, heads).eval()
-    keys, pixels, captions = read_split(corpus, doc, a.split, bundle.image_size, a.n)
-    _, emb = extract(encoder, bundle, pixels, a.batch_size, "cpu")
+    if abs(sum(shares) - 1) > 1e-6 or min(shares) < 0:
+        raise SystemExit(f"--mix {a.mix}: give non-negative shares, one per exit, that sum to 1")
+    corpus, keys, captions, heads, exits, emb, bundle = embed_split(a)
+    if len(shares) != len(exits):
+        raise SystemExit(f"--mix {a.mix}: give {len(exits)} shares, one per exit ({exits})")
     text = np.asarray(models.encode_text(bundle, captions[:a.queries]), np.float32)
     depth = np.random.default_rng(a.seed).choice(exits, size=len(keys), p=shares)
     stored = routed_embeddings(depth, {e: np.asarray(v, np.float32) for e, v in emb.items()})

@@ -193,6 +193,31 @@ def read_split(corpus: str, doc: dict, split: str, image_size: int, limit: int |
     return keys, np.stack(pixels), captions
 
 
+def add_split_args(p: argparse.ArgumentParser) -> None:
+    """Add the options of a benchmark that embeds one split of a demo corpus at every exit (``embed_split``)."""
+    p.add_argument("--corpus", default=str(DEFAULT_CORPUS), help="demo corpus (from `icar make-demo-corpus`)")
+    p.add_argument("--cache-dir", default=os.path.join(os.path.expanduser("~"), ".cache", "icar", "bench-quality"),
+                   help="where a generated corpus is kept when --corpus has none")
+    p.add_argument("--split", default="test", help="split whose images and captions are measured (default test)")
+    p.add_argument("--n", type=int, default=None, help="images of the split (default: all)")
+    p.add_argument("--heads", default=None, help="exit heads (default: the demo's shipped ones)")
+    p.add_argument("--batch-size", type=int, default=256)
+
+
+def embed_split(a: argparse.Namespace):
+    """Return (corpus, keys, captions, heads, exits, {exit: (N, D) embeddings}, bundle): ``a.split`` of ``a.corpus``
+    (options of ``add_split_args``) embedded at every exit of the demo CLIP with ``a.heads`` on the CPU."""
+    from pipeline.model import encoder as enc
+    from pipeline.training.confidence import extract, model_and_exits
+
+    corpus, doc = ensure_corpus(a.corpus, a.cache_dir)
+    bundle, heads, exits = model_and_exits("demo", None, 0, a.heads, None, "cpu")
+    encoder = enc.AdaptiveEncoder(bundle.model.visual, exits, heads).eval()
+    keys, pixels, captions = read_split(corpus, doc, a.split, bundle.image_size, a.n)
+    _, emb = extract(encoder, bundle, pixels, a.batch_size, "cpu")
+    return corpus, keys, captions, heads, exits, emb, bundle
+
+
 def ground_truth(corpus: str, keys: list[str]) -> np.ndarray:
     """Return the ground-truth complexity of ``keys`` from the corpus's scenes.parquet."""
     import pyarrow.parquet as pq

@@ -46,4 +46,6 @@ def test_bench_reports_the_three_ways_of_indexing_one_mix(tmp_path, capsys):
         assert 0.0 <= by_nprobe["1"] <= 1.0
     assert "| scaled + offset | 129 |" in printed and "| uncalibrated | 128 |" in printed
     with pytest.raises(SystemExit, match="--mix"):
-        offset_ivf.main(["--corpus", str(corpus), "--mix", "0.5,0.5"])
+        offset_ivf.main(["--corpus", str(corpus), "--mix", "0.5,0.5"])  # two shares for three exits
+    with pytest.raises(SystemExit, match="sum to 1"):
+        offset_ivf.main(["--corpus", str(corpus), "--mix", "0.5,0.4,0.3"])
