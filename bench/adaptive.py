@@ -507,8 +507,8 @@ def measure_heads(name: str, path: str, ctx: dict, budgets: list[float], a: argp
     unit = {e: v / np.linalg.norm(v, axis=1, keepdims=True) for e, v in emb.items()}
     closeness = np.stack([np.einsum("nd,nd->n", unit[e], unit[exits[-1]]) for e in exits], axis=1)
     if calibration:  # as `icar index` holds the rows: scaled, the offset in one more dimension
-        emb = {e: append_column(v * np.float32(calibration.get(e, (1.0, 0.0))[0]), calibration.get(e, (1.0, 0.0))[1])
-               for e, v in emb.items()}
+        emb = {e: append_column(v * np.float32(scale), offset)
+               for e, v in emb.items() for scale, offset in [calibration.get(e, (1.0, 0.0))]}
         q = dataclasses.replace(q, text=append_query_constant(q.text))
     full_g = gpe[exits[-1]]
     n = len(ctx["test_keys"])

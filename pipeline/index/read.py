@@ -117,25 +117,26 @@ def scale_rows(x: np.ndarray, exit_layer, scales: tuple[tuple[int, float], ...])
     for a depth without one, as the full depth); ``x`` untouched when ``scales`` is empty."""
     if not scales or not len(x):
         return x
-    depth = np.asarray(exit_layer.to_numpy(zero_copy_only=False) if hasattr(exit_layer, "to_numpy") else exit_layer,
-                       np.int64)
-    factor = np.ones(len(x), np.float32)
-    for e, s in scales:
-        factor[depth == e] = s
-    x *= factor[:, None]
+    x *= per_depth(exit_layer, scales, len(x), 1.0)[:, None]
     return x
+
+
+def per_depth(exit_layer, values: tuple[tuple[int, float], ...], rows: int, default: float) -> np.ndarray:
+    """Return (float32, ``rows``) each row's value from ``values`` ((exit depth, value) pairs) by its ``exit_layer``
+    (an Arrow column or array), ``default`` for a depth without one."""
+    out = np.full(rows, default, np.float32)
+    if values and rows:
+        depth = np.asarray(exit_layer.to_numpy(zero_copy_only=False) if hasattr(exit_layer, "to_numpy")
+                           else exit_layer, np.int64)
+        for e, v in values:
+            out[depth == e] = v
+    return out
 
 
 def offset_values(exit_layer, offsets: tuple[tuple[int, float], ...], rows: int) -> np.ndarray:
     """Return the offset column (float32, ``rows``) for rows at depths ``exit_layer``: each depth's offset, 0 for a
     depth without one (the full depth); all zeros when ``offsets`` is empty."""
-    values = np.zeros(rows, np.float32)
-    if offsets and rows:
-        depth = np.asarray(exit_layer.to_numpy(zero_copy_only=False) if hasattr(exit_layer, "to_numpy")
-                           else exit_layer, np.int64)
-        for e, o in offsets:
-            values[depth == e] = o
-    return values
+    return per_depth(exit_layer, offsets, rows, 0.0)
 
 
 def append_column(x: np.ndarray, values) -> np.ndarray:

@@ -125,6 +125,13 @@ class ExitHeads(nn.Module):
         scale_k * cosine + offset_k in `icar index`'s index (run.json ``exit_offsets``; one extra index dimension)."""
         return {e: self.saved_offsets.get(e, 0.0) for e in self.exits}
 
+    def recorded_calibration(self) -> dict:
+        """Return {"exit_scales", "exit_offsets"}: the score calibration `icar index` applies to rows of these heads,
+        each None where the heads file records none (the scales are also given, all 1.0 where unrecorded, when only
+        offsets are recorded: an offset always travels with its scale)."""
+        return {"exit_scales": self.exit_scales if self.saved_scales or self.saved_offsets else None,
+                "exit_offsets": self.exit_offsets if self.saved_offsets else None}
+
     def sha256(self) -> str:
         """Return a hash of the heads' tensors, exits and backbone (stable across save/load and processes)."""
         return _tensor_hash(self.heads.state_dict(), {"exits": self.exits, "backbone": self.backbone})

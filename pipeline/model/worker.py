@@ -276,13 +276,11 @@ class ModelWorker:
                                "gflops_per_exit": {str(k): v for k, v in self._confidence_cost.items()}}}
                if self.confidence is not None else {}),
             "heads": heads,
-            # The per-exit similarity scales `icar index` multiplies this run's rows by (the heads file's exit_scales;
-            # shards stay unit-norm): only when the heads record them, so runs without keep today's run.json.
-            **({"exit_scales": {str(e): s for e, s in self.heads.exit_scales.items() if e in self.exits}}
-               if self.heads is not None and (self.heads.saved_scales or self.heads.saved_offsets) else {}),
-            # and the offsets it adds (one extra index dimension), likewise only when the heads record them
-            **({"exit_offsets": {str(e): b for e, b in self.heads.exit_offsets.items() if e in self.exits}}
-               if self.heads is not None and self.heads.saved_offsets else {}),
+            # The per-exit score calibration `icar index` applies to this run's rows (the heads file's exit_scales and
+            # exit_offsets; shards stay unit-norm): only what the heads record, so runs without keep today's run.json.
+            **{key: {str(e): v for e, v in values.items() if e in self.exits}
+               for key, values in (self.heads.recorded_calibration() if self.heads is not None else {}).items()
+               if values is not None},
             "router": self.router.to_dict(),
             "scorer": self.scorer.identity if self.scorer is not None else None,
             "gflops_per_exit": {str(k): v for k, v in self.gflops_per_exit.items()},

@@ -235,10 +235,7 @@ def sample_recall(depth: np.ndarray, exit_embeddings: dict, text: np.ndarray, te
 def saved_calibration(heads) -> dict:
     """Return {"exit_scales", "exit_offsets"}: the per-exit score calibration `icar index` applies to a run of
     ``heads`` (what the heads file records; None for what it does not)."""
-    if heads is None:
-        return {"exit_scales": None, "exit_offsets": None}
-    return {"exit_scales": heads.exit_scales if heads.saved_scales or heads.saved_offsets else None,
-            "exit_offsets": heads.exit_offsets if heads.saved_offsets else None}
+    return heads.recorded_calibration() if heads is not None else {"exit_scales": None, "exit_offsets": None}
 
 
 def calibrate(cfg: CalibrateConfig):

@@ -151,11 +151,12 @@ def calibrated_penalty(margins: list[tuple], scale: float, offset: float, resamp
     (paired: each resample scores both galleries on the same captions)."""
     out, rng = [], np.random.default_rng(seed)
     for size, own_e, rival_e, own_f, rival_f in margins:
-        exit_side = (own_e > rival_e).astype(np.float64) - (scale * own_e + offset > rival_f)
-        full_side = (own_f > rival_f).astype(np.float64) - (own_f > scale * rival_e + offset)
-        r = {"own_exit_t2i@1": float((own_e > rival_e).mean()), "own_full_t2i@1": float((own_f > rival_f).mean()),
-             "exit_vs_full_t2i@1": float((scale * own_e + offset > rival_f).mean()),
-             "full_vs_exit_t2i@1": float((own_f > scale * rival_e + offset).mean())}
+        hits = {"own_exit_t2i@1": own_e > rival_e, "own_full_t2i@1": own_f > rival_f,
+                "exit_vs_full_t2i@1": scale * own_e + offset > rival_f,
+                "full_vs_exit_t2i@1": own_f > scale * rival_e + offset}
+        exit_side = hits["own_exit_t2i@1"].astype(np.float64) - hits["exit_vs_full_t2i@1"]
+        full_side = hits["own_full_t2i@1"].astype(np.float64) - hits["full_vs_exit_t2i@1"]
+        r = {k: float(v.mean()) for k, v in hits.items()}
         r["penalty"] = max(r["own_exit_t2i@1"] - r["exit_vs_full_t2i@1"], r["own_full_t2i@1"] - r["full_vs_exit_t2i@1"])
         if resamples:
             idx = rng.integers(0, len(own_e), size=(resamples, len(own_e)))
@@ -180,6 +181,7 @@ def choose_exit_calibration(margins: list[tuple]) -> dict:
     if not margins:
         raise ValueError("an exit's score calibration needs image-caption pairs")
     offsets = np.round(np.arange(-OFFSET_RANGE, OFFSET_RANGE + OFFSET_STEP / 2, OFFSET_STEP), 4)
+    own = [((own_e > rival_e).mean(), (own_f > rival_f).mean()) for _, own_e, rival_e, own_f, rival_f in margins]
     best = None
     for scale in SCALE_GRID:
         pen = np.empty((len(margins), len(offsets)))
@@ -188,7 +190,7 @@ def choose_exit_calibration(margins: list[tuple]) -> dict:
             # scale*rival_e + offset (the best exit rival stays the best under a positive scale)
             ef = np.searchsorted(np.sort(rival_f - scale * own_e), offsets, side="left") / len(own_e)
             fe = 1.0 - np.searchsorted(np.sort(own_f - scale * rival_e), offsets, side="right") / len(own_e)
-            pen[i] = np.maximum((own_e > rival_e).mean() - ef, (own_f > rival_f).mean() - fe)
+            pen[i] = np.maximum(own[i][0] - ef, own[i][1] - fe)
         worst, mean = pen.max(axis=0), pen.mean(axis=0)
         j = np.lexsort((np.abs(offsets) + abs(scale - 1.0), mean, worst))[0]
         key = (round(float(worst[j]), 12), round(float(mean[j]), 12), abs(float(offsets[j])) + abs(scale - 1.0))
