@@ -20,6 +20,7 @@ import datetime
 import logging
 import os
 import socket
+import sys
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator
 
@@ -234,6 +235,14 @@ def _worker(rank: int, world_size: int, port: int, threads: int, fn: Callable, a
         torch.set_num_threads(threads)
     setup_logging()
     fn(*args)
+    # Done, and the group (``process_group``) destroyed: leave without the interpreter's teardown. Under load a
+    # spawned rank sometimes aborted there ("terminate called without an active exception": a native thread
+    # object destroyed while joinable), turning a finished job into SIGABRT. Errors never reach this line: they
+    # propagate to mp.spawn as before.
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def spawn(fn: Callable, args: tuple, nprocs: int, device: str) -> None:
